@@ -1,0 +1,273 @@
+"""Typed run configuration: YAML file + dotted `--set` overrides, validated once, plus ds_config generation.
+
+Every other module receives a validated `Config`; nothing downstream re-checks user input.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from scaletrain.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(_Section):
+    dir: str = "runs/tiny"
+
+
+class ModelConfig(_Section):
+    hidden_size: int = Field(256, gt=0)
+    num_layers: int = Field(4, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(4, gt=0)
+    intermediate_size: int = Field(688, gt=0)
+    vocab_size: int = Field(8192, ge=16)
+    max_seq_len: int = Field(2048, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_word_embeddings: bool = True
+    norm_eps: float = Field(1e-5, gt=0)
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    init_std: float = Field(0.02, gt=0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+class DataConfig(_Section):
+    source: str = "stdlib"
+    text_field: str = "text"
+    tokenizer: Optional[str] = None
+    cache_dir: str = "~/.cache/scaletrain/data"
+    val_fraction: float = Field(0.02, ge=0, lt=1)
+    num_workers: int = Field(0, ge=0)
+    tokenizer_sample_lines: int = Field(300_000, gt=0)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(300, gt=0)
+    seq_len: int = Field(256, gt=0)
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: int = 1234
+    log_every: int = Field(10, gt=0)
+    eval_every: int = Field(100, ge=0)
+    eval_batches: int = Field(8, gt=0)
+    save_every: int = Field(100, ge=0)
+    keep_last: int = Field(2, ge=1)
+    threads: int = Field(0, ge=0)
+
+
+class ZeroConfig(_Section):
+    stage: int = Field(2, ge=0, le=3)
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_param: Literal["none", "cpu"] = "none"
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = Field(50_000_000, gt=0)
+
+
+class Config(_Section):
+    run: RunConfig = RunConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    zero: ZeroConfig = ZeroConfig()
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "Config":
+        m, t = self.model, self.train
+        if m.hidden_size % m.num_heads:
+            raise ValueError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+        if m.num_heads % m.num_kv_heads:
+            raise ValueError(f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})")
+        if m.head_dim % 2:
+            raise ValueError(f"head size hidden_size/num_heads = {m.head_dim} must be even for RoPE; change model.num_heads")
+        if t.seq_len > m.max_seq_len:
+            raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower it or raise model.max_seq_len")
+        if t.min_lr > t.lr:
+            raise ValueError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
+        if m.vocab_size > 2**31 - 1:
+            raise ValueError("model.vocab_size is too large")
+        if self.zero.offload_param != "none" and self.zero.stage != 3:
+            raise ValueError("zero.offload_param needs zero.stage=3")
+        if self.zero.offload_optimizer != "none" and self.zero.stage == 0:
+            raise ValueError("zero.offload_optimizer needs zero.stage >= 1")
+        return self
+
+    # -- derived values -------------------------------------------------------------------------
+    def global_batch_windows(self, world_size: int) -> int:
+        """Sequences consumed by one optimizer step across all ranks."""
+        return self.train.micro_batch_size * self.train.grad_accum * world_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """Short hash of the whole resolved config (stored in checkpoints for provenance)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# ---- loading ------------------------------------------------------------------------------------
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(sorted(options))})"
+
+
+def _model_for(path: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic class that owns the mapping at `path` (used to suggest key names)."""
+    cls: type[BaseModel] = Config
+    for part in path:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        cls = field.annotation
+    return cls
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    key = ".".join(str(p) for p in loc)
+    if e["type"] == "extra_forbidden":
+        owner = _model_for(loc[:-1])
+        hint = _closest(str(loc[-1]), list(owner.model_fields)) if owner else ""
+        return f"unknown config key '{key}'{hint}"
+    if e["type"] == "value_error":
+        return "config: " + str(e["msg"]).removeprefix("Value error, ")
+    got = e.get("input")
+    return f"config key '{key}': {e['msg']} (got {got!r})"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """['model.num_layers=8', 'train.lr=3e-4'] -> nested dict; values parsed as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UserError(f"--set expects key=value, got '{pair}' (e.g. --set train.lr=3e-4)")
+        key, raw = pair.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise UserError(f"--set has an empty key in '{pair}'")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file not found: {p} (pass --config with an existing YAML file, e.g. configs/tiny.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {p} is not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of sections (run, model, data, train, zero), not {type(data).__name__}")
+    return data
+
+
+def build_config(tree: dict) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise UserError(_one_line(e)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read YAML (or defaults when path is None), apply `--set` overrides, validate."""
+    tree = read_yaml(path) if path is not None else {}
+    tree = deep_merge(tree, parse_overrides(overrides or []))
+    return build_config(tree)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---- DeepSpeed config ---------------------------------------------------------------------------
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The ds_config for this run; the user's `deepspeed:` mapping is merged last."""
+    t, z = cfg.train, cfg.zero
+    zero: dict[str, Any] = {
+        "stage": z.stage,
+        "contiguous_gradients": z.contiguous_gradients,
+        "overlap_comm": z.overlap_comm,
+        "reduce_bucket_size": z.reduce_bucket_size,
+    }
+    if z.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": z.offload_optimizer}
+    if z.offload_param != "none":
+        zero["offload_param"] = {"device": z.offload_param}
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.global_batch_windows(world_size),
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # our own logger prints; keep DeepSpeed quiet
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return deep_merge(ds, cfg.deepspeed)
