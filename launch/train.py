@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Entry point for `deepspeed [launcher args] launch/train.py --config X [--set k=v ...]`.
+
+Thin on purpose: parse arguments (including the --local_rank the launcher injects) and hand over.
+Also works without a launcher: `python launch/train.py` trains in one process.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scaletrain.cli import OneLineParser, add_config_args, cmd_train, run  # noqa: E402
+
+
+def main() -> int:
+    parser = OneLineParser(prog="launch/train.py", description=__doc__)
+    add_config_args(parser)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse_hidden())
+    args = parser.parse_args()
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return run(cmd_train, args)
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

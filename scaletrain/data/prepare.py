@@ -1,0 +1,169 @@
+"""Tokenise a source once into a fingerprinted cache: tokenizer.model, train.bin, val.bin, meta.json.
+
+The cache directory name is a hash of everything that determines its content (source files and their
+sizes/mtimes, tokenizer settings, split). A matching cache is reused; a different one gets a different
+directory, so nothing is ever silently overwritten. Building happens in a temp dir renamed at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+from tqdm import tqdm
+
+from scaletrain.config import Config
+from scaletrain.data.sources import Source, iter_documents, resolve_source
+from scaletrain.data.tokenizer import Tokenizer, train_tokenizer
+from scaletrain.errors import UserError
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class DataCache:
+    dir: Path
+    meta: dict
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.dir / "tokenizer.model"
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.tokenizer_path)
+
+    def tokens(self, split: str) -> np.memmap:
+        path = self.dir / f"{split}.bin"
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=self.meta["dtype"])
+        return np.memmap(path, dtype=self.meta["dtype"], mode="r")
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size < 2**16 else "uint32"
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """Deterministic split by content hash: independent of file order and machine."""
+    h = int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+def cache_fingerprint(cfg: Config, src: Source) -> str:
+    d = cfg.data
+    tok = None
+    if d.tokenizer:
+        p = Path(os.path.expanduser(d.tokenizer))
+        if not p.is_file():
+            raise UserError(f"data.tokenizer {p} does not exist; give a sentencepiece .model file or leave it unset to train one")
+        tok = hashlib.sha256(p.read_bytes()).hexdigest()
+    key = {
+        "format": CACHE_FORMAT, "source": src.fingerprint(), "vocab_size": cfg.model.vocab_size,
+        "tokenizer": tok, "val_fraction": d.val_fraction, "sample_lines": d.tokenizer_sample_lines,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_cache(cfg: Config) -> tuple[Path, Source]:
+    src = resolve_source(cfg.data.source, cfg.data.text_field)
+    root = Path(os.path.expanduser(cfg.data.cache_dir))
+    return root / cache_fingerprint(cfg, src), src
+
+
+def open_cache(path: Path) -> Optional[DataCache]:
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("fingerprint") != path.name:
+        raise UserError(f"data cache {path} holds fingerprint {meta.get('fingerprint')}, not {path.name}; delete that directory")
+    return DataCache(path, meta)
+
+
+# -- tokenisation workers ------------------------------------------------------------------------
+_worker_tok: Optional[Tokenizer] = None
+
+
+def _init_worker(model_path: str) -> None:
+    global _worker_tok
+    _worker_tok = Tokenizer(model_path)
+
+
+def _encode(item: tuple[str, bool]) -> tuple[np.ndarray, bool]:
+    text, val = item
+    ids = _worker_tok.encode(text)
+    ids.append(_worker_tok.eos_id)  # documents are separated by EOS in the packed stream
+    return np.asarray(ids, dtype=np.uint32), val
+
+
+def _split_items(src: Source, val_fraction: float) -> Iterator[tuple[str, bool]]:
+    for _, text in iter_documents(src):
+        yield text, is_val(text, val_fraction)
+
+
+def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
+    """Build (or reuse) the token cache for `cfg.data` and `cfg.model.vocab_size`."""
+    final, src = find_cache(cfg)
+    existing = open_cache(final)
+    if existing is not None:
+        return existing
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = _build(cfg, src, tmp, progress)
+        meta["fingerprint"] = final.name
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished the same cache first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_cache(final)
+
+
+def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
+    t0 = time.time()
+    vocab = cfg.model.vocab_size
+    tok_path = out / "tokenizer.model"
+    if cfg.data.tokenizer:
+        shutil.copyfile(os.path.expanduser(cfg.data.tokenizer), tok_path)
+    else:
+        docs = (text for _, text in tqdm(iter_documents(src), desc="tokenizer sample", unit="doc", disable=not progress, total=len(src.files) if src.kind == "stdlib" else None))
+        train_tokenizer(docs, vocab, tok_path, cfg.data.tokenizer_sample_lines, seed=cfg.train.seed)
+    tok = Tokenizer(tok_path)
+    if tok.vocab_size > vocab:
+        raise UserError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {vocab}; raise model.vocab_size")
+    dtype = token_dtype(vocab)
+    counts = {"train": [0, 0], "val": [0, 0]}  # [docs, tokens]
+    workers = cfg.data.num_workers or max(1, min(8, os.cpu_count() or 1))
+    with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
+        items = _split_items(src, cfg.data.val_fraction)
+        bar = tqdm(desc="tokenize", unit="doc", disable=not progress)
+        ctx = mp.get_context("fork")
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_path),)) as pool:
+            for ids, val in pool.imap(_encode, items, chunksize=16):
+                split = "val" if val else "train"
+                ids.astype(dtype).tofile(f_val if val else f_train)
+                counts[split][0] += 1
+                counts[split][1] += len(ids)
+                bar.update(1)
+        bar.close()
+    if counts["train"][1] == 0:
+        raise UserError(f"data.source {cfg.data.source} produced no training tokens; add documents or lower data.val_fraction")
+    return {
+        "source": cfg.data.source, "source_fingerprint": src.fingerprint(), "vocab_size": vocab,
+        "tokenizer_vocab": tok.vocab_size, "eos_id": tok.eos_id, "dtype": dtype,
+        "docs": {k: v[0] for k, v in counts.items()}, "tokens": {k: v[1] for k, v in counts.items()},
+        "val_fraction": cfg.data.val_fraction, "seconds": round(time.time() - t0, 1), "format": CACHE_FORMAT,
+    }

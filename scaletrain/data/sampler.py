@@ -1,0 +1,63 @@
+"""Fixed-length windows over the packed token stream, shuffled per epoch, sharded by rank.
+
+The data position is one integer: `consumed` = windows already used by all ranks together. A global
+step takes the next `global_batch` windows from one deterministic stream (a permutation per epoch
+seeded by `seed` and the epoch), so the same global batch is seen whatever the world size or grad
+accumulation — the basis for exact resume and for 1-rank vs N-rank parity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from scaletrain.errors import UserError
+
+
+class WindowStream:
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, split: str = "train"):
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.num_windows = (len(tokens) - 1) // seq_len
+        if self.num_windows < 1:
+            raise UserError(
+                f"the {split} split has {len(tokens)} tokens, fewer than train.seq_len+1 = {seq_len + 1}; "
+                "lower train.seq_len or add data"
+            )
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def window_ids(self, start: int, count: int) -> np.ndarray:
+        """Window ids of global samples start .. start+count-1 (may cross an epoch boundary)."""
+        out = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            g = start + i
+            out[i] = self._permutation(g // self.num_windows)[g % self.num_windows]
+        return out
+
+    def batch(self, window_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each [len(window_ids), seq_len] int64; targets are inputs shifted by one."""
+        t = self.seq_len
+        rows = np.stack([np.asarray(self.tokens[w * t : w * t + t + 1], dtype=np.int64) for w in window_ids])
+        data = torch.from_numpy(rows)
+        return data[:, :-1], data[:, 1:]
+
+
+def micro_batch_ids(consumed: int, micro_step: int, rank: int, world: int, micro_batch: int) -> tuple[int, int]:
+    """(start, count) in the global stream of the `micro_step`-th micro-batch of `rank` within the
+    step that begins at `consumed`. Micro-batches interleave across ranks: (a * world + rank)."""
+    return consumed + (micro_step * world + rank) * micro_batch, micro_batch
+
+
+def eval_window_ids(num_windows: int, total: int, rank: int, world: int) -> np.ndarray:
+    """A fixed, evenly spread set of `total` val windows (same for any world size), split round-robin."""
+    total = min(total, num_windows)
+    ids = np.linspace(0, num_windows - 1, total).round().astype(np.int64)
+    return ids[rank::world]

@@ -1,0 +1,136 @@
+"""Where documents come from: the embedded stdlib corpus, or local text/jsonl/parquet files via `datasets`.
+
+A source yields (doc_id, text) pairs in a deterministic order and has a fingerprint that changes
+whenever its content could have changed (paths, sizes, mtimes), so caches keyed by it stay honest.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from scaletrain.errors import UserError
+
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+JSON_SUFFIXES = {".jsonl", ".json"}
+PARQUET_SUFFIXES = {".parquet"}
+SUPPORTED = TEXT_SUFFIXES | JSON_SUFFIXES | PARQUET_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Source:
+    files: tuple[Path, ...]
+    kind: str  # "stdlib" | "local"
+    text_field: str = "text"
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(f"{self.kind}:{self.text_field}".encode())
+        for f in self.files:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"{self.kind}: {len(self.files)} files"
+
+
+def stdlib_files() -> list[Path]:
+    """The running Python's own standard-library .py files: real text on every machine, no download."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Installed third-party packages differ between machines; the stdlib itself does not.
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
+        files.extend(Path(dirpath) / n for n in sorted(filenames) if n.endswith(".py"))
+    return files
+
+
+def resolve_source(source: str, text_field: str = "text") -> Source:
+    if source == "stdlib":
+        files = stdlib_files()
+        if not files:
+            raise UserError("data.source=stdlib found no .py files in this Python's stdlib; point data.source at local text files")
+        return Source(tuple(files), "stdlib", text_field)
+    pattern = os.path.expanduser(source)
+    p = Path(pattern)
+    if p.is_dir():
+        matches = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in SUPPORTED)
+    else:
+        matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
+    if not matches:
+        raise UserError(f"data.source '{source}' matches no files; give a directory, file or glob of .txt/.jsonl/.parquet files, or 'stdlib'")
+    bad = [m for m in matches if m.suffix not in SUPPORTED]
+    if bad:
+        raise UserError(f"data file {bad[0]} has unsupported type '{bad[0].suffix}'; use .txt, .jsonl or .parquet")
+    empty = [m for m in matches if m.stat().st_size == 0]
+    if len(empty) == len(matches):
+        raise UserError(f"data.source '{source}' holds only empty files; add text to them")
+    return Source(tuple(matches), "local", text_field)
+
+
+def _read_text_file(path: Path) -> str:
+    raw = path.read_bytes()
+    if b"\0" in raw[:4096]:
+        raise UserError(f"data file {path} looks binary (NUL bytes); remove it from data.source")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"data file {path} is not UTF-8 (byte {e.start}); convert it with iconv or remove it") from None
+
+
+def _check_jsonl(path: Path, field: str) -> None:
+    """Validate line by line first, so a bad line gets a line number rather than a pyarrow trace."""
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{path}:{lineno} is not valid JSON; fix or delete that line") from None
+            if not isinstance(row, dict) or field not in row:
+                raise UserError(f"{path}:{lineno} has no '{field}' field; set data.text_field to the field holding the text")
+            if not isinstance(row[field], str):
+                raise UserError(f"{path}:{lineno} field '{field}' is not a string")
+
+
+def _read_with_datasets(path: Path, field: str) -> Iterator[str]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    builder = "parquet" if path.suffix in PARQUET_SUFFIXES else "json"
+    if builder == "json":
+        _check_jsonl(path, field)
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # pyarrow raises many types; the user needs the file name, not the trace
+        raise UserError(f"could not read {path} with datasets ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if field not in ds.column_names:
+        raise UserError(f"{path} has no '{field}' column (columns: {', '.join(ds.column_names)}); set data.text_field")
+    for text in ds[field]:
+        if isinstance(text, str) and text:
+            yield text
+
+
+def iter_documents(src: Source) -> Iterator[tuple[str, str]]:
+    """(doc_id, text) in a fixed order; empty documents are skipped."""
+    for path in src.files:
+        if src.kind == "stdlib" or path.suffix in TEXT_SUFFIXES:
+            if src.kind == "stdlib":
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except (UnicodeDecodeError, OSError):
+                    continue  # a few stdlib test fixtures are deliberately not UTF-8
+            else:
+                text = _read_text_file(path)
+            if text:
+                yield str(path), text
+        else:
+            for i, text in enumerate(_read_with_datasets(path, src.text_field)):
+                yield f"{path}#{i}", text

@@ -1,0 +1,83 @@
+"""Sentencepiece BPE: trained on a bounded sample of lines, lossless on source code (byte fallback,
+no whitespace normalisation, no dummy prefix), with HF-Llama special ids: unk=0, bos=1, eos=2."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+from scaletrain.errors import UserError
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path, sample_lines: int, seed: int = 0) -> None:
+    """Train on at most `sample_lines` non-blank lines drawn uniformly (reservoir) from the documents,
+    so memory stays bounded whatever the corpus size."""
+    rng = random.Random(seed)
+    reservoir: list[str] = []
+    seen = 0
+    for doc in documents:
+        for line in doc.split("\n"):
+            if not line.strip():
+                continue
+            seen += 1
+            if len(reservoir) < sample_lines:
+                reservoir.append(line)
+            else:
+                j = rng.randrange(seen)
+                if j < sample_lines:
+                    reservoir[j] = line
+    if not reservoir:
+        raise UserError("the data has no text to train a tokenizer on; check data.source")
+    buf = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(reservoir), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+            normalization_rule_name="identity", unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+            allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=16384,
+            character_coverage=0.9995, num_threads=2, minloglevel=2, input_sentence_size=0,
+            hard_vocab_limit=True,
+        )
+    except RuntimeError as e:
+        # e.g. "Vocabulary size too high": the corpus cannot fill the requested vocab.
+        raise UserError(f"tokenizer training failed ({str(e).splitlines()[0][:160]}); lower model.vocab_size or add data") from None
+    out_path.write_bytes(buf.getvalue())
+
+
+class Tokenizer:
+    """Thin wrapper so the rest of the code never touches sentencepiece directly."""
+
+    def __init__(self, model_path: str | Path):
+        self.path = Path(model_path)
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.load(str(self.path))
+        except (OSError, RuntimeError):
+            raise UserError(f"cannot read sentencepiece model {self.path}; give a valid .model file in data.tokenizer") from None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(ids)

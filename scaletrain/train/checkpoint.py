@@ -1,0 +1,157 @@
+"""Crash-safe DeepSpeed checkpoints: temp dir -> manifest (sha256 per file) -> rename -> `latest` last.
+
+Layout under `<run.dir>/checkpoints/`:
+    global_step100/   DeepSpeed's files (mp_rank_*, zero_pp_rank_*), rng_rank{r}.pt, manifest.json
+    latest            text file naming the newest complete tag (replaced atomically)
+A kill at any moment leaves either the previous `latest` or the new one, never a half-written tag
+behind it: a tag without a valid manifest is ignored, and a tag whose files do not match their
+manifest is skipped in favour of the previous good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from scaletrain import __version__
+from scaletrain.train.distributed import Dist, barrier
+
+TAG_RE = re.compile(r"^global_step(\d+)$")
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_manifest(tag_dir: Path, meta: dict) -> None:
+    files = {}
+    for p in sorted(tag_dir.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+            files[str(p.relative_to(tag_dir))] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    body = {**meta, "files": files, "scaletrain_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_text_atomic(tag_dir / MANIFEST, json.dumps(body, indent=1))
+
+
+def verify(tag_dir: Path) -> Optional[str]:
+    """None when every file matches the manifest, else a one-line reason."""
+    mpath = tag_dir / MANIFEST
+    if not mpath.is_file():
+        return f"{tag_dir.name} has no {MANIFEST} (incomplete save)"
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return f"{mpath} is not a valid manifest"
+    for rel, info in files.items():
+        p = tag_dir / rel
+        if not p.is_file():
+            return f"{p} is missing"
+        if p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
+            return f"{p} does not match its sha256 in the manifest (corrupted or tampered)"
+    return None
+
+
+def tags_by_step(root: Path) -> list[tuple[int, str]]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p.name) for p in root.iterdir() if p.is_dir() and (m := TAG_RE.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def read_manifest(tag_dir: Path) -> dict:
+    return json.loads((tag_dir / MANIFEST).read_text())
+
+
+def find_resumable(root: Path, log=print) -> Optional[str]:
+    """The newest tag whose files verify, preferring the one `latest` names; says what it skipped."""
+    candidates = [tag for _, tag in tags_by_step(root)]
+    latest = root / "latest"
+    if latest.is_file():
+        named = latest.read_text().strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    for tag in candidates:
+        problem = verify(root / tag)
+        if problem is None:
+            return tag
+        log(f"warning: skipping checkpoint {tag}: {problem}; falling back to an earlier one")
+    return None
+
+
+def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_last: int, meta: dict) -> Path:
+    """Collective: every rank must call it. Returns the final tag dir."""
+    tag = f"global_step{step}"
+    final, tmp = root / tag, root / f".tmp-{tag}"
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of this same step
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
+    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{dist.rank}.pt")
+    barrier()
+    if dist.is_main:
+        write_manifest(tmp, {"step": step, "world_size": dist.world, **meta})
+        if final.exists():  # an older save of the same step (e.g. re-run after a crash): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        write_text_atomic(root / "latest", tag)
+        prune(root, keep_last)
+    barrier()
+    return final
+
+
+def prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
+    """Delete all but the newest `keep_last` complete tags (and stale temp dirs); milestones stay."""
+    complete = [(s, t) for s, t in tags_by_step(root) if (root / t / MANIFEST).is_file()]
+    for step, tag in complete[keep_last:]:
+        if keep_every and step % keep_every == 0:
+            continue
+        shutil.rmtree(root / tag, ignore_errors=True)
+    for p in root.glob(".tmp-global_step*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load(engine, root: Path, tag: str, dist: Dist) -> dict:
+    """Load model/optimizer/scheduler into the engine; returns our client state."""
+    path, client = engine.load_checkpoint(str(root), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {root / tag}")
+    rng_file = root / tag / f"rng_rank{dist.rank}.pt"
+    if rng_file.is_file():
+        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+    return client

@@ -1,0 +1,61 @@
+"""Console lines, TensorBoard scalars (stable tags) and the FLOP/MFU arithmetic shared with `bench`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+
+def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N (fwd+bwd matmuls over the weights, N counts the output head but
+    not the input embedding lookup) + 12·L·d·T (attention scores and weighted sum, fwd+bwd, causal
+    masking not discounted — the PaLM convention)."""
+    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
+
+
+def measure_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, seconds: float = 0.5) -> float:
+    """Achievable dense matmul FLOP/s for this process in `dtype` (what MFU is measured against)."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    sync()
+    return 2.0 * size**3 * n / (time.perf_counter() - t0)
+
+
+class Metrics:
+    """Rank 0 writes; other ranks get a no-op instance."""
+
+    def __init__(self, tb_dir: Optional[Path], purge_step: Optional[int] = None):
+        self.writer = None
+        if tb_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a crashed run wrote after its last checkpoint: one clean curve.
+            self.writer = SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -1,0 +1,83 @@
+"""The run directory: what a run owns on disk and the checks made before anything in it is touched.
+
+    <run.dir>/config.yaml      resolved config of the latest start (the model section never changes)
+    <run.dir>/ds_config.json   generated DeepSpeed config
+    <run.dir>/status.json      state (running|finished|preempted|failed), step, last loss, pids
+    <run.dir>/checkpoints/     see checkpoint.py
+    <run.dir>/tb/              TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaletrain.config import Config, build_config
+from scaletrain.errors import UserError
+from scaletrain.train.checkpoint import write_text_atomic
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(os.path.expanduser(str(path)))
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def tb(self) -> Path:
+        return self.path / "tb"
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    def preflight(self, cfg: Config) -> None:
+        """Fail before touching anything when the dir is unusable or belongs to a different model."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise UserError(f"run.dir {p} exists and is not a directory; choose another run.dir")
+        probe = p if p.exists() else next((q for q in p.parents if q.exists()), Path("/"))
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise UserError(f"run.dir {p} is not writable ({probe} denies writes); choose a writable run.dir")
+        previous = self.saved_config()
+        if previous is not None and previous.model != cfg.model:
+            diffs = [
+                f"model.{k}: {getattr(previous.model, k)} -> {getattr(cfg.model, k)}"
+                for k in type(cfg.model).model_fields
+                if getattr(previous.model, k) != getattr(cfg.model, k)
+            ]
+            raise UserError(
+                f"run.dir {p} holds a run of a different model ({'; '.join(diffs)}); "
+                "use a new run.dir or the original model settings"
+            )
+
+    def saved_config(self) -> Config | None:
+        if not self.config_path.is_file():
+            return None
+        try:
+            return build_config(yaml.safe_load(self.config_path.read_text()) or {})
+        except (yaml.YAMLError, UserError) as e:
+            raise UserError(f"{self.config_path} is damaged ({e}); restore it or use a new run.dir") from None
+
+    def write_start(self, cfg: Config, ds_config: dict) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(self.path / "ds_config.json", json.dumps(ds_config, indent=2))
+
+    def write_status(self, **fields: Any) -> None:
+        status = self.status()
+        status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        write_text_atomic(self.path / "status.json", json.dumps(status, indent=1))
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.path / "status.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}

@@ -1,0 +1,43 @@
+"""Learning rate: linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+
+from __future__ import annotations
+
+import math
+
+
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based: the step about to be taken)."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """Scheduler object DeepSpeed steps after each optimizer step (and saves in its checkpoints)."""
+
+    def __init__(self, optimizer, lr: float, min_lr: float, warmup: int, max_steps: int):
+        self.optimizer = optimizer
+        self.args = (lr, min_lr, warmup, max_steps)
+        self.steps_done = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        value = lr_at(self.steps_done, *self.args)
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
+
+    def step(self, *_, **__) -> None:
+        self.steps_done += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps_done = int(state["steps_done"])
+        self._apply()
