@@ -26,7 +26,7 @@ from scaletrain.train import checkpoint
 from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, barrier, setup
 from scaletrain.train.metrics import Metrics, flops_per_token, format_duration, measure_peak_flops
 from scaletrain.train.run_dir import RunDir
-from scaletrain.train.schedule import WarmupCosine
+from scaletrain.train.schedule import WarmupCosine, lr_at
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -188,7 +188,7 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == 1 or self.step == t.max_steps:
                     elapsed = time.time() - window_t0
                     tps = window_tokens / max(elapsed, 1e-9)
-                    lr = self.engine.get_lr()[0]
+                    lr = lr_at(self.step - 1, t.lr, t.min_lr, t.warmup_steps, t.max_steps)  # the lr this step used
                     grad_norm = self.engine.get_global_grad_norm()
                     grad_norm = float(grad_norm) if grad_norm is not None else None
                     self.log(
