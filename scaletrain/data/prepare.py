@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -25,7 +25,7 @@ from scaletrain.data.sources import Source, iter_documents, resolve_source
 from scaletrain.data.tokenizer import Tokenizer, train_tokenizer
 from scaletrain.errors import UserError
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass
@@ -51,10 +51,13 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size < 2**16 else "uint32"
 
 
+def split_key(text: str) -> float:
+    """Uniform in [0, 1) from the content hash: the split is independent of file order and machine."""
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
+
+
 def is_val(text: str, val_fraction: float) -> bool:
-    """Deterministic split by content hash: independent of file order and machine."""
-    h = int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-    return h / 2**64 < val_fraction
+    return split_key(text) < val_fraction
 
 
 def cache_fingerprint(cfg: Config, src: Source) -> str:
@@ -97,16 +100,10 @@ def _init_worker(model_path: str) -> None:
     _worker_tok = Tokenizer(model_path)
 
 
-def _encode(item: tuple[str, bool]) -> tuple[np.ndarray, bool]:
-    text, val = item
+def _encode(text: str) -> tuple[np.ndarray, float]:
     ids = _worker_tok.encode(text)
     ids.append(_worker_tok.eos_id)  # documents are separated by EOS in the packed stream
-    return np.asarray(ids, dtype=np.uint32), val
-
-
-def _split_items(src: Source, val_fraction: float) -> Iterator[tuple[str, bool]]:
-    for _, text in iter_documents(src):
-        yield text, is_val(text, val_fraction)
+    return np.asarray(ids, dtype=np.uint32), split_key(text)
 
 
 def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
@@ -132,6 +129,16 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
     return open_cache(final)
 
 
+def _move_to_val(out: Path, dtype: str, offset: int, length: int, counts: dict) -> None:
+    """A small corpus may hash no document into val: move the one nearest the threshold there, so
+    validation always exists when asked for (deterministic: same choice on every machine)."""
+    train = np.fromfile(out / "train.bin", dtype=dtype)
+    train[offset : offset + length].tofile(out / "val.bin")
+    np.concatenate([train[:offset], train[offset + length :]]).tofile(out / "train.bin")
+    counts["val"] = [1, length]
+    counts["train"] = [counts["train"][0] - 1, counts["train"][1] - length]
+
+
 def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
     t0 = time.time()
     vocab = cfg.model.vocab_size
@@ -148,17 +155,23 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
     counts = {"train": [0, 0], "val": [0, 0]}  # [docs, tokens]
     workers = cfg.data.num_workers or max(1, min(8, os.cpu_count() or 1))
     with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
-        items = _split_items(src, cfg.data.val_fraction)
+        texts = (text for _, text in iter_documents(src))
         bar = tqdm(desc="tokenize", unit="doc", disable=not progress)
+        nearest_val = (2.0, 0, 0)  # (split key, offset, length) of the train doc closest to the val side
         ctx = mp.get_context("fork")
         with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_path),)) as pool:
-            for ids, val in pool.imap(_encode, items, chunksize=16):
+            for ids, key in pool.imap(_encode, texts, chunksize=16):
+                val = key < cfg.data.val_fraction
                 split = "val" if val else "train"
+                if not val and key < nearest_val[0]:
+                    nearest_val = (key, counts["train"][1], len(ids))
                 ids.astype(dtype).tofile(f_val if val else f_train)
                 counts[split][0] += 1
                 counts[split][1] += len(ids)
                 bar.update(1)
         bar.close()
+    if cfg.data.val_fraction > 0 and counts["val"][0] == 0 and counts["train"][0] > 1:
+        _move_to_val(out, dtype, nearest_val[1], nearest_val[2], counts)
     if counts["train"][1] == 0:
         raise UserError(f"data.source {cfg.data.source} produced no training tokens; add documents or lower data.val_fraction")
     return {

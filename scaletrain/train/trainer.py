@@ -83,6 +83,7 @@ class Trainer:
         self.shape = LlamaShape.from_config(cfg.model)
         self.engine = self._build_engine()
         self.step, self.consumed = 0, 0
+        self._grad_norm: float | None = None
         self.resumed_from = self._resume()
 
     def _build_engine(self):
@@ -128,11 +129,25 @@ class Trainer:
             x, y = self.train_stream.batch(self.train_stream.window_ids(start, count))
             loss = self.engine(x.to(d.device), y.to(d.device))
             self.engine.backward(loss)
+            if micro == t.grad_accum - 1 and self.cfg.zero.stage == 0:
+                self._grad_norm = self._full_grad_norm()  # DeepSpeed only records it under ZeRO/mixed precision
             self.engine.step()
             total += loss.item()
         self.step += 1
         self.consumed += self.global_batch
         return all_reduce_sum([total / t.grad_accum])[0] / d.world
+
+    @torch.no_grad()
+    def _full_grad_norm(self) -> float:
+        """Pre-clip global grad norm when every rank holds full, averaged gradients (ZeRO-0)."""
+        sq = sum(p.grad.float().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None)
+        return float(torch.as_tensor(sq).sqrt())
+
+    def grad_norm(self) -> float | None:
+        value = self.engine.get_global_grad_norm()
+        if value is None:
+            value = self._grad_norm
+        return float(value) if value is not None else None
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -189,8 +204,7 @@ class Trainer:
                     elapsed = time.time() - window_t0
                     tps = window_tokens / max(elapsed, 1e-9)
                     lr = lr_at(self.step - 1, t.lr, t.min_lr, t.warmup_steps, t.max_steps)  # the lr this step used
-                    grad_norm = self.engine.get_global_grad_norm()
-                    grad_norm = float(grad_norm) if grad_norm is not None else None
+                    grad_norm = self.grad_norm()
                     self.log(
                         f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
                         f"grad {grad_norm if grad_norm is not None else float('nan'):.3f} | {tps:,.0f} tok/s | "

@@ -1,0 +1,80 @@
+"""Helpers for tests that start real training processes (1 rank in-process-free, N ranks via `deepspeed`)."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# A model and data small enough that a 2-rank DeepSpeed run takes seconds on 2 CPU cores.
+TINY = [
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.intermediate_size=172", "model.vocab_size=512", "model.max_seq_len=128",
+    "train.seq_len=64", "train.micro_batch_size=2", "train.warmup_steps=2", "train.lr=1e-2", "train.min_lr=1e-3",
+    "train.log_every=1", "train.eval_every=0", "train.eval_batches=2",
+]
+
+
+def small_corpus(dest: Path, n_files: int = 40) -> Path:
+    """~40 stdlib modules copied as .txt: real text, tokenised in about a second."""
+    if not dest.exists():
+        dest.mkdir(parents=True)
+        root = Path(sysconfig.get_paths()["stdlib"])
+        for p in sorted(root.glob("*.py"))[:n_files]:
+            shutil.copyfile(p, dest / (p.stem + ".txt"))
+    return dest
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("DS_ACCELERATOR", "cpu")
+    e["PYTHONUNBUFFERED"] = "1"
+    return e
+
+
+def train_cmd(ranks: int, overrides: list[str], config: str = "configs/tiny.yaml") -> list[str]:
+    args = ["launch/train.py", "--config", config, "--set", *overrides]
+    if ranks == 1:
+        return [sys.executable, *args]
+    port = str(random.randint(20000, 40000))
+    return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, *args]
+
+
+def run_training(ranks: int, overrides: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(ranks, overrides), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def start_training(ranks: int, overrides: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(train_cmd(ranks, overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.2) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value, read back with TensorBoard's own reader (handles purged/resumed event files)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags()["scalars"]:
+        return {}
+    return {e.step: e.value for e in acc.Scalars(tag)}
