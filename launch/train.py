@@ -10,7 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scaletrain.cli import OneLineParser, add_config_args, cmd_train, run  # noqa: E402
+from scaletrain.cli import OneLineParser, add_config_args, run  # noqa: E402
+from scaletrain.commands.train import run as cmd_train  # noqa: E402
 
 
 def main() -> int:

@@ -1,14 +1,15 @@
-"""`scaletrain` command line: subcommands, and the one place users' mistakes become one line + exit 2."""
+"""`scaletrain` command line: the one place users' mistakes become one line on stderr + exit code 2."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Callable, Optional
 
+from scaletrain.commands import MODULES
+from scaletrain.commands.common import DEFAULT_CONFIG, add_config_args  # noqa: F401  (re-exported)
 from scaletrain.errors import UserError
-
-DEFAULT_CONFIG = "configs/tiny.yaml"
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -19,44 +20,11 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override config keys, e.g. --set model.num_layers=8 train.lr=3e-4")
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from scaletrain.config import load_config
-    from scaletrain.train.trainer import train
-
-    cfg = load_config(args.config, args.overrides)
-    summary = train(cfg)
-    return 0 if summary["state"] in ("finished", "preempted") else 1
-
-
-def cmd_prepare_data(args: argparse.Namespace) -> int:
-    from scaletrain.config import load_config
-    from scaletrain.data.prepare import prepare_data
-
-    cfg = load_config(args.config, args.overrides)
-    cache = prepare_data(cfg, progress=True)
-    m = cache.meta
-    print(f"data cache {cache.dir}: {m['docs']['train']} train / {m['docs']['val']} val docs, "
-          f"{m['tokens']['train']:,} / {m['tokens']['val']:,} tokens, vocab {m['tokenizer_vocab']}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="scaletrain", description=__doc__)
+    parser = OneLineParser(prog="scaletrain", description="Pre-train and grow Llama-style models with DeepSpeed.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-
-    p = sub.add_parser("train", help="train in this process (multi-rank: deepspeed launch/train.py)")
-    add_config_args(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("prepare-data", help="train the tokenizer and tokenise data.source into the cache")
-    add_config_args(p)
-    p.set_defaults(func=cmd_prepare_data)
+    for name in MODULES:
+        importlib.import_module(f"scaletrain.commands.{name}").add_parser(sub)
     return parser
 
 

@@ -154,7 +154,9 @@ def _one_line(err: ValidationError) -> str:
     key = ".".join(str(p) for p in loc)
     if e["type"] == "extra_forbidden":
         owner = _model_for(loc[:-1])
-        hint = _closest(str(loc[-1]), list(owner.model_fields)) if owner else ""
+        prefix = ".".join(str(p) for p in loc[:-1])
+        names = [f"{prefix}.{n}" if prefix else n for n in owner.model_fields] if owner else []
+        hint = _closest(key, names) if owner else ""
         return f"unknown config key '{key}'{hint}"
     if e["type"] == "value_error":
         return "config: " + str(e["msg"]).removeprefix("Value error, ")

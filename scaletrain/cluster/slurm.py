@@ -1,0 +1,261 @@
+"""SLURM batch scripts for training runs: render from launch/slurm/*.sbatch, write, submit.
+
+Two modes, both requeue-safe (`#SBATCH --requeue`, `--signal=B:USR1@<grace>`):
+  deepspeed  one batch step; `deepspeed --hostfile <allocation>` starts every node's ranks over pdsh/ssh
+  srun       `srun` starts one task per node; each runs DeepSpeed's runner with --no_ssh --node_rank
+             $SLURM_NODEID (no ssh between nodes)
+
+The contract with the trainer (scaletrain/train/trainer.py):
+  * SIGUSR1 (or SIGTERM) to any rank -> checkpoint at the next step boundary, exit 0, status "preempted";
+  * <run.dir>/status.json "state" is "finished" once max_steps is reached;
+  * re-running the same command on the same run.dir resumes from the newest checkpoint.
+The batch script forwards SLURM's USR1 to the ranks and, once they have exited, runs
+`scontrol requeue $SLURM_JOB_ID` unless the state is "finished".
+
+CLI entry (wired as `scaletrain submit` by cli.py): `add_submit_args(parser)` + `submit_command(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from scaletrain.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = REPO_ROOT / "launch" / "slurm"
+TRAIN_PY = REPO_ROOT / "launch" / "train.py"
+MODES = ("deepspeed", "srun")
+DEFAULT_GRACE_S = 300   # USR1 this long before the limit; slurmctld checks only every ~30 s, and saving takes time
+MAX_GRACE_S = 65535     # SLURM's limit for --signal=...@N
+
+_TIME_FORMS = "HH:MM:SS, D-HH:MM:SS or whole minutes, e.g. 04:00:00, 1-12:00:00 or 90"
+_SHELL_UNSAFE = re.compile(r"[\s\"'`$\\;&|<>(){}*?!#~]")
+
+
+@dataclass
+class SubmitOptions:
+    """Everything an sbatch script depends on. Paths should be absolute (see `options_from_args`)."""
+
+    config: str                      # YAML config given to launch/train.py --config
+    run_dir: str                     # the config's run.dir: submit.sbatch, slurm-<job>.out, status.json live here
+    overrides: list[str] = field(default_factory=list)   # --set KEY=VALUE ...
+    nodes: int = 1
+    gpus_per_node: int = 0           # 0: CPU nodes, no GPU/GRES request at all
+    ranks_per_node: Optional[int] = None   # default: gpus_per_node, or 1 on CPU nodes
+    time: str = "01:00:00"
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    mode: Literal["deepspeed", "srun"] = "deepspeed"
+    grace: Optional[int] = None      # seconds; default min(300, half the time limit)
+    python: str = sys.executable     # interpreter (or venv dir) with torch + deepspeed, same path on every node
+    workdir: str = field(default_factory=os.getcwd)   # job's cwd: relative paths in the config resolve here
+    exclusive: bool = True           # whole nodes: training wants every core/GPU and no neighbours
+    job_name: Optional[str] = None
+
+
+def time_limit_seconds(value: str) -> int:
+    """SLURM --time in seconds; accepts HH:MM:SS, D-HH:MM:SS or whole minutes."""
+    v = str(value).strip()
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+):(\d{2}):(\d{2})", v)
+    if m:
+        days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
+        if minutes > 59 or seconds > 59 or (m[1] is not None and hours > 23):
+            raise UserError(f"--time {v!r} is out of range; write {_TIME_FORMS}")
+        total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    elif v.isdigit():
+        total = int(v) * 60
+    else:
+        raise UserError(f"--time {v!r} is not a time limit; write {_TIME_FORMS}")
+    if total <= 0:
+        raise UserError(f"--time {v!r} is zero; give a positive limit ({_TIME_FORMS})")
+    return total
+
+
+def resolve_python(path: str) -> str:
+    """A python executable from `path` (an interpreter, or a venv directory holding bin/python)."""
+    p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        p = p / "bin" / "python"
+    if not (p.is_file() and os.access(p, os.X_OK)):
+        raise UserError(f"--python {path}: no python interpreter there; give the venv directory or its bin/python")
+    return os.path.abspath(p)   # abspath, not resolve(): a venv's python is a symlink that must stay one
+
+
+def _check_word(flag: str, value: Optional[str]) -> None:
+    if value is not None and (not value or _SHELL_UNSAFE.search(value)):
+        raise UserError(f"{flag} {value!r} must be a plain name (no spaces or shell characters)")
+
+
+def validate(o: SubmitOptions) -> tuple[int, int]:
+    """Check options a user typed; returns (ranks_per_node, grace_seconds) with defaults filled in."""
+    if o.mode not in MODES:
+        raise UserError(f"--mode {o.mode!r} is unknown; use one of {', '.join(MODES)}")
+    if o.nodes < 1:
+        raise UserError(f"--nodes {o.nodes}: need at least 1 node")
+    if o.gpus_per_node < 0:
+        raise UserError(f"--gpus-per-node {o.gpus_per_node}: use 0 for CPU nodes or the GPU count per node")
+    ranks = o.ranks_per_node if o.ranks_per_node is not None else (o.gpus_per_node or 1)
+    if ranks < 1:
+        raise UserError(f"--ranks-per-node {ranks}: need at least 1 rank per node")
+    if o.gpus_per_node and ranks > o.gpus_per_node:
+        raise UserError(f"--ranks-per-node {ranks} exceeds --gpus-per-node {o.gpus_per_node}; "
+                        "use one rank per GPU (or --gpus-per-node 0 for CPU ranks)")
+    limit = time_limit_seconds(o.time)
+    grace = o.grace if o.grace is not None else min(DEFAULT_GRACE_S, limit // 2)
+    if not 0 < grace <= MAX_GRACE_S:
+        raise UserError(f"--grace {grace}: give seconds between 1 and {MAX_GRACE_S}")
+    if grace >= limit:
+        raise UserError(f"--grace {grace}s is not shorter than --time {o.time} ({limit}s); lower --grace or raise --time")
+    for flag, value in (("--partition", o.partition), ("--account", o.account), ("--qos", o.qos),
+                        ("--job-name", o.job_name)):
+        _check_word(flag, value)
+    # Paths and overrides end up in #SBATCH lines and, in deepspeed mode, in a pdsh command line that the
+    # remote shell re-splits: keep them free of spaces and shell characters rather than half-quote them.
+    for what, value in (("run.dir", o.run_dir), ("config path", o.config), ("working directory", o.workdir),
+                        ("python path", o.python)):
+        if _SHELL_UNSAFE.search(value):
+            raise UserError(f"{what} {value!r} contains spaces or shell characters; use a plain path")
+    for kv in o.overrides:
+        if "=" not in kv or _SHELL_UNSAFE.search(kv.replace("=", "", 1)):
+            raise UserError(f"--set {kv!r} cannot travel through the job's shells; use KEY=VALUE without spaces "
+                            "or quotes, or put the value in the YAML config")
+    return ranks, grace
+
+
+def sbatch_directives(o: SubmitOptions, ranks: int, grace: int) -> list[str]:
+    name = o.job_name or f"st-{Path(o.run_dir).name}"
+    lines = [
+        f"--job-name={name}",
+        f"--nodes={o.nodes}",
+        "--ntasks-per-node=1",   # one launcher (deepspeed) / one srun task per node; it starts the ranks
+        f"--time={o.time}",
+        f"--output={o.run_dir}/slurm-%j.out",
+        "--open-mode=append",    # keep the log of earlier runs of a requeued job
+        f"--chdir={o.workdir}",
+        "--requeue",
+        f"--signal=B:USR1@{grace}",   # B: to the batch shell only; it forwards to the ranks
+    ]
+    if o.exclusive:
+        lines.append("--exclusive")
+    if o.gpus_per_node > 0:   # no GPU line at all otherwise: a CPU cluster without GRES rejects any
+        lines.append(f"--gpus-per-node={o.gpus_per_node}")
+    for flag, value in (("partition", o.partition), ("account", o.account), ("qos", o.qos)):
+        if value:
+            lines.append(f"--{flag}={value}")
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def render_sbatch(o: SubmitOptions) -> str:
+    """The batch script for `o` (validated first; raises UserError on bad options)."""
+    ranks, grace = validate(o)
+    train = [str(TRAIN_PY), "--config", o.config] + (["--set", *o.overrides] if o.overrides else [])
+    values = {
+        "SBATCH": "\n".join(sbatch_directives(o, ranks, grace)),
+        "RUN_DIR": shlex.quote(o.run_dir),
+        "PYTHON": shlex.quote(o.python),
+        "RANKS_PER_NODE": str(ranks),
+        "GPUS_PER_NODE": str(o.gpus_per_node),
+        "TRAIN": " ".join(shlex.quote(a) for a in train),
+        "COMMON": (TEMPLATES / "_common.sbatch").read_text().rstrip("\n"),
+    }
+    text = (TEMPLATES / f"{o.mode}.sbatch").read_text()
+
+    def fill(m: re.Match) -> str:
+        if m[1] not in values:
+            raise KeyError(f"template {o.mode}.sbatch uses unknown placeholder {{{{{m[1]}}}}}")
+        return values[m[1]]
+
+    return re.sub(r"\{\{(\w+)\}\}", fill, text)
+
+
+def write_script(o: SubmitOptions, text: str) -> Path:
+    path = Path(o.run_dir) / "submit.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def _sbatch() -> str:
+    exe = shutil.which("sbatch")
+    if exe is None:
+        raise UserError("sbatch not found: install SLURM client or use --dry-run")
+    return exe
+
+
+def submit(script_path: str | Path) -> str:
+    """`sbatch --parsable script`; returns the job id."""
+    proc = subprocess.run([_sbatch(), "--parsable", str(script_path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        msg = " ".join((proc.stderr or proc.stdout).split()) or f"exit code {proc.returncode}"
+        hint = " (CPU cluster without GPUs? use --gpus-per-node 0)" if "gres" in msg.lower() else ""
+        raise UserError(f"sbatch rejected {script_path}: {msg}{hint}")
+    return proc.stdout.strip().split(";")[0]   # "<id>" or "<id>;<cluster>"
+
+
+# ---- CLI -------------------------------------------------------------------------------------------------
+
+
+def add_submit_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of `scaletrain submit` (the caller adds --config/--set via cli.add_config_args)."""
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0,
+                   help="GPUs per node; 0 (default) = CPU nodes, no GPU request at all")
+    p.add_argument("--ranks-per-node", type=int, default=None,
+                   help="training ranks per node (default: --gpus-per-node, or 1 on CPU nodes)")
+    p.add_argument("--time", default="01:00:00", help="time limit: HH:MM:SS, D-HH:MM:SS or minutes (default 01:00:00)")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--account", default=None)
+    p.add_argument("--qos", default=None)
+    p.add_argument("--mode", choices=MODES, default="deepspeed",
+                   help="deepspeed: one step, pdsh/ssh to the nodes (default); srun: one srun task per node")
+    p.add_argument("--grace", type=int, default=None,
+                   help="seconds before the limit at which the job checkpoints and requeues (default min(300, time/2))")
+    p.add_argument("--python", default=sys.executable,
+                   help="python interpreter or venv dir with torch+deepspeed, same path on all nodes (default: this one)")
+    p.add_argument("--no-exclusive", dest="exclusive", action="store_false",
+                   help="share nodes with other jobs (default: whole nodes)")
+    p.add_argument("--dry-run", action="store_true", help="write <run.dir>/submit.sbatch and print it; do not submit")
+
+
+def options_from_args(args: argparse.Namespace) -> SubmitOptions:
+    """Resolve CLI args against the config: absolute paths, run.dir from the (overridden) config."""
+    from scaletrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
+    return SubmitOptions(
+        config=os.path.abspath(args.config), run_dir=run_dir, overrides=list(args.overrides),
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, ranks_per_node=args.ranks_per_node,
+        time=args.time, partition=args.partition, account=args.account, qos=args.qos, mode=args.mode,
+        grace=args.grace, python=resolve_python(args.python), workdir=os.getcwd(), exclusive=args.exclusive,
+    )
+
+
+def submit_command(args: argparse.Namespace) -> int:
+    """`scaletrain submit --config X [--set K=V ...] --nodes N --gpus-per-node G [--ranks-per-node R]
+    --time T [--partition P] [--account A] [--qos Q] [--mode deepspeed|srun] [--grace S] [--python P]
+    [--no-exclusive] [--dry-run]`: write <run.dir>/submit.sbatch, then sbatch it (unless --dry-run)."""
+    o = options_from_args(args)
+    text = render_sbatch(o)   # validate everything before touching the run dir
+    if not args.dry_run:
+        _sbatch()             # fail before writing when SLURM is not installed
+    path = write_script(o, text)
+    if args.dry_run:
+        print(text, end="")
+        print(f"# dry run: wrote {path}; not submitted", file=sys.stderr)
+        return 0
+    job = submit(path)
+    print(f"submitted job {job}: {path}\n  log: {o.run_dir}/slurm-{job}.out\n"
+          f"  watch: squeue -j {job}   stop early (checkpoint + requeue): scancel --signal=USR1 --batch {job}")
+    return 0

@@ -1,0 +1,24 @@
+"""`scaletrain prepare-data`: train the tokenizer and tokenise `data.source` into the cache."""
+
+from __future__ import annotations
+
+import argparse
+
+from scaletrain.commands.common import add_config_args
+
+
+def run(args: argparse.Namespace) -> int:
+    from scaletrain.config import load_config
+    from scaletrain.data.prepare import prepare_data
+
+    cache = prepare_data(load_config(args.config, args.overrides), progress=True)
+    m = cache.meta
+    print(f"data cache {cache.dir}: {m['docs']['train']} train / {m['docs']['val']} val docs, "
+          f"{m['tokens']['train']:,} / {m['tokens']['val']:,} tokens, vocab {m['tokenizer_vocab']}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("prepare-data", help="train the tokenizer and tokenise data.source into the cache")
+    add_config_args(p)
+    p.set_defaults(func=run)

@@ -1,0 +1,21 @@
+"""`scaletrain train`: train in this process (for N ranks use `deepspeed launch/train.py`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from scaletrain.commands.common import add_config_args
+
+
+def run(args: argparse.Namespace) -> int:
+    from scaletrain.config import load_config
+    from scaletrain.train.trainer import train
+
+    summary = train(load_config(args.config, args.overrides))
+    return 0 if summary["state"] in ("finished", "preempted") else 1
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train in this process (multi-rank: deepspeed launch/train.py)")
+    add_config_args(p)
+    p.set_defaults(func=run)
