@@ -32,7 +32,7 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     try:
         return func(args)
     except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write("error: " + " ".join(s.strip() for s in str(e).splitlines() if s.strip()) + "\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")

@@ -10,7 +10,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,8 +37,18 @@ class ModelConfig(_Section):
     rope_theta: float = Field(10000.0, gt=0)
     tie_word_embeddings: bool = True
     norm_eps: float = Field(1e-5, gt=0)
-    attention: Literal["sdpa", "eager"] = "sdpa"
+    attention: Literal["sdpa", "flash", "flex", "eager"] = "sdpa"
     init_std: float = Field(0.02, gt=0)
+    # Architecture switches (defaults: Llama). Checked together in scaletrain/model/variants.py.
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # layernorm has a bias iff model.bias
+    ffn: Literal["swiglu", "gelu", "relu2"] = "swiglu"  # gelu/relu2: plain up -> act -> down MLP
+    qk_norm: bool = False  # a model.norm over each query/key head (head_dim), before RoPE (Qwen3, OLMo-2)
+    attention_window: Optional[int] = Field(None, gt=0)  # sliding window: a token sees itself and window-1 before it
+    position: Literal["rope", "alibi", "none"] = "rope"
+    rope_scaling: Optional[dict[str, Any]] = None  # HF-style {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    parallel_block: bool = False  # attention and FFN read the same normed input: x + attn(n(x)) + ffn(n(x))
+    bias: bool = False  # biases on every linear layer (and LayerNorm); the output head never has one
+    num_labels: int = Field(0, ge=0)  # > 0: sequence-classification head `score` instead of lm_head
 
     @property
     def head_dim(self) -> int:
@@ -53,6 +63,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.02, ge=0, lt=1)
     num_workers: int = Field(0, ge=0)
     tokenizer_sample_lines: int = Field(300_000, gt=0)
+    doc_mask: bool = False  # attend only within each document of a packed window; RoPE restarts per document
+    format: Literal["text", "prompt_completion", "classification"] = "text"  # prompt_completion: jsonl prompt/completion, loss on completion only; classification: jsonl text/label
 
 
 class TrainConfig(_Section):
@@ -74,7 +86,18 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, gt=0)
     save_every: int = Field(100, ge=0)
     keep_last: int = Field(2, ge=1)
+    keep_every: int = Field(0, ge=0)  # checkpoints at multiples of this step are milestones, never pruned (0 = none)
+    max_skipped: int = Field(10, ge=1)  # abort after this many consecutive steps with a non-finite loss/grad-norm
+    memory_check: bool = True  # refuse at start a config whose estimated memory per rank cannot fit (scaletrain plan)
     threads: int = Field(0, ge=0)
+    compile: bool = False  # torch.compile (inductor) the model: fuses norms, RoPE, SwiGLU, residual adds
+    loss_chunk: int = Field(0, ge=0)  # tokens per chunk of the fused head + cross-entropy (0 = full logits)
+    # Fine-tuning (scaletrain/train/finetune.py)
+    task: Literal["lm", "classify"] = "lm"  # classify: data.format=classification, model.num_labels > 0
+    freeze: list[str] = Field(default_factory=list)  # [embeddings, layers.0-5, norm, head]: lr 0, no gradient
+    body_lr_scale: float = Field(1.0, ge=0, le=1)  # lr of everything but the output head = lr x this
+    early_stop_patience: int = Field(0, ge=0)  # stop after this many evals without improvement (0 = off)
+    early_stop_metric: Optional[Literal["val/loss", "val/accuracy", "val/f1"]] = None  # None: val/accuracy (classify) or val/loss
 
 
 class ZeroConfig(_Section):
@@ -86,12 +109,44 @@ class ZeroConfig(_Section):
     reduce_bucket_size: int = Field(50_000_000, gt=0)
 
 
+class InitConfig(_Section):
+    """Start a new run from existing weights (fresh optimizer): a checkpoint dir, run dir or HF dir."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    from_: Optional[str] = Field(None, alias="from")
+
+
+class GrowthStage(_Section):
+    """One boundary of `growth.schedule`: after optimizer step `at_step`, grow to the model with `set` applied."""
+
+    at_step: int = Field(gt=0)
+    set: dict[str, Any]  # {"model.num_layers": 8, ...}: hidden_size, num_heads, num_kv_heads, intermediate_size, num_layers
+    depth_method: Optional[Literal["identity", "stack", "interleave"]] = None  # None: growth.depth_method
+    insert: Optional[Union[Literal["end", "interleave"], list[int]]] = None  # None: growth.insert
+    noise: Optional[float] = Field(None, ge=0)  # None: growth.noise
+
+
+class GrowthConfig(_Section):
+    """Staged training: grow the model inside the run (see scaletrain/growth/in_run.py)."""
+
+    schedule: list[GrowthStage] = Field(default_factory=list)
+    depth_method: Literal["identity", "stack", "interleave"] = "identity"
+    insert: Union[Literal["end", "interleave"], list[int]] = "end"
+    width_method: Literal["zero", "copy", "strict"] = "zero"
+    noise: float = Field(0.0, ge=0)
+    optimizer: Literal["grow", "reset"] = "grow"  # Adam moments transformed with the weights, or fresh
+    rewarmup_steps: int = Field(0, ge=0)  # linear lr re-warmup after each boundary (the schedule continues)
+    seed: int = 0
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     zero: ZeroConfig = ZeroConfig()
+    init: InitConfig = InitConfig()
+    growth: GrowthConfig = GrowthConfig()
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -101,7 +156,7 @@ class Config(_Section):
             raise ValueError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
         if m.num_heads % m.num_kv_heads:
             raise ValueError(f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})")
-        if m.head_dim % 2:
+        if m.head_dim % 2 and m.position == "rope":
             raise ValueError(f"head size hidden_size/num_heads = {m.head_dim} must be even for RoPE; change model.num_heads")
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower it or raise model.max_seq_len")
@@ -113,6 +168,18 @@ class Config(_Section):
             raise ValueError("zero.offload_param needs zero.stage=3")
         if self.zero.offload_optimizer != "none" and self.zero.stage == 0:
             raise ValueError("zero.offload_optimizer needs zero.stage >= 1")
+        if self.train.compile and self.zero.stage == 3:
+            raise ValueError("train.compile needs zero.stage <= 2: ZeRO-3's per-module parameter hooks make "
+                             "torch.compile recompile on every call (use zero.stage=2, or train.compile=false)")
+        if self.data.format == "prompt_completion" and self.data.source == "stdlib":
+            raise ValueError("data.format=prompt_completion needs data.source pointing at .jsonl/.parquet files with prompt and completion fields")
+        from scaletrain.model.variants import validate_variants
+
+        validate_variants(self)
+        if self.growth.schedule:
+            from scaletrain.growth.schedule import validate_schedule
+
+            validate_schedule(self)
         return self
 
     # -- derived values -------------------------------------------------------------------------
@@ -121,7 +188,7 @@ class Config(_Section):
         return self.train.micro_batch_size * self.train.grad_accum * world_size
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)  # by_alias: init.from, not init.from_
 
     def fingerprint(self) -> str:
         """Short hash of the whole resolved config (stored in checkpoints for provenance)."""
@@ -132,9 +199,11 @@ class Config(_Section):
 # ---- loading ------------------------------------------------------------------------------------
 
 
-def _closest(name: str, options: list[str]) -> str:
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (valid: {', '.join(sorted(options))})"
+def _closest(name: str, options: list[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    if match:
+        return f" (did you mean '{prefix}{match[0]}'?)"
+    return f" (valid: {', '.join(prefix + o for o in sorted(options))})"
 
 
 def _model_for(path: tuple) -> Optional[type[BaseModel]]:
@@ -154,9 +223,10 @@ def _one_line(err: ValidationError) -> str:
     key = ".".join(str(p) for p in loc)
     if e["type"] == "extra_forbidden":
         owner = _model_for(loc[:-1])
-        prefix = ".".join(str(p) for p in loc[:-1])
-        names = [f"{prefix}.{n}" if prefix else n for n in owner.model_fields] if owner else []
-        hint = _closest(key, names) if owner else ""
+        prefix = ".".join(str(p) for p in loc[:-1]) + "." if len(loc) > 1 else ""
+        names = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
+        # Match on the last part only: a shared section prefix would make every name look close.
+        hint = _closest(str(loc[-1]), names, prefix) if owner else ""
         return f"unknown config key '{key}'{hint}"
     if e["type"] == "value_error":
         return "config: " + str(e["msg"]).removeprefix("Value error, ")

@@ -78,3 +78,10 @@ def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     if tag not in acc.Tags()["scalars"]:
         return {}
     return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = 120) -> tuple[int, str, str]:
+    """`python -m scaletrain.cli ARGS` with the repo on PYTHONPATH -> (returncode, stdout, stderr)."""
+    proc = subprocess.run([sys.executable, "-m", "scaletrain.cli", *args], cwd=cwd, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout, proc.stderr

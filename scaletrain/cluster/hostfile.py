@@ -19,9 +19,9 @@ from pathlib import Path
 
 from scaletrain.errors import UserError
 
-# host, then `slots=N`, then optionally a comment. The host may not contain `#`, `=`, `@`, `:` or `,`:
-# those are separators in the hostfile or in --include/--exclude.
-_LINE = re.compile(r"^(?P<host>[^\s#=@:,]+)\s+slots\s*=\s*(?P<slots>[+-]?\d+)\s*(?:#.*)?$")
+# host, then `slots=N` (no spaces around `=`: DeepSpeed's own parser needs it so), then optionally a comment.
+# The host may not contain `#`, `=`, `@`, `:` or `,`: separators in the hostfile or in --include/--exclude.
+_LINE = re.compile(r"^(?P<host>[^\s#=@:,]+)\s+slots=(?P<slots>[+-]?\d+)\s*(?:#.*)?$")
 
 FIX = "write one `HOST slots=N` per line (N >= 1), e.g. `worker-0 slots=8`"
 

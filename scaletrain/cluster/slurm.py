@@ -193,11 +193,45 @@ def _sbatch() -> str:
     return exe
 
 
-def submit(script_path: str | Path) -> str:
+def check_tools(mode: str) -> str:
+    """The sbatch executable; also srun for --mode srun (its batch script calls srun on the first node)."""
+    exe = _sbatch()
+    if mode == "srun" and shutil.which("srun") is None:
+        raise UserError("srun not found (needed by --mode srun): install the SLURM client or use --mode deepspeed")
+    return exe
+
+
+_UNREACHABLE = ("unable to contact slurm controller", "could not establish a configuration source",
+                "is down", "connection refused", "zero bytes were transmitted")
+
+
+def check_reachable(timeout: float = 20) -> None:
+    """`scontrol ping`: fail in a second with one line instead of sbatch's ~10 s of retries and a long error."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return   # sbatch will say it
+    try:
+        proc = subprocess.run([scontrol, "ping"], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"SLURM not reachable: `scontrol ping` did not answer in {timeout:.0f} s") from None
+    lines = [ln.strip() for ln in (proc.stdout + "\n" + proc.stderr).splitlines() if ln.strip().strip("*")]
+    if proc.returncode != 0 or not any(" is UP" in ln for ln in lines):
+        said = "; ".join(ln for ln in lines if "RESTORE" not in ln)[:200] or f"exit code {proc.returncode}"
+        raise UserError(f"SLURM not reachable: `scontrol ping` says: {said}; "
+                        "start slurmctld or check slurm.conf / SLURM_CONF")
+
+
+def submit(script_path: str | Path, timeout: float = 120) -> str:
     """`sbatch --parsable script`; returns the job id."""
-    proc = subprocess.run([_sbatch(), "--parsable", str(script_path)], capture_output=True, text=True)
+    try:
+        proc = subprocess.run([_sbatch(), "--parsable", str(script_path)], capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"SLURM not reachable: sbatch did not answer in {timeout:.0f} s") from None
     if proc.returncode != 0:
         msg = " ".join((proc.stderr or proc.stdout).split()) or f"exit code {proc.returncode}"
+        if any(k in msg.lower() for k in _UNREACHABLE):
+            raise UserError(f"SLURM not reachable: {msg}")
         hint = " (CPU cluster without GPUs? use --gpus-per-node 0)" if "gres" in msg.lower() else ""
         raise UserError(f"sbatch rejected {script_path}: {msg}{hint}")
     return proc.stdout.strip().split(";")[0]   # "<id>" or "<id>;<cluster>"
@@ -248,14 +282,21 @@ def submit_command(args: argparse.Namespace) -> int:
     [--no-exclusive] [--dry-run]`: write <run.dir>/submit.sbatch, then sbatch it (unless --dry-run)."""
     o = options_from_args(args)
     text = render_sbatch(o)   # validate everything before touching the run dir
-    if not args.dry_run:
-        _sbatch()             # fail before writing when SLURM is not installed
+    if not args.dry_run:      # fail before writing when SLURM is not installed or not answering
+        check_tools(o.mode)
+        check_reachable()
     path = write_script(o, text)
     if args.dry_run:
         print(text, end="")
         print(f"# dry run: wrote {path}; not submitted", file=sys.stderr)
         return 0
     job = submit(path)
-    print(f"submitted job {job}: {path}\n  log: {o.run_dir}/slurm-{job}.out\n"
-          f"  watch: squeue -j {job}   stop early (checkpoint + requeue): scancel --signal=USR1 --batch {job}")
+    ranks, _ = validate(o)
+    print(f"submitted job {job}: {o.nodes} node(s) x {ranks} rank(s), {o.mode} mode, time limit {o.time}\n"
+          f"  run dir:     {o.run_dir}\n"
+          f"  script:      {path}\n"
+          f"  log:         {o.run_dir}/slurm-{job}.out\n"
+          f"  TensorBoard: tensorboard --logdir {Path(o.run_dir).parent}\n"
+          f"  watch:       squeue -j {job};  scaletrain runs {Path(o.run_dir).parent}\n"
+          f"  stop early:  scancel --signal=USR1 --batch {job}   (checkpoint + requeue; plain scancel: checkpoint + end)")
     return 0

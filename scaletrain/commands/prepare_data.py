@@ -11,7 +11,9 @@ def run(args: argparse.Namespace) -> int:
     from scaletrain.config import load_config
     from scaletrain.data.prepare import prepare_data
 
-    cache = prepare_data(load_config(args.config, args.overrides), progress=True)
+    from scaletrain.train.init_from import resolve
+
+    cache = prepare_data(resolve(load_config(args.config, args.overrides)), progress=True)  # init.from's tokenizer
     m = cache.meta
     print(f"data cache {cache.dir}: {m['docs']['train']} train / {m['docs']['val']} val docs, "
           f"{m['tokens']['train']:,} / {m['tokens']['val']:,} tokens, vocab {m['tokenizer_vocab']}")

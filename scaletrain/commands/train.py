@@ -9,10 +9,12 @@ from scaletrain.commands.common import add_config_args
 
 def run(args: argparse.Namespace) -> int:
     from scaletrain.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing torch: config typos fail fast
     from scaletrain.train.trainer import train
 
-    summary = train(load_config(args.config, args.overrides))
-    return 0 if summary["state"] in ("finished", "preempted") else 1
+    summary = train(cfg)
+    return 0 if summary["state"] in ("finished", "preempted", "early_stopped") else 1
 
 
 def add_parser(sub) -> None:

@@ -21,8 +21,9 @@ import numpy as np
 from tqdm import tqdm
 
 from scaletrain.config import Config
+from scaletrain.data.sampler import WindowStream
 from scaletrain.data.sources import Source, iter_documents, resolve_source
-from scaletrain.data.tokenizer import Tokenizer, train_tokenizer
+from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.errors import UserError
 
 CACHE_FORMAT = 2
@@ -35,10 +36,34 @@ class DataCache:
 
     @property
     def tokenizer_path(self) -> Path:
-        return self.dir / "tokenizer.model"
+        """tokenizer.model (sentencepiece), or tokenizer/ when data.tokenizer is an HF tokenizer dir."""
+        hf = self.dir / "tokenizer"
+        return hf if hf.is_dir() else self.dir / "tokenizer.model"
 
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.tokenizer_path)
+    def tokenizer(self):
+        return load_tokenizer(self.tokenizer_path)
+
+    def stream(self, split: str, seq_len: int, seed: int, required: bool = True):
+        """The split's window stream (text: packed windows; prompt_completion: one example per window);
+        None for an optional split too small for one window."""
+        tokens = self.tokens(split)
+        if self.meta.get("data_format") == "classification":
+            from scaletrain.data.classification import ClassificationStream
+
+            index = np.load(self.dir / f"{split}.idx.npy")
+            if not required and len(index) == 0:
+                return None
+            return ClassificationStream(tokens, index, seq_len, seed, self.meta["eos_id"], split)
+        if self.meta.get("data_format") == "prompt_completion":
+            from scaletrain.data.examples import ExampleStream
+
+            index = np.load(self.dir / f"{split}.idx.npy")
+            if not required and len(index) == 0:
+                return None
+            return ExampleStream(tokens, index, seq_len, seed, self.meta["eos_id"], split)
+        if not required and len(tokens) <= seq_len:
+            return None
+        return WindowStream(tokens, seq_len, seed, split)
 
     def tokens(self, split: str) -> np.memmap:
         path = self.dir / f"{split}.bin"
@@ -65,13 +90,16 @@ def cache_fingerprint(cfg: Config, src: Source) -> str:
     tok = None
     if d.tokenizer:
         p = Path(os.path.expanduser(d.tokenizer))
-        if not p.is_file():
-            raise UserError(f"data.tokenizer {p} does not exist; give a sentencepiece .model file or leave it unset to train one")
-        tok = hashlib.sha256(p.read_bytes()).hexdigest()
+        if not p.exists():
+            raise UserError(f"data.tokenizer {p} does not exist; give a sentencepiece .model file, an HF tokenizer directory, or leave it unset to train one")
+        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        tok = hashlib.sha256(b"".join(q.name.encode() + hashlib.sha256(q.read_bytes()).digest() for q in files)).hexdigest()
     key = {
         "format": CACHE_FORMAT, "source": src.fingerprint(), "vocab_size": cfg.model.vocab_size,
         "tokenizer": tok, "val_fraction": d.val_fraction, "sample_lines": d.tokenizer_sample_lines,
     }
+    if d.format != "text":  # only then: existing text caches keep their fingerprint
+        key["data_format"] = d.format
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -97,12 +125,13 @@ _worker_tok: Optional[Tokenizer] = None
 
 def _init_worker(model_path: str) -> None:
     global _worker_tok
-    _worker_tok = Tokenizer(model_path)
+    _worker_tok = load_tokenizer(model_path)
 
 
 def _encode(text: str) -> tuple[np.ndarray, float]:
     ids = _worker_tok.encode(text)
-    ids.append(_worker_tok.eos_id)  # documents are separated by EOS in the packed stream
+    if not ids or ids[-1] != _worker_tok.eos_id:  # an HF tokenizer may add EOS itself
+        ids.append(_worker_tok.eos_id)  # documents are separated by EOS in the packed stream
     return np.asarray(ids, dtype=np.uint32), split_key(text)
 
 
@@ -143,35 +172,49 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
     t0 = time.time()
     vocab = cfg.model.vocab_size
     tok_path = out / "tokenizer.model"
-    if cfg.data.tokenizer:
+    if cfg.data.tokenizer and Path(os.path.expanduser(cfg.data.tokenizer)).is_dir():  # an HF tokenizer, kept as is
+        load_tokenizer(os.path.expanduser(cfg.data.tokenizer))  # a bad dir's error names it, not our temp copy
+        tok_path = out / "tokenizer"
+        shutil.copytree(os.path.expanduser(cfg.data.tokenizer), tok_path)
+    elif cfg.data.tokenizer:
+        Tokenizer(os.path.expanduser(cfg.data.tokenizer))  # a bad file's error names it, not our temp copy
         shutil.copyfile(os.path.expanduser(cfg.data.tokenizer), tok_path)
     else:
-        docs = (text for _, text in tqdm(iter_documents(src), desc="tokenizer sample", unit="doc", disable=not progress, total=len(src.files) if src.kind == "stdlib" else None))
+        docs = (text for _, text in tqdm(iter_documents(src), desc="tokenizer sample", unit="doc", disable=None if progress else True, total=len(src.files) if src.kind == "stdlib" else None))
         train_tokenizer(docs, vocab, tok_path, cfg.data.tokenizer_sample_lines, seed=cfg.train.seed)
-    tok = Tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     if tok.vocab_size > vocab:
         raise UserError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {vocab}; raise model.vocab_size")
     dtype = token_dtype(vocab)
     counts = {"train": [0, 0], "val": [0, 0]}  # [docs, tokens]
     workers = cfg.data.num_workers or max(1, min(8, os.cpu_count() or 1))
-    with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
-        texts = (text for _, text in iter_documents(src))
-        bar = tqdm(desc="tokenize", unit="doc", disable=not progress)
-        nearest_val = (2.0, 0, 0)  # (split key, offset, length) of the train doc closest to the val side
-        ctx = mp.get_context("fork")
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_path),)) as pool:
-            for ids, key in pool.imap(_encode, texts, chunksize=16):
-                val = key < cfg.data.val_fraction
-                split = "val" if val else "train"
-                if not val and key < nearest_val[0]:
-                    nearest_val = (key, counts["train"][1], len(ids))
-                ids.astype(dtype).tofile(f_val if val else f_train)
-                counts[split][0] += 1
-                counts[split][1] += len(ids)
-                bar.update(1)
-        bar.close()
-    if cfg.data.val_fraction > 0 and counts["val"][0] == 0 and counts["train"][0] > 1:
-        _move_to_val(out, dtype, nearest_val[1], nearest_val[2], counts)
+    if cfg.data.format == "classification":
+        from scaletrain.data.classification import build_classification
+
+        counts = build_classification(src, tok, out, dtype, cfg.data.val_fraction)
+    elif cfg.data.format == "prompt_completion":
+        from scaletrain.data.examples import build_examples
+
+        counts = build_examples(src, tok_path, out, dtype, cfg.data.val_fraction, workers, progress)
+    else:
+        with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
+            texts = (text for _, text in iter_documents(src))
+            bar = tqdm(desc="tokenize", unit="doc", disable=None if progress else True)
+            nearest_val = (2.0, 0, 0)  # (split key, offset, length) of the train doc closest to the val side
+            ctx = mp.get_context("fork")
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_path),)) as pool:
+                for ids, key in pool.imap(_encode, texts, chunksize=16):
+                    val = key < cfg.data.val_fraction
+                    split = "val" if val else "train"
+                    if not val and key < nearest_val[0]:
+                        nearest_val = (key, counts["train"][1], len(ids))
+                    ids.astype(dtype).tofile(f_val if val else f_train)
+                    counts[split][0] += 1
+                    counts[split][1] += len(ids)
+                    bar.update(1)
+            bar.close()
+        if cfg.data.val_fraction > 0 and counts["val"][0] == 0 and counts["train"][0] > 1:
+            _move_to_val(out, dtype, nearest_val[1], nearest_val[2], counts)
     if counts["train"][1] == 0:
         raise UserError(f"data.source {cfg.data.source} produced no training tokens; add documents or lower data.val_fraction")
     return {
@@ -179,4 +222,5 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
         "tokenizer_vocab": tok.vocab_size, "eos_id": tok.eos_id, "dtype": dtype,
         "docs": {k: v[0] for k, v in counts.items()}, "tokens": {k: v[1] for k, v in counts.items()},
         "val_fraction": cfg.data.val_fraction, "seconds": round(time.time() - t0, 1), "format": CACHE_FORMAT,
+        "data_format": cfg.data.format,
     }

@@ -33,7 +33,7 @@ class Source:
         h = hashlib.sha256(f"{self.kind}:{self.text_field}".encode())
         for f in self.files:
             st = f.stat()
-            h.update(f"{f}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
     def describe(self) -> str:
@@ -76,7 +76,7 @@ def resolve_source(source: str, text_field: str = "text") -> Source:
 
 def _read_text_file(path: Path) -> str:
     raw = path.read_bytes()
-    if b"\0" in raw[:4096]:
+    if b"\0" in raw:
         raise UserError(f"data file {path} looks binary (NUL bytes); remove it from data.source")
     try:
         return raw.decode("utf-8")
@@ -105,7 +105,7 @@ def _read_with_datasets(path: Path, field: str) -> Iterator[str]:
 
     datasets.disable_progress_bars()
     builder = "parquet" if path.suffix in PARQUET_SUFFIXES else "json"
-    if builder == "json":
+    if path.suffix == ".jsonl":  # a .json file may be one array: leave it to datasets
         _check_jsonl(path, field)
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
@@ -134,3 +134,34 @@ def iter_documents(src: Source) -> Iterator[tuple[str, str]]:
         else:
             for i, text in enumerate(_read_with_datasets(path, src.text_field)):
                 yield f"{path}#{i}", text
+
+
+def iter_rows(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, row) for each row of a .jsonl (one JSON value per line) or .parquet file; `where` ("file:line" or
+    "file row i") is for messages. A line that is not JSON is a one-line UserError naming its number."""
+    if path.suffix in PARQUET_SUFFIXES:
+        import datasets
+
+        datasets.disable_progress_bars()
+        for i, row in enumerate(datasets.load_dataset("parquet", data_files=str(path), split="train")):
+            yield f"{path} row {i}", row
+        return
+    with open(path, "rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise UserError(f"{path}:{lineno} is not valid JSON; fix or delete that line") from None
+            yield f"{path}:{lineno}", row
+
+
+def first_row(path: Path):
+    """The first row of a .jsonl file, to tell its format (None: not jsonl, empty, or not JSON)."""
+    if path.suffix not in JSON_SUFFIXES:
+        return None
+    try:
+        return next((row for _, row in iter_rows(path)), None)
+    except UserError:
+        return None

@@ -46,7 +46,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path, s
         )
     except RuntimeError as e:
         # e.g. "Vocabulary size too high": the corpus cannot fill the requested vocab.
-        raise UserError(f"tokenizer training failed ({str(e).splitlines()[0][:160]}); lower model.vocab_size or add data") from None
+        raise UserError(f"tokenizer training failed ({str(e).splitlines()[0].rpartition('] ')[2][:200]}); lower model.vocab_size or add data") from None
     out_path.write_bytes(buf.getvalue())
 
 
@@ -81,3 +81,17 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Same as `encode`: sentencepiece adds no special tokens here (the HF wrapper differs)."""
+        return self.sp.encode(text)
+
+
+def load_tokenizer(path: str | Path):
+    """`data.tokenizer` / a checkpoint's tokenizer: a sentencepiece .model file, or an HF tokenizer directory."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        from scaletrain.data.hf_tokenizer import HFTokenizer
+
+        return HFTokenizer(p)
+    return Tokenizer(p)

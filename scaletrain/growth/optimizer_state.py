@@ -12,6 +12,8 @@ c = sqrt(D/(k*d)):
   q_proj rows of a head with n copies, gate/up rows of a neuron with n copies: 1/n
   k_proj/v_proj rows: sum over the KV group's copied query heads of 1/copies, / G (exact for regular layouts)
   input/post-attention norms: c/k;  final norm: c/k untied, c^2 tied;  untied lm_head: 1
+  biases: as their rows (readers) or residual coordinates (writers); LayerNorm shifts as their gains;
+  qk-norm gains: 1 (summed over all heads, as in the parent for regular layouts)
 Caveat: readers (q/k/v/gate/up/lm_head) hold parent weights divided by their input copies while the Adam step
 per entry is unchanged, so their relative step is k times the parent's: a short LR re-warmup is advisable.
 stack/interleave copies reuse the moments of the block they copy (scales as above; not exact there either).
@@ -24,7 +26,7 @@ from typing import Callable, Iterator
 import torch
 
 from scaletrain.growth import width
-from scaletrain.growth.plan import EMBED, FINAL_NORM, HEAD, GrowthPlan, Recipe, _identity, _split
+from scaletrain.growth.plan import EMBED, FINAL_BIAS, FINAL_NORM, HEAD, GrowthPlan, Recipe, _identity, _split
 
 KINDS = {"exp_avg": 1, "exp_avg_sq": 2}  # power of the gradient scale
 
@@ -50,15 +52,19 @@ def moment_tensor(plan: GrowthPlan, child_name: str, m: torch.Tensor, kind: str)
         return _map2d(m, _identity(m.shape[0]), h.map, ones(m.shape[0]) * resid, ones(h.map.n_child))
     if child_name == HEAD:
         return _map2d(m, _identity(m.shape[0]), h.map, ones(m.shape[0]), ones(h.map.n_child))
-    if child_name == FINAL_NORM:
+    if child_name in (FINAL_NORM, FINAL_BIAS):
         s = h.c * h.c if plan.parent.tie_word_embeddings else h.c / h.k
         return _map1d(m, h.map, s**power)
     layer, suffix = _split(child_name)
     if plan.layers[layer].identity:  # a new block: no gradient history
         return torch.zeros(_child_shape(plan, suffix), dtype=m.dtype)
-    if suffix.endswith("layernorm.weight"):
+    if suffix.endswith(("layernorm.weight", "layernorm.bias")):
         return _map1d(m, h.map, (h.c / h.k) ** power)
     proj = suffix.split(".")[1]
+    if proj in ("q_norm", "k_norm"):
+        return m.clone()
+    if suffix.endswith(".bias"):
+        return _bias_moment(plan, proj, m, power)
     if proj in ("o_proj", "down_proj"):
         in_map = plan.q_rows if proj == "o_proj" else plan.ffn
         return _map2d(m, h.map, in_map, ones(h.map.n_child) * resid, ones(in_map.n_child))
@@ -74,16 +80,24 @@ def moment_tensor(plan: GrowthPlan, child_name: str, m: torch.Tensor, kind: str)
     return _map2d(m, out_map, h.map, row**power, ones(h.map.n_child))
 
 
+def _bias_moment(plan: GrowthPlan, proj: str, m: torch.Tensor, power: int) -> torch.Tensor:
+    """A bias's moment scales like the rows of its weight (readers) or the residual stream (writers)."""
+    h = plan.hidden
+    if proj in ("o_proj", "down_proj"):
+        return _map1d(m, h.map, (1.0 / (h.k * h.c)) ** power)
+    if proj == "q_proj":
+        out_map, row = plan.q_rows, (1.0 / plan.heads.count).repeat_interleave(plan.parent.head_dim)
+    elif proj in ("k_proj", "v_proj"):
+        out_map = plan.kv_rows
+        row = width.grad_scale_kv(plan.heads, plan.kv, plan.parent.num_heads // plan.parent.num_kv_heads)
+        row = row.repeat_interleave(plan.parent.head_dim)
+    else:
+        out_map, row = plan.ffn, 1.0 / plan.ffn.count
+    return torch.where(out_map.copied, m.float()[out_map.src.clamp(min=0)] * row**power, torch.zeros(())).to(m.dtype)
+
+
 def _child_shape(plan: GrowthPlan, suffix: str) -> tuple[int, ...]:
-    c = plan.child
-    hd, d = c.head_dim, c.hidden_size
-    if suffix.endswith("layernorm.weight"):
-        return (d,)
-    return {
-        "q_proj": (c.num_heads * hd, d), "k_proj": (c.num_kv_heads * hd, d), "v_proj": (c.num_kv_heads * hd, d),
-        "o_proj": (d, c.num_heads * hd), "gate_proj": (c.intermediate_size, d), "up_proj": (c.intermediate_size, d),
-        "down_proj": (d, c.intermediate_size),
-    }[suffix.split(".")[1]]
+    return plan.child_shapes[f"model.layers.0.{suffix}"]
 
 
 def moment_tensors(plan: GrowthPlan, kind: str) -> Iterator[tuple[str, Recipe]]:

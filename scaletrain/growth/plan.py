@@ -14,6 +14,15 @@ What is exact (child logits == parent logits up to fp rounding):
   identity blocks' reader weights (q/k/v/gate/up) get independent noise since their outputs are discarded.
   Embeddings, RMSNorm gains and a tied head get no noise (their copies must stay identical).
 head_dim (hidden/heads) must stay the same: RoPE frequencies and the 1/sqrt(head_dim) scale depend on it.
+
+Architecture switches (model.norm, ffn, qk_norm, bias, parallel_block, position, ...) are kept as in the parent:
+* LayerNorm: duplicating the residual stream keeps its mean and variance, so gains and shifts are tiled
+  (exact); a non-integer hidden factor would change both (zero coordinates), so it is refused.
+* biases: readers' (q/k/v/gate/up) follow their rows (copied, 0 for new units); writers' (o_proj, down_proj)
+  follow the residual coordinates (x c, 0 for new coordinates); identity blocks' writer biases are 0.
+* gelu/relu2 FFNs are elementwise like SwiGLU: neurons copy exactly. qk_norm acts on head_dim: unchanged.
+* parallel blocks: identity blocks are exact too (both branches write through zeroed projections).
+* ALiBi: the slopes depend on num_heads, so heads (and hence hidden_size) must stay; depth and FFN grow.
 """
 
 from __future__ import annotations
@@ -25,19 +34,12 @@ import torch
 
 from scaletrain.errors import UserError
 from scaletrain.growth import depth, width
-from scaletrain.model.llama import LlamaShape
+from scaletrain.model.llama import DecoderLayer, LlamaForCausalLM, LlamaShape
 
 WIDTH_METHODS = ("zero", "copy", "strict")
 WIDTH_DIMS = ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
-LAYER_SUFFIXES = (
-    "input_layernorm.weight",
-    *(f"self_attn.{p}.weight" for p in ATTN),
-    "post_attention_layernorm.weight",
-    *(f"mlp.{p}.weight" for p in MLP),
-)
 EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+FINAL_BIAS = "model.norm.bias"  # LayerNorm with model.bias
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,23 @@ class Recipe:
         return self.fn(read)
 
 
+ARCH_KEYS = ("norm", "ffn", "qk_norm", "attention_window", "position", "rope_scaling", "parallel_block", "bias")
+
+
 def validate(parent: LlamaShape, child: LlamaShape, spec: GrowthSpec) -> None:
     """Raise UserError (one line) when `parent` cannot grow into `child` under `spec`."""
+    for key in ARCH_KEYS:
+        if getattr(child, key) != getattr(parent, key):
+            raise UserError(f"growth keeps the architecture: model.{key} is {getattr(parent, key)} in the parent, "
+                            f"{getattr(child, key)} in the child")
+    if parent.num_labels or child.num_labels:
+        raise UserError("growth works on language models; grow the base model, then fine-tune the classifier")
+    if parent.norm == "layernorm" and child.hidden_size % parent.hidden_size:
+        raise UserError(f"model.norm=layernorm grows exactly only by an integer hidden factor (duplication keeps "
+                        f"mean and variance; zero coordinates do not): {parent.hidden_size} -> {child.hidden_size}")
+    if parent.position == "alibi" and child.num_heads != parent.num_heads:
+        raise UserError("model.position=alibi: the slopes depend on num_heads, so growth keeps num_heads "
+                        f"({parent.num_heads}) and hidden_size; grow num_layers or intermediate_size")
     if spec.depth_method not in depth.DEPTH_METHODS:
         raise UserError(f"unknown depth method '{spec.depth_method}' (valid: {', '.join(depth.DEPTH_METHODS)})")
     if spec.width_method not in WIDTH_METHODS:
@@ -124,6 +141,9 @@ class GrowthPlan:
         hd = parent.head_dim
         self.q_rows, self.kv_rows = self.heads.expand(hd), self.kv.expand(hd)
         self.new_std = child.init_std if spec.new_std is None else spec.new_std
+        self.suffixes = layer_suffixes(child)
+        with torch.device("meta"):
+            self.child_shapes = {n: tuple(t.shape) for n, t in LlamaForCausalLM(child).state_dict().items()}
 
     @property
     def exact(self) -> bool:
@@ -145,10 +165,12 @@ class GrowthPlan:
         is the embedding; it is yielded (same recipe) only with include_tied."""
         yield EMBED, Recipe((EMBED,), lambda read: self.tensor(EMBED, read(EMBED)))
         for i, src in enumerate(self.layers):
-            for suffix in LAYER_SUFFIXES:
+            for suffix in self.suffixes:
                 pname = f"model.layers.{src.parent}.{suffix}"
                 yield f"model.layers.{i}.{suffix}", Recipe((pname,), self._layer_fn(i, suffix, pname))
         yield FINAL_NORM, Recipe((FINAL_NORM,), lambda read: self.tensor(FINAL_NORM, read(FINAL_NORM)))
+        if FINAL_BIAS in self.child_shapes:
+            yield FINAL_BIAS, Recipe((FINAL_BIAS,), lambda read: self.tensor(FINAL_BIAS, read(FINAL_BIAS)))
         if not self.child.tie_word_embeddings:
             yield HEAD, Recipe((HEAD,), lambda read: self.tensor(HEAD, read(HEAD)))
         elif include_tied:
@@ -166,13 +188,21 @@ class GrowthPlan:
             return width.grow_linear(p, _identity(p.shape[0]), h.map, out_scale=h.c, split=False)
         if child_name == FINAL_NORM:
             return width.grow_vector(p, h.map, self.final_norm_scale())
+        if child_name == FINAL_BIAS:
+            return width.grow_bias(p, h.map, self.final_norm_scale())
         if child_name == HEAD:  # untied: an ordinary reader of the (normed) residual stream
             return width.grow_linear(p, _identity(p.shape[0]), h.map, new_cols="random", **kw)
         layer, suffix = _split(child_name)
         src = self.layers[layer]
         if suffix.endswith("layernorm.weight"):
             return width.grow_vector(p, h.map, 1.0 / h.c)
+        if suffix.endswith("layernorm.bias"):  # LayerNorm (integer hidden factors only: c == 1)
+            return width.grow_bias(p, h.map, 1.0 / h.c)
         proj = suffix.split(".")[1]
+        if proj in ("q_norm", "k_norm"):  # acts on head_dim, which growth keeps
+            return p.clone()
+        if suffix.endswith(".bias"):
+            return self._bias(proj, p, src.identity)
         if proj in ("o_proj", "down_proj"):  # writers: rows are residual coordinates
             in_map = self.q_rows if proj == "o_proj" else self.ffn
             if src.identity:
@@ -183,6 +213,19 @@ class GrowthPlan:
         if src.identity and s.noise_std > 0:  # outputs are discarded by the zero writer: any noise is exact
             w = (w.float() + torch.randn(w.shape, generator=gen) * s.noise_std * w.float().pow(2).mean().sqrt()).to(p.dtype)
         return w
+
+    def _bias(self, proj: str, p: torch.Tensor, identity: bool) -> torch.Tensor:
+        h = self.hidden
+        if proj in ("o_proj", "down_proj"):  # writes residual coordinates: x c, 0 on new ones (and in identity blocks)
+            return torch.zeros(h.map.n_child, dtype=p.dtype) if identity else width.grow_bias(p, h.map, h.c)
+        out_map = {"q_proj": self.q_rows, "k_proj": self.kv_rows, "v_proj": self.kv_rows}.get(proj, self.ffn)
+        return width.grow_bias(p, out_map)
+
+
+def layer_suffixes(s: LlamaShape) -> tuple[str, ...]:
+    """A decoder block's parameter names for this shape (state-dict order), e.g. 'self_attn.q_proj.weight'."""
+    with torch.device("meta"):
+        return tuple(DecoderLayer(s).state_dict())
 
 
 def _identity(n: int) -> width.DimMap:

@@ -110,6 +110,10 @@ def zero_sum_noise(rows: int, in_map: DimMap, std: torch.Tensor, gen: torch.Gene
     Reading identical copies, (W/n + N_1) x + ... + (W/n + N_n) x == W x, so the forward stays exact while
     the copies' upstream gradients differ (HyperCloning's +N/-N, generalised to n copies)."""
     z = torch.randn(rows, in_map.n_child, generator=gen) * std
+    n, p = in_map.n_child, in_map.n_parent
+    if n % p == 0 and torch.equal(in_map.src, torch.arange(n) % p):  # whole tiles (integer factors): same
+        z = z.view(rows, n // p, p)                                   # result, without gathers (the hot path)
+        return (z - z.mean(dim=1, keepdim=True)).view(rows, n)
     z = torch.where(in_map.copied, z, torch.zeros(()))
     src = in_map.src.clamp(min=0)
     sums = torch.zeros(rows, in_map.n_parent).index_add_(1, src[in_map.copied], z[:, in_map.copied])
@@ -163,6 +167,13 @@ def grow_vector(g: torch.Tensor, m: DimMap, scale: float) -> torch.Tensor:
     g = g.float()
     out = torch.where(m.copied, g[m.src.clamp(min=0)], g.mean()) * scale
     return out.to(dtype)
+
+
+def grow_bias(b: torch.Tensor, m: DimMap, scale: float = 1.0) -> torch.Tensor:
+    """A bias (or LayerNorm shift) along a grown axis: copies scaled, new units 0 -- a new residual coordinate
+    must stay 0 and a new reader unit's bias is an ordinary fresh init."""
+    dtype = b.dtype
+    return torch.where(m.copied, b.float()[m.src.clamp(min=0)] * scale, torch.zeros(())).to(dtype)
 
 
 def grad_scale_kv(q_map: DimMap, kv_map: DimMap, g_parent: int) -> torch.Tensor:

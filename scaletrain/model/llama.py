@@ -2,21 +2,24 @@
 
 Parameter names and shapes equal Hugging Face `LlamaForCausalLM`'s state-dict keys
 (`model.layers.0.self_attn.q_proj.weight`, ...), so import, export and growth are name maps.
+Architecture switches (LayerNorm, GELU/relu2 FFN, qk-norm, sliding window, ALiBi/NoPE, RoPE scaling,
+parallel blocks, biases; see variants.py) swap pieces from blocks.py / masks.py; the defaults are Llama.
 Nothing here knows about DeepSpeed: parallelism is applied from outside.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from scaletrain.model.attention import attention
-
-IGNORE_INDEX = -100
+from scaletrain.model.blocks import NORMS, RMSNorm, make_ffn, make_norm, rope_inv_freq  # noqa: F401 (RMSNorm re-exported)
+from scaletrain.model.docmask import document_positions
+from scaletrain.model.masks import attention_mask
+from scaletrain.model.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX re-exported)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,16 @@ class LlamaShape:
     norm_eps: float = 1e-5
     attention: str = "sdpa"
     init_std: float = 0.02
+    # architecture switches (scaletrain/model/variants.py); the defaults are Llama
+    norm: str = "rmsnorm"
+    ffn: str = "swiglu"
+    qk_norm: bool = False
+    attention_window: Optional[int] = None
+    position: str = "rope"
+    rope_scaling: Optional[dict] = field(default=None, hash=False)
+    parallel_block: bool = False
+    bias: bool = False
+    num_labels: int = 0  # > 0: sequence classifier (scaletrain/model/classify.py)
 
     @property
     def head_dim(self) -> int:
@@ -45,42 +58,36 @@ class LlamaShape:
         return cls(**{name: getattr(model_cfg, name) for name in cls.__dataclass_fields__})
 
     def num_params(self, include_embedding: bool = True) -> int:
-        d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        kv = self.num_kv_heads * self.head_dim
-        per_layer = d * d * 2 + d * kv * 2 + 3 * d * f + 2 * d
-        total = self.num_layers * per_layer + d
+        d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+        kv = self.num_kv_heads * hd
+        norm = 2 if self.norm == "layernorm" and self.bias else 1  # parameters per normed coordinate
+        attn = d * d * 2 + d * kv * 2 + (2 * d + 2 * kv if self.bias else 0) + (2 * hd * norm if self.qk_norm else 0)
+        mats = 3 if self.ffn == "swiglu" else 2
+        ffn = mats * d * f + ((mats - 1) * f + d if self.bias else 0)
+        per_layer = attn + ffn + d * norm * (1 if self.parallel_block else 2)
+        total = self.num_layers * per_layer + d * norm
+        head = self.num_labels or v  # the classifier's `score` replaces the LM head
         if include_embedding:
-            total += v * d * (1 if self.tie_word_embeddings else 2)
-        elif not self.tie_word_embeddings:
-            total += v * d  # the output head still does matmul work
+            total += v * d + (head * d if self.num_labels or not self.tie_word_embeddings else 0)
+        else:
+            total += head * d  # the output head still does matmul work, tied to the embedding or not
         return total
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Statistics in fp32 whatever the compute dtype (same order of operations as HF).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def rope_tables(head_dim: int, theta: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [T, head_dim] (fp32) for integer `positions` [T]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim))
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+def rope_tables(head_dim: int, theta: float, positions: torch.Tensor, scaling: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [T, head_dim] (fp32) for integer `positions` [T] ([B, T] -> [B, T, head_dim]);
+    `scaling`: model.rope_scaling (HF linear / llama3 rope types)."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling, positions.device)
+    freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [T, D] or per-row [B, 1, T, D], already in x's dtype."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -88,47 +95,47 @@ class Attention(nn.Module):
         super().__init__()
         self.s = s
         d, hd = s.hidden_size, s.head_dim
-        self.q_proj = nn.Linear(d, s.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(d, s.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(d, s.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(s.num_heads * hd, d, bias=False)
+        self.q_proj = nn.Linear(d, s.num_heads * hd, bias=s.bias)
+        self.k_proj = nn.Linear(d, s.num_kv_heads * hd, bias=s.bias)
+        self.v_proj = nn.Linear(d, s.num_kv_heads * hd, bias=s.bias)
+        self.o_proj = nn.Linear(s.num_heads * hd, d, bias=s.bias)
+        if s.qk_norm:  # one norm over head_dim shared by all heads (Qwen3's q_norm/k_norm), before RoPE
+            self.q_norm, self.k_norm = make_norm(s, hd), make_norm(s, hd)
 
-    def forward(self, x, cos, sin, cache: Optional[list] = None):
+    def forward(self, x, cos, sin, cache: Optional[list] = None, mask=None):
         b, t, _ = x.shape
         hd = self.s.head_dim
-        q = self.q_proj(x).view(b, t, self.s.num_heads, hd).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.s.num_kv_heads, hd).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.s.num_heads, hd)
+        k = self.k_proj(x).view(b, t, self.s.num_kv_heads, hd)
+        if self.s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.s.num_kv_heads, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # model.position=rope; alibi lives in the mask, none has no positions
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # [k, v] of earlier positions, extended in place
             if cache:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[:] = [k, v]
-        out = attention(q, k, v, self.s.attention)
+        out = attention(q, k, v, self.s.attention, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, s: LlamaShape):
-        super().__init__()
-        self.gate_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(s.hidden_size, s.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, s: LlamaShape):
         super().__init__()
-        self.input_layernorm = RMSNorm(s.hidden_size, s.norm_eps)
+        self.parallel = s.parallel_block
+        self.input_layernorm = make_norm(s, s.hidden_size)
         self.self_attn = Attention(s)
-        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.norm_eps)
-        self.mlp = MLP(s)
+        if not s.parallel_block:  # parallel blocks share input_layernorm (GPT-J / StableLM / Phi layout)
+            self.post_attention_layernorm = make_norm(s, s.hidden_size)
+        self.mlp = make_ffn(s)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        if self.parallel:
+            h = self.input_layernorm(x)
+            return x + self.self_attn(h, cos, sin, cache, mask) + self.mlp(h)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -139,15 +146,42 @@ class LlamaBody(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
-        self.norm = RMSNorm(s.hidden_size, s.norm_eps)
+        self.norm = make_norm(s, s.hidden_size)
+
+
+def layer_inputs(s: LlamaShape, t: int, start_pos: int, doc_ids: Optional[torch.Tensor], device, dtype):
+    """(cos, sin, mask) every layer shares, built once per forward: RoPE tables in the compute dtype (None
+    unless model.position=rope; [B, 1, T, D] per document row with doc_ids) and the attention mask (None:
+    plain causal; see masks.py)."""
+    cos = sin = None
+    if s.position == "rope":
+        positions = torch.arange(start_pos, start_pos + t, device=device) if doc_ids is None else document_positions(doc_ids)
+        cos, sin = rope_tables(s.head_dim, s.rope_theta, positions, s.rope_scaling)
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        if doc_ids is not None:
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]: broadcast over heads
+    return cos, sin, attention_mask(s, doc_ids, t, start_pos, device, dtype)
+
+
+class LMHead(nn.Linear):
+    """The output projection; with targets it returns the loss directly so the chunked path can
+    skip materialising logits. Called as a module (not via its weight) so ZeRO-3 gathers it."""
+
+    def forward(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunk: int = 0):
+        if targets is None:
+            return super().forward(h)
+        if loss_chunk:
+            return linear_cross_entropy(h, self.weight, targets, loss_chunk)
+        return cross_entropy(super().forward(h), targets)
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, shape: LlamaShape):
+    def __init__(self, shape: LlamaShape, loss_chunk: int = 0):
         super().__init__()
         self.shape = shape
+        self.loss_chunk = loss_chunk  # train.loss_chunk: tokens per chunk of the fused head+loss (0 = plain)
         self.model = LlamaBody(shape)
-        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.lm_head = LMHead(shape.hidden_size, shape.vocab_size, bias=False)
         if shape.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.reset_parameters()
@@ -158,27 +192,31 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 module.weight.normal_(0.0, std)
-            elif isinstance(module, RMSNorm):
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, NORMS):
                 module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
 
-    def hidden_states(self, input_ids: torch.Tensor, caches: Optional[list] = None, start_pos: int = 0) -> torch.Tensor:
-        """input_ids [B, T] -> final-normed hidden states [B, T, hidden]."""
-        t = input_ids.shape[1]
-        positions = torch.arange(start_pos, start_pos + t, device=input_ids.device)
-        cos, sin = rope_tables(self.shape.head_dim, self.shape.rope_theta, positions)
+    def hidden_states(self, input_ids: torch.Tensor, caches: Optional[list] = None, start_pos: int = 0,
+                      doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [B, T] -> final-normed hidden states [B, T, hidden]. `doc_ids` [B, T] (packed
+        documents, see docmask.py): attention stays within a document, RoPE restarts per document."""
         x = self.model.embed_tokens(input_ids)
+        assert doc_ids is None or caches is None, "document masking is for training windows, not KV-cached decoding"
+        cos, sin, mask = layer_inputs(self.shape, input_ids.shape[1], start_pos, doc_ids, x.device, x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, None if caches is None else caches[i])
+            x = layer(x, cos, sin, None if caches is None else caches[i], mask)
         return self.model.norm(x)
 
-    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, caches=None, start_pos: int = 0):
+    def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, caches=None, start_pos: int = 0,
+                doc_ids: Optional[torch.Tensor] = None):
         """Without targets: logits [B, T, V]. With targets (same shape as input_ids, already shifted,
-        IGNORE_INDEX where no loss): the mean cross-entropy over counted tokens."""
-        h = self.hidden_states(input_ids, caches, start_pos)
-        logits = self.lm_head(h)
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+        IGNORE_INDEX where no loss): the mean cross-entropy over counted tokens (fp32 softmax; chunked
+        without full logits when `loss_chunk` > 0)."""
+        h = self.hidden_states(input_ids, caches, start_pos, doc_ids)
+        return self.lm_head(h, targets, self.loss_chunk)
 
     def new_caches(self) -> list:
         return [[] for _ in self.model.layers]

@@ -26,6 +26,7 @@ from scaletrain.train.distributed import Dist, barrier
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 MANIFEST = "manifest.json"
+FORMAT = 1  # layout version in every manifest; a newer one is refused on resume (resume.py)
 
 
 def _sha256(path: Path) -> str:
@@ -112,10 +113,20 @@ def find_resumable(root: Path, log=print) -> Optional[str]:
     return None
 
 
-def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_last: int, meta: dict) -> Path:
-    """Collective: every rank must call it. Returns the final tag dir."""
+def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_last: int, meta: dict,
+         keep_every: int = 0, log=print) -> Optional[Path]:
+    """Collective: every rank must call it. Returns the final tag dir, or None when the disk is too full to
+    hold another checkpoint (then nothing is written, the previous checkpoints stay, training goes on)."""
+    from scaletrain.train.disk_space import check_before_save
+    from scaletrain.train.distributed import any_rank
+
     tag = f"global_step{step}"
     final, tmp = root / tag, root / f".tmp-{tag}"
+    problem = check_before_save(engine, root, step)  # every rank: node-local disks are checked too
+    if any_rank(problem is not None):
+        if problem is not None:  # the rank that found it says so (another node's disk may be the full one)
+            (log if dist.is_main else print)(f"warning: checkpoint {tag} NOT saved: {problem}")
+        return None
     if dist.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of this same step
@@ -124,30 +135,37 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
     torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{dist.rank}.pt")
     barrier()
     if dist.is_main:
-        write_manifest(tmp, {"step": step, "world_size": dist.world, **meta})
-        if final.exists():  # an older save of the same step (e.g. re-run after a crash): replace it
-            shutil.rmtree(final)
+        write_manifest(tmp, {"format": FORMAT, "step": step, "world_size": dist.world,
+                             "global_batch": client_state.get("global_batch"), **meta})
+        old = root / f".old-{tag}"
+        if final.exists():  # an older save of the same step (e.g. re-run after a crash): move it aside in one
+            shutil.rmtree(old, ignore_errors=True)  # rename, so a kill never leaves a half-deleted tag dir
+            os.rename(final, old)
         os.rename(tmp, final)
         _fsync_dir(root)
         write_text_atomic(root / "latest", tag)
-        prune(root, keep_last)
+        prune(root, keep_last, keep_every, protect=tag)
     barrier()
     return final
 
 
-def prune(root: Path, keep_last: int, keep_every: int = 0) -> None:
-    """Delete all but the newest `keep_last` complete tags (and stale temp dirs); milestones stay."""
+def prune(root: Path, keep_last: int, keep_every: int = 0, protect: Optional[str] = None) -> None:
+    """Delete all but the newest `keep_last` complete tags (and stale temp dirs); milestones (steps that are
+    multiples of `keep_every`) and `protect` (the tag just written) stay."""
     complete = [(s, t) for s, t in tags_by_step(root) if (root / t / MANIFEST).is_file()]
     for step, tag in complete[keep_last:]:
-        if keep_every and step % keep_every == 0:
+        if (keep_every and step % keep_every == 0) or tag == protect:
             continue
         shutil.rmtree(root / tag, ignore_errors=True)
-    for p in root.glob(".tmp-global_step*"):
+    for p in [*root.glob(".tmp-global_step*"), *root.glob(".old-global_step*")]:
         shutil.rmtree(p, ignore_errors=True)
 
 
 def load(engine, root: Path, tag: str, dist: Dist) -> dict:
     """Load model/optimizer/scheduler into the engine; returns our client state."""
+    from scaletrain.train.safe_load import restrict_engine_loads
+
+    restrict_engine_loads(engine)  # DeepSpeed unpickles with weights_only=False; ours allows only its own types
     path, client = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")

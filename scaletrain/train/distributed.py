@@ -34,6 +34,10 @@ def setup(threads: int = 0) -> Dist:
 
     Without a launcher we are a world of one: fill in the env the launcher would have set.
     """
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:  # `deepspeed --launcher openmpi` (mpirun)
+        e = os.environ
+        e.update(RANK=e["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=e["OMPI_COMM_WORLD_SIZE"],
+                 LOCAL_RANK=e["OMPI_COMM_WORLD_LOCAL_RANK"], LOCAL_SIZE=e["OMPI_COMM_WORLD_LOCAL_SIZE"])
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -51,6 +55,9 @@ def setup(threads: int = 0) -> Dist:
         # Ranks on one CPU share its cores: oversubscription costs far more than it gains.
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(threads or max(1, cores // max(1, local_world)))
+        from scaletrain.train.perf import tune_cpu_allocator
+
+        tune_cpu_allocator()  # large activations were page-faulted afresh every step (see perf.py)
     import deepspeed
 
     if not dist.is_initialized():

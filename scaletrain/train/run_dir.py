@@ -1,8 +1,12 @@
 """The run directory: what a run owns on disk and the checks made before anything in it is touched.
 
-    <run.dir>/config.yaml      resolved config of the latest start (the model section never changes)
+    <run.dir>/config.yaml      resolved config of the latest start; with growth.schedule, the model of the
+                               newest checkpoints and the stages still to come (growth/schedule.py: advance)
+    <run.dir>/growth/stageK/   the grown weights each growth boundary started from (with lineage.json)
     <run.dir>/ds_config.json   generated DeepSpeed config
-    <run.dir>/status.json      state (running|finished|preempted|failed), step, last loss, pids
+    <run.dir>/status.json      state (running|finished|preempted|failed), step, last loss, rank 0's host/pid,
+                               SLURM job id + restart count (launch_info)
+    <run.dir>/pids/            rank<N>.pid of every rank (pids in that rank's host's namespace)
     <run.dir>/checkpoints/     see checkpoint.py
     <run.dir>/tb/              TensorBoard event files
 """
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,17 @@ import yaml
 
 from scaletrain.config import Config, build_config
 from scaletrain.errors import UserError
+from scaletrain.growth.schedule import stage_models
 from scaletrain.train.checkpoint import write_text_atomic
+
+
+def launch_info() -> dict:
+    """Where this start runs, for `scaletrain runs`: rank 0's host and pid, and the SLURM job (None outside
+    SLURM, so a later non-SLURM start does not inherit an old job id from status.json)."""
+    job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT")
+    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job,
+            "slurm_restart_count": (int(restarts) if restarts and restarts.isdigit() else 0) if job else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 class RunDir:
@@ -47,7 +62,8 @@ class RunDir:
         if not os.access(probe, os.W_OK | os.X_OK):
             raise UserError(f"run.dir {p} is not writable ({probe} denies writes); choose a writable run.dir")
         previous = self.saved_config()
-        if previous is not None and previous.model != cfg.model:
+        # a growing run records its current (grown) model: any stage of the schedule is the same run
+        if previous is not None and previous.model not in stage_models(cfg):
             diffs = [
                 f"model.{k}: {getattr(previous.model, k)} -> {getattr(cfg.model, k)}"
                 for k in type(cfg.model).model_fields
@@ -63,7 +79,11 @@ class RunDir:
             return None
         try:
             return build_config(yaml.safe_load(self.config_path.read_text()) or {})
-        except (yaml.YAMLError, UserError) as e:
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"{self.config_path} is damaged (invalid YAML{where}); restore it or use a new run.dir") from None
+        except UserError as e:
             raise UserError(f"{self.config_path} is damaged ({e}); restore it or use a new run.dir") from None
 
     def write_start(self, cfg: Config, ds_config: dict) -> None:

@@ -5,28 +5,37 @@ from __future__ import annotations
 import math
 
 
-def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based: the step about to be taken)."""
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
+          restarts: tuple[int, ...] = (), rewarmup: int = 0) -> float:
+    """Learning rate for optimizer step `step` (0-based: the step about to be taken). `restarts`: growth
+    boundaries (growth.schedule); for `rewarmup` steps after each the lr ramps up again linearly to the
+    value the schedule has reached (the schedule itself continues)."""
     if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    span = max(1, max_steps - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+        value = lr * (step + 1) / warmup
+    else:
+        span = max(1, max_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        value = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+    last = max((b for b in restarts if b <= step), default=None)
+    if rewarmup and last is not None and step - last < rewarmup:
+        value *= (step - last + 1) / rewarmup
+    return value
 
 
 class WarmupCosine:
     """Scheduler object DeepSpeed steps after each optimizer step (and saves in its checkpoints)."""
 
-    def __init__(self, optimizer, lr: float, min_lr: float, warmup: int, max_steps: int):
+    def __init__(self, optimizer, lr: float, min_lr: float, warmup: int, max_steps: int,
+                 restarts: tuple[int, ...] = (), rewarmup: int = 0):
         self.optimizer = optimizer
-        self.args = (lr, min_lr, warmup, max_steps)
+        self.args = (lr, min_lr, warmup, max_steps, tuple(restarts), rewarmup)
         self.steps_done = 0
         self._apply()
 
     def _apply(self) -> None:
         value = lr_at(self.steps_done, *self.args)
         for group in self.optimizer.param_groups:
-            group["lr"] = value
+            group["lr"] = value * group.get("lr_scale", 1.0)  # train.body_lr_scale / train.freeze (finetune.py)
 
     def step(self, *_, **__) -> None:
         self.steps_done += 1

@@ -19,13 +19,22 @@ import torch.distributed as tdist
 from scaletrain import __version__
 from scaletrain.config import Config, deepspeed_config
 from scaletrain.data.prepare import find_cache, open_cache, prepare_data
-from scaletrain.data.sampler import WindowStream, eval_window_ids, micro_batch_ids
+from scaletrain.data.sampler import eval_window_ids, micro_batch_ids
+from scaletrain.data.sources import resolve_source
 from scaletrain.errors import UserError
+from scaletrain.growth.in_run import RunGrowth, grow
+from scaletrain.model.attention import check_backend
+from scaletrain.model.docmask import document_ids
+from scaletrain.model import classify
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
-from scaletrain.train import checkpoint
+from scaletrain.train import checkpoint, finetune, init_from
 from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, barrier, setup
 from scaletrain.train.metrics import Metrics, flops_per_token, format_duration, measure_peak_flops
-from scaletrain.train.run_dir import RunDir
+from scaletrain.train.perf import compile_model
+from scaletrain.plan import check_fits
+from scaletrain.train import resume
+from scaletrain.train.guard import StepGuard
+from scaletrain.train.run_dir import RunDir, launch_info
 from scaletrain.train.schedule import WarmupCosine, lr_at
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -43,13 +52,19 @@ class StopFlag:
         self.requested = True
 
 
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (norm gains are not decayed)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def build_optimizer(model: torch.nn.Module, cfg: Config, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (norm gains are not decayed). `fused`: one kernel per
+    step over all tensors (CPU and CUDA) instead of ~10 elementwise passes per tensor."""
+    groups = finetune.param_groups(model, cfg)  # + lr_scale per group: train.freeze, train.body_lr_scale
     t = cfg.train
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused or None)
+
+
+def build_model(shape: LlamaShape, cfg: Config, pad_id: int = 2) -> LlamaForCausalLM:
+    """The model (a classifier when model.num_labels > 0) with the configured hot-path options (chunked
+    loss, compiled blocks)."""
+    model = classify.build_model(shape, loss_chunk=cfg.train.loss_chunk, pad_id=pad_id)
+    return compile_model(model) if cfg.train.compile else model
 
 
 def load_data(cfg: Config, dist: Dist):
@@ -64,57 +79,105 @@ def load_data(cfg: Config, dist: Dist):
 
 class Trainer:
     def __init__(self, cfg: Config):
+        self.stop = StopFlag()  # before any pid file exists: a USR1 during start-up is a stop request, not a kill
+        cfg = init_from.resolve(cfg)  # fails fast on a shape mismatch; sets data.tokenizer from init.from
         self.cfg = cfg
         self.run = RunDir(cfg.run.dir)
         self.run.preflight(cfg)
+        resolve_source(cfg.data.source, cfg.data.text_field)  # missing/empty data fails before DeepSpeed starts
+        # estimated memory per rank vs what a rank has (scaletrain plan), before anything is written; a growing
+        # run is checked at its last (largest) stage
+        check_fits(RunGrowth(cfg).config_at(len(cfg.growth.schedule)))
         self.dist = setup(cfg.train.threads)
+        self.growth = RunGrowth(cfg)
+        tag = self._find_tag()
+        self.stage = self.growth.stage_of(self.run.checkpoints / tag if tag else None)
+        self.cfg = cfg = self.growth.config_at(self.stage)  # grown model, remaining schedule
+        # safe pickles, shapes, format; other world size / ZeRO stage: reshard (grad_accum keeps the global batch)
+        self.resume_plan, self.cfg = resume.prepare(self.run.checkpoints, tag, cfg, self.dist)
+        cfg = self.cfg
         self.log = print if self.dist.is_main else (lambda *a, **k: None)
         cache = load_data(cfg, self.dist)
+        self.eos_id = int(cache.meta.get("eos_id", 2))  # document boundaries for data.doc_mask
         t = cfg.train
-        self.train_stream = WindowStream(cache.tokens("train"), t.seq_len, t.seed, "train")
-        val_tokens = cache.tokens("val")
-        self.val_stream = WindowStream(val_tokens, t.seq_len, t.seed, "val") if len(val_tokens) > t.seq_len else None
+        self.train_stream = cache.stream("train", t.seq_len, t.seed)  # packed text or one example per window
+        self.val_stream = cache.stream("val", t.seq_len, t.seed, required=False)
+        finetune.check_labels(cfg, self.train_stream, self.val_stream)
+        self.last_val_loss: float | None = None
         self.ds_config = deepspeed_config(cfg, self.dist.world)
         if self.dist.is_main:
             self.run.write_start(cfg, self.ds_config)
+            from scaletrain.train.run_lineage import RunLineage
+
+            self.lineage = RunLineage(cfg, self.run.path, cache)
             (self.run.path / "pids").mkdir(exist_ok=True)
         barrier()
         (self.run.path / "pids" / f"rank{self.dist.rank}.pid").write_text(str(os.getpid()))
         self.shape = LlamaShape.from_config(cfg.model)
-        self.engine = self._build_engine()
-        self.step, self.consumed = 0, 0
+        reshard = self.resume_plan is not None and self.resume_plan.reshard
+        self.engine = self._build_engine(self.resume_plan.tag_dir if reshard else None)  # resharding: saved weights
+        self.step, self.consumed, self.saved_step = 0, 0, None
+        self.early_stop = finetune.EarlyStop(cfg)
+        self.val_metrics: dict = {}
         self._grad_norm: float | None = None
-        self.resumed_from = self._resume()
+        self.guard = StepGuard(self.engine, cfg.train.max_skipped, self.dist.rank, lambda: self._grad_norm, self.log)
+        self.resumed_from = self._resume(tag)
 
-    def _build_engine(self):
+    def _build_engine(self, weights_from: Path | None = None):
+        """`weights_from`: a checkpoint dir to start from (in-run growth), instead of init / init.from."""
         import deepspeed
 
         torch.manual_seed(self.cfg.train.seed)  # identical init on every rank and every ZeRO stage
-        model = LlamaForCausalLM(self.shape)
+        check_backend(self.shape.attention, self.dist.device, training=True, doc_mask=self.cfg.data.doc_mask)
+        model = build_model(self.shape, self.cfg, self.eos_id)
+        if weights_from is not None:
+            from scaletrain.weights import load_into, open_weights
+
+            load_into(model, open_weights(weights_from), "grown weights")
+        elif self.cfg.init.from_ and not checkpoint.tags_by_step(self.run.checkpoints):  # resuming beats init.from
+            init_from.load_weights(model, self.cfg)  # weights only: the optimizer below starts fresh
+            weights_from = Path(self.cfg.init.from_)  # (unless `scaletrain grow --optimizer grow` wrote moments)
+        if self.cfg.train.freeze:
+            finetune.freeze(model, self.cfg)
         optimizer = build_optimizer(model, self.cfg)
         t = self.cfg.train
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: WarmupCosine(opt, t.lr, t.min_lr, t.warmup_steps, t.max_steps),
+            lr_scheduler=lambda opt: WarmupCosine(opt, t.lr, t.min_lr, t.warmup_steps, t.max_steps, *self.lr_restarts),
         )
+        if weights_from is not None:
+            from scaletrain.growth.engine_state import install
+
+            install(engine, Path(weights_from), t.precision, t.grad_accum)  # exact fp32 masters, grown Adam moments
         return engine
 
-    def _resume(self) -> str | None:
-        tag = [checkpoint.find_resumable(self.run.checkpoints, log=self.log) if self.dist.is_main else None]
+    @property
+    def lr_restarts(self) -> tuple:
+        """(growth boundaries passed, re-warmup steps) for the lr schedule."""
+        return self.growth.restarts(self.stage), self.cfg.growth.rewarmup_steps
+
+    def _find_tag(self) -> str | None:
+        tag = [checkpoint.find_resumable(self.run.checkpoints, log=print) if self.dist.is_main else None]
         if self.dist.world > 1:
             tdist.broadcast_object_list(tag, src=0)
-        if tag[0] is None:
+        return tag[0]
+
+    def _resume(self, tag: str | None) -> str | None:
+        if tag is None:
             return None
-        client = checkpoint.load(self.engine, self.run.checkpoints, tag[0], self.dist)
+        client = resume.load(self.engine, self.resume_plan, self.cfg, self.dist)
+        self.guard.total = int(client.get("skipped_steps", 0))
         self.step, self.consumed = int(client["step"]), int(client["consumed_samples"])
+        self.early_stop.load(client.get("early_stop"))
+        self.saved_step = self.step
         saved_gb = int(client["global_batch"])
         if saved_gb != self.global_batch:
             raise UserError(
-                f"checkpoint {tag[0]} was trained with {saved_gb} sequences per step, this run has {self.global_batch}; "
+                f"checkpoint {tag} was trained with {saved_gb} sequences per step, this run has {self.global_batch}; "
                 "keep micro_batch_size x grad_accum x ranks equal when resuming"
             )
-        self.log(f"resumed from {self.run.checkpoints / tag[0]} at step {self.step} ({self.consumed * self.cfg.train.seq_len:,} tokens)")
-        return tag[0]
+        self.log(f"resumed from {self.run.checkpoints / tag} at step {self.step} ({self.consumed * self.cfg.train.seq_len:,} tokens)")
+        return tag
 
     @property
     def global_batch(self) -> int:
@@ -127,15 +190,25 @@ class Trainer:
         for micro in range(t.grad_accum):
             start, count = micro_batch_ids(self.consumed, micro, d.rank, d.world, t.micro_batch_size)
             x, y = self.train_stream.batch(self.train_stream.window_ids(start, count))
-            loss = self.engine(x.to(d.device), y.to(d.device))
+            loss = self.guard.inject(self._loss(x, y), self.step + 1, micro)  # testing hook (guard.py), else a no-op
             self.engine.backward(loss)
-            if micro == t.grad_accum - 1 and self.cfg.zero.stage == 0:
-                self._grad_norm = self._full_grad_norm()  # DeepSpeed only records it under ZeRO/mixed precision
-            self.engine.step()
             total += loss.item()
+            if micro == t.grad_accum - 1:
+                if self.cfg.zero.stage == 0:
+                    self._grad_norm = self._full_grad_norm()  # DeepSpeed only records it under ZeRO/mixed precision
+                mean = all_reduce_sum([total / t.grad_accum])[0] / d.world  # before the update: the NaN guard needs it
+                self.guard.before_update(self.engine, mean)
+            self.engine.step()
         self.step += 1
-        self.consumed += self.global_batch
-        return all_reduce_sum([total / t.grad_accum])[0] / d.world
+        self.consumed += self.global_batch  # a skipped step consumes its data too
+        self.last_skipped = self.guard.after_update(self.step, mean)  # raises after train.max_skipped in a row
+        return mean
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward of one micro-batch; with data.doc_mask the model also gets each token's document."""
+        x, y = x.to(self.dist.device), y.to(self.dist.device)
+        doc_ids = document_ids(x, self.eos_id) if self.cfg.data.doc_mask else None
+        return self.engine(x, y, doc_ids=doc_ids)
 
     @torch.no_grad()
     def _full_grad_norm(self) -> float:
@@ -158,52 +231,81 @@ class Trainer:
         total = (t.eval_batches * t.micro_batch_size) // d.world * d.world
         ids = eval_window_ids(self.val_stream.num_windows, max(total, d.world), d.rank, d.world)
         self.engine.eval()
-        loss_sum, n = 0.0, 0
+        loss_sum, n, k = 0.0, 0, self.cfg.model.num_labels
+        conf = torch.zeros(k, k, dtype=torch.float64) if k else None  # classifier: [true, predicted] counts
         for i in range(0, len(ids), t.micro_batch_size):
             chunk = ids[i : i + t.micro_batch_size]
             x, y = self.val_stream.batch(chunk)
-            loss_sum += self.engine(x.to(d.device), y.to(d.device)).item() * len(chunk)
+            if conf is None:
+                loss_sum += self._loss(x, y).item() * len(chunk)
+            else:
+                logits = self.engine(x.to(self.dist.device)).float()
+                loss_sum += torch.nn.functional.cross_entropy(logits, y.to(logits.device), reduction="sum").item()
+                finetune.confusion_update(conf, logits, y)
             n += len(chunk)
         self.engine.train()
-        loss_sum, n = all_reduce_sum([loss_sum, float(n)])
+        sums = all_reduce_sum([loss_sum, float(n)] + (conf.flatten().tolist() if conf is not None else []))
+        loss_sum, n = sums[:2]
+        self.last_val_loss = loss_sum / n
+        self.val_metrics = {"val/loss": loss_sum / n, "val/ppl": math.exp(min(loss_sum / n, 50))}
+        if conf is not None:
+            scores = finetune.classification_metrics(torch.tensor(sums[2:]).view(k, k))
+            self.val_metrics.update({"val/accuracy": scores["accuracy"], "val/f1": scores["f1"]})
         return loss_sum / n
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         client = {
             "step": self.step, "consumed_samples": self.consumed, "global_batch": self.global_batch,
             "consumed_tokens": self.consumed * self.cfg.train.seq_len, "config_fingerprint": self.cfg.fingerprint(),
-            "scaletrain_version": __version__,
+            "scaletrain_version": __version__, "early_stop": self.early_stop.state(), "skipped_steps": self.guard.total,
         }
-        meta = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision}
-        return checkpoint.save(self.engine, self.run.checkpoints, self.step, client, self.dist, self.cfg.train.keep_last, meta)
+        meta = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision,
+                "model": self.cfg.model.model_dump(mode="json")}  # a restart builds this shape before loading
+        t = self.cfg.train
+        path = checkpoint.save(self.engine, self.run.checkpoints, self.step, client, self.dist, t.keep_last, meta, t.keep_every, self.log)
+        if path is None:  # not enough disk space: said so, nothing written, training goes on
+            return None
+        self.saved_step = self.step
+        if self.dist.is_main and self.stage and self.run.saved_config().model != self.cfg.model:
+            self.run.write_start(self.cfg, self.ds_config)  # grown: config.yaml names the model of the checkpoints
+        if self.dist.is_main:
+            self.lineage.on_save(path, self.step, client["consumed_tokens"], self.last_val_loss)
+        return path
+
+    def _sizes(self) -> tuple[int, float]:
+        """(parameters, training FLOPs per token) of the current model (it changes at growth boundaries)."""
+        s, t = self.shape, self.cfg.train
+        return s.num_params(), flops_per_token(s.num_params(include_embedding=False), s.num_layers, s.hidden_size, t.seq_len)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, t, d = self.cfg, self.cfg.train, self.dist
-        n_params = self.shape.num_params()
+        n_params, fpt = self._sizes()
         tokens_per_step = self.global_batch * t.seq_len
-        fpt = flops_per_token(self.shape.num_params(include_embedding=False), self.shape.num_layers, self.shape.hidden_size, t.seq_len)
         peak = all_reduce_sum([measure_peak_flops(DTYPES[t.precision], d.device)])[0]
         self.log(
             f"scaletrain {__version__} | {d.world} rank(s) on {d.device.type} | {n_params / 1e6:.2f}M params | "
             f"ZeRO-{cfg.zero.stage} {t.precision} | {tokens_per_step:,} tokens/step | run.dir {self.run.path}"
         )
         self.log(f"TensorBoard: tensorboard --logdir {self.run.path.parent}")
-        metrics = Metrics(self.run.tb if d.is_main else None, purge_step=self.step + 1 if self.resumed_from else None)
+        metrics = Metrics(self.run.tb if d.is_main else None, purge_step=self.step + 1)  # +1 also on a fresh start: drops a crashed first attempt's events
         if d.is_main:
-            self.run.write_status(state="running", step=self.step, max_steps=t.max_steps, world_size=d.world)
-        stop = StopFlag()
+            self.run.write_status(state="running", step=self.step, max_steps=t.max_steps, world_size=d.world,
+                                  **launch_info())  # host/pid, SLURM job id + restart count
         start_time, window_t0, window_tokens = time.time(), time.time(), 0
         last_loss, val_loss, state = math.nan, None, "finished"
         try:
             while self.step < t.max_steps:
-                step_t0 = time.time()
+                if self.growth.due(self.stage, self.step):
+                    grow(self, metrics)
+                    n_params, fpt = self._sizes()
+                step_t0, early = time.time(), False
                 last_loss = self.train_step()
                 window_tokens += tokens_per_step
                 if self.step % t.log_every == 0 or self.step == 1 or self.step == t.max_steps:
                     elapsed = time.time() - window_t0
                     tps = window_tokens / max(elapsed, 1e-9)
-                    lr = lr_at(self.step - 1, t.lr, t.min_lr, t.warmup_steps, t.max_steps)  # the lr this step used
+                    lr = lr_at(self.step - 1, t.lr, t.min_lr, t.warmup_steps, t.max_steps, *self.lr_restarts)  # the lr this step used
                     grad_norm = self.grad_norm()
                     self.log(
                         f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
@@ -214,21 +316,32 @@ class Trainer:
                         "train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                         "train/tokens_per_sec": tps, "train/mfu": tps * fpt / peak,
                         "train/consumed_tokens": self.consumed * t.seq_len,
-                        "train/step_time_s": time.time() - step_t0,
+                        "train/step_time_s": time.time() - step_t0, "train/model_params": n_params,
+                        "train/skipped_steps": self.guard.total,
                     })
+                elif self.last_skipped:
+                    metrics.scalars(self.step, {"train/skipped_steps": self.guard.total})
                     window_t0, window_tokens = time.time(), 0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     val_loss = self.evaluate()
                     if val_loss is not None:
-                        self.log(f"step {self.step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}")
-                        metrics.scalars(self.step, {"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 50))})
-                stopping = any_rank(stop.requested)
-                if stopping or self.step == t.max_steps or (t.save_every and self.step % t.save_every == 0):
+                        acc = "".join(f" | val {k[4:]} {v:.4f}" for k, v in self.val_metrics.items() if k in ("val/accuracy", "val/f1"))
+                        self.log(f"step {self.step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}{acc}")
+                        metrics.scalars(self.step, self.val_metrics)
+                        early = self.early_stop.update(self.val_metrics)  # same metrics on every rank: same decision
+                stopping = any_rank(self.stop.requested)
+                if stopping or early or self.step == t.max_steps or (t.save_every and self.step % t.save_every == 0):
                     path = self.save()
-                    self.log(f"saved checkpoint {path}")
+                    if path is not None:
+                        self.log(f"saved checkpoint {path}")
                 if stopping:
                     state = "preempted"
                     self.log(f"stop requested by signal: checkpointed at step {self.step}, exiting cleanly")
+                    break
+                if early:
+                    state = "early_stopped"
+                    e = self.early_stop
+                    self.log(f"early stop: {e.metric} did not improve on {e.best:.4f} for {e.patience} evaluations")
                     break
         except BaseException:
             if d.is_main:

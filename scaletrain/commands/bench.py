@@ -1,0 +1,101 @@
+"""`scaletrain bench`: our training step vs HF-Llama + the same DeepSpeed config, in one invocation; JSON out.
+
+Defaults are the reference shape (hidden 256, 4 layers, 4 heads, intermediate 688, vocab 8192,
+seq 512, micro-batch 4, 2 CPU ranks, ZeRO-2) in bf16 and fp32. `--attention-only` and
+`--loss-memory` run the microbenchmarks instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+PRECISIONS = ("bf16", "fp32", "fp16")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def spec_from_args(a: argparse.Namespace) -> dict:
+    return {
+        "hidden_size": a.hidden, "num_layers": a.layers, "num_heads": a.heads, "num_kv_heads": a.kv_heads or a.heads,
+        "intermediate_size": a.intermediate, "vocab_size": a.vocab, "seq_len": a.seq, "micro_batch": a.micro_batch,
+        "zero_stage": a.zero, "precisions": a.precision, "attention": a.attention, "compile": a.compile,
+        "loss_chunk": a.loss_chunk, "steps": a.steps, "warmup": a.warmup, "per_round": a.per_round,
+        "threads": a.threads, "ranks": a.ranks, "device": a.device,
+    }
+
+
+def run(a: argparse.Namespace) -> int:
+    from scaletrain.bench.machine import machine_info
+    from scaletrain.config import build_config
+    from scaletrain.errors import UserError
+
+    if a.device == "cpu" and "fp16" in a.precision:
+        raise UserError("--precision fp16 needs --device cuda (DeepSpeed fp16 does not run on CPU)")
+    report: dict = {"machine": machine_info()}
+    if a.attention_only:
+        from scaletrain.bench.attention import attention_bench
+
+        report["attention"] = attention_bench(a.device, a.precision, a.steps, a.threads, a.attention_seqs)
+    elif a.loss_memory:
+        from scaletrain.bench.loss_memory import loss_memory_bench
+
+        report["loss_memory"] = loss_memory_bench(a.device, a.loss_chunk or 1024)
+    else:
+        from scaletrain.bench.run import training_bench
+
+        spec = spec_from_args(a)
+        from scaletrain.bench.training import bench_config
+
+        for p in spec["precisions"]:
+            bench_config(spec, p)  # validate the shape once, up front, with the config's own messages
+        report.update(training_bench(spec, memory=not a.no_memory))
+    text = json.dumps(report, indent=1)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    sys.stdout.write(text + "\n")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark our training step against HF-Llama + DeepSpeed (JSON)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("shape (defaults: the reference shape)")
+    g.add_argument("--hidden", type=_positive, default=256)
+    g.add_argument("--layers", type=_positive, default=4)
+    g.add_argument("--heads", type=_positive, default=4)
+    g.add_argument("--kv-heads", type=_positive, default=None, help="default: --heads")
+    g.add_argument("--intermediate", type=_positive, default=688)
+    g.add_argument("--vocab", type=_positive, default=8192)
+    g.add_argument("--seq", type=_positive, default=512)
+    g.add_argument("--micro-batch", type=_positive, default=4)
+    r = p.add_argument_group("run")
+    r.add_argument("--ranks", type=_positive, default=2)
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    r.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=2, help="ZeRO stage")
+    r.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["bf16", "fp32"])
+    r.add_argument("--steps", type=_positive, default=20, help="timed steps per model and precision")
+    r.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    r.add_argument("--per-round", type=_positive, default=2, help="steps per turn when alternating ours/peer")
+    r.add_argument("--threads", type=int, default=0, help="threads per rank (0 = cores / ranks, as in training)")
+    r.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    r.add_argument("--out", default=None, help="also write the JSON here")
+    o = p.add_argument_group("our hot-path options (the peer is always HF sdpa + torch AdamW)")
+    o.add_argument("--attention", choices=("sdpa", "flash", "flex", "eager"), default="sdpa")
+    o.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="train.compile (default on)")
+    o.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk (default 1024; 0 = off)")
+    m = p.add_argument_group("microbenchmarks (instead of the training comparison)")
+    m.add_argument("--attention-only", action="store_true",
+                   help="fwd+bwd of each attention backend vs eager at B4 H8 D64, T 1024 and 4096")
+    m.add_argument("--attention-seqs", type=_positive, nargs="+", default=[1024, 4096], metavar="T",
+                   help="sequence lengths for --attention-only")
+    m.add_argument("--loss-memory", action="store_true",
+                   help="peak memory of head+loss with/without --loss-chunk at vocab 32k and 128k")
+    p.set_defaults(func=run)

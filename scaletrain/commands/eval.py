@@ -1,0 +1,61 @@
+"""`scaletrain eval CKPT_OR_RUN_DIR [--data PATH] [--json]`: loss / perplexity on a file or the run's val split
+(a classifier: accuracy, macro-F1 and loss on text/label rows)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scaletrain.evaluate import evaluate, file_batches, val_batches
+    from scaletrain.generate import load_model
+
+    model, tok, src = load_model(args.source, need_tokenizer=args.data is not None)
+    seq_len = args.seq_len or (src.config.train.seq_len if src.config is not None else min(src.model.max_seq_len, 2048))
+    seq_len = min(seq_len, src.model.max_seq_len)
+    if src.model.num_labels:  # a sequence classifier: accuracy / macro-F1 on text/label rows
+        return _classifier(args, model, tok, src, seq_len)
+    if args.data:
+        batches = file_batches(Path(args.data), tok, seq_len, args.batch_size, args.text_field)
+    else:
+        batches = val_batches(src, seq_len, args.batch_size)
+    res = evaluate(model, batches)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        where = args.data or "the run's val split"
+        print(f"{where}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | {res['tokens']:,} tokens (windows of {seq_len})")
+    return 0
+
+
+def _classifier(args, model, tok, src, seq_len: int) -> int:
+    from pathlib import Path
+
+    from scaletrain.data.classification import file_stream
+    from scaletrain.evaluate import _stream_windows, evaluate_classifier, val_batches
+
+    if args.data:
+        batches = _stream_windows(file_stream(Path(args.data), tok, seq_len, args.text_field), args.batch_size)
+    else:
+        batches = val_batches(src, seq_len, args.batch_size)
+    res = evaluate_classifier(model, batches, src.model.num_labels)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{args.data or 'the run' + chr(39) + 's val split'}: accuracy {res['accuracy']:.4f} | macro-F1 {res['f1']:.4f} | "
+              f"loss {res['loss']:.4f} | {res['examples']:,} examples")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="loss and perplexity of a model on a text/jsonl file or its run's val split")
+    p.add_argument("source", metavar="CKPT_OR_RUN_DIR", help="run dir, checkpoint dir, checkpoint tag or HF dir")
+    p.add_argument("--data", default=None, metavar="PATH", help=".txt/.jsonl/.parquet file, dir or glob (prompt/completion jsonl: completion tokens only)")
+    p.add_argument("--json", action="store_true", help='print {"loss": ..., "ppl": ..., "tokens": ...}')
+    p.add_argument("--seq-len", type=int, default=0, help="tokens per window (default: the run's train.seq_len)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--text-field", default="text", help="jsonl/parquet field holding the text")
+    p.set_defaults(func=run)

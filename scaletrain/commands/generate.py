@@ -1,0 +1,39 @@
+"""`scaletrain generate CKPT_OR_RUN_DIR --prompt TEXT`: KV-cached sampling (temperature 0 = greedy)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def run(args: argparse.Namespace) -> int:
+    from scaletrain.errors import UserError
+    from scaletrain.generate import generate, load_model
+
+    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UserError("generate needs --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    model, tok, src = load_model(args.source)
+    if src.model.num_labels:
+        raise UserError(f"{src.path} is a sequence classifier (model.num_labels={src.model.num_labels}); it has no LM head "
+                        "to generate with: use `scaletrain eval` for its accuracy")
+    prompt_ids = tok.encode(args.prompt)
+    ids = generate(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tok.eos_id)
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt_ids, "ids": ids, "text": tok.decode(ids)}))
+    else:
+        sys.stdout.write(args.prompt + tok.decode([i for i in ids if i != tok.eos_id]) + "\n")
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt with a trained, imported or exported model")
+    p.add_argument("source", metavar="CKPT_OR_RUN_DIR", help="run dir, checkpoint dir, checkpoint tag or HF dir")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print prompt ids, new ids and text as JSON")
+    p.set_defaults(func=run)

@@ -1,0 +1,54 @@
+"""A Hugging Face tokenizer directory (AutoTokenizer, local files only) behind our `Tokenizer` interface.
+
+Used when `data.tokenizer` is a directory, e.g. the `tokenizer/` of a checkpoint made by import-hf, so that
+fine-tuning data is tokenised exactly as the imported model expects. `encode` is what
+`AutoTokenizer.from_pretrained(dir)(text).input_ids` gives (BOS included when the tokenizer adds one), so
+the ids used in training are the ids users get from the published tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from scaletrain.errors import UserError
+
+
+class HFTokenizer:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we fork workers; Rust threads and fork do not mix
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # "sequence longer than model_max_length": we window ourselves
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, JSON errors, missing sentencepiece...
+            msg = str(e).strip().splitlines()[0][:140] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load the tokenizer in {self.path} with transformers.AutoTokenizer ({msg})") from None
+        if self.tok.eos_token_id is None:
+            raise UserError(f"tokenizer {self.path} defines no eos_token; documents must end with one (set eos_token in tokenizer_config.json)")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tok)
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.tok.eos_token_id)
+
+    @property
+    def bos_id(self) -> int:
+        return -1 if self.tok.bos_token_id is None else int(self.tok.bos_token_id)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of a document start, with the tokenizer's own special tokens (e.g. BOS)."""
+        return list(self.tok(text)["input_ids"])
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of a continuation (a completion after its prompt): no special tokens."""
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids)

@@ -1,0 +1,118 @@
+"""`scaletrain eval`: token-weighted loss / perplexity of a model on a file or on its run's val split.
+
+Text is tokenised as in training (each document + EOS, packed) and cut into consecutive windows of
+`seq_len` predictions (the last one shorter), so every token after the first is predicted exactly once.
+prompt/completion jsonl counts completion tokens only (one example per window, as in training).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scaletrain.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+def _is_prompt_completion(path: Path) -> bool:
+    from scaletrain.data.sources import first_row
+
+    row = first_row(path)
+    return isinstance(row, dict) and "prompt" in row and "completion" in row
+
+
+def _text_windows(tokens: np.ndarray, seq_len: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    starts = list(range(0, max(len(tokens) - 1, 0), seq_len))
+    for i in range(0, len(starts), batch):
+        rows = [np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts[i : i + batch]]
+        width = max(len(r) for r in rows) - 1
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for j, r in enumerate(rows):
+            x[j, : len(r) - 1] = torch.from_numpy(r[:-1])
+            y[j, : len(r) - 1] = torch.from_numpy(r[1:])
+        yield x, y
+
+
+def _stream_windows(stream, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    ids = np.arange(stream.num_windows)
+    for i in range(0, len(ids), batch):
+        yield stream.batch(ids[i : i + batch])
+
+
+def file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from scaletrain.data.sources import iter_documents, resolve_source
+
+    src = resolve_source(str(path), text_field)
+    if len(src.files) == 1 and _is_prompt_completion(src.files[0]):
+        from scaletrain.data.examples import ExampleStream, iter_examples
+
+        rows, toks = [], []
+        for prompt, completion in iter_examples(src):
+            p, c = tok.encode(prompt), tok.encode_plain(completion) + [tok.eos_id]
+            rows.append((sum(len(t) for t in toks), len(p) + len(c), len(p)))
+            toks.append(np.asarray(p + c, dtype=np.int64))
+        if not rows:
+            raise UserError(f"{path} holds no examples")
+        stream = ExampleStream(np.concatenate(toks), np.asarray(rows, dtype=np.int64), seq_len, 0, tok.eos_id, "eval")
+        yield from _stream_windows(stream, batch)
+        return
+    ids: list[int] = []
+    for _, text in iter_documents(src):
+        doc = tok.encode(text)
+        ids.extend(doc if doc and doc[-1] == tok.eos_id else doc + [tok.eos_id])
+    if len(ids) < 2:
+        raise UserError(f"{path} has too little text to evaluate (needs at least 2 tokens)")
+    yield from _text_windows(np.asarray(ids, dtype=np.int64), seq_len, batch)
+
+
+def val_batches(src, seq_len: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The val split of the data the source was trained on (from its config's data cache)."""
+    from scaletrain.data.prepare import find_cache, open_cache
+
+    if src.config is None:
+        raise UserError(f"{src.path} has no training config; pass --data FILE")
+    cache = open_cache(find_cache(src.config)[0])
+    if cache is None:
+        raise UserError(f"no val split for {src.path}: its training data cache is not in {src.config.data.cache_dir}; pass --data FILE")
+    stream = cache.stream("val", seq_len, src.config.train.seed, required=False)
+    if stream is None:
+        raise UserError(f"{src.path}: the val split has fewer than {seq_len + 1} tokens; pass --data FILE or a smaller --seq-len")
+    return _stream_windows(stream, batch)
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> dict:
+    """{"loss": mean CE over counted tokens, "ppl": exp(loss), "tokens": counted tokens}."""
+    total, count = 0.0, 0
+    for x, y in batches:
+        logits = model(x).float()
+        total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        count += int((y != IGNORE_INDEX).sum())
+    if count == 0:
+        raise UserError("nothing to evaluate: no target tokens")
+    loss = total / count
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+@torch.no_grad()
+def evaluate_classifier(model, batches, num_labels: int) -> dict:
+    """{"accuracy", "f1" (macro), "loss" (mean CE), "examples"} of a sequence classifier on (ids, labels) batches."""
+    from scaletrain.train.finetune import classification_metrics, confusion_update
+
+    conf = torch.zeros(num_labels, num_labels, dtype=torch.float64)
+    total = 0.0
+    for x, y in batches:
+        logits = model(x).float()
+        total += F.cross_entropy(logits, y, reduction="sum").item()
+        confusion_update(conf, logits, y)
+    n = int(conf.sum())
+    if n == 0:
+        raise UserError("nothing to evaluate: no labelled examples")
+    return {**classification_metrics(conf), "loss": total / n, "examples": n}

@@ -1,0 +1,69 @@
+"""Load a model from any source for inference, and KV-cached sampling (`scaletrain generate`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+from scaletrain.errors import UserError
+
+
+def load_model(source: str, need_tokenizer: bool = True):
+    """(model in eval mode, fp32, on CPU; tokenizer or None; WeightSource) for a run/checkpoint/HF dir."""
+    from scaletrain.data.tokenizer import load_tokenizer
+    from scaletrain.model.classify import build_model
+    from scaletrain.model.llama import LlamaShape
+    from scaletrain.weights import load_into, open_weights
+
+    src = open_weights(source)
+    if need_tokenizer and src.tokenizer is None:
+        raise UserError(f"{src.path}: no tokenizer found (tokenizer/ or the run's data cache)")
+    tok = load_tokenizer(src.tokenizer) if src.tokenizer is not None else None
+    shape = LlamaShape.from_config(src.model)
+    if shape.attention not in ("sdpa", "eager"):
+        shape = replace(shape, attention="sdpa")  # flash/flex are training kernels; KV-cached decode uses sdpa
+    model = build_model(shape, pad_id=tok.eos_id if tok is not None else 2)  # num_labels > 0: a classifier
+    load_into(model, src, "checkpoint")
+    return model.eval(), tok, src
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits[order[drop]] = float("-inf")
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=gen))
+
+
+@torch.no_grad()
+def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None) -> list[int]:
+    """New token ids after `prompt_ids` (stops at EOS, which is included, or at max_seq_len).
+    One forward over the prompt, then one token per step against the KV cache."""
+    if not prompt_ids:
+        raise UserError("the prompt encodes to no tokens; give a non-empty --prompt")
+    limit = model.shape.max_seq_len
+    if len(prompt_ids) >= limit:
+        raise UserError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
+    gen = torch.Generator().manual_seed(seed)
+    caches = model.new_caches()
+    logits = model(torch.tensor([prompt_ids]), caches=caches, start_pos=0)[0, -1]
+    out: list[int] = []
+    pos = len(prompt_ids)
+    while len(out) < max_new_tokens:
+        nxt = _pick(logits, temperature, top_k, top_p, gen)
+        out.append(nxt)
+        if nxt == eos_id or pos >= limit:
+            break
+        logits = model(torch.tensor([[nxt]]), caches=caches, start_pos=pos)[0, -1]
+        pos += 1
+    return out

@@ -1,0 +1,158 @@
+"""Grow a parent into a child checkpoint dir, streaming: one parent tensor in, one child tensor out.
+
+    CHILD/model.safetensors(+ shards, index)  the grown weights (the parent's dtype; fp32 from DeepSpeed)
+    CHILD/config.yaml                        the parent's config with the child's model section
+    CHILD/tokenizer/                         the parent's tokenizer, as is
+    CHILD/optimizer/                         --optimizer grow: exp_avg/, exp_avg_sq/ (same layout), state.json
+    CHILD/lineage.json                       parent id, operators, factors, noise, parent vs child check
+
+Everything is written to a temp dir next to CHILD and renamed at the end: a failed grow leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+from pydantic import ValidationError
+
+from scaletrain import lineage
+from scaletrain.config import ModelConfig, TrainConfig, _closest, build_config
+from scaletrain.errors import UserError
+from scaletrain.growth.check import compare
+from scaletrain.growth.optimizer_state import moment_tensors
+from scaletrain.growth.parent import FileReader, Parent
+from scaletrain.growth.plan import WIDTH_DIMS, GrowthPlan, GrowthSpec
+from scaletrain.model.llama import LlamaShape
+from scaletrain.weights.files import weight_files
+from scaletrain.weights.sources import HF_TOKENIZER_FILES, expected_shapes
+from scaletrain.weights.writer import write_safetensors
+
+GROWABLE = (*WIDTH_DIMS, "num_layers")
+MOMENT_KINDS = ("exp_avg", "exp_avg_sq")
+
+
+def child_model_config(parent: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
+    """The parent's model section with `overrides` (keys without the "model." prefix) applied."""
+    fields = list(ModelConfig.model_fields)
+    for key in overrides:
+        if key not in fields:
+            raise UserError(f"unknown model key 'model.{key}'{_closest('model.' + key, ['model.' + f for f in fields])}")
+    try:
+        m = ModelConfig(**{**parent.model_dump(), **overrides})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"model.{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})") from None
+    if m.hidden_size % m.num_heads == 0 and m.head_dim % 2:
+        raise UserError(f"child head size hidden_size/num_heads = {m.head_dim} must be even for RoPE")
+    return m
+
+
+def check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists; choose a new directory (nothing is overwritten)")
+
+
+def _copy_tokenizer(tok: Optional[Path], dest: Path) -> None:
+    if tok is None:
+        return
+    dest.mkdir()
+    if tok.is_file():
+        shutil.copyfile(tok, dest / "tokenizer.model")
+        return
+    for name in HF_TOKENIZER_FILES:
+        if (tok / name).is_file():
+            shutil.copyfile(tok / name, dest / name)
+
+
+def _child_config(parent: Parent, child: ModelConfig) -> dict:
+    """The parent's config with the child's model; its growth schedule and init.from are the parent run's
+    own business, so they go back to the defaults."""
+    tree = parent.src.config.to_dict() if parent.src.config is not None else {}
+    if parent.src.config is None:  # an HF parent: default training settings that fit its context length
+        tree["train"] = {"seq_len": min(TrainConfig().seq_len, child.max_seq_len)}
+    tree.update(model=child.model_dump(mode="json"), growth={}, init={})
+    return build_config(tree).to_dict()
+
+
+def describe(plan: GrowthPlan, spec: GrowthSpec) -> dict:
+    p, c = plan.parent, plan.child
+    factors = {d: round(getattr(c, d) / getattr(p, d), 4) for d in GROWABLE}
+    layers = [{"parent": src.parent, "identity": src.identity} for src in plan.layers]
+    return {"factors": factors, "exact": plan.exact, "noise": spec.noise_std, "seed": spec.seed,
+            "operators": {"width": "duplicate+split (integer factors), zero-expansion (non-integer hidden), "
+                                   f"new units '{spec.width_method}' for non-integer heads/FFN",
+                          "depth": spec.depth_method, "insert": spec.insert if spec.depth_method == "identity" else None,
+                          "layers": layers}}
+
+
+def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthSpec, optimizer: str = "reset",
+                    sample: Optional[tuple] = None, max_shard_bytes: int = 2 * 10**9,
+                    progress: bool = True, produced_by: Optional[dict] = None) -> dict:
+    """Write the child of `parent` with model `child` into `out`; returns the lineage dict written.
+    All validation happens before the first byte is written."""
+    out = Path(out)
+    check_out(out)
+    pshape, cshape = LlamaShape.from_config(parent.model), LlamaShape.from_config(child)
+    plan = GrowthPlan(pshape, cshape, spec)
+    if optimizer == "grow" and parent.moments is None:
+        raise UserError(f"--optimizer grow needs a parent saved with optimizer state (a run dir or DeepSpeed "
+                        f"checkpoint); {parent.src.path} has none. Use --optimizer reset")
+    shapes = expected_shapes(child)
+    recipes = list(plan.child_tensors())
+    specs = [(n, shapes[n], parent.dtypes.get(r.sources[0], torch.float32)) for n, r in recipes]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    t0 = time.time()
+    try:
+        written = write_safetensors(tmp, specs, ((n, r(parent.reader.read)) for n, r in recipes), max_shard_bytes,
+                                    progress=progress)
+        if optimizer == "grow":
+            _write_moments(plan, parent, shapes, tmp / "optimizer", max_shard_bytes, progress)
+        _copy_tokenizer(parent.src.tokenizer, tmp / "tokenizer")
+        child_tree = _child_config(parent, child)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(child_tree, sort_keys=False))
+        check = None
+        if sample is not None:  # (x, y, description)
+            child_reader = FileReader(weight_files(tmp), child.tie_word_embeddings)
+            check = {"sample": sample[2], **compare(parent.reader.read, pshape, child_reader.read, cshape, *sample[:2])}
+        src, before = parent.src, parent.src.lineage or {}
+        parent_tree = src.config.to_dict() if src.config is not None else {"model": parent.model.model_dump(mode="json")}
+        record = lineage.make(
+            "grow", written["content_id"],
+            [lineage.parent_ref(src.weights_at or src.path, src.lineage, src.kind, content_id=parent.id)],
+            child.model_dump(mode="json"), lineage.config_diff(parent_tree, child_tree),
+            steps=before.get("steps"), tokens=before.get("tokens"), data=before.get("data"), path=out,
+            produced_by=produced_by or {"command": "scaletrain grow"},
+            params={"parent": pshape.num_params(), "child": cshape.num_params()},
+            grow={**describe(plan, spec), "optimizer": optimizer, "check": check, "seconds": round(time.time() - t0, 1)},
+        )
+        lineage.write(tmp, record)
+        if out.exists():  # an empty dir the user made
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
+
+
+def _write_moments(plan: GrowthPlan, parent: Parent, shapes: dict, dest: Path, max_shard_bytes: int, progress: bool) -> None:
+    """Adam moments of the child (fp32), each kind in its own weights-layout dir, + Adam's step count."""
+    reader = parent.moments
+    for kind in MOMENT_KINDS:
+        recipes = list(moment_tensors(plan, kind))
+        (dest / kind).mkdir(parents=True)
+        read = (lambda k: lambda name: reader.moment(name, k))(kind)
+        write_safetensors(dest / kind, [(n, shapes[n], torch.float32) for n, _ in recipes],
+                          ((n, r(read).float()) for n, r in recipes), max_shard_bytes, progress=progress)
+    (dest / "state.json").write_text(json.dumps({"adam_step": reader.adam_step}))
+

@@ -1,0 +1,102 @@
+"""The parent of a growth: found with `scaletrain.weights.open_weights`, read by name in any order.
+
+A grown child reads its parent out of order (a stacked child reads block 0 again after block L-1; the
+function check walks layer by layer), so besides the streaming `WeightSource` we need random access:
+safetensors tensors are mapped one at a time; DeepSpeed checkpoints go through `DeepSpeedReader`, which also
+holds the Adam moments `--optimizer grow` transforms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from scaletrain.errors import UserError
+from scaletrain.growth.ds_reader import DeepSpeedReader
+from scaletrain.weights.files import IGNORED_SUFFIXES, _load_bin, _safe_open, weight_files
+from scaletrain.weights.sources import HEAD, WeightSource, expected_shapes, open_weights, shape_problems, summarise
+
+EMBED = "model.embed_tokens.weight"
+
+
+class FileReader:
+    """Random access to the tensors of safetensors / .bin weight files (HF key names)."""
+
+    def __init__(self, files: list[Path], tied: bool):
+        self.tied, self._where, self._bins = tied, {}, {}
+        for path in files:
+            if path.suffix == ".safetensors":
+                with _safe_open(path) as f:
+                    names = list(f.keys())
+            else:
+                names = list(_load_bin(path))
+            self._where.update({n: path for n in names if not n.endswith(IGNORED_SUFFIXES)})
+
+    def read(self, name: str) -> torch.Tensor:
+        if self.tied and name == HEAD and HEAD not in self._where:
+            name = EMBED
+        path = self._where[name]
+        if path.suffix == ".safetensors":
+            with _safe_open(path) as f:  # one map per read: nothing stays resident after the caller drops it
+                return f.get_tensor(name)
+        if path not in self._bins:
+            self._bins = {path: _load_bin(path)}  # keep one mapped .bin at a time
+        return self._bins[path][name].clone()
+
+
+@dataclass
+class Parent:
+    src: WeightSource
+    reader: object  # .read(name) -> tensor
+    dtypes: dict[str, torch.dtype]
+
+    @property
+    def model(self):
+        return self.src.model
+
+    @property
+    def moments(self) -> Optional[DeepSpeedReader]:
+        return self.reader if isinstance(self.reader, DeepSpeedReader) and self.reader.has_moments() else None
+
+    @property
+    def id(self) -> str:
+        """The parent's lineage id when it has one, else a cheap hash of what identifies its bytes."""
+        if self.src.lineage and self.src.lineage.get("id"):
+            return str(self.src.lineage["id"])
+        return content_fingerprint(self.src)
+
+
+def content_fingerprint(src: WeightSource) -> str:
+    """Cheap content id: a DeepSpeed tag's manifest (it lists every file's sha256), or the weight files'
+    names and sizes plus their first and last MiB (hashing whole multi-GB files would dominate a grow)."""
+    h = hashlib.sha256()
+    manifest = Path(src.weights_at or src.path) / "manifest.json"
+    if manifest.is_file():
+        h.update(manifest.read_bytes())
+        return h.hexdigest()[:16]
+    for f in weight_files(Path(src.weights_at or src.path)):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def open_parent(path: str | Path) -> Parent:
+    src = open_weights(path)
+    tied = src.model.tie_word_embeddings
+    problems = shape_problems(src.specs(), expected_shapes(src.model))
+    if problems:
+        raise UserError(f"{src.path} does not match its own config: {summarise(problems)}")
+    if src.kind in ("run", "deepspeed"):
+        reader: object = DeepSpeedReader(Path(src.weights_at), tied)
+    else:
+        reader = FileReader(weight_files(Path(src.weights_at)), tied)
+    dtypes = {n: dt for n, _, dt in src.specs()}
+    return Parent(src, reader, dtypes)

@@ -1,0 +1,168 @@
+"""Per-architecture tensor rules (see tensor_map.py): our state-dict names <-> Starcoder2 / StableLM / MPT names.
+
+Llama, Mistral, Qwen3 and Arcee use our names unchanged. Each rule maps one arriving tensor to what is emitted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaletrain.config import ModelConfig
+from scaletrain.hf.tensor_map import LAYER, Out, consuming, deferred, must_be_zero, renamed, same, zeros
+
+NORM_WEIGHTS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+FINAL = "model.norm.weight"
+
+
+def _is_norm_weight(name: str) -> bool:
+    return name == FINAL or name.endswith(NORM_WEIGHTS)
+
+
+def _is_norm_bias(name: str) -> bool:
+    return name == "model.norm.bias" or name.endswith(("input_layernorm.bias", "post_attention_layernorm.bias"))
+
+
+def _with_norm_bias(name: str, shape: tuple) -> list[Out]:
+    """A bias-free LayerNorm exported where the norm always has a bias: a zero bias (exact)."""
+    return [same(name, shape)[0], zeros(name.removesuffix("weight") + "bias", shape)]
+
+
+# ---- Starcoder2: plain MLP named c_fc / c_proj; LayerNorm always with bias ---------------------------
+SC2 = ((".mlp.up_proj.", ".mlp.c_fc."), (".mlp.down_proj.", ".mlp.c_proj."))
+
+
+def _starcoder2_out(m: ModelConfig):
+    def rule(name, shape):
+        hf = name
+        for a, b in SC2:
+            hf = hf.replace(a, b)
+        if not m.bias and _is_norm_weight(name):
+            return [renamed(name, hf, shape), zeros(hf.removesuffix("weight") + "bias", shape)]
+        return [renamed(name, hf, shape)]
+    return rule
+
+
+def _starcoder2_in(m: ModelConfig):
+    def rule(name, shape):
+        if not m.bias and _is_norm_bias(name):
+            return [must_be_zero(name, "use_bias=false here and scaletrain's LayerNorm has a bias only with model.bias=true")]
+        ours = name
+        for a, b in SC2:
+            ours = ours.replace(b, a)
+        return [renamed(name, ours, shape)]
+    return rule
+
+
+# ---- StableLM: LayerNorm always with bias, q/k LayerNorm per head (one module per head, no bias) -----
+def _stablelm_out(m: ModelConfig):
+    def rule(name, shape):
+        if _is_norm_weight(name):
+            return _with_norm_bias(name, shape)
+        for ours, hf, n in (("q_norm", "q_layernorm", m.num_heads), ("k_norm", "k_layernorm", m.num_kv_heads)):
+            if name.endswith(f"self_attn.{ours}.weight"):
+                pre = name.removesuffix(f"{ours}.weight")
+                return [renamed(name, f"{pre}{hf}.norms.{h}.weight", shape) for h in range(n)]
+        return same(name, shape)
+    return rule
+
+
+def _stablelm_in(m: ModelConfig, use_qkv_bias: bool):
+    hd = m.head_dim
+
+    def collapse(pre: str, hf: str, ours: str, n: int):
+        names = tuple(f"{pre}{hf}.norms.{h}.weight" for h in range(n))
+
+        def make(buf):
+            first = buf[names[0]]
+            if any(not torch.equal(buf[x], first) for x in names[1:]):
+                from scaletrain.errors import UserError
+
+                raise UserError(f"{pre}{hf}: per-head norms differ; scaletrain's qk_norm shares one norm across heads")
+            return first
+        outs = [Out(f"{pre}{ours}.weight", (hd,), consuming(names, make))]
+        return outs + ([zeros(f"{pre}{ours}.bias", (hd,))] if m.bias else [])
+
+    def rule(name, shape):
+        if _is_norm_bias(name):
+            return same(name, shape) if m.bias else [must_be_zero(name, "scaletrain's LayerNorm has a bias only with model.bias=true")]
+        for hf, ours, n in (("q_layernorm", "q_norm", m.num_heads), ("k_layernorm", "k_norm", m.num_kv_heads)):
+            if f".self_attn.{hf}.norms." in name:
+                pre, h = name.split(f"{hf}.norms.")[0], int(name.split(".norms.")[1].split(".")[0])
+                return collapse(pre, hf, ours, n) if h == n - 1 else [deferred(name)]
+        outs = same(name, shape)
+        if m.bias and _bias_not_stored(name):
+            outs.append(zeros(name.removesuffix("weight") + "bias", (shape[0],)))
+        return outs
+
+    def _bias_not_stored(name: str) -> bool:
+        """StableLM stores q/k/v biases only with use_qkv_bias, o_proj and MLP biases never."""
+        if name.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            return not use_qkv_bias
+        return name.endswith(("self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"))
+    return rule
+
+
+# ---- MPT: transformer.* names, fused Wqkv = [q; k; v] -------------------------------------------------
+MPT_NAMES = {"input_layernorm.weight": "norm_1.weight", "post_attention_layernorm.weight": "norm_2.weight",
+             "self_attn.o_proj.weight": "attn.out_proj.weight", "mlp.up_proj.weight": "ffn.up_proj.weight",
+             "mlp.down_proj.weight": "ffn.down_proj.weight"}
+MPT_TOP = {"model.embed_tokens.weight": "transformer.wte.weight", FINAL: "transformer.norm_f.weight"}
+
+
+def _mpt_out(m: ModelConfig):
+    d = m.hidden_size
+
+    def rule(name, shape):
+        if name in MPT_TOP:
+            return [renamed(name, MPT_TOP[name], shape)]
+        hit = LAYER.match(name)
+        if hit is None:
+            return same(name, shape)  # lm_head / score
+        i, rest = hit["i"], hit["rest"]
+        if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
+            return [deferred(name)]
+        if rest == "self_attn.v_proj.weight":
+            qkv = tuple(f"{hit['pre']}self_attn.{p}_proj.weight" for p in "qkv")
+            return [Out(f"transformer.blocks.{i}.attn.Wqkv.weight", (3 * d, d),
+                        consuming(qkv, lambda buf: torch.cat([buf[x] for x in qkv])))]
+        return [renamed(name, f"transformer.blocks.{i}.{MPT_NAMES[rest]}", shape)]
+    return rule
+
+
+def _mpt_in(m: ModelConfig):
+    d = m.hidden_size
+    back = {v: k for k, v in MPT_NAMES.items()}
+    top = {v: k for k, v in MPT_TOP.items()}
+
+    def rule(name, shape):
+        if name in top:
+            return [renamed(name, top[name], shape)]
+        if not name.startswith("transformer.blocks."):
+            return same(name, shape)
+        i, rest = name.split(".")[2], ".".join(name.split(".")[3:])
+        pre = f"model.layers.{i}."
+        if rest == "attn.Wqkv.weight":
+            return [Out(f"{pre}self_attn.{p}_proj.weight", (d, d), (lambda buf, j=j: buf[name][j * d:(j + 1) * d]))
+                    for j, p in enumerate("qkv")]
+        return [renamed(name, pre + back[rest], shape)]
+    return rule
+
+
+def export_rule(family: str, m: ModelConfig):
+    if family == "Starcoder2":
+        return _starcoder2_out(m)
+    if family == "StableLm":
+        return _stablelm_out(m)
+    if family == "Mpt":
+        return _mpt_out(m)
+    return same
+
+
+def import_rule(family: str, m: ModelConfig, cfg: dict):
+    if family == "Starcoder2":
+        return _starcoder2_in(m)
+    if family == "StableLm":
+        return _stablelm_in(m, bool(cfg.get("use_qkv_bias")))
+    if family == "Mpt":
+        return _mpt_in(m)
+    return same

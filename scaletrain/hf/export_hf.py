@@ -1,0 +1,69 @@
+"""`scaletrain export-hf SRC --out HF_DIR`: publish a run dir, checkpoint dir or tag as a Hugging Face model.
+
+Writes config.json (LlamaForCausalLM), safetensors (sharded + index above --max-shard-size),
+generation_config.json, tokenizer files (AutoTokenizer gives the training ids; checked before finishing),
+lineage.json and a README.md model card. Tensors stream one at a time from any ZeRO stage, so peak memory
+is about the largest tensor, not the model plus its optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+from typing import Optional
+
+from scaletrain import lineage
+from scaletrain.errors import UserError
+from scaletrain.hf.arch_map import export_plan, hf_config
+from scaletrain.hf.model_card import write_model_card
+from scaletrain.hf.tokenizer_files import check_same_ids, write_hf_tokenizer
+from scaletrain.weights.checkpoint_dir import DEFAULT_SHARD, check_out, source_parent, staged
+from scaletrain.weights.sources import expected_shapes, open_weights, shape_problems, summarise
+from scaletrain.weights.writer import DTYPES, TO_ST, parse_size, write_safetensors
+
+DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def export_hf(source: str, out: str, dtype: Optional[str] = None, max_shard_size: str = DEFAULT_SHARD, progress: bool = True) -> dict:
+    out_dir = Path(out).expanduser()
+    check_out(out_dir)
+    max_bytes = parse_size(max_shard_size)
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    src = open_weights(source)
+    plan = export_plan(src.model)  # the transformers architecture computing the same function, or a one-line refusal
+    problems = shape_problems(src.specs(), expected_shapes(src.model))
+    if problems:
+        raise UserError(f"{src.path}: weights do not match its config: {summarise(problems)}")
+    if src.tokenizer is None:
+        raise UserError(f"{src.path}: no tokenizer found (looked for tokenizer/ and the run's data cache); "
+                        "an export must ship the tokenizer its ids come from")
+    from scaletrain.data.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(src.tokenizer)
+    with staged(out_dir) as tmp:
+        written = write_safetensors(tmp, plan.adapter.specs(src.specs()), plan.adapter.tensors(src.tensors()), max_bytes,
+                                    DTYPES.get(dtype or ""), progress)
+        name = DTYPE_NAMES.get(written["dtypes"][0], "float32") if len(written["dtypes"]) == 1 else "float32"
+        bos = ours.bos_id if ours.bos_id >= 0 else None
+        pad = ours.eos_id if src.model.num_labels else None  # classifiers pool at the last non-pad token
+        cfg = hf_config(plan, src.model, bos, ours.eos_id, name, pad)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        gen = {"bos_token_id": bos, "eos_token_id": ours.eos_id, "do_sample": False, "transformers_version": cfg["transformers_version"]}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        write_hf_tokenizer(src.tokenizer, tmp, src.model.max_seq_len)
+        check_same_ids(tmp, ours)
+        parent = src.lineage or {}
+        stored = sorted({TO_ST[dt] for _, _, dt in src.specs()})
+        diff = {} if stored == written["dtypes"] else {"dtype": ["/".join(stored), "/".join(written["dtypes"])]}
+        rec = lineage.make("export", written["content_id"], [source_parent(src)], src.model.model_dump(mode="json"),
+                           diff, steps=parent.get("steps"), tokens=parent.get("tokens"),
+                           data=parent.get("data"), val_loss=parent.get("val_loss"), path=out_dir, dtypes=written["dtypes"])
+        lineage.write(tmp, rec)
+        write_model_card(tmp, out_dir.name, src.model, rec, lineage.tree_lines(tmp), name)
+    return {**rec, "files": written["files"], "total_size": written["total_size"], "peak_rss_mb": peak_rss_mb()}

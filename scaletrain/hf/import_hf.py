@@ -1,0 +1,76 @@
+"""`scaletrain import-hf HF_DIR --out CKPT_DIR`: a local Hugging Face Llama becomes a scaletrain checkpoint dir.
+
+Everything is checked before anything is written (config, every shard present, every tensor's shape,
+the tokenizer loads with AutoTokenizer); the weights are then streamed through unchanged (same dtype,
+same bytes), so export-hf of the result reproduces the original tensors bit for bit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from scaletrain import lineage
+from scaletrain.config import Config, TrainConfig
+from scaletrain.errors import UserError
+from scaletrain.weights.checkpoint_dir import DEFAULT_SHARD, check_out, source_parent, staged, write_checkpoint_dir
+from scaletrain.weights.sources import TOKENIZER_DIR, expected_shapes, open_weights, shape_problems, summarise
+from scaletrain.weights.writer import parse_size
+
+SAMPLE = "Hello world!\n\tdef f(x): return x + 1  # 42"
+
+
+def finetune_defaults(model) -> Config:
+    """config.yaml of an imported checkpoint: its model plus gentle fine-tuning settings (edit freely)."""
+    seq = min(512, model.max_seq_len)
+    train = TrainConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10, max_steps=200, seq_len=seq, eval_every=50, save_every=100)
+    return Config(model=model, train=train)
+
+
+def _check_tokenizer(hf_dir: Path, vocab_size: int):
+    from scaletrain.data.hf_tokenizer import HFTokenizer
+
+    tok = HFTokenizer(hf_dir)  # unreadable -> one-line UserError naming the dir
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"{hf_dir}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    return tok
+
+
+def _same_tokenizer(copy_dir: Path, original) -> bool:
+    from scaletrain.data.hf_tokenizer import HFTokenizer
+
+    try:
+        return HFTokenizer(copy_dir).encode(SAMPLE) == original.encode(SAMPLE)
+    except UserError:
+        return False
+
+
+def import_hf(hf_dir: str, out: str, max_shard_size: str = DEFAULT_SHARD, progress: bool = True) -> dict:
+    src_dir, out_dir = Path(hf_dir).expanduser(), Path(out).expanduser()
+    check_out(out_dir)
+    max_bytes = parse_size(max_shard_size)
+    src = open_weights(src_dir)
+    if src.kind != "hf":
+        raise UserError(f"{src_dir} is a scaletrain {src.kind} directory, not a Hugging Face model; use it directly (init.from) or export-hf")
+    problems = shape_problems(src.specs(), expected_shapes(src.model))
+    if problems:
+        raise UserError(f"{src_dir}: weights do not match config.json: {summarise(problems)}")
+    tok = None
+    if src.tokenizer is not None:
+        tok = _check_tokenizer(src.tokenizer, src.model.vocab_size)
+    else:
+        print(f"warning: {src_dir} has no tokenizer files; set data.tokenizer when training from this checkpoint", file=sys.stderr)
+    cfg = finetune_defaults(src.model)
+    with staged(out_dir) as tmp:
+        rec = write_checkpoint_dir(tmp, out_dir, src, cfg, "import-hf", [], max_bytes, progress,
+                                   source={"path": str(src_dir.resolve())})
+        # The parent is the HF dir: its own lineage id when it is one of our exports, else its content id
+        # (the bytes we just streamed through unchanged).
+        rec["parents"] = [source_parent(src, rec["id"])]
+        lineage.write(tmp, rec)
+        if tok is not None and not _same_tokenizer(tmp / TOKENIZER_DIR, tok):
+            # the files alone did not reproduce it (e.g. the class came from config.json): save it whole
+            shutil.rmtree(tmp / TOKENIZER_DIR)
+            tok.tok.save_pretrained(str(tmp / TOKENIZER_DIR))
+    return rec

@@ -1,0 +1,95 @@
+"""Tokenizer files for a Hugging Face export, so `AutoTokenizer.from_pretrained(dir)` gives training's ids.
+
+Our sentencepiece BPE (identity normalisation, no dummy prefix, byte fallback) becomes a `tokenizers` BPE:
+the same vocab and ids, one merge (a, b) for every piece a+b whose halves are pieces, ranked by the piece's
+score (sentencepiece's merge priority), ' ' -> '▁' as the only normalisation, no pre-tokenizer, no
+BOS/EOS added. `split_special_tokens` keeps "<s>" in text as plain characters, as sentencepiece does.
+Measured: ids identical to sentencepiece on every file of the Python stdlib (1,786 files, 9.8M tokens);
+transformers' own LlamaTokenizer conversion also matches there except on text containing "<s>"/"</s>".
+An HF tokenizer (from import-hf) is copied as is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from scaletrain.errors import UserError
+
+NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
+HF_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+            "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+# Exercises whitespace runs, tabs, digits, bytes (emoji, CJK), and special-token look-alikes.
+PROBE = "def f(x):\n\tif x  >= 10_000:  # <s> </s> <unk>\n        return 'héllo wörld 你好 🙂'\n\n\n    return [1, 22, 333]\r\n"
+
+
+def _proto(model_file: Path):
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    try:
+        m.ParseFromString(model_file.read_bytes())
+    except Exception:  # noqa: BLE001 - DecodeError
+        raise UserError(f"cannot read sentencepiece model {model_file}") from None
+    return m
+
+
+def sentencepiece_tokenizer_json(model_file: Path) -> tuple[str, dict]:
+    """(tokenizer.json text, names of unk/bos/eos) for one of our sentencepiece BPE models."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    m = _proto(model_file)
+    n, t = m.normalizer_spec, m.trainer_spec
+    if t.model_type != 2 or n.add_dummy_prefix or n.remove_extra_whitespaces or n.name not in ("identity", "") or n.precompiled_charsmap:
+        raise UserError(f"{model_file}: only sentencepiece BPE models with identity normalisation and no dummy prefix "
+                        "(as scaletrain trains them) can be exported; publish this tokenizer with its own HF files")
+    vocab = {p.piece: i for i, p in enumerate(m.pieces)}
+    kinds = [p.type for p in m.pieces]
+    merges = []
+    for piece, i in vocab.items():
+        if kinds[i] != NORMAL:
+            continue
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in vocab and b in vocab and kinds[vocab[a]] == NORMAL and kinds[vocab[b]] == NORMAL:
+                merges.append((i, vocab[a], vocab[b], a, b))  # rank: the merged piece's id (= score order)
+    merges.sort()
+    special = {"unk": m.pieces[t.unk_id].piece if t.unk_id >= 0 else None,
+               "bos": m.pieces[t.bos_id].piece if t.bos_id >= 0 else None,
+               "eos": m.pieces[t.eos_id].piece if t.eos_id >= 0 else None}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=special["unk"],
+                               fuse_unk=True, byte_fallback=bool(t.byte_fallback)))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in m.pieces if p.type in (CONTROL, UNKNOWN)])
+    return tok.to_str(), special
+
+
+def write_hf_tokenizer(tokenizer: Path, out: Path, max_len: int) -> None:
+    """Write the tokenizer files into `out` (the export dir): converted sentencepiece, or HF files copied."""
+    if tokenizer.is_dir():
+        copied = [f for f in HF_FILES if (tokenizer / f).is_file()]
+        if not copied:
+            raise UserError(f"{tokenizer} holds no tokenizer files")
+        for f in copied:
+            shutil.copyfile(tokenizer / f, out / f)
+        return
+    text, special = sentencepiece_tokenizer_json(tokenizer)
+    (out / "tokenizer.json").write_text(text)
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
+    names = {f"{k}_token": v for k, v in special.items() if v is not None}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "add_bos_token": False, "add_eos_token": False,
+              "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": max_len}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+
+
+def check_same_ids(out: Path, ours) -> None:
+    """AutoTokenizer on the export must reproduce the training tokenizer's ids (checked on PROBE)."""
+    from scaletrain.data.hf_tokenizer import HFTokenizer
+
+    theirs = HFTokenizer(out)
+    a, b = ours.encode(PROBE), theirs.encode(PROBE)
+    if a != b:
+        raise RuntimeError(f"exported tokenizer disagrees with the training tokenizer: {a[:12]} vs {b[:12]}")

@@ -1,0 +1,145 @@
+"""Lineage: every checkpoint and export says what it is, where it came from and how it was made.
+
+`lineage.json` (in checkpoint dirs, HF exports, each training checkpoint tag and the run dir):
+    id             content id: sha256 of the weights (per-tensor hashes of name, dtype, shape, bytes; see
+                   weights/writer.py); for DeepSpeed training checkpoints the hash of their manifest's file
+                   hashes (weights + optimizer), which costs nothing at save time
+    kind           pre-train | fine-tune | import-hf | grow | export
+    parents        [{id, kind, path}]: what it was made from (path as it was then; `scaletrain lineage`
+                   follows it across run dirs, checkpoint dirs and HF dirs)
+    config_diff    {dotted key: [parent value, value]} against the parent's config (pre-train: the defaults)
+    model          the model config section
+    steps, tokens  optimizer steps and training tokens of the run that made it (carried over by exports)
+    data           {source, fingerprint, format} of the training data, val_loss the last validation loss
+    date, scaletrain_version, path
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from scaletrain import __version__
+
+LINEAGE = "lineage.json"
+FORMAT = 1
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(parent: Optional[dict], child: dict) -> dict[str, list]:
+    """{dotted key: [parent value, child value]} for every key that differs (None where absent)."""
+    a, b = flatten(parent or {}), flatten(child)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def make(kind: str, content_id: str, parents: list[dict], model: dict, config_diff: Optional[dict] = None,
+         steps: Optional[int] = None, tokens: Optional[int] = None, data: Optional[dict] = None,
+         val_loss: Optional[float] = None, path: Optional[Path] = None, **extra) -> dict:
+    return {
+        "format": FORMAT, "id": content_id, "kind": kind, "parents": parents, "config_diff": config_diff or {},
+        "model": model, "steps": steps, "tokens": tokens, "data": data, "val_loss": val_loss,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "scaletrain_version": __version__,
+        "path": str(Path(path).resolve()) if path else None, **extra,
+    }
+
+
+def parent_ref(path: Path, record: Optional[dict], kind: str = "hf", content_id: Optional[str] = None) -> dict:
+    """How a child names its parent: the parent's own id when it has lineage, else what we know."""
+    if record:
+        return {"id": record.get("id"), "kind": record.get("kind"), "path": str(Path(path).resolve())}
+    return {"id": content_id, "kind": kind, "path": str(Path(path).resolve())}
+
+
+def read(path: str | Path) -> Optional[dict]:
+    """lineage.json of a dir (run dir, tag dir, checkpoint dir, HF dir), or the file itself."""
+    p = Path(path)
+    p = p / LINEAGE if p.is_dir() else p
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and "kind" in data else None
+
+
+def write(directory: Path, record: dict) -> None:
+    from scaletrain.train.checkpoint import write_text_atomic
+
+    write_text_atomic(Path(directory) / LINEAGE, json.dumps(record, indent=1, default=str))
+
+
+# ---- the family tree -----------------------------------------------------------------------------
+
+
+def _summary(rec: dict) -> str:
+    bits = []
+    if rec.get("steps") is not None:
+        bits.append(f"{rec['steps']:,} steps")
+    if rec.get("tokens") is not None:
+        bits.append(f"{rec['tokens']:,} tokens")
+    if rec.get("val_loss") is not None:
+        bits.append(f"val loss {rec['val_loss']:.4f}")
+    data = rec.get("data") or {}
+    if data.get("fingerprint"):
+        bits.append(f"data {data['fingerprint']} ({data.get('format', 'text')})")
+    m = rec.get("model") or {}
+    if m:
+        bits.append(f"{m.get('num_layers')}L d{m.get('hidden_size')} {m.get('num_heads')}/{m.get('num_kv_heads')} heads")
+    return " · ".join(bits)
+
+
+def _diff_line(rec: dict, limit: int = 6) -> str:
+    skip = ("run.dir", "data.cache_dir")
+    items = [(k, v) for k, v in (rec.get("config_diff") or {}).items() if k not in skip]
+    if not items:
+        return ""
+    text = ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in items[:limit])
+    return "config: " + text + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def tree_lines(path: str | Path, max_depth: int = 32) -> list[str]:
+    """The lineage of `path` as lines: the node itself, then its parents indented below it."""
+    lines: list[str] = []
+
+    def node(rec: Optional[dict], ref: dict, prefix: str, last: bool, depth: int, seen: set) -> None:
+        branch = "" if depth == 0 else ("└── " if last else "├── ")
+        child_prefix = prefix + ("" if depth == 0 else ("    " if last else "│   "))
+        if rec is None:
+            where = ref.get("path") or "?"
+            state = "not found" if not Path(where).exists() else "no lineage.json"
+            lines.append(f"{prefix}{branch}{ref.get('kind') or '?'} {(ref.get('id') or '-')[:16]}  {where}  ({state})")
+            return
+        lines.append(f"{prefix}{branch}{rec.get('kind')} {(rec.get('id') or '-')[:16]}  {rec.get('path') or ref.get('path')}  {(rec.get('date') or '')[:16]}")
+        detail = child_prefix + ("│   " if rec.get("parents") else "    ")
+        for extra in (_summary(rec), _diff_line(rec)):
+            if extra:
+                lines.append(detail + extra)
+        if ref.get("id") and rec.get("id") and ref["id"] != rec["id"]:
+            lines.append(detail + f"(changed since: the child recorded id {ref['id'][:16]})")
+        key = rec.get("id") or rec.get("path")
+        if key in seen or depth >= max_depth:
+            return
+        parents = rec.get("parents") or []
+        for i, parent in enumerate(parents):
+            p = parent.get("path")
+            node(read(p) if p else None, parent, child_prefix, i == len(parents) - 1, depth + 1, seen | {key})
+
+    root = Path(path)
+    rec = read(root)
+    if rec is None:
+        from scaletrain.errors import UserError
+
+        raise UserError(f"{root} has no lineage.json (give a checkpoint dir, run dir, checkpoint tag or export made by scaletrain)")
+    node(rec, {"path": str(root)}, "", True, 0, set())
+    return lines

@@ -1,0 +1,65 @@
+"""Next-token cross-entropy from hidden states, with an optional chunked linear+CE (`train.loss_chunk`).
+
+The plain path materialises logits [tokens, vocab] in the compute dtype, an fp32 copy for the
+softmax, and the same again in backward: at vocab 128k and 16k tokens that is > 20 GB. The chunked
+path walks `chunk` tokens at a time: logits of the chunk (compute dtype, so bf16 uses the bf16/AMX
+matmul), log-softmax in fp32, loss, and, when gradients are needed, the gradients w.r.t. the hidden
+states and the head weight right away (like Liger's fused linear-CE), so backward is a multiply and
+nothing of size [tokens, vocab] ever exists. Peak extra memory is O(chunk x vocab).
+Numerically it is the plain path (same fp32 log-softmax) up to summation order; tested.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The plain path: mean CE over tokens whose target is not IGNORE_INDEX, softmax in fp32."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, with_grad: bool):
+        n = h.shape[0]
+        valid = targets != IGNORE_INDEX
+        count = valid.sum()
+        safe_targets = targets.clamp(min=0)  # a gather index for ignored rows; their loss/grad are zeroed
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if with_grad else None
+        # fp32 accumulator: bf16 would round the weight gradient once per chunk instead of once
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grad else None
+        for s in range(0, n, chunk):
+            h_c, t_c, ok = h[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
+            logp = torch.log_softmax(h_c @ weight.t(), dim=-1, dtype=torch.float32)  # [c, V] fp32
+            picked = logp.gather(1, t_c[:, None]).squeeze(1)
+            loss_sum -= torch.where(ok, picked, torch.zeros_like(picked)).sum()
+            if with_grad:
+                # d(mean CE)/d logits = (softmax - onehot(target)) / count, zero for ignored rows;
+                # scaled in fp32 before the cast, as the plain path's log-softmax backward does
+                g = logp.exp_()
+                g.scatter_add_(1, t_c[:, None], torch.full_like(picked[:, None], -1.0))
+                g.mul_((ok / count)[:, None])
+                g = g.to(h.dtype)
+                grad_h[s : s + chunk] = g @ weight
+                grad_w += (g.t() @ h_c).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if with_grad else None)
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        # grad_out is 1, or 1/grad_accum under DeepSpeed (exact in any dtype when it is 1)
+        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean CE of softmax(h @ weight.T) against targets, never holding more than `chunk` rows of logits.
+    h: [..., d]; weight: [V, d]; targets: [...] with IGNORE_INDEX where no loss is counted."""
+    h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    with_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return ChunkedLinearCrossEntropy.apply(h2, weight, t2, chunk, with_grad)

@@ -1,0 +1,54 @@
+"""`init.from`: start a new run from existing weights (fine-tuning, continued pre-training).
+
+Weights only: the optimizer, schedule and data position start fresh. The checkpoint's tokenizer becomes
+`data.tokenizer` when that is unset, so the data is tokenised exactly as the model was trained. A run dir
+that already has checkpoints resumes from them instead (what a requeued job needs).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from scaletrain.config import Config
+from scaletrain.errors import UserError
+
+# Keys that decide the tensors' shapes: any difference is an error.
+SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size", "tie_word_embeddings",
+              "norm", "ffn", "qk_norm", "parallel_block", "bias")
+# Keys that change the function but not the shapes (e.g. a longer context): allowed, with a warning.
+SOFT_KEYS = ("rope_theta", "norm_eps", "max_seq_len", "rope_scaling", "attention_window", "position")
+
+
+def resolve(cfg: Config, warn=lambda msg: print(msg, file=sys.stderr)) -> Config:
+    """Check init.from against the model config (before any data work) and fill in data.tokenizer."""
+    if not cfg.init.from_:
+        return cfg
+    from scaletrain.weights import open_weights
+
+    src = open_weights(cfg.init.from_)
+    diffs = [f"model.{k}: checkpoint {getattr(src.model, k)}, config {getattr(cfg.model, k)}"
+             for k in SHAPE_KEYS if getattr(src.model, k) != getattr(cfg.model, k)]
+    if diffs:
+        hint = f"--config {src.path}/config.yaml" if src.kind == "checkpoint" else "the checkpoint's model settings"
+        raise UserError(f"init.from {src.path} does not match the model config: {'; '.join(diffs)}; start from {hint}")
+    for k in SOFT_KEYS:
+        if getattr(src.model, k) != getattr(cfg.model, k):
+            warn(f"warning: init.from: model.{k} changes from {getattr(src.model, k)} to {getattr(cfg.model, k)}")
+    if cfg.data.tokenizer is None and src.tokenizer is not None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.tokenizer = str(src.tokenizer.resolve())
+    return cfg
+
+
+def load_weights(model: torch.nn.Module, cfg: Config) -> None:
+    """Copy init.from's weights into `model` (before DeepSpeed wraps it); mismatching keys -> one line."""
+    from scaletrain.weights import load_into, open_weights
+
+    src = open_weights(cfg.init.from_)
+    if getattr(model, "score", None) is not None and not src.model.num_labels:  # classifier from a language model
+        from scaletrain.train.finetune import load_body
+
+        return load_body(model, src)
+    load_into(model, src, "init.from")

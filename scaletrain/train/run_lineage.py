@@ -1,0 +1,63 @@
+"""What a training run records for later use: its tokenizer and its lineage (main rank only).
+
+At start the tokenizer the data was tokenised with is copied into `<run.dir>/tokenizer/`, so export, eval
+and generate find it even after the data cache is gone. At every save `lineage.json` is written into the
+checkpoint tag and the run dir (id = hash of the tag's manifest; see scaletrain/lineage.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from scaletrain import lineage
+from scaletrain.config import Config
+from scaletrain.train.checkpoint import read_manifest
+
+
+def manifest_id(tag_dir: Path) -> str:
+    files = read_manifest(tag_dir)["files"]
+    blob = "".join(f"{name}={info['sha256']}\n" for name, info in sorted(files.items()))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class RunLineage:
+    def __init__(self, cfg: Config, run_dir: Path, cache):
+        self.cfg, self.run = cfg, Path(run_dir)
+        self.data = {"source": cfg.data.source, "fingerprint": cache.dir.name, "format": cfg.data.format}
+        self._copy_tokenizer(Path(cache.tokenizer_path))
+        self.parents: list[dict] = []
+        parent_config = Config().to_dict()  # pre-train: the diff is against the defaults
+        if cfg.init.from_:
+            from scaletrain.weights import open_weights
+
+            from scaletrain.weights.checkpoint_dir import source_parent
+
+            src = open_weights(cfg.init.from_)
+            self.parents = [source_parent(src)]
+            parent_config = src.config.to_dict() if src.config is not None else {"model": src.model.model_dump(mode="json")}
+        self.diff = lineage.config_diff(parent_config, cfg.to_dict())
+
+    def _copy_tokenizer(self, tok: Path) -> None:
+        dest = self.run / "tokenizer"
+        if dest.exists() or not tok.exists():
+            return
+        tmp = self.run / ".tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if tok.is_dir():
+            shutil.copytree(tok, tmp)
+        else:
+            tmp.mkdir()
+            shutil.copyfile(tok, tmp / "tokenizer.model")
+        tmp.rename(dest)
+
+    def on_save(self, tag_dir: Path, step: int, tokens: int, val_loss: Optional[float]) -> None:
+        rec = lineage.make(
+            "fine-tune" if self.cfg.init.from_ else "pre-train", manifest_id(tag_dir), self.parents,
+            self.cfg.model.model_dump(mode="json"), self.diff, steps=step, tokens=tokens, data=self.data,
+            val_loss=val_loss, path=tag_dir,
+        )
+        lineage.write(tag_dir, rec)
+        lineage.write(self.run, rec)

@@ -1,0 +1,77 @@
+"""Write a scaletrain checkpoint dir (layout in scaletrain/weights/__init__.py), and stage any output dir so a
+failure leaves nothing behind: everything is written into a hidden sibling and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import yaml
+
+from scaletrain import lineage
+from scaletrain.config import Config
+from scaletrain.errors import UserError
+from scaletrain.weights.sources import CONFIG_YAML, HF_TOKENIZER_FILES, TOKENIZER_DIR, WeightSource
+from scaletrain.weights.writer import write_safetensors
+
+DEFAULT_SHARD = "2GB"
+
+
+def check_out(out: Path) -> None:
+    """--out must be new or an empty directory; we never overwrite."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not empty; choose a new directory (nothing was written)")
+    probe = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("/"))
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {probe} is not writable")
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Yield a temp dir next to `out`; on success it becomes `out`, on any error it is deleted."""
+    check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_tokenizer(tokenizer: Path, dest: Path) -> None:
+    """Into `dest` (a checkpoint's tokenizer/ dir): our sentencepiece file, or an HF tokenizer's files as is."""
+    dest.mkdir()
+    if tokenizer.is_dir():
+        for f in HF_TOKENIZER_FILES:
+            if (tokenizer / f).is_file():
+                shutil.copyfile(tokenizer / f, dest / f)
+    else:
+        shutil.copyfile(tokenizer, dest / "tokenizer.model")
+
+
+def write_checkpoint_dir(tmp: Path, out: Path, src: WeightSource, cfg: Config, kind: str, parents: list[dict],
+                         max_shard_bytes: int, progress: bool = True, **lineage_fields) -> dict:
+    """Weights of `src` (stored dtype) + config.yaml + tokenizer/ + lineage.json into `tmp` (renamed to `out`
+    by the caller). Returns the lineage record."""
+    written = write_safetensors(tmp, src.specs(), src.tensors(), max_shard_bytes, progress=progress)
+    (tmp / CONFIG_YAML).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if src.tokenizer is not None:
+        copy_tokenizer(src.tokenizer, tmp / TOKENIZER_DIR)
+    rec = lineage.make(kind, written["content_id"], parents, cfg.model.model_dump(mode="json"), path=out,
+                       dtypes=written["dtypes"], **lineage_fields)
+    lineage.write(tmp, rec)
+    return rec
+
+
+def source_parent(src: WeightSource, content_id: Optional[str] = None) -> dict:
+    """The lineage parent entry for something made from `src`."""
+    return lineage.parent_ref(src.weights_at or src.path, src.lineage, src.kind, content_id)

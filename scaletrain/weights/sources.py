@@ -1,0 +1,177 @@
+"""Recognise where a model lives and open it as a `WeightSource` (see `scaletrain.weights` for the API)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import yaml
+
+from scaletrain.config import Config, ModelConfig, build_config
+from scaletrain.errors import UserError
+from scaletrain.weights import files as wfiles
+from scaletrain.weights.zero import ZeroTag
+
+CONFIG_YAML = "config.yaml"
+LINEAGE = "lineage.json"
+TOKENIZER_DIR = "tokenizer"
+HEAD = "lm_head.weight"
+
+
+@dataclass
+class WeightSource:
+    path: Path
+    kind: str  # "checkpoint" | "hf" | "run" | "deepspeed"
+    model: ModelConfig
+    config: Optional[Config] = None  # the full scaletrain config, when the source has one
+    tokenizer: Optional[Path] = None  # a sentencepiece .model file or an HF tokenizer directory
+    lineage: Optional[dict] = None
+    weights_at: Optional[Path] = None  # the directory the tensors are read from (a tag dir for runs)
+    _files: list[Path] = field(default_factory=list)
+    _zero: Optional[ZeroTag] = None
+    adapter: Optional[object] = None  # HF dirs of other architectures: their names -> ours (hf/arch_map.py)
+
+    def specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) in the order `tensors()` yields them; reads no tensor data."""
+        if self._zero is not None:
+            return [(n, s, torch.float32) for n, s in self._zero.specs()]
+        tied = self.model.tie_word_embeddings
+        specs = [s for s in wfiles.file_specs(self._files) if not (tied and s[0] == HEAD)]
+        return self.adapter.specs(specs) if self.adapter is not None else specs
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF key, tensor) one at a time: fp32 masters for DeepSpeed checkpoints, stored dtype otherwise.
+        A tied model yields no lm_head.weight. Tensors may be memory-mapped: copy what you keep."""
+        if self._zero is not None:
+            return self._zero.tensors()
+        tensors = wfiles.file_tensors(self._files, frozenset({HEAD}) if self.model.tie_word_embeddings else frozenset())
+        return self.adapter.tensors(tensors) if self.adapter is not None else tensors
+
+
+def expected_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape of every tensor a model with this config has (tied: without lm_head.weight)."""
+    from scaletrain.model.classify import build_model
+    from scaletrain.model.llama import LlamaShape
+
+    with torch.device("meta"):
+        model = build_model(LlamaShape.from_config(m))  # a classifier has score.weight instead of lm_head
+    return {n: tuple(t.shape) for n, t in model.state_dict().items() if not (m.tie_word_embeddings and n == HEAD)}
+
+
+def shape_problems(specs: list[tuple[str, tuple, torch.dtype]], expected: dict[str, tuple]) -> list[str]:
+    """Human-readable differences between stored tensors and a config's tensors (empty: they match)."""
+    have = {n: s for n, s, _ in specs}
+    out = [f"{n}: stored {list(have[n])} vs config {list(s)}" for n, s in expected.items() if n in have and have[n] != s]
+    out += [f"missing {n}" for n in expected if n not in have]
+    out += [f"unexpected {n}" for n in have if n not in expected]
+    return out
+
+
+def summarise(problems: list[str], limit: int = 3) -> str:
+    more = f" (+{len(problems) - limit} more)" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
+
+
+def _read_yaml_config(p: Path) -> Config:
+    try:
+        return build_config(yaml.safe_load(p.read_text()) or {})
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{p} is not valid YAML ({type(e).__name__})") from None
+
+
+def read_lineage(d: Path) -> Optional[dict]:
+    p = d / LINEAGE
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text())
+        return data if isinstance(data, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def checkpoint_tokenizer(d: Path) -> Optional[Path]:
+    """`tokenizer/` of a checkpoint dir: our sentencepiece file, or an HF tokenizer directory."""
+    t = d / TOKENIZER_DIR
+    if not t.is_dir():
+        return None
+    if (t / "tokenizer_config.json").is_file() or (t / "tokenizer.json").is_file():
+        return t
+    return t / "tokenizer.model" if (t / "tokenizer.model").is_file() else None
+
+
+def _open_checkpoint_dir(d: Path) -> WeightSource:
+    cfg = _read_yaml_config(d / CONFIG_YAML)
+    return WeightSource(d, "checkpoint", cfg.model, cfg, checkpoint_tokenizer(d), read_lineage(d), d, wfiles.weight_files(d))
+
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def _open_hf_dir(d: Path) -> WeightSource:
+    from scaletrain.hf.arch_map import import_plan, peeker
+    from scaletrain.hf.config_map import read_hf_config
+
+    m, adapter = import_plan(read_hf_config(d), str(d), peeker(d))  # Llama, Qwen3, Starcoder2, ... (names mapped)
+    has_tok = any((d / f).is_file() for f in HF_TOKENIZER_FILES)
+    return WeightSource(d, "hf", m, None, d if has_tok else None, read_lineage(d), d, wfiles.weight_files(d), adapter=adapter)
+
+
+def _run_tokenizer(run: Path, cfg: Config) -> Optional[Path]:
+    """The tokenizer a run trained with: the copy in the run dir, else its data cache's."""
+    own = checkpoint_tokenizer(run)
+    if own is not None:
+        return own
+    try:
+        from scaletrain.data.prepare import find_cache
+
+        cache = find_cache(cfg)[0]
+    except UserError:
+        return None
+    for name in ("tokenizer.model", TOKENIZER_DIR):
+        if (cache / name).exists():
+            return cache / name
+    return None
+
+
+def _open_tag(tag: Path, run: Optional[Path], kind: str) -> WeightSource:
+    cfg = _read_yaml_config(run / CONFIG_YAML) if run is not None and (run / CONFIG_YAML).is_file() else None
+    if cfg is None:
+        raise UserError(f"{tag} is a DeepSpeed checkpoint without its run's config.yaml (expected in {run}); give the run directory")
+    lineage = read_lineage(tag) or (read_lineage(run) if run else None)
+    zero = ZeroTag(tag, cfg.model.tie_word_embeddings)
+    return WeightSource(tag, kind, cfg.model, cfg, _run_tokenizer(run, cfg), lineage, tag, _zero=zero)
+
+
+def open_weights(path: str | Path) -> WeightSource:
+    """A run dir (its newest verified checkpoint), a DeepSpeed tag dir, a scaletrain checkpoint dir or an HF dir."""
+    d = Path(path).expanduser()
+    if not d.exists():
+        raise UserError(f"{d} does not exist")
+    if not d.is_dir():
+        raise UserError(f"{d} is not a directory; give a checkpoint, run or Hugging Face model directory")
+    if (d / CONFIG_YAML).is_file() and not (d / "checkpoints").is_dir() and any(d.glob("*.safetensors")):
+        return _open_checkpoint_dir(d)
+    if (d / "config.json").is_file():
+        return _open_hf_dir(d)
+    if (d / "checkpoints").is_dir() or ((d / CONFIG_YAML).is_file() and (d / "status.json").is_file()):
+        from scaletrain.train.checkpoint import find_resumable
+
+        tag = find_resumable(d / "checkpoints", log=lambda msg: print(msg, file=sys.stderr))
+        if tag is None:
+            raise UserError(f"run dir {d} has no complete, verified checkpoint yet")
+        src = _open_tag(d / "checkpoints" / tag, d, "run")
+        src.path = d
+        return src
+    if any(d.glob("*model_states.pt")):
+        run = d.parent.parent if d.parent.name == "checkpoints" else None
+        return _open_tag(d, run, "deepspeed")
+    if (d / CONFIG_YAML).is_file():
+        raise UserError(f"{d} has a config.yaml but no model.safetensors; the checkpoint is incomplete")
+    raise UserError(f"{d} is not a model: no config.json (Hugging Face), config.yaml + model.safetensors "
+                    "(scaletrain checkpoint) or checkpoints/ (run dir)")

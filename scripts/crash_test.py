@@ -1,0 +1,216 @@
+#!/usr/bin/env python
+"""Kill test: SIGKILL a multi-rank training run K times at random moments (some of them while a checkpoint
+is being written), resume it each time, and require the per-step loss curve to equal an uninterrupted
+run's, bit for bit (CPU, fp32).
+
+    PYTHONPATH=. python scripts/crash_test.py --kills 20            # the README figure
+    PYTHONPATH=. python scripts/crash_test.py --kills 5 --steps 30  # what the test suite runs
+
+Ranks are started the way srun starts them (one process each, RANK/WORLD_SIZE/MASTER_* in the env) inside a
+process group of their own, and the whole group is SIGKILLed: no handler, no flush, no cleanup runs. Kill
+moments, drawn from --seed:
+  save    as soon as a `.tmp-global_step*` dir appears (a checkpoint is being written), plus 0-40 ms;
+  train   uniformly within 2/K of the uninterrupted run's training time, once the run is training;
+  start   uniformly within the start-up (DeepSpeed init, data, engine build).
+After each kill the newest checkpoint must verify; the next start resumes from it. Loss values are read
+back from TensorBoard with EventAccumulator: a killed run's event file holds steps past its last
+checkpoint, and the resumed run's SummaryWriter(purge_step=...) makes the reader drop them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.hidden_size=64", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+    "model.intermediate_size=172", "model.vocab_size=512", "model.max_seq_len=128",
+    "train.seq_len=64", "train.micro_batch_size=2", "train.warmup_steps=2", "train.lr=1e-2", "train.min_lr=1e-3",
+    "train.log_every=1", "train.eval_every=0", "train.precision=fp32",
+]
+
+
+def small_corpus(dest: Path, n_files: int = 40) -> Path:
+    if not dest.exists():
+        dest.mkdir(parents=True)
+        for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n_files]:
+            shutil.copyfile(p, dest / (p.stem + ".txt"))
+    return dest
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(ranks: int, overrides: list[str], env_extra: dict | None = None, log_path: Path | None = None) -> tuple[subprocess.Popen, int]:
+    """All ranks under one shell in a new session: one process group to kill."""
+    port = _port()
+    cmd = " ".join(
+        f"RANK={r} LOCAL_RANK={r} WORLD_SIZE={ranks} LOCAL_SIZE={ranks} MASTER_ADDR=127.0.0.1 MASTER_PORT={port} "
+        f"{sys.executable} launch/train.py --config configs/tiny.yaml --set {' '.join(overrides)} &" for r in range(ranks))
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    out = open(log_path, "a") if log_path else subprocess.DEVNULL
+    # `wait -n` returns when the first rank exits; its status becomes the group's (as a launcher would).
+    proc = subprocess.Popen(["bash", "-c", cmd + " for i in $(seq " + str(ranks) + "); do wait -n || exit $?; done"],
+                            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, port
+
+
+def kill_group(proc: subprocess.Popen, port: int) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):  # SIGKILL leaves DeepSpeed's
+        f.unlink(missing_ok=True)  # shared-memory buffers behind (69 MB each); the next start uses a new port
+
+
+def loss_curve(run_dir: Path) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    if "train/loss" not in acc.Tags()["scalars"]:
+        return {}
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+def run_to_end(ranks: int, overrides: list[str], log_path: Path, timeout: float = 600) -> float:
+    t0 = time.time()
+    proc, port = start(ranks, overrides, log_path=log_path)
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        kill_group(proc, port)
+    if rc != 0:
+        raise RuntimeError(f"training failed (rc={rc}); see {log_path}")
+    return time.time() - t0
+
+
+def _status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, train_secs: float, log_path: Path) -> dict:
+    ckpts = run_dir / "checkpoints"
+    t0 = time.time()
+    proc, port = start(ranks, overrides, log_path=log_path)
+    before = _status(run_dir).get("pid")  # rank 0's pid: changes when this start reaches the training loop
+    event = {"mode": mode, "killed": False}
+    try:
+        if mode == "start":
+            time.sleep(rng.uniform(0, 8))
+        else:
+            while proc.poll() is None:  # wait until this start is training (fit writes state=running)
+                s = _status(run_dir)
+                if s.get("state") == "running" and s.get("pid") != before:
+                    break
+                time.sleep(0.02)
+            if mode == "train":
+                time.sleep(rng.uniform(0, train_secs))
+            else:
+                while proc.poll() is None and not any(ckpts.glob(".tmp-global_step*")):
+                    time.sleep(0.002)
+                time.sleep(rng.uniform(0, 0.04))
+                event["saving"] = [p.name for p in ckpts.glob(".tmp-global_step*")]
+        event["killed"] = proc.poll() is None
+    finally:
+        kill_group(proc, port)
+    from scaletrain.train.checkpoint import find_resumable, verify
+
+    tag = find_resumable(ckpts, log=lambda m: None) if ckpts.is_dir() else None
+    latest = (ckpts / "latest").read_text().strip() if (ckpts / "latest").is_file() else None
+    if latest is not None and verify(ckpts / latest) is not None:
+        raise AssertionError(f"after a kill `latest` names {latest}, which does not verify: {verify(ckpts / latest)}")
+    event.update(after_s=round(time.time() - t0, 2), resumable=tag)
+    return event
+
+
+def crash_run(run_dir: Path, ranks: int, overrides: list[str], kills: int, seed: int, train_secs: float, log=print) -> list[dict]:
+    """Kill the run `kills` times (a run that finished before its kill ends the series early), then finish it.
+    `train_secs`: how long the uninterrupted run trained; a `train` kill lands within 2/kills of it, so the
+    series rarely finishes the run before its last kill."""
+    rng = random.Random(seed)
+    train_secs = 2 * train_secs / max(1, kills)
+    modes = ["save", "train", "save", "start", "train"]
+    events = []
+    log_path = run_dir.parent / f"{run_dir.name}.log"
+    for i in range(kills):
+        mode = modes[i % len(modes)] if i < len(modes) else rng.choice(["save", "save", "train", "start"])
+        ev = _one_kill(ranks, overrides, run_dir, mode, rng, train_secs, log_path)
+        events.append(ev)
+        log(f"kill {i + 1}/{kills}: {ev}")
+        if not ev["killed"]:
+            if _status(run_dir).get("state") == "finished":
+                log("the run finished before this kill; no more kills")
+                break
+    run_to_end(ranks, overrides, log_path)
+    return events
+
+
+def compare(expected: dict[int, float], got: dict[int, float]) -> tuple[bool, str]:
+    if sorted(got) != sorted(expected):
+        return False, f"steps differ: missing {sorted(set(expected) - set(got))[:5]}, extra {sorted(set(got) - set(expected))[:5]}"
+    diff = [s for s in expected if got[s] != expected[s]]
+    if diff:
+        s = diff[0]
+        return False, f"{len(diff)} step(s) differ, first at step {s}: {got[s]!r} vs {expected[s]!r}"
+    return True, f"all {len(expected)} steps bit-identical"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--stage", type=int, default=2, choices=[0, 1, 2, 3])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--save-every", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/scaletrain-crash-test"))
+    ap.add_argument("--reference", type=Path, default=None, help="an uninterrupted run dir of the same settings to compare with")
+    args = ap.parse_args(argv)
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = small_corpus(work / "corpus")
+    common = [*TINY, f"data.source={corpus}", f"data.cache_dir={work / 'cache'}", f"zero.stage={args.stage}",
+              f"train.max_steps={args.steps}", f"train.save_every={args.save_every}", "train.keep_last=2"]
+    ref = args.reference
+    t0 = time.time()
+    if ref is None:
+        ref = work / "reference"
+        shutil.rmtree(ref, ignore_errors=True)
+        run_to_end(args.ranks, [*common, f"run.dir={ref}"], work / "reference.log")
+    s = _status(ref)
+    train_secs = max(1.0, float(s.get("seconds", 10)))
+    crashed = work / "crashed"
+    shutil.rmtree(crashed, ignore_errors=True)
+    (work / "crashed.log").unlink(missing_ok=True)
+    events = crash_run(crashed, args.ranks, [*common, f"run.dir={crashed}"], args.kills, args.seed, train_secs)
+    ok, msg = compare(loss_curve(ref), loss_curve(crashed))
+    killed = sum(e["killed"] for e in events)
+    in_save = sum(1 for e in events if e["killed"] and e.get("saving"))
+    summary = {"ok": ok, "detail": msg, "kills": killed, "kills_during_save": in_save, "ranks": args.ranks,
+               "zero_stage": args.stage, "steps": args.steps, "seconds": round(time.time() - t0)}
+    print(("PASS: " if ok else "FAIL: ") + json.dumps(summary))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

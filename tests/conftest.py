@@ -1,0 +1,24 @@
+"""Shared fixtures: a session-wide data cache dir and a helper that runs the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from launch_utils import run_cli  # noqa: E402  (the `cli` fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_cache_dir(tmp_path_factory) -> Path:
+    """A temp dir to use as `data.cache_dir`, shared by the session so token caches are built once."""
+    return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture
+def cli():
+    return run_cli

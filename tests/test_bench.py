@@ -1,0 +1,75 @@
+"""`scaletrain bench` end to end on tiny shapes: it runs, and its JSON has every promised field.
+No timing assertions: performance claims live in the bench output and the README, not in tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launch_utils import run_cli
+
+TINY = ["--hidden", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128",
+        "--vocab", "512", "--seq", "64", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
+
+
+def _json(stdout: str) -> dict:
+    return json.loads(stdout[stdout.index("{"):])
+
+
+@pytest.mark.slow
+def test_training_bench_two_ranks_prints_the_comparison(tmp_path):
+    out = tmp_path / "bench.json"
+    rc, stdout, stderr = run_cli("bench", *TINY, "--precision", "bf16", "fp32", "--loss-chunk", "32",
+                                 "--no-compile", "--out", str(out), timeout=900)
+    assert rc == 0, stderr[-3000:]
+    report = _json(stdout)
+    assert json.loads(out.read_text()) == report
+    m = report["machine"]
+    assert {"cpu", "amx_bf16", "torch", "deepspeed", "transformers", "cores"} <= set(m)
+    assert report["config"]["ranks"] == 2 and report["config"]["zero_stage"] == 2
+    assert report["ours_settings"]["compile"] is False and report["ours_settings"]["loss_chunk"] == 32
+    for precision in ("bf16", "fp32"):
+        r = report["results"][precision]
+        assert r["peak_matmul_flops"] > 0 and r["flops_per_token"] > 0 and r["tokens_per_step"] == 2 * 2 * 64
+        for kind in ("ours", "peer"):
+            k = r[kind]
+            assert k["tokens_per_sec"] > 0 and 0 < k["mfu"] and len(k["step_times_s"]) == 2
+            assert k["tokens_per_sec"] == pytest.approx(r["tokens_per_step"] / k["step_time_s"], rel=1e-3)
+            assert k["mfu"] == pytest.approx(k["tokens_per_sec"] * r["flops_per_token"] / r["peak_matmul_flops"], rel=2e-2)
+            mem = k["memory_per_rank"]
+            assert len(mem) == 2 and all(x["peak_rss_mb"] > x["rss_before_model_mb"] > 0 for x in mem)
+            assert 4.0 < k["last_loss"] < 8.0  # ln(512) = 6.2: both really trained on the same kind of data
+        assert r["speedup"] == pytest.approx(r["ours"]["tokens_per_sec"] / r["peer"]["tokens_per_sec"], rel=1e-2)
+
+
+@pytest.mark.slow
+def test_attention_only_bench_reports_every_backend():
+    rc, stdout, stderr = run_cli("bench", "--attention-only", "--attention-seqs", "128", "--precision", "fp32",
+                                 "--steps", "3", timeout=600)
+    assert rc == 0, stderr[-3000:]
+    rows = _json(stdout)["attention"]["results"]
+    assert len(rows) == 1 and rows[0]["T"] == 128
+    row = rows[0]
+    assert row["sdpa"]["speedup_vs_eager"] > 0 and row["sdpa"]["max_abs_diff_vs_eager"] <= 1e-5
+    assert "needs an NVIDIA GPU" in row["flash"]["skipped"]  # on this CPU-only suite
+    assert "no backward" in row["flex"]["skipped"]
+
+
+def test_loss_memory_bench_fields():
+    from scaletrain.bench.loss_memory import loss_memory_bench
+
+    report = loss_memory_bench("cpu", 64, "float32", tokens=256, hidden=32, vocabs=(1000,))
+    plain, chunked = report["results"]
+    assert plain["loss_chunk"] == 0 and chunked["loss_chunk"] == 64
+    assert chunked["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert plain["peak_extra_mb"] >= 0 and chunked["peak_extra_mb"] >= 0
+
+
+def test_bench_flag_mistakes_are_one_line(cli):
+    rc, _, err = cli("bench", "--precision", "fp16")
+    assert rc == 2 and "fp16 needs --device cuda" in err and err.count("\n") == 1
+    rc, _, err = cli("bench", "--seq", "0")
+    assert rc == 2 and "must be > 0" in err
+    rc, _, err = cli("bench", "--heads", "3")
+    assert rc == 2 and "divisible" in err

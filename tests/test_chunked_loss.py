@@ -1,0 +1,96 @@
+"""`train.loss_chunk`: the chunked linear+cross-entropy equals the plain full-logits path.
+
+fp32: loss and gradients within 1e-6 relative (only summation order differs). bf16: loss within
+1e-3 relative, gradients within 2e-2 of the gradient's max magnitude (the plain path rounds one
+[tokens, vocab] bf16 gradient; the chunked one rounds per chunk and accumulates the head in fp32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from scaletrain.model.llama import IGNORE_INDEX, LlamaForCausalLM, LlamaShape
+from scaletrain.model.loss import cross_entropy, linear_cross_entropy
+
+
+def inputs(n=70, d=24, v=101, dtype=torch.float32, ignore=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, generator=g) * 0.3).to(dtype).requires_grad_()
+    t = torch.randint(0, v, (n,), generator=g)
+    t[list(ignore)] = IGNORE_INDEX
+    return h, w, t
+
+
+def both(h, w, t, chunk):
+    plain = cross_entropy(h @ w.t(), t)
+    gp = torch.autograd.grad(plain, (h, w))
+    chunked = linear_cross_entropy(h, w, t, chunk)
+    gc = torch.autograd.grad(chunked, (h, w))
+    return plain, chunked, gp, gc
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("chunk", [1, 16, 32, 70, 1000])  # 70 tokens: uneven last chunk, one chunk, bigger
+def test_equals_plain_path_fp32(chunk):
+    h, w, t = inputs(ignore=(0, 5, 6, 69))
+    plain, chunked, gp, gc = both(h, w, t, chunk)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert rel(gc[0], gp[0]) <= 1e-6 and rel(gc[1], gp[1]) <= 1e-6
+
+
+def test_equals_plain_path_bf16():
+    h, w, t = inputs(n=256, d=64, v=512, dtype=torch.bfloat16, ignore=range(10))
+    plain, chunked, gp, gc = both(h, w, t, 64)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-3)
+    assert rel(gc[0], gp[0]) <= 2e-2 and rel(gc[1], gp[1]) <= 2e-2
+    assert gc[0].dtype == gc[1].dtype == torch.bfloat16
+
+
+def test_ignored_tokens_get_no_gradient_and_whole_ignored_chunks_work():
+    h, w, t = inputs(ignore=range(0, 32))  # the first two 16-token chunks are entirely ignored
+    plain, chunked, gp, gc = both(h, w, t, 16)
+    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert gc[0][:32].abs().max() == 0
+    assert rel(gc[1], gp[1]) <= 1e-6
+
+
+def test_upstream_gradient_scale_is_applied():
+    """DeepSpeed backpropagates loss / grad_accum: the saved gradients must be scaled by it."""
+    h, w, t = inputs()
+    (g1,) = torch.autograd.grad(linear_cross_entropy(h, w, t, 16) * 0.25, (h,))
+    (g2,) = torch.autograd.grad(cross_entropy(h @ w.t(), t) * 0.25, (h,))
+    assert rel(g1, g2) <= 1e-6
+
+
+def test_no_grad_evaluation_computes_only_the_loss():
+    h, w, t = inputs()
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, t, 16)
+    assert loss.item() == pytest.approx(cross_entropy(h @ w.t(), t).item(), rel=1e-6)
+    assert loss.grad_fn is None
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_with_loss_chunk_matches_plain_model(tied):
+    shape = LlamaShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                       vocab_size=211, max_seq_len=64, tie_word_embeddings=tied, init_std=0.1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 211, (3, 40), generator=g)
+    y = torch.randint(0, 211, (3, 40), generator=g)
+    y[0, :7] = IGNORE_INDEX
+    grads, losses = [], []
+    for chunk in (0, 32):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(shape, loss_chunk=chunk)
+        loss = model(x, y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+    for name, g0 in grads[0].items():
+        assert rel(grads[1][name], g0) <= 1e-5, name

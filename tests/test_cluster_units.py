@@ -1,0 +1,220 @@
+"""Fast unit tests of scaletrain.cluster: hostfile parsing/filters and sbatch rendering (no daemons)."""
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from scaletrain.cluster import slurm
+from scaletrain.cluster.hostfile import format_hostfile, parse_hostfile, read_hostfile, resolve_filters
+from scaletrain.cluster.slurm import SubmitOptions, render_sbatch, time_limit_seconds
+from scaletrain.errors import UserError
+
+# ---- hostfile -------------------------------------------------------------------------------------------
+
+
+def test_parse_comments_blank_lines_and_order():
+    text = "# cluster\n\nworker-1 slots=8   # fast one\n  worker-0 slots=2\n10.0.0.5\tslots=1\n"
+    hosts = parse_hostfile(text)
+    assert list(hosts.items()) == [("worker-1", 8), ("worker-0", 2), ("10.0.0.5", 1)]
+
+
+def test_example_hostfile_parses():
+    assert read_hostfile(slurm.REPO_ROOT / "hostfile.example") == {"worker-0": 8, "worker-1": 8}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("a slots=1\nb\n", "hostfile:2: cannot parse 'b'"),
+    ("a slots=two\n", "hostfile:1: cannot parse"),
+    ("a slots=1 extra\n", "hostfile:1: cannot parse"),
+    ("a slots = 1\n", "hostfile:1: cannot parse"),   # DeepSpeed's runner rejects spaces around '='
+    ("a:0 slots=1\n", "hostfile:1: cannot parse"),
+    ("a slots=0\n", "hostfile:1: host a has slots=0"),
+    ("a slots=-2\n", "hostfile:1: host a has slots=-2"),
+    ("a slots=1\n\nb slots=1\na slots=4\n", "hostfile:4: host a is listed again (first on line 1)"),
+    ("# nothing\n\n", "no hosts found"),
+])
+def test_parse_errors_name_line_and_fix(text, needle):
+    with pytest.raises(UserError) as e:
+        parse_hostfile(text)
+    msg = str(e.value)
+    assert needle in msg
+    assert "\n" not in msg
+    assert ("slots" in msg) or ("one line per host" in msg)
+
+
+def test_read_hostfile_missing(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        read_hostfile(tmp_path / "nope")
+
+
+def test_format_roundtrip():
+    hosts = {"n1": 2, "n2": 2}
+    assert parse_hostfile(format_hostfile(hosts)) == hosts
+    assert format_hostfile(["a", "b"], slots=1) == "a slots=1\nb slots=1\n"
+
+
+HOSTS = {"w0": 4, "w1": 4, "w2": 2}
+
+
+def test_filters():
+    assert resolve_filters(HOSTS) == {"w0": [0, 1, 2, 3], "w1": [0, 1, 2, 3], "w2": [0, 1]}
+    assert resolve_filters(HOSTS, include="w2@w0:1,3") == {"w0": [1, 3], "w2": [0, 1]}  # hostfile order kept
+    assert resolve_filters(HOSTS, exclude="w1@w0:0") == {"w0": [1, 2, 3], "w2": [0, 1]}
+    assert resolve_filters(HOSTS, include="w0:1@w0") == {"w0": [0, 1, 2, 3]}
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"include": "w9"}, "--include: unknown host 'w9'; the hostfile has w0, w1, w2"),
+    ({"exclude": "w0@nope:1"}, "--exclude: unknown host 'nope'"),
+    ({"include": "w2:2"}, "host w2 has slots 0..1, not 2"),
+    ({"include": "w0:x"}, "slot 'x' on host w0 is not a number"),
+    ({"include": "w0@@w1"}, "empty entry"),
+    ({"include": "w0", "exclude": "w1"}, "cannot be used together"),
+    ({"exclude": "w0@w1@w2"}, "leaves no host"),
+])
+def test_filter_errors(kw, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        resolve_filters(HOSTS, **kw)
+
+
+# ---- sbatch rendering ------------------------------------------------------------------------------------
+
+
+def opts(**kw) -> SubmitOptions:
+    base = dict(config="/repo/configs/tiny.yaml", run_dir="/runs/t1", python="/venv/bin/python", workdir="/repo")
+    base.update(kw)
+    return SubmitOptions(**base)
+
+
+def directives(script: str) -> list[str]:
+    return [line.removeprefix("#SBATCH ") for line in script.splitlines() if line.startswith("#SBATCH")]
+
+
+@pytest.mark.parametrize("value, seconds", [
+    ("04:00:00", 14400), ("0:05:30", 330), ("1-12:00:00", 129600), ("90", 5400), ("100:00:00", 360000),
+])
+def test_time_limit_forms(value, seconds):
+    assert time_limit_seconds(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["1h", "12:00", "00:61:00", "1-25:00:00", "", "0", "00:00:00", "-5", "1.5"])
+def test_time_limit_rejected(value):
+    with pytest.raises(UserError, match="--time"):
+        time_limit_seconds(value)
+
+
+@pytest.mark.parametrize("mode", ["deepspeed", "srun"])
+def test_render_common_parts(mode):
+    s = render_sbatch(opts(mode=mode, nodes=2, time="02:00:00", overrides=["train.max_steps=50", "run.dir=/runs/t1"]))
+    d = directives(s)
+    assert s.startswith("#!/bin/bash\n")
+    assert "{{" not in s
+    for want in ["--nodes=2", "--ntasks-per-node=1", "--time=02:00:00", "--requeue", "--signal=B:USR1@300",
+                 "--output=/runs/t1/slurm-%j.out", "--open-mode=append", "--chdir=/repo", "--exclusive",
+                 "--job-name=st-t1"]:
+        assert want in d
+    assert not any("gpu" in x or "gres" in x for x in d)   # CPU nodes: no GPU request at all
+    assert "trap 'on_stop USR1' USR1" in s
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in s
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in s
+    assert f"TRAIN=({slurm.TRAIN_PY} --config /repo/configs/tiny.yaml --set train.max_steps=50 run.dir=/runs/t1)" in s
+    assert "RANKS_PER_NODE=1" in s
+
+
+def test_render_deepspeed_mode():
+    s = render_sbatch(opts(mode="deepspeed"))
+    assert '-m deepspeed.launcher.runner --hostfile "$HOSTFILE" --launcher pdsh' in s
+    assert "pdsh -w" in s and "srun " not in s
+
+
+def test_render_srun_mode():
+    s = render_sbatch(opts(mode="srun", nodes=4))
+    assert '--no_ssh --node_rank "$SLURM_NODEID"' in s
+    assert '--master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"' in s
+    assert "srun --ntasks-per-node=1" in s and "export -f node_task" in s
+
+
+def test_render_gpus_and_scheduling_flags():
+    s = render_sbatch(opts(gpus_per_node=8, partition="gpu", account="proj1", qos="high", time="1-00:00:00",
+                           grace=600, exclusive=False))
+    d = directives(s)
+    for want in ["--gpus-per-node=8", "--partition=gpu", "--account=proj1", "--qos=high", "--signal=B:USR1@600"]:
+        assert want in d
+    assert "--exclusive" not in d
+    assert "RANKS_PER_NODE=8" in s
+
+
+def test_ranks_per_node_on_cpu_and_default_grace():
+    s = render_sbatch(opts(gpus_per_node=0, ranks_per_node=4, time="10"))
+    assert "RANKS_PER_NODE=4" in s
+    assert "--signal=B:USR1@300" in directives(s)
+    assert "--signal=B:USR1@60" in directives(render_sbatch(opts(time="2")))   # half of a 2-minute limit
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"nodes": 0}, "--nodes 0"),
+    ({"time": "2 hours"}, "--time"),
+    ({"grace": 3600, "time": "00:30:00"}, "--grace 3600s is not shorter"),
+    ({"grace": 0}, "--grace 0"),
+    ({"ranks_per_node": 0}, "--ranks-per-node 0"),
+    ({"gpus_per_node": 2, "ranks_per_node": 4}, "exceeds --gpus-per-node"),
+    ({"gpus_per_node": -1}, "--gpus-per-node -1"),
+    ({"mode": "mpi"}, "--mode 'mpi'"),
+    ({"partition": "a b"}, "--partition"),
+    ({"run_dir": "/runs/my run"}, "run.dir"),
+    ({"overrides": ["data.source=$(rm -rf /)"]}, "--set"),
+    ({"overrides": ["novalue"]}, "--set"),
+])
+def test_render_rejects(kw, needle):
+    with pytest.raises(UserError, match=re.escape(needle)):
+        render_sbatch(opts(**kw))
+
+
+@pytest.mark.parametrize("mode", ["deepspeed", "srun"])
+def test_rendered_script_is_valid_bash(mode):
+    script = render_sbatch(opts(mode=mode, nodes=2, gpus_per_node=4))
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)
+
+
+def test_signal_command_targets_launcher_children_only():
+    """The pgrep pattern in the script must hit DeepSpeed's per-node launcher and nothing that merely
+    mentions it (pdsh/ssh/bash command lines), and only for this job's port."""
+    s = render_sbatch(opts())
+    pattern = re.search(r"pgrep -d, -f '([^']*)'", s)[1].replace("$MASTER_PORT", "31234").replace("\\$", "$")
+    hit = "/venv/bin/python3 -u -m deepspeed.launcher.launch --world_info=e30= --master_addr=n1 --master_port=31234 x.py"
+    misses = [
+        hit.replace("31234", "312345"),
+        hit.replace("31234", "31235"),
+        "pdsh -S -f 1024 -w n1,n2 export X=1; cd /r; /venv/bin/python -u -m deepspeed.launcher.launch --master_port=31234 x",
+        "bash -c /venv/bin/python -u -m deepspeed.launcher.launch --master_port=31234",
+        "/venv/bin/python -u -m deepspeed.launcher.runner --master_port 31234",
+    ]
+    grep = shutil.which("grep")
+    run = lambda line: subprocess.run([grep, "-qE", pattern], input=line, text=True).returncode == 0  # noqa: E731
+    assert run(hit) and run(hit.replace("x.py", "").rstrip())
+    assert not any(run(m) for m in misses)
+
+
+def test_submit_command_dry_run_and_missing_sbatch(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run:\n  dir: {tmp_path / 'run'}\n")
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
+    slurm.add_submit_args(p)
+    args = p.parse_args(["--config", str(cfg), "--set", "train.max_steps=5", "--time", "00:10:00", "--dry-run",
+                         "--python", sys.executable])
+    assert slurm.submit_command(args) == 0
+    written = (tmp_path / "run" / "submit.sbatch").read_text()
+    assert written == capsys.readouterr().out and "--time=00:10:00" in written
+
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
+    args.dry_run = False
+    with pytest.raises(UserError, match="sbatch not found: install SLURM client or use --dry-run"):
+        slurm.submit_command(args)
+    with pytest.raises(UserError, match="sbatch not found"):
+        slurm.submit("/x.sbatch")

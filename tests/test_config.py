@@ -1,0 +1,259 @@
+"""Typed config: YAML + dotted overrides, one-line errors that name the key, and the generated ds_config."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scaletrain.config import Config, build_config, deepspeed_config, load_config, parse_overrides, save_config
+from scaletrain.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def error_of(overrides: list[str], path=None) -> str:
+    with pytest.raises(UserError) as exc:
+        load_config(path, overrides)
+    msg = str(exc.value)
+    assert msg and "\n" not in msg, f"error must be one non-empty line: {msg!r}"
+    assert "Traceback" not in msg and "pydantic" not in msg.lower(), msg
+    return msg
+
+
+# ---- defaults and shipped files -------------------------------------------------------------------
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.model.hidden_size % cfg.model.num_heads == 0
+    assert cfg.train.seq_len <= cfg.model.max_seq_len
+    # A dump of the resolved config validates back to the same config.
+    assert build_config(cfg.to_dict()) == cfg
+
+
+def test_configs_dir_is_not_empty():
+    assert REPO / "configs" / "tiny.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads(path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(path)
+    # Every value written in the file is what the config holds (nothing silently dropped or renamed).
+    for section, values in raw.items():
+        if isinstance(values, dict) and section != "deepspeed":
+            for key, value in values.items():
+                got = cfg.to_dict()[section][key]
+                assert got == value, f"{path.name}: {section}.{key} = {got!r}, file says {value!r}"
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.num_layers=3", "train.lr=1e-3"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert cfg.fingerprint() == load_config(tmp_path / "c.yaml").fingerprint()
+    assert cfg.fingerprint() != load_config(REPO / "configs" / "tiny.yaml").fingerprint()
+
+
+# ---- overrides ------------------------------------------------------------------------------------
+
+def test_overrides_types():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        "model.num_layers=8", "train.lr=3e-4", "train.min_lr=1.5e-5", "model.tie_word_embeddings=false",
+        "zero.overlap_comm=true", "model.rope_theta=500000", "run.dir=/tmp/x y", "train.precision=fp32",
+    ])
+    assert cfg.model.num_layers == 8 and isinstance(cfg.model.num_layers, int)
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.train.min_lr == pytest.approx(1.5e-5)
+    assert cfg.model.tie_word_embeddings is False
+    assert cfg.zero.overlap_comm is True
+    assert cfg.model.rope_theta == 500000.0
+    assert cfg.run.dir == "/tmp/x y"
+    assert cfg.train.precision == "fp32"
+    # Untouched keys keep the file's values.
+    assert cfg.model.hidden_size == 256 and cfg.model.num_kv_heads == 2
+
+
+def test_overrides_win_over_file_and_later_wins(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model:\n  num_layers: 2\ntrain:\n  lr: 0.01\n  min_lr: 0.001\n")
+    cfg = load_config(f, ["model.num_layers=5", "model.num_layers=6"])
+    assert cfg.model.num_layers == 6
+    assert cfg.train.lr == 0.01
+
+
+def test_nested_override_into_deepspeed_mapping():
+    tree = parse_overrides(["deepspeed.zero_optimization.stage=3", "deepspeed.steps_per_print=7", "model.num_layers=2"])
+    assert tree == {"deepspeed": {"zero_optimization": {"stage": 3}, "steps_per_print": 7}, "model": {"num_layers": 2}}
+    cfg = load_config(None, ["deepspeed.zero_optimization.stage=3", "deepspeed.flops_profiler.enabled=true"])
+    assert cfg.deepspeed == {"zero_optimization": {"stage": 3}, "flops_profiler": {"enabled": True}}
+
+
+@pytest.mark.parametrize("bad", ["train.lr", "=3", "model..num_layers=2", ".x=1"])
+def test_malformed_set(bad):
+    with pytest.raises(UserError) as exc:
+        parse_overrides([bad])
+    assert "\n" not in str(exc.value) and bad in str(exc.value)
+
+
+# ---- unknown keys and wrong types -------------------------------------------------------------------
+
+def test_unknown_key_suggests_closest_full_name():
+    msg = error_of(["model.hiden_size=64"])
+    assert "'model.hiden_size'" in msg
+    assert re.search(r"did you mean 'model\.hidden_size'", msg), msg
+
+
+def test_unknown_section_suggests_closest():
+    msg = error_of(["modle.hidden_size=64"])
+    assert "'modle'" in msg and "did you mean 'model'" in msg, msg
+
+
+def test_unknown_key_without_close_match_lists_valid_names():
+    msg = error_of(["train.zzzzzzzzzz=1"])
+    assert "train.zzzzzzzzzz" in msg and "seq_len" in msg, msg
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  learning_rate: 0.1\n")
+    msg = error_of([], f)
+    assert "train.learning_rate" in msg, msg
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.hidden_size=abc", "model.hidden_size"),
+    ("model.hidden_size=1.5", "model.hidden_size"),
+    ("train.lr=fast", "train.lr"),
+    ("model.tie_word_embeddings=maybe", "model.tie_word_embeddings"),
+    ("train.precision=fp8", "train.precision"),
+    ("model.attention=magic", "model.attention"),
+    ("zero.stage=4", "zero.stage"),
+    ("model=3", "model"),
+])
+def test_wrong_type_names_key(override, key):
+    msg = error_of([override])
+    assert f"'{key}'" in msg, msg
+
+
+# ---- impossible shapes and values -----------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.hidden_size=250", "model.num_heads=4"], "model.num_heads"),                       # not divisible
+    (["model.num_heads=6", "model.num_kv_heads=4", "model.hidden_size=384"], "model.num_kv_heads"),  # 6 % 4
+    (["train.seq_len=4096", "model.max_seq_len=2048"], "train.seq_len"),
+    (["model.hidden_size=12", "model.num_heads=4", "model.num_kv_heads=4"], "model.num_heads"),   # head_dim 3: odd
+    (["train.lr=1e-4", "train.min_lr=1e-3"], "train.min_lr"),
+    (["train.lr=-3e-4"], "train.lr"),
+    (["train.lr=0"], "train.lr"),
+    (["train.seq_len=0"], "train.seq_len"),
+    (["train.micro_batch_size=0"], "train.micro_batch_size"),
+    (["model.num_layers=-1"], "model.num_layers"),
+    (["model.vocab_size=8"], "model.vocab_size"),
+    (["data.val_fraction=1.0"], "data.val_fraction"),
+    (["zero.offload_param=cpu", "zero.stage=2"], "zero.offload_param"),
+    (["zero.offload_optimizer=cpu", "zero.stage=0"], "zero.offload_optimizer"),
+])
+def test_impossible_values_give_one_line_naming_key(overrides, key):
+    msg = error_of(overrides)
+    assert key in msg, msg
+
+
+def test_valid_edge_shapes_pass():
+    cfg = load_config(None, ["model.hidden_size=384", "model.num_heads=6", "model.num_kv_heads=2",
+                             "train.seq_len=2048", "model.max_seq_len=2048", "train.min_lr=3e-3", "train.lr=3e-3"])
+    assert cfg.model.head_dim == 64
+
+
+# ---- files ------------------------------------------------------------------------------------------
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    f = tmp_path / "broken.yaml"
+    f.write_text("model:\n  hidden_size: 64\n  num_heads: [4, 2\ntrain:\n  lr: 0.1\n")
+    msg = error_of([], f)
+    assert "broken.yaml" in msg
+    line = int(re.search(r"line (\d+)", msg).group(1))
+    assert line in (3, 4), msg  # the unclosed bracket opens on line 3; the parser notices on line 4
+
+
+def test_yaml_bad_indent_names_line(tmp_path):
+    f = tmp_path / "indent.yaml"
+    f.write_text("model:\n  hidden_size: 64\n   num_heads: 4\n")
+    msg = error_of([], f)
+    assert re.search(r"line 3\b", msg), msg
+
+
+def test_yaml_not_a_mapping(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- model\n- train\n")
+    assert "mapping" in error_of([], f)
+
+
+def test_empty_yaml_means_defaults(tmp_path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    assert load_config(f) == Config()
+
+
+def test_missing_config_file(tmp_path):
+    msg = error_of([], tmp_path / "nope.yaml")
+    assert "nope.yaml" in msg and "not found" in msg
+
+
+def test_config_path_is_directory(tmp_path):
+    assert str(tmp_path) in error_of([], tmp_path)
+
+
+# ---- DeepSpeed config --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("micro, accum, world", [(8, 1, 1), (2, 4, 3), (1, 1, 8), (3, 2, 2)])
+def test_ds_batch_sizes(micro, accum, world):
+    cfg = load_config(None, [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}"])
+    ds = deepspeed_config(cfg, world)
+    assert ds["train_batch_size"] == micro * accum * world == cfg.global_batch_windows(world)
+    assert ds["train_micro_batch_size_per_gpu"] == micro
+    assert ds["gradient_accumulation_steps"] == accum
+
+
+def test_ds_precision_sections():
+    bf16 = deepspeed_config(load_config(None, ["train.precision=bf16"]), 1)
+    assert bf16["bf16"] == {"enabled": True} and "fp16" not in bf16
+    fp16 = deepspeed_config(load_config(None, ["train.precision=fp16"]), 1)
+    assert fp16["fp16"]["enabled"] is True and "bf16" not in fp16
+    fp32 = deepspeed_config(load_config(None, ["train.precision=fp32"]), 1)
+    assert "bf16" not in fp32 and "fp16" not in fp32
+
+
+def test_ds_zero_and_offload():
+    ds = deepspeed_config(load_config(None, ["zero.stage=1", "train.grad_clip=0.5"]), 2)
+    z = ds["zero_optimization"]
+    assert z["stage"] == 1 and "offload_optimizer" not in z and "offload_param" not in z
+    assert ds["gradient_clipping"] == 0.5
+    ds = deepspeed_config(load_config(None, ["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_param=cpu"]), 2)
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3
+    assert z["offload_optimizer"] == {"device": "cpu"} and z["offload_param"] == {"device": "cpu"}
+
+
+def test_ds_user_mapping_merged_last(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "train:\n  precision: bf16\n  micro_batch_size: 4\nzero:\n  stage: 2\n"
+        "deepspeed:\n  zero_optimization:\n    stage: 3\n    stage3_max_live_parameters: 1000\n"
+        "  bf16:\n    enabled: false\n  steps_per_print: 5\n  wall_clock_breakdown: true\n"
+    )
+    cfg = load_config(f, ["deepspeed.train_micro_batch_size_per_gpu=4"])
+    ds = deepspeed_config(cfg, 2)
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["stage3_max_live_parameters"] == 1000  # user wins, key added
+    assert z["contiguous_gradients"] is True and "reduce_bucket_size" in z  # generated keys kept (deep merge)
+    assert ds["bf16"] == {"enabled": False}
+    assert ds["steps_per_print"] == 5 and ds["wall_clock_breakdown"] is True
+    assert ds["train_batch_size"] == 8
+    # The config object itself is not mutated by generating ds_config.
+    assert cfg.deepspeed["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 1000}
+    assert deepspeed_config(cfg, 2) == ds

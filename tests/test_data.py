@@ -1,0 +1,395 @@
+"""Data pipeline: lossless tokenizer, packed EOS-separated stream, deterministic content-hash split, honest
+cache reuse, local txt/jsonl/parquet sources, and the window sampler's world-size invariance."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scaletrain.config import load_config
+from scaletrain.data import prepare as prepare_mod
+from scaletrain.data.prepare import is_val, prepare_data, split_key
+from scaletrain.data.sampler import WindowStream, eval_window_ids, micro_batch_ids
+from scaletrain.data.sources import iter_documents, resolve_source
+from scaletrain.data.tokenizer import Tokenizer
+from scaletrain.errors import UserError
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TOP_LEVEL = sorted(STDLIB.glob("*.py"))
+VOCAB = 512
+VAL = 0.2
+
+
+def cfg_for(source, cache_dir, *extra: str):
+    return load_config(None, [f"data.source={source}", f"data.cache_dir={cache_dir}", f"model.vocab_size={VOCAB}",
+                              f"data.val_fraction={VAL}", "data.num_workers=2", *extra])
+
+
+def copy_corpus(dest: Path, files: list[Path], name=lambda i, p: p.stem + ".txt") -> Path:
+    dest.mkdir(parents=True)
+    for i, p in enumerate(files):
+        shutil.copyfile(p, dest / name(i, p))
+    return dest
+
+
+def docs_of(source) -> list[str]:
+    return [text for _, text in iter_documents(resolve_source(str(source)))]
+
+
+def split_stream(tokens: np.ndarray, eos: int) -> list[list[int]]:
+    """The packed stream cut at EOS; every document must end with one."""
+    ids = np.asarray(tokens, dtype=np.int64).tolist()
+    assert not ids or ids[-1] == eos, "stream does not end with EOS"
+    out, cur = [], []
+    for t in ids:
+        if t == eos:
+            out.append(cur)
+            cur = []
+        else:
+            cur.append(t)
+    return out
+
+
+def decoded_docs(cache, split: str) -> list[str]:
+    tok = cache.tokenizer()
+    return [tok.decode(piece) for piece in split_stream(cache.tokens(split), tok.eos_id)]
+
+
+def file_state(d: Path) -> dict:
+    return {str(p.relative_to(d)): (p.stat().st_mtime_ns, p.stat().st_size, p.read_bytes()) for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """30 real stdlib modules as .txt files."""
+    return copy_corpus(tmp_path_factory.mktemp("corpus") / "c", TOP_LEVEL[:30])
+
+
+@pytest.fixture(scope="module")
+def cache(corpus, data_cache_dir):
+    return prepare_data(cfg_for(corpus, data_cache_dir), progress=False)
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------
+
+def _real_texts() -> dict[str, str]:
+    """Real stdlib files the tokenizer was not trained on: non-ASCII ones, and ones with tabs if the
+    install has them (the email test data does)."""
+    out = {}
+    for p in TOP_LEVEL[30:]:
+        text = p.read_text("utf-8")
+        if any(ord(c) > 127 for c in text):
+            out[p.name] = text
+        if len(out) >= 5:
+            break
+    tabbed = 0
+    for p in sorted((STDLIB / "test" / "test_email" / "data").glob("*.txt")):
+        try:
+            text = p.read_text("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if "\t" in text:
+            out[p.name] = text
+            tabbed += 1
+        if tabbed >= 3:
+            break
+    return out
+
+
+SYNTHETIC = {
+    "tabs-crlf-spaces": "def f(x):\r\n\treturn x\t# tab\r\n\n\n    \t  trailing   \n\t\t\n",
+    "unicode": "naïve café — “quotes” 日本語 한국어 emoji 🐍🚀 math ∑∫≠ nbsp\u00a0zwsp\u200b end",
+    "leading-space": "   leading spaces and a final newline\n",
+    "control": "bell\x07 vt\x0b ff\x0c esc\x1b[0m",
+    "empty": "",
+}
+
+
+def test_tokenizer_round_trip_real_files(cache):
+    tok = cache.tokenizer()
+    texts = _real_texts()
+    assert sum(any(ord(c) > 127 for c in t) for t in texts.values()) >= 3, "expected non-ASCII stdlib files"
+    for name, text in {**texts, **SYNTHETIC}.items():
+        ids = tok.encode(text)
+        assert all(0 <= i < VOCAB for i in ids)
+        assert tok.eos_id not in ids, f"{name}: EOS inside a document's encoding"
+        assert tok.decode(ids) == text, f"{name}: decode(encode(x)) != x"
+
+
+def test_tokenizer_special_ids(cache):
+    tok = cache.tokenizer()
+    assert (tok.sp.unk_id(), tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert tok.vocab_size == VOCAB == cache.meta["tokenizer_vocab"]
+    assert cache.meta["eos_id"] == 2 and cache.meta["dtype"] == "uint16"
+
+
+def test_tokenizer_round_trip_on_training_docs(cache, corpus):
+    tok = cache.tokenizer()
+    for text in docs_of(corpus):
+        assert tok.decode(tok.encode(text)) == text
+
+
+# ---- packed stream and split --------------------------------------------------------------------------
+
+def test_stream_is_eos_separated_docs_in_order(cache, corpus):
+    tok = cache.tokenizer()
+    docs = docs_of(corpus)
+    assert len(docs) == 30
+    val_docs = [t for t in docs if is_val(t, VAL)]
+    train_docs = [t for t in docs if not is_val(t, VAL)]
+    assert val_docs and train_docs, "pick a corpus with both splits non-empty"
+    for split, expected in (("train", train_docs), ("val", val_docs)):
+        want = np.concatenate([np.asarray(tok.encode(t) + [tok.eos_id]) for t in expected])
+        got = np.asarray(cache.tokens(split), dtype=np.int64)
+        assert np.array_equal(got, want), f"{split}.bin is not encode(doc)+[EOS] for each {split} doc in order"
+        assert int((got == tok.eos_id).sum()) == len(expected) == cache.meta["docs"][split]
+        assert len(got) == cache.meta["tokens"][split]
+        assert decoded_docs(cache, split) == expected
+
+
+def test_split_is_deterministic_by_content():
+    texts = [p.read_text("utf-8") for p in TOP_LEVEL[:40]]
+    first = [is_val(t, 0.3) for t in texts]
+    assert first == [is_val(t, 0.3) for t in texts]
+    assert all(0.0 <= split_key(t) < 1.0 for t in texts)
+    assert 0 < sum(first) < len(texts)
+    # Monotone in the fraction; nothing is val at 0.
+    assert all(is_val(t, 0.6) for t, v in zip(texts, first) if v)
+    assert not any(is_val(t, 0.0) for t in texts)
+
+
+def test_split_independent_of_file_names_and_order(cache, corpus, tmp_path, data_cache_dir):
+    """Same contents under reversed-order names (and nested differently): same val set, by content."""
+    files = sorted(corpus.glob("*.txt"))
+    other = tmp_path / "reordered"
+    other.mkdir()
+    for i, p in enumerate(files):
+        sub = other / ("b" if i % 2 else "a")
+        sub.mkdir(exist_ok=True)
+        shutil.copyfile(p, sub / f"{len(files) - i:03d}_{p.name}")
+    assert [p.read_text() for p in sorted(other.rglob("*.txt"))] != [p.read_text() for p in files]
+    again = prepare_data(cfg_for(other, data_cache_dir, f"data.tokenizer={cache.tokenizer_path}"), progress=False)
+    assert again.dir != cache.dir
+    for split in ("train", "val"):
+        assert sorted(decoded_docs(again, split)) == sorted(decoded_docs(cache, split))
+    assert again.meta["docs"] == cache.meta["docs"] and again.meta["tokens"] == cache.meta["tokens"]
+
+
+def test_tiny_val_fraction_still_gets_one_val_doc(cache, corpus, data_cache_dir):
+    docs = docs_of(corpus)
+    assert not any(is_val(t, 1e-9) for t in docs)
+    c = prepare_data(cfg_for(corpus, data_cache_dir, "data.val_fraction=1e-9", f"data.tokenizer={cache.tokenizer_path}"),
+                     progress=False)
+    nearest = min(docs, key=split_key)
+    assert decoded_docs(c, "val") == [nearest]
+    assert decoded_docs(c, "train") == [t for t in docs if t != nearest]
+    assert c.meta["docs"] == {"train": 29, "val": 1}
+
+
+def test_val_fraction_zero_has_empty_val(cache, corpus, data_cache_dir):
+    c = prepare_data(cfg_for(corpus, data_cache_dir, "data.val_fraction=0", f"data.tokenizer={cache.tokenizer_path}"),
+                     progress=False)
+    assert len(c.tokens("val")) == 0 and c.meta["docs"]["val"] == 0
+    assert decoded_docs(c, "train") == docs_of(corpus)
+
+
+# ---- cache reuse -----------------------------------------------------------------------------------------
+
+def test_cache_is_reused_without_rebuilding(cache, corpus, data_cache_dir, monkeypatch):
+    before = file_state(cache.dir)
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("prepare_data rebuilt a cache that already existed")
+
+    monkeypatch.setattr(prepare_mod, "_build", no_rebuild)
+    again = prepare_data(cfg_for(corpus, data_cache_dir), progress=False)
+    assert again.dir == cache.dir and again.meta == cache.meta
+    assert file_state(cache.dir) == before  # nothing rewritten (mtimes, sizes, bytes)
+    assert not [p for p in data_cache_dir.iterdir() if p.name.startswith(".tmp")], "temp dirs left behind"
+
+
+def test_different_vocab_gets_its_own_cache(cache, corpus, data_cache_dir):
+    before = file_state(cache.dir)
+    other = prepare_data(cfg_for(corpus, data_cache_dir, "model.vocab_size=384"), progress=False)
+    assert other.dir != cache.dir and other.dir.parent == cache.dir.parent
+    assert other.meta["tokenizer_vocab"] == 384 and other.tokenizer().vocab_size == 384
+    assert int(np.asarray(other.tokens("train")).max()) < 384
+    assert file_state(cache.dir) == before
+
+
+def test_changed_source_gets_new_cache(tmp_path, data_cache_dir, cache):
+    src = copy_corpus(tmp_path / "c", TOP_LEVEL[:12])
+    tokenizer = f"data.tokenizer={cache.tokenizer_path}"
+    first = prepare_data(cfg_for(src, data_cache_dir, tokenizer), progress=False)
+    before = file_state(first.dir)
+    with open(src / TOP_LEVEL[0].with_suffix(".txt").name, "a") as f:
+        f.write("\n# appended line\n")
+    second = prepare_data(cfg_for(src, data_cache_dir, tokenizer), progress=False)
+    assert second.dir != first.dir
+    assert file_state(first.dir) == before
+    assert any("# appended line" in d for d in decoded_docs(second, "train") + decoded_docs(second, "val"))
+
+
+# ---- sources ---------------------------------------------------------------------------------------------
+
+def test_local_txt_jsonl_parquet_sources(tmp_path, data_cache_dir, cache):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    texts = [p.read_text("utf-8") for p in TOP_LEVEL[30:45]]
+    d = tmp_path / "local"
+    (d / "sub").mkdir(parents=True)
+    (d / "a.txt").write_text(texts[0] + "\ttab and ünïcödé\n")
+    with open(d / "b.jsonl", "w") as f:
+        for i, t in enumerate(texts[1:8]):
+            f.write(json.dumps({"id": i, "body": t}) + "\n")
+        f.write("\n")                                      # blank lines are skipped
+        f.write(json.dumps({"id": 99, "body": ""}) + "\n")  # so are empty documents
+    pq.write_table(pa.table({"body": texts[8:], "n": list(range(len(texts) - 8))}), d / "sub" / "c.parquet")
+    (d / "README.rst").write_text("not a supported type: ignored when data.source is a directory")
+    src = resolve_source(str(d), "body")
+    assert [p.relative_to(d).as_posix() for p in src.files] == ["a.txt", "b.jsonl", "sub/c.parquet"]
+    expected = [texts[0] + "\ttab and ünïcödé\n", *texts[1:8], *texts[8:]]
+    assert [t for _, t in iter_documents(src)] == expected
+    c = prepare_data(cfg_for(d, data_cache_dir, "data.text_field=body", "data.val_fraction=0",
+                             f"data.tokenizer={cache.tokenizer_path}"), progress=False)
+    assert decoded_docs(c, "train") == expected
+    assert c.meta["docs"] == {"train": len(expected), "val": 0}
+
+
+def test_glob_and_single_file_sources(tmp_path):
+    d = copy_corpus(tmp_path / "g", TOP_LEVEL[:3])
+    (d / "x.md").write_text("# markdown counts as text\n")
+    assert len(resolve_source(str(d / "*.txt")).files) == 3
+    assert len(resolve_source(str(d)).files) == 4
+    one = resolve_source(str(d / "x.md"))
+    assert [t for _, t in iter_documents(one)] == ["# markdown counts as text\n"]
+
+
+def test_bad_sources_are_user_errors(tmp_path, data_cache_dir):
+    (tmp_path / "notes.docx").write_text("hello")
+    with pytest.raises(UserError, match=r"\.docx"):
+        resolve_source(str(tmp_path / "notes.docx"))
+    with pytest.raises(UserError, match="matches no files"):
+        resolve_source(str(tmp_path / "nothing" / "*.txt"))
+    good = copy_corpus(tmp_path / "ok", TOP_LEVEL[:1])
+    with pytest.raises(UserError, match="nope.model"):
+        prepare_data(cfg_for(good, data_cache_dir, f"data.tokenizer={tmp_path / 'nope.model'}"), progress=False)
+
+
+def test_text_field_changes_fingerprint(tmp_path):
+    d = tmp_path / "j"
+    d.mkdir()
+    (d / "a.jsonl").write_text('{"text": "x", "body": "y"}\n')
+    assert resolve_source(str(d), "text").fingerprint() != resolve_source(str(d), "body").fingerprint()
+    assert [t for _, t in iter_documents(resolve_source(str(d), "body"))] == ["y"]
+
+
+def test_existing_sentencepiece_model_is_used(cache, corpus, data_cache_dir, tmp_path):
+    model = tmp_path / "my.model"
+    shutil.copyfile(cache.tokenizer_path, model)
+    c = prepare_data(cfg_for(corpus, data_cache_dir, f"data.tokenizer={model}"), progress=False)
+    assert c.dir != cache.dir  # the fingerprint includes the tokenizer
+    assert c.tokenizer_path.read_bytes() == model.read_bytes()
+    # Same tokenizer, same documents, same split: the very same token streams.
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(c.tokens(split)), np.asarray(cache.tokens(split)))
+    # A model bigger than the model's vocab is refused, naming the key.
+    with pytest.raises(UserError, match="vocab_size"):
+        prepare_data(cfg_for(corpus, data_cache_dir, f"data.tokenizer={model}", "model.vocab_size=256"), progress=False)
+
+
+def test_stdlib_source_end_to_end(data_cache_dir):
+    """The default source, fully: every readable stdlib module is one EOS-terminated document."""
+    src = resolve_source("stdlib")
+    assert src.kind == "stdlib" and len(src.files) > 500
+    assert not any(part in ("site-packages", "dist-packages") for f in src.files for part in f.parts)
+    n_docs = sum(1 for _ in iter_documents(src))
+    c = prepare_data(load_config(None, [f"data.cache_dir={data_cache_dir}", "model.vocab_size=512",
+                                        "data.tokenizer_sample_lines=20000"]), progress=False)
+    m = c.meta
+    assert m["docs"]["train"] + m["docs"]["val"] == n_docs
+    assert m["docs"]["val"] > 0 and m["tokens"]["val"] > 0
+    tok = c.tokenizer()
+    for split in ("train", "val"):
+        toks = np.asarray(c.tokens(split))
+        assert int(toks.max()) < 512
+        assert int((toks == tok.eos_id).sum()) == m["docs"][split]
+    for name, text in {**_real_texts(), **SYNTHETIC}.items():
+        assert tok.decode(tok.encode(text)) == text, name
+
+
+# ---- sampler ---------------------------------------------------------------------------------------------
+
+def test_windows_are_contiguous_and_targets_shifted():
+    tokens = np.arange(1000, dtype=np.uint16)
+    s = WindowStream(tokens, seq_len=16, seed=0)
+    assert s.num_windows == (1000 - 1) // 16
+    ids = np.array([0, 5, s.num_windows - 1])
+    x, y = s.batch(ids)
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+    for row, w in enumerate(ids):
+        assert x[row].tolist() == list(range(w * 16, w * 16 + 16))
+        assert y[row].tolist() == list(range(w * 16 + 1, w * 16 + 17))
+
+
+def test_too_short_split_is_a_user_error():
+    with pytest.raises(UserError, match="seq_len"):
+        WindowStream(np.arange(16), seq_len=16, seed=0, split="val")
+    assert WindowStream(np.arange(17), seq_len=16, seed=0).num_windows == 1
+
+
+def test_permutation_deterministic_per_seed_and_epoch():
+    tokens = np.arange(50 * 8 + 1)
+    a, b, c = WindowStream(tokens, 8, seed=1), WindowStream(tokens, 8, seed=1), WindowStream(tokens, 8, seed=2)
+    n = a.num_windows
+    assert n == 50
+    e0, e1 = a.window_ids(0, n), a.window_ids(n, n)
+    assert sorted(e0) == sorted(e1) == list(range(n))  # each epoch is a permutation
+    assert not np.array_equal(e0, e1)  # reshuffled per epoch
+    assert np.array_equal(b.window_ids(n, n), e1) and np.array_equal(b.window_ids(0, n), e0)  # any access order
+    assert not np.array_equal(c.window_ids(0, n), e0)  # another seed, another order
+    # Crossing an epoch boundary continues into the next epoch's permutation.
+    assert np.array_equal(a.window_ids(n - 3, 7), np.concatenate([e0[-3:], e1[:4]]))
+    assert np.array_equal(a.window_ids(3 * n + 5, 2), a.window_ids(3 * n, 10)[5:7])
+
+
+def _step_windows(stream, consumed, world, accum, micro):
+    ids = []
+    for rank in range(world):
+        for micro_step in range(accum):
+            start, count = micro_batch_ids(consumed, micro_step, rank, world, micro)
+            ids.extend(stream.window_ids(start, count).tolist())
+    return ids
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_global_batch_same_for_any_world_and_accum(micro):
+    stream = WindowStream(np.arange(37 * 4 + 1), 4, seed=3)  # 37 windows: steps cross epochs
+    layouts = [(1, 2), (2, 1)] if micro == 3 else [(1, 4), (2, 2), (4, 1)]
+    per_step = micro * layouts[0][0] * layouts[0][1]
+    for step in range(15):
+        consumed = step * per_step
+        sets = []
+        for world, accum in layouts:
+            ids = _step_windows(stream, consumed, world, accum, micro)
+            assert len(ids) == per_step
+            sets.append(sorted(ids))
+        assert all(s == sets[0] for s in sets), f"step {step}: {sets}"
+        assert sets[0] == sorted(stream.window_ids(consumed, per_step).tolist())
+
+
+def test_eval_windows_same_for_any_world():
+    for num_windows, total in [(100, 8), (5, 8), (1, 3), (64, 64), (1000, 7)]:
+        ref = eval_window_ids(num_windows, total, 0, 1).tolist()
+        assert len(ref) == min(total, num_windows) == len(set(ref))
+        assert all(0 <= w < num_windows for w in ref)
+        for world in (2, 3, 4):
+            parts = [eval_window_ids(num_windows, total, r, world).tolist() for r in range(world)]
+            assert sorted(sum(parts, [])) == sorted(ref), (num_windows, total, world)

@@ -1,0 +1,158 @@
+"""Growth inside a run (growth.schedule) with 2 CPU ranks under ZeRO-3: exact function at each boundary,
+one TensorBoard curve, and a loss curve that is bit-identical whether the run is interrupted (SIGUSR1) before
+or after a boundary, or resumed from the checkpoint taken at the boundary itself (a crash during growth)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch_utils import TINY, run_training, small_corpus, start_training, tb_scalars, wait_for
+
+pytestmark = pytest.mark.slow
+
+B1, B2, STEPS = 6, 12, 16
+SCHEDULE = (f"growth.schedule=[{{at_step: {B1}, set: {{model.num_layers: 4}}}}, "
+            f"{{at_step: {B2}, set: {{model.hidden_size: 128, model.num_heads: 8, model.num_kv_heads: 4, "
+            f"model.intermediate_size: 344}}}}]")
+
+
+@pytest.fixture(scope="module")
+def common(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("grow_runs")
+    corpus = small_corpus(root / "corpus")
+    return [*TINY, f"data.source={corpus}", f"data.cache_dir={root / 'cache'}", "train.precision=fp32",
+            "zero.stage=3", f"train.max_steps={STEPS}", "train.save_every=4", "train.keep_last=20",
+            "growth.rewarmup_steps=2", "growth.noise=0.05", SCHEDULE]
+
+
+@pytest.fixture(scope="module")
+def straight(common, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("straight") / "run"
+    proc = run_training(2, [*common, f"run.dir={d}"], timeout=600)
+    (d / "stdout.txt").write_text(proc.stdout)
+    return d
+
+
+def test_growth_boundaries_are_exact_and_logged(straight):
+    out = (straight / "stdout.txt").read_text()
+    assert "grew to stage 1" in out and "grew to stage 2" in out and "still referenced" not in out
+    params = tb_scalars(straight, "train/model_params")
+    p0, p1, p2 = params[1], params[B1 + 1], params[B2 + 1]
+    assert p0 < p1 < p2 and params[B1] == p0 and params[B2] == p1 and params[STEPS] == p2
+    for stage in (1, 2):
+        rec = json.loads((straight / "growth" / f"stage{stage}" / "lineage.json").read_text())
+        check = rec["grow"]["check"]
+        assert rec["grow"]["exact"] and check["max_abs_dlogits"] <= 1e-5, check
+        assert abs(check["parent_loss"] - check["child_loss"]) <= 1e-5
+        assert rec["grow"]["optimizer"] == "grow" and rec["grow"]["noise"] == 0.05
+    assert sorted(tb_scalars(straight, "train/loss")) == list(range(1, STEPS + 1))  # one continuous curve
+    cfg = yaml.safe_load((straight / "config.yaml").read_text())
+    assert cfg["model"]["hidden_size"] == 128 and cfg["model"]["num_layers"] == 4 and cfg["growth"]["schedule"] == []
+    manifest = json.loads((straight / "checkpoints" / f"global_step{B1}" / "manifest.json").read_text())
+    assert manifest["model"]["num_layers"] == 2  # the boundary checkpoint is the parent
+
+
+def _live_pids(run_dir: Path) -> list[int]:
+    pids = []
+    for pid_file in (run_dir / "pids").glob("rank*.pid"):
+        pid = int(pid_file.read_text())
+        if Path(f"/proc/{pid}").exists():
+            pids.append(pid)
+    return pids
+
+
+def _signal(run_dir: Path) -> None:
+    for pid in _live_pids(run_dir):
+        os.kill(pid, signal.SIGUSR1)
+
+
+def _stopped_at(run_dir: Path) -> int:
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted", status
+    return status["step"]
+
+
+def test_resume_before_and_after_each_boundary_is_exact(common, straight, tmp_path):
+    expected = tb_scalars(straight, "train/loss")
+    d = tmp_path / "run"
+    args = [*common, f"run.dir={d}"]
+    stops = []
+    # segment 1: stopped before the first boundary; 2: between them; 3: after the second
+    for trigger in (d / "checkpoints" / "global_step4", d / "growth" / "stage1" / "lineage.json",
+                    d / "growth" / "stage2" / "lineage.json"):
+        shutil.rmtree(d / "pids", ignore_errors=True)  # only this segment's ranks get the signal
+        proc = start_training(2, args)
+        ready = lambda: (trigger.exists() and len(_live_pids(d)) == 2) or proc.poll() is not None  # noqa: E731
+        assert wait_for(ready, timeout=300) and trigger.exists(), proc.communicate()[0][-3000:]
+        _signal(d)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+        stops.append(_stopped_at(d))
+    assert stops[0] <= B1 < stops[1] <= B2 < stops[2] < STEPS, stops
+    run_training(2, args, timeout=600)
+    got = tb_scalars(d, "train/loss")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s] for s in sorted(got)] == [expected[s] for s in sorted(got)], "resumed curve differs"
+
+
+def test_resume_from_the_boundary_checkpoint_regrows_identically(common, straight, tmp_path):
+    """As if the process died during growth: only the parent checkpoint of step B2 is left."""
+    d = tmp_path / "run"
+    shutil.copytree(straight, d, ignore=shutil.ignore_patterns("tb", "growth", "stdout.txt"))
+    for tag in (d / "checkpoints").glob("global_step*"):
+        if int(tag.name.removeprefix("global_step")) > B2:
+            shutil.rmtree(tag)
+    (d / "checkpoints" / "latest").write_text(f"global_step{B2}")
+    proc = run_training(2, [*common, f"run.dir={d}"], timeout=600)
+    assert f"resumed from {d / 'checkpoints' / f'global_step{B2}'}" in proc.stdout and "grew to stage 2" in proc.stdout
+    got, expected = tb_scalars(d, "train/loss"), tb_scalars(straight, "train/loss")
+    assert sorted(got) == list(range(B2 + 1, STEPS + 1))
+    assert all(got[s] == expected[s] for s in got)
+
+
+def test_grow_cli_from_a_two_rank_zero3_run_dir(straight, cli, tmp_path):
+    """Offline growth of the ZeRO-3 run (fp32 masters and Adam moments read from both ranks' shards), checked
+    against DeepSpeed's own zero_to_fp32 for the parent and transformers for both; then init.from trains it."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from test_grow_cli import hf_logits
+
+    child = tmp_path / "child"
+    rc, out, err = cli("grow", str(straight), "--out", str(child), "--set", "model.num_layers=6", "model.hidden_size=256",
+                       "model.num_heads=16", "model.num_kv_heads=8", "model.intermediate_size=688", "--optimizer", "grow",
+                       "--noise", "0.1", timeout=300)
+    assert rc == 0, err
+    assert "val windows" in out  # the run's own val data was found for the check
+    assert sorted(p.name for p in (child / "optimizer").iterdir()) == ["exp_avg", "exp_avg_sq", "state.json"]
+    assert json.loads((child / "optimizer" / "state.json").read_text())["adam_step"] == STEPS
+    parent = tmp_path / "parent"  # the parent as DeepSpeed itself reconstructs it
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(straight / "checkpoints"), tag=f"global_step{STEPS}")
+    parent.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items() if k != "lm_head.weight"}, parent / "model.safetensors")
+    shutil.copy(child / "config.yaml", parent / "config.yaml")
+    cfg = yaml.safe_load((parent / "config.yaml").read_text())
+    cfg["model"].update(yaml.safe_load((straight / "config.yaml").read_text())["model"])
+    (parent / "config.yaml").write_text(yaml.safe_dump(cfg))
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert (hf_logits(parent, x) - hf_logits(child, x)).abs().max().item() <= 1e-5
+    # training starts from it (weights + grown Adam moments), 1 rank ZeRO-0
+    import subprocess
+
+    from launch_utils import REPO, env, train_cmd
+
+    run = tmp_path / "ft"
+    cmd = train_cmd(1, [f"init.from={child}", f"run.dir={run}", "train.max_steps=2", "train.save_every=0",
+                        "train.eval_every=0", "zero.stage=0", "growth.schedule=[]"], config=str(child / "config.yaml"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((run / "lineage.json").read_text())["parents"][0]["kind"] == "grow"

@@ -1,0 +1,229 @@
+"""Hugging Face interop with transformers as the oracle: export parity (logits, tokenizer ids), import round trip
+(bit-exact tensors), greedy generate == HF generate, eval loss == HF loss, and users' mistakes (one line, exit 2,
+nothing written)."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch_utils import run_cli
+from hf_fixtures import (VOCAB, cli_ok, corpus, hf_dir, hf_root, imported, sp_model,  # noqa: F401
+                         tensors_of, write_checkpoint_dir)
+
+from scaletrain.config import ModelConfig
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors on a shared 2-core machine
+    yield
+    torch.set_num_threads(before)
+
+
+def _our_model(cfg: ModelConfig, seed: int = 0):
+    from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
+
+    torch.manual_seed(seed)
+    m = LlamaForCausalLM(LlamaShape.from_config(cfg))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+# ---- export parity ---------------------------------------------------------------------------------------
+
+SHAPES = {"mha": dict(hidden_size=64, num_heads=4, num_kv_heads=4), "gqa": dict(hidden_size=96, num_heads=6, num_kv_heads=2)}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("arch", ["mha", "gqa"])
+def test_export_logits_match_transformers(tmp_path, sp_model, arch, tied):
+    from transformers import AutoModelForCausalLM
+
+    from scaletrain.hf.export_hf import export_hf
+
+    cfg = ModelConfig(**SHAPES[arch], num_layers=2, intermediate_size=176, vocab_size=VOCAB, max_seq_len=128,
+                      rope_theta=500000.0 if arch == "gqa" else 10000.0, tie_word_embeddings=tied, init_std=0.1)
+    ours = _our_model(cfg)
+    ckpt = write_checkpoint_dir(tmp_path / "ckpt", ours, cfg, sp_model)
+    export_hf(str(ckpt), str(tmp_path / "hf"), progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert ("lm_head.weight" in tensors_of(tmp_path / "hf")) == (not tied)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = ours(ids), hf(ids).logits
+    assert a.abs().max() > 1.0  # not vacuous
+    diff = (a - b).abs().max().item()
+    print(f"export parity {arch} {'tied' if tied else 'untied'}: max |dlogits| = {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_exported_tokenizer_gives_training_ids_on_stdlib(tmp_path, sp_model):
+    """AutoTokenizer on an export == sentencepiece (what training used), on real text, incl. "<s>" in text."""
+    from transformers import AutoTokenizer
+
+    from scaletrain.data.tokenizer import Tokenizer
+    from scaletrain.hf.tokenizer_files import PROBE, write_hf_tokenizer
+
+    write_hf_tokenizer(sp_model, tmp_path, 128)
+    hf, sp = AutoTokenizer.from_pretrained(str(tmp_path)), Tokenizer(sp_model)
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]
+    texts = [PROBE, "<s>x</s> <unk>", "  leading spaces\n\n\ttabs  ", "数字 12345 and émoji 🙂"] + [f.read_text(errors="replace") for f in files]
+    bad = [i for i, t in enumerate(texts) if hf(t)["input_ids"] != sp.encode(t)]
+    assert not bad, f"{len(bad)} of {len(texts)} texts tokenise differently, first: {texts[bad[0]][:80]!r}"
+    assert hf.eos_token_id == sp.eos_id and hf.decode(sp.encode(texts[5])) == texts[5]
+
+
+# ---- import round trip ----------------------------------------------------------------------------------
+
+
+def test_import_export_round_trip_is_bit_exact(tmp_path, hf_dir, imported):
+    cli_ok("export-hf", str(imported), "--out", str(tmp_path / "out"), "--max-shard-size", "300KB")
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+    a, b = tensors_of(hf_dir), tensors_of(tmp_path / "out")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"))  # the sharded export loads
+    text = "def main(argv):\n    return 0\n"
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "out"))(text)["input_ids"] == AutoTokenizer.from_pretrained(str(hf_dir))(text)["input_ids"]
+    lineage = json.loads((tmp_path / "out" / "lineage.json").read_text())
+    assert lineage["kind"] == "export" and lineage["parents"][0]["kind"] == "import-hf"
+
+
+def test_import_sharded_pytorch_bin(tmp_path, hf_dir):
+    """pytorch_model-*.bin shards + index (read with weights_only=True) import to the same tensors."""
+    import shutil
+
+    src = tmp_path / "bin"
+    src.mkdir()
+    for f in hf_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copyfile(f, src / f.name)
+    sd = tensors_of(hf_dir)
+    names = sorted(sd)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2], "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :]}
+    for fname, keys in halves.items():
+        torch.save({k: sd[k] for k in keys}, src / fname)
+    (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in halves.items() for k in ks}}))
+    cli_ok("import-hf", str(src), "--out", str(tmp_path / "ck"))
+    got = tensors_of(tmp_path / "ck")
+    assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def _hf(hf_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir)).eval(), AutoTokenizer.from_pretrained(str(hf_dir))
+
+
+def test_greedy_generate_matches_hf(hf_dir, imported):
+    prompt = "def main(argv):\n    parser = "
+    out = json.loads(cli_ok("generate", str(imported), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "16", "--json"))
+    model, tok = _hf(hf_dir)
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    assert out["prompt_ids"] == ids[0].tolist()
+    ref = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert out["ids"] == ref
+    assert len(set(ref)) > 3  # a varied continuation, not one repeated token
+
+
+def test_eval_loss_matches_hf(tmp_path, hf_dir, imported):
+    model, tok = _hf(hf_dir)
+    text = Path(sysconfig.get_paths()["stdlib"], "heapq.py").read_text()
+    while len(tok(text)["input_ids"]) >= 250:  # one window keeps the oracle simple
+        text = text[: len(text) * 3 // 4]
+    (tmp_path / "doc.txt").write_text(text)
+    res = json.loads(cli_ok("eval", str(imported), "--data", str(tmp_path / "doc.txt"), "--json", "--seq-len", "250"))
+    ids = tok(text)["input_ids"] + [tok.eos_token_id]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert res["tokens"] == len(ids) - 1
+    assert abs(res["loss"] - ref) < 1e-4, (res, ref)
+
+
+# ---- users' mistakes: one line, exit 2, nothing written -------------------------------------------------
+
+
+def _bad_cases(tmp: Path, hf_dir: Path, imported: Path) -> dict:
+    import shutil
+
+    def copy(name: str) -> Path:
+        d = tmp / name
+        shutil.copytree(hf_dir, d)
+        return d
+
+    def edit_config(d: Path, **kw) -> Path:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(kw)
+        (d / "config.json").write_text(json.dumps(cfg))
+        return d
+
+    (tmp / "empty").mkdir()
+    other = edit_config(copy("gpt2"), architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    missing = copy("missing")
+    (missing / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+    (missing / "model.safetensors").unlink()
+    shapes = edit_config(copy("shapes"), intermediate_size=128)
+    scaling = edit_config(copy("scaling"), rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0})
+    bias = edit_config(copy("bias"), attention_bias=True)
+    badtok = copy("badtok")
+    (badtok / "tokenizer.json").write_text("{ not json")
+    full = tmp / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("precious")
+    return {
+        "not a model": (["import-hf", str(tmp / "empty")], "config.json"),
+        "other architecture": (["import-hf", str(other)], "GPT2LMHeadModel"),
+        "missing shard": (["import-hf", str(missing)], "missing weight shard"),
+        "mismatched shapes": (["import-hf", str(shapes)], "do not match"),
+        "rope scaling": (["import-hf", str(scaling)], "llama3"),
+        "attention bias": (["import-hf", str(bias)], "attention_bias"),
+        "unreadable tokenizer": (["import-hf", str(badtok)], "tokenizer"),
+        "existing out (import)": (["import-hf", str(hf_dir), "--out", str(full)], "not empty"),
+        "existing out (export)": (["export-hf", str(imported), "--out", str(full)], "not empty"),
+        "export of a non-model": (["export-hf", str(tmp / "empty")], "not a model"),
+        "no lineage": (["lineage", str(tmp / "empty")], "lineage.json"),
+    }
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, hf_dir, imported):
+    cases = _bad_cases(tmp_path, hf_dir, imported)
+
+    def one(item):
+        name, (argv, word) = item
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        if "--out" not in argv:
+            argv = [*argv, "--out", str(out)] if argv[0] != "lineage" else argv
+        return name, word, out, run_cli(*argv)
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(one, cases.items()))
+    for name, word, out, (rc, stdout, stderr) in results:
+        lines = [ln for ln in stderr.splitlines() if ln.strip() and "[WARNING]" not in ln and "warn(" not in ln]
+        assert rc == 2, f"{name}: rc={rc}\n{stderr[-2000:]}"
+        assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {stderr!r}"
+        assert word.lower() in lines[0].lower(), f"{name}: {lines[0]}"
+        assert not out.exists(), f"{name}: {out} was created"
+        assert not list(tmp_path.glob(".out-*")), f"{name}: temp dir left behind"
+    assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
+
+
+def test_init_from_shape_mismatch_is_a_one_line_diff(tmp_path, imported):
+    rc, out, err = run_cli("train", "--config", "configs/tiny.yaml", "--set", f"init.from={imported}", f"run.dir={tmp_path / 'run'}",
+                           "model.vocab_size=512", "model.num_heads=6", "model.num_kv_heads=2", "model.hidden_size=96")
+    lines = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert rc == 2 and len(lines) == 1, err[-2000:]
+    assert "model.num_layers: checkpoint 3, config 4" in lines[0] and "model.intermediate_size: checkpoint 200, config 688" in lines[0]
+    assert not (tmp_path / "run").exists()

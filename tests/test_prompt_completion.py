@@ -1,0 +1,63 @@
+"""data.format=prompt_completion: one example per window, loss only on completion tokens (+ EOS), padding and
+prompts never targets, examples never share a window; and the cache round trip through prepare_data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from scaletrain.config import load_config
+from scaletrain.data.examples import IGNORE_INDEX, ExampleStream
+from scaletrain.errors import UserError
+
+
+def test_example_windows_mask_prompt_and_padding():
+    # example 0: prompt [10, 11], completion [12, 13, 2]; example 1: prompt [20], completion [21, 2]
+    tokens = np.array([10, 11, 12, 13, 2, 20, 21, 2], dtype=np.uint16)
+    index = np.array([[0, 5, 2], [5, 3, 1]], dtype=np.int64)
+    s = ExampleStream(tokens, index, seq_len=6, seed=0, pad_id=2)
+    x, y = s.batch(np.array([0, 1]))
+    assert x.tolist() == [[10, 11, 12, 13, 2, 2], [20, 21, 2, 2, 2, 2]]
+    M = IGNORE_INDEX
+    assert y.tolist() == [[M, 12, 13, 2, M, M], [21, 2, M, M, M, M]]
+
+
+def test_truncation_and_examples_without_targets():
+    tokens = np.array([1, 1, 1, 1, 1, 7, 8, 2, 30, 31, 2], dtype=np.uint16)
+    index = np.array([[0, 8, 5], [8, 3, 1]], dtype=np.int64)  # example 0: prompt of 5, window of 4 -> no target
+    s = ExampleStream(tokens, index, seq_len=3, seed=0, pad_id=2)
+    assert s.num_windows == 1 and s.dropped == 1
+    x, y = s.batch(np.array([0]))
+    assert x.tolist() == [[30, 31, 2]] and y.tolist() == [[31, 2, IGNORE_INDEX]]
+    with pytest.raises(UserError, match="raise train.seq_len"):
+        ExampleStream(tokens, index[:1], seq_len=3, seed=0, pad_id=2)
+
+
+def test_prepare_prompt_completion_cache(tmp_path):
+    from scaletrain.data.prepare import prepare_data
+
+    rows = [{"prompt": f"Q{i}: what is {i} + {i}?\n", "completion": f"A: {2 * i}\n"} for i in range(60)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a tokenizer trained on the same rows (as text) keeps this test self-contained
+    (tmp_path / "t.txt").write_text("".join(r["prompt"] + r["completion"] for r in rows) * 20)
+    tok_cfg = load_config(None, [f"data.source={tmp_path / 't.txt'}", f"data.cache_dir={tmp_path / 'c'}", "model.vocab_size=290",
+                                 "data.num_workers=1"])
+    tok_path = prepare_data(tok_cfg, progress=False).tokenizer_path
+    cfg = load_config(None, [f"data.source={tmp_path / 'd.jsonl'}", "data.format=prompt_completion", f"data.cache_dir={tmp_path / 'c'}",
+                             f"data.tokenizer={tok_path}", "model.vocab_size=290", "data.num_workers=1", "data.val_fraction=0.1"])
+    cache = prepare_data(cfg, progress=False)
+    tok = cache.tokenizer()
+    assert cache.meta["data_format"] == "prompt_completion"
+    assert cache.meta["docs"]["train"] + cache.meta["docs"]["val"] == 60 and cache.meta["docs"]["val"] >= 1
+    stream = cache.stream("train", 32, 0)
+    x, y = stream.batch(np.arange(stream.num_windows))
+    by_prompt = {r["prompt"]: r["completion"] for r in rows}
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        text = tok.decode([t for t in row_x if t != tok.eos_id])
+        prompt = text[: text.index("\n") + 1]
+        assert by_prompt[prompt] in text  # exactly one example in the window
+        targets = [t for t in row_y if t != IGNORE_INDEX]
+        assert targets[-1] == tok.eos_id and tok.decode(targets[:-1]) == by_prompt[prompt]  # completion only
+    assert cache.stream("val", 32, 0, required=False).num_windows == cache.meta["docs"]["val"]

@@ -1,0 +1,164 @@
+"""In-process checks of the reliability pieces: retention, the disk-space check, the memory plan and the
+NaN guard's optimizer wrapper (the multi-rank behaviour is in test_resilience_runs.py)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from scaletrain.config import load_config
+from scaletrain.errors import UserError
+from scaletrain.train import checkpoint, disk_space
+from scaletrain.train.distributed import Dist
+from scaletrain.train.guard import StepGuard
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_YAML = str(REPO / "configs" / "tiny.yaml")
+
+
+def _tag(root: Path, step: int, nbytes: int = 10) -> Path:
+    d = root / f"global_step{step}"
+    d.mkdir(parents=True)
+    (d / "w.pt").write_bytes(b"x" * nbytes)
+    checkpoint.write_manifest(d, {"step": step})
+    return d
+
+
+def test_prune_keeps_newest_milestones_and_the_tag_just_written(tmp_path):
+    for s in range(1, 11):
+        _tag(tmp_path, s)
+    (tmp_path / ".tmp-global_step11").mkdir()
+    checkpoint.prune(tmp_path, keep_last=2, keep_every=4, protect="global_step3")
+    left = sorted(s for s, _ in checkpoint.tags_by_step(tmp_path))
+    assert left == [3, 4, 8, 9, 10]
+    assert not (tmp_path / ".tmp-global_step11").exists()
+
+
+class _Engine:
+    """Enough of a DeepSpeed engine for checkpoint.save's disk check; saving would be a failure here."""
+
+    def __init__(self):
+        self.module = torch.nn.Linear(100, 100)
+
+    def save_checkpoint(self, *a, **k):
+        raise AssertionError("save_checkpoint must not be reached when the disk is full")
+
+
+def test_full_disk_skips_the_save_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    prev = _tag(root, 5, nbytes=1000)
+    checkpoint.write_text_atomic(root / "latest", "global_step5")
+    before = {p: p.read_bytes() for p in prev.iterdir()}
+    monkeypatch.setattr(disk_space, "free_bytes", lambda path: 2000)
+    said = []
+    out = checkpoint.save(_Engine(), root, 10, {"global_batch": 4}, Dist(0, 1, 0, 1, torch.device("cpu")),
+                          keep_last=2, meta={}, log=said.append)
+    assert out is None
+    assert len(said) == 1 and "global_step10 NOT saved" in said[0] and "global_step5" in said[0]
+    assert "free disk space or lower train.keep_last" in said[0]
+    assert {p: p.read_bytes() for p in prev.iterdir()} == before
+    assert (root / "latest").read_text() == "global_step5" and not (root / "global_step10").exists()
+
+
+def test_disk_estimate_before_the_first_checkpoint_counts_parameters(tmp_path):
+    need, why = disk_space.estimate(tmp_path / "none", 1_000_000)
+    assert need == int(1_000_000 * 16 * disk_space.MARGIN) and "parameters" in why
+
+
+# ---- memory plan ----------------------------------------------------------------------------------------
+
+def test_plan_counts_and_stage_arithmetic():
+    from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
+    from scaletrain.plan import memory_per_rank, num_params
+
+    cfg = load_config(TINY_YAML, ["train.precision=fp32"])
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaShape.from_config(cfg.model))
+    assert num_params(cfg) == sum(p.numel() for p in model.parameters())
+    p = {s: memory_per_rank(load_config(TINY_YAML, ["train.precision=fp32", f"zero.stage={s}"]), 4, "cuda") for s in range(4)}
+    P = num_params(cfg)
+    assert p[0].optimizer == 8 * P and p[1].optimizer == p[2].optimizer == p[3].optimizer == 12 * P / 4
+    assert p[3].params < p[2].params == p[1].params == 4 * P
+    assert p[2].grads < p[1].grads
+    assert p[0].activations == p[3].activations > 0
+    off = memory_per_rank(load_config(TINY_YAML, ["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_param=cpu"]), 4, "cuda")
+    assert off.optimizer == 0 and off.params == 0 and off.offloaded > 0
+
+
+def test_training_refuses_a_config_that_cannot_fit(monkeypatch):
+    from scaletrain.plan import check_fits
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    check_fits(load_config(TINY_YAML))  # the default fits anywhere
+    huge = load_config(TINY_YAML, ["model.hidden_size=8192", "model.num_layers=64", "model.num_heads=64",
+                                   "model.num_kv_heads=8", "model.intermediate_size=22016"])
+    with pytest.raises(UserError, match=r"needs about .* per rank .*raise zero.stage"):
+        check_fits(huge)
+    check_fits(load_config(TINY_YAML, ["model.hidden_size=8192", "model.num_layers=64", "model.num_heads=64",
+                                       "model.num_kv_heads=8", "model.intermediate_size=22016", "train.memory_check=false"]))
+
+
+def test_plan_report_lines():
+    from scaletrain.plan import report
+
+    text = report(load_config(TINY_YAML), gpus=2, nodes=1, device="cuda", memory=80e9, peak_flops=100e12)
+    assert "4,999,424 parameters" in text and "4,096 tokens/step" in text
+    assert " *2 " in text and "80.00 GB per rank" in text and "fits" in text and "step time" in text
+
+
+# ---- NaN guard --------------------------------------------------------------------------------------------
+
+class _Sched:
+    def __init__(self):
+        self.steps_done = 0
+
+    def step(self):
+        self.steps_done += 1
+
+
+class _FakeEngine:
+    """ZeRO-0 fp32 as DeepSpeed runs it: the engine steps the torch optimizer itself and reports no norm."""
+
+    def __init__(self):
+        self.module = torch.nn.Linear(4, 4)
+        self.optimizer = torch.optim.AdamW(self.module.parameters(), lr=0.1, fused=True)
+        self.lr_scheduler = _Sched()
+        self._step_applied = True
+
+    def get_global_grad_norm(self):
+        return None
+
+    def step(self):
+        self.optimizer.step()
+        self.lr_scheduler.step()
+
+
+def test_guard_skips_a_non_finite_update_and_aborts_after_max_skipped(monkeypatch):
+    monkeypatch.setenv("SCALETRAIN_INJECT_NAN_AT_STEP", "2")
+    eng = _FakeEngine()
+    norm = [1.0]
+    g = StepGuard(eng, max_skipped=2, rank=0, norm_fallback=lambda: norm[0], log=lambda m: None)
+    assert torch.isnan(g.inject(torch.tensor(1.0), 2, 0)) and g.inject(torch.tensor(1.0), 3, 0) == 1.0
+    assert StepGuard(eng, 2, rank=1, norm_fallback=lambda: 1.0).inject(torch.tensor(1.0), 2, 0) == 1.0  # rank 0 only
+
+    def step(loss, grad_value):
+        eng.module.weight.grad = torch.full_like(eng.module.weight, grad_value)
+        eng.module.bias.grad = torch.full_like(eng.module.bias, grad_value)
+        norm[0] = grad_value
+        g.before_update(eng, loss)
+        eng.step()
+        return g.after_update(eng.lr_scheduler.steps_done, loss)
+
+    assert step(1.0, 0.5) is False
+    w, state = eng.module.weight.detach().clone(), {k: v.clone() for k, v in eng.optimizer.state[eng.module.weight].items()}
+    assert step(math.nan, 0.5) is True  # bad loss, finite gradient: still skipped
+    assert torch.equal(eng.module.weight, w)
+    assert all(torch.equal(eng.optimizer.state[eng.module.weight][k], v) for k, v in state.items())
+    assert step(1.0, 0.5) is False and g.consecutive == 0 and g.total == 1
+    assert step(1.0, math.inf) is True  # bad gradient norm
+    with pytest.raises(UserError, match="train.max_skipped=2"):
+        step(math.nan, math.nan)
+    assert g.total == 3 and eng.lr_scheduler.steps_done == 5  # skipped steps keep their lr-schedule slot

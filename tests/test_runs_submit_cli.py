@@ -1,0 +1,182 @@
+"""`scaletrain runs` and `scaletrain submit` through the real CLI, without daemons: synthetic run dirs (live,
+crashed, remote, preempted SLURM, finished with TensorBoard events) and stand-in sbatch/scontrol executables.
+The real SLURM and multi-node runs are in tests/cluster (SCALETRAIN_CLUSTER_TESTS=1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_utils import REPO
+
+TINY_YAML = str(REPO / "configs" / "tiny.yaml")
+
+
+def cli(*args: str, path: str | None = None, cwd: Path = REPO) -> tuple[int, str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if path is not None:
+        env["PATH"] = path
+    p = subprocess.run([sys.executable, "-m", "scaletrain.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return p.returncode, p.stdout, p.stderr
+
+
+def one_line_error(rc: int, err: str, needle: str) -> None:
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+# ---- scaletrain runs -----------------------------------------------------------------------------------
+
+
+def _run(root: Path, name: str, status: dict | None, pids: dict[int, int] | None = None, tag: str | None = None) -> Path:
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "config.yaml").write_text("run:\n  dir: x\n")
+    if status is not None:
+        (d / "status.json").write_text(json.dumps(status))
+    for rank, pid in (pids or {}).items():
+        (d / "pids").mkdir(exist_ok=True)
+        (d / "pids" / f"rank{rank}.pid").write_text(str(pid))
+    if tag:
+        (d / "checkpoints" / tag).mkdir(parents=True)
+        (d / "checkpoints" / tag / "manifest.json").write_text("{}")
+        (d / "checkpoints" / "latest").write_text(tag)
+    return d
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    here = socket.gethostname()
+    done = _run(root, "done", {"state": "finished", "step": 20, "max_steps": 20, "loss": 4.5, "host": here}, tag="global_step20")
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(done / "tb"))
+    for s in range(1, 21):
+        w.add_scalar("train/loss", 6.0 - s * 0.05, s)
+        w.add_scalar("train/tokens_per_sec", 1000.0 + s, s)
+    w.close()
+    os.utime(done / "status.json")  # written after the last event, like the trainer's final status
+    _run(root, "live", {"state": "running", "step": 3, "max_steps": 50, "host": here}, pids={0: os.getpid()})
+    _run(root, "dead", {"state": "running", "step": 3, "max_steps": 50, "host": here}, pids={0: _dead_pid(), 1: _dead_pid()})
+    remote = _run(root, "remote", {"state": "running", "step": 7, "max_steps": 50, "host": "some-other-node"})
+    old = time.time() - 3600
+    os.utime(remote / "status.json", (old, old))
+    _run(root, "proj/slurm", {"state": "preempted", "step": 40, "max_steps": 100, "loss": 5.0, "host": "node7",
+                              "slurm_job_id": "77", "slurm_restart_count": 2}, tag="global_step40")
+    hostfile_only = _run(root, "proj/multinode", {"state": "finished", "step": 9, "max_steps": 9})
+    (hostfile_only / "slurm-123.hostfile").write_text("n1 slots=1\n")
+    (root / "proj" / "not-a-run").mkdir()
+    return root
+
+
+def test_runs_json_states(runs_root):
+    rc, out, err = cli("runs", str(runs_root), "--json")
+    assert rc == 0, err
+    info = {Path(i["run"]).relative_to(runs_root).as_posix(): i for i in json.loads(out)}
+    assert sorted(info) == ["dead", "done", "live", "proj/multinode", "proj/slurm", "remote"]
+    d = info["done"]
+    assert (d["state"], d["step"], d["max_steps"], d["loss"], d["checkpoint"]) == ("finished", 20, 20, 4.5, "global_step20")
+    assert d["tokens_per_sec"] == pytest.approx(1020.0)
+    assert info["live"]["state"] == "running"        # its pid (this test process) is alive
+    assert info["dead"]["state"] == "crashed"        # says running, no rank alive
+    assert info["dead"]["written_state"] == "running"
+    assert info["remote"]["state"] == "stale"        # other host, silent for an hour
+    s = info["proj/slurm"]
+    assert (s["state"], s["slurm_job_id"], s["slurm_restart_count"], s["checkpoint"]) == ("preempted", "77", 2, "global_step40")
+    assert info["proj/multinode"]["slurm_job_id"] == "123"   # from the batch script's hostfile
+
+
+def test_runs_table_and_single_run_dir(runs_root):
+    rc, out, err = cli("runs", str(runs_root))
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["RUN", "STATE", "STEP", "LOSS", "TOK/S", "CHECKPOINT", "SLURM", "UPDATED"]
+    row = {ln.split()[0]: ln.split() for ln in lines[1:]}
+    assert row["done"][1:6] == ["finished", "20/20", "4.5000", "1,020", "global_step20"]
+    assert row["proj/slurm"][1:7] == ["preempted", "40/100", "5.0000", "-", "global_step40", "77"] and "r2" in row["proj/slurm"]
+    assert row["dead"][1] == "crashed"
+    rc, out, _ = cli("runs", str(runs_root / "done"))
+    assert rc == 0 and len(out.splitlines()) == 2 and "finished" in out
+
+
+def test_runs_bad_and_empty_dirs(tmp_path):
+    one_line_error(*cli("runs", str(tmp_path / "missing"))[::2], "does not exist")
+    (tmp_path / "f").write_text("x")
+    one_line_error(*cli("runs", str(tmp_path / "f"))[::2], "is not a directory")
+    (tmp_path / "empty").mkdir()
+    rc, out, _ = cli("runs", str(tmp_path / "empty"))
+    assert rc == 0 and out.startswith("no runs under")
+
+
+# ---- scaletrain submit ---------------------------------------------------------------------------------
+
+
+def _fake_bin(tmp: Path, **scripts: str) -> str:
+    """A PATH holding only stand-in executables NAME -> shell body."""
+    b = tmp / "bin"
+    b.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        p = b / name
+        p.write_text("#!/bin/sh\n" + body + "\n")
+        p.chmod(0o755)
+    return str(b)
+
+
+def _submit_args(tmp: Path, *extra: str) -> list[str]:
+    return ["submit", "--config", TINY_YAML, "--set", f"run.dir={tmp / 'run'}", "train.max_steps=5",
+            "--gpus-per-node", "0", "--ranks-per-node", "2", "--python", sys.executable, *extra]
+
+
+def test_submit_bad_time_missing_tools_unreachable(tmp_path):
+    empty = _fake_bin(tmp_path)
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "5:00"), path=empty)[::2], "--time '5:00' is not a time limit")
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "00:75:00"), path=empty)[::2], "out of range")
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "00:10:00"), path=empty)[::2], "sbatch not found")
+    only_sbatch = _fake_bin(tmp_path, sbatch="echo 1")
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "10", "--mode", "srun"), path=only_sbatch)[::2], "srun not found")
+    down = _fake_bin(tmp_path, sbatch="echo 1", srun="true",
+                     scontrol='echo "Slurmctld(primary) at ctl is DOWN"; echo "*****"; exit 1')
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=down)[::2], "SLURM not reachable")
+    assert not (tmp_path / "run").exists()   # nothing written when the submission cannot happen
+    ping_ok = _fake_bin(tmp_path, scontrol='echo "Slurmctld(primary) at ctl is UP"',
+                        sbatch='echo "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)" >&2; exit 1')
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=ping_ok)[::2], "SLURM not reachable")
+    gres = _fake_bin(tmp_path, sbatch='echo "sbatch: error: Invalid generic resource (gres) specification" >&2; exit 1')
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=gres)[::2], "use --gpus-per-node 0")
+
+
+def test_submit_prints_job_run_dir_and_tensorboard(tmp_path):
+    record = tmp_path / "sbatch-args"
+    path = _fake_bin(tmp_path, scontrol='echo "Slurmctld(primary) at ctl is UP"', sbatch=f'echo "$@" > {record}; echo "4242;local"')
+    rc, out, err = cli(*_submit_args(tmp_path, "--time", "00:30:00", "--partition", "cpu"), path=path)
+    assert rc == 0, err
+    run_dir = tmp_path / "run"
+    assert "submitted job 4242" in out and f"run dir:     {run_dir}" in out
+    assert f"tensorboard --logdir {tmp_path}" in out and f"{run_dir}/slurm-4242.out" in out
+    script = run_dir / "submit.sbatch"
+    assert record.read_text().split() == ["--parsable", str(script)]
+    text = script.read_text()
+    assert "#SBATCH --partition=cpu" in text and "#SBATCH --time=00:30:00" in text and "RANKS_PER_NODE=2" in text
+    directives = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    assert directives and not any("gpu" in d or "gres" in d for d in directives)   # CPU nodes: no GPU request at all
+
+
+def test_submit_dry_run_prints_script(tmp_path):
+    rc, out, err = cli(*_submit_args(tmp_path, "--time", "01:00:00", "--dry-run"), path=_fake_bin(tmp_path))
+    assert rc == 0, err
+    assert out.startswith("#!/bin/bash") and out == (tmp_path / "run" / "submit.sbatch").read_text()

@@ -1,0 +1,163 @@
+"""Each switch combination against the transformers architecture that computes the same function (the oracle):
+export (our state dict -> their names -> their model) gives the same logits in fp32 (<= 1e-5), import maps
+back to the same config and tensors; the comparison can fail (a wrong window / ALiBi / norm would show); combos
+without such an architecture refuse with one line; a real `export-hf` of a variant checkpoint loads with
+AutoModelForCausalLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from hf_fixtures import VOCAB, corpus, hf_root, sp_model, write_checkpoint_dir  # noqa: E402,F401
+
+from scaletrain.config import ModelConfig  # noqa: E402
+from scaletrain.errors import UserError  # noqa: E402
+from scaletrain.hf.arch_map import export_plan, hf_config, import_plan  # noqa: E402
+from scaletrain.model.classify import build_model  # noqa: E402
+from scaletrain.model.llama import LlamaShape  # noqa: E402
+
+TOL = 1e-5
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+# id: (switches, expected transformers class)
+COMBOS = {
+    "llama": ({}, "LlamaForCausalLM"),
+    "llama-bias": (dict(bias=True), "LlamaForCausalLM"),
+    "llama-rope-linear": (dict(rope_scaling={"rope_type": "linear", "factor": 4.0}), "LlamaForCausalLM"),
+    "llama-rope-llama3": (dict(rope_scaling=LLAMA3), "LlamaForCausalLM"),
+    "mistral-window": (dict(attention_window=8), "MistralForCausalLM"),
+    "qwen3-qknorm": (dict(qk_norm=True), "Qwen3ForCausalLM"),
+    "qwen3-qknorm-window": (dict(qk_norm=True, attention_window=8), "Qwen3ForCausalLM"),
+    "arcee-gelu": (dict(ffn="gelu"), "ArceeForCausalLM"),
+    "arcee-relu2-bias": (dict(ffn="relu2", bias=True), "ArceeForCausalLM"),
+    "starcoder2-ln-gelu": (dict(norm="layernorm", ffn="gelu"), "Starcoder2ForCausalLM"),
+    "starcoder2-ln-gelu-bias-window": (dict(norm="layernorm", ffn="gelu", bias=True, attention_window=8), "Starcoder2ForCausalLM"),
+    "starcoder2-ln-relu2-bias": (dict(norm="layernorm", ffn="relu2", bias=True), "Starcoder2ForCausalLM"),
+    "stablelm-ln-swiglu": (dict(norm="layernorm"), "StableLmForCausalLM"),
+    "stablelm-parallel-qknorm": (dict(norm="layernorm", parallel_block=True, qk_norm=True), "StableLmForCausalLM"),
+    "mpt-alibi": (dict(norm="layernorm", ffn="gelu", position="alibi", num_kv_heads=6, intermediate_size=192), "MptForCausalLM"),
+    "llama-classifier": (dict(num_labels=3), "LlamaForSequenceClassification"),
+    "starcoder2-classifier": (dict(num_labels=3, norm="layernorm", ffn="gelu", bias=True), "Starcoder2ForSequenceClassification"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config(**switches) -> ModelConfig:
+    base = dict(hidden_size=48, num_layers=2, num_heads=6, num_kv_heads=2, intermediate_size=80, vocab_size=101,
+                max_seq_len=64, attention="eager", init_std=0.08, tie_word_embeddings=False)
+    return ModelConfig(**{**base, **switches})
+
+
+def ours_for(m: ModelConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = build_model(LlamaShape.from_config(m)).eval()
+    with torch.no_grad():  # non-trivial gains and biases: a wrong or missing mapping shows in the logits
+        for n, p in model.named_parameters():
+            if "norm" in n and n.endswith("weight"):
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def hf_for(m: ModelConfig, tmp_path, **config_edits):
+    plan = export_plan(m)
+    cfg = {**hf_config(plan, m, 1, 2, "float32", 2 if m.num_labels else None), **config_edits}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hc = transformers.AutoConfig.from_pretrained(tmp_path)
+    hc._attn_implementation = "eager"
+    return plan, cfg, getattr(transformers, plan.architecture(m))(hc).eval()
+
+
+def input_ids(m: ModelConfig) -> torch.Tensor:
+    x = torch.randint(3, m.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    if m.num_labels:
+        x[0, 30:] = 2  # right padding: the classifier reads the last non-pad token
+    return x
+
+
+@pytest.mark.parametrize("combo", sorted(COMBOS))
+def test_export_import_match_transformers(combo, tmp_path):
+    switches, arch = COMBOS[combo]
+    m = config(**switches)
+    ours = ours_for(m)
+    plan, cfg, hf = hf_for(m, tmp_path)
+    assert plan.architecture(m) == arch
+    sd = dict(plan.adapter.tensors(ours.state_dict().items()))
+    if "lm_head.weight" not in hf.state_dict():
+        sd.pop("lm_head.weight", None)
+    hf.load_state_dict(sd, strict=True)  # every name and shape matches theirs
+    x = input_ids(m)
+    with torch.no_grad():
+        a, b = ours(x), hf(input_ids=x).logits
+    assert a.abs().max() > 0.1
+    diff = (a - b).abs().max().item()
+    print(f"{combo}: {arch} max |dlogits| = {diff:.2e}")
+    assert diff <= TOL
+    # and back: their config + tensors -> our config + state dict, same function
+    m2, adapter = import_plan(cfg, "hf")
+    assert m2.model_dump(exclude={"attention", "init_std"}) == m.model_dump(exclude={"attention", "init_std"})
+    back = build_model(LlamaShape.from_config(m2.model_copy(update={"attention": "eager"}))).eval()
+    back.load_state_dict(dict(adapter.tensors(hf.state_dict().items())), strict=True)
+    with torch.no_grad():
+        assert torch.equal(back(x), a)
+
+
+@pytest.mark.parametrize("combo,edit", [
+    ("mistral-window", {"sliding_window": 16}),
+    ("arcee-gelu", {"hidden_act": "relu2"}),
+    ("starcoder2-ln-gelu", {"hidden_act": "gelu_pytorch_tanh"}),
+    ("llama-rope-llama3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_scaling": None}),
+])
+def test_the_comparison_can_fail(combo, edit, tmp_path):
+    """The oracle with one setting changed (even gelu -> tanh-gelu) is 10x outside the tolerance: not vacuous."""
+    m = config(**COMBOS[combo][0])
+    ours = ours_for(m)
+    plan, _, hf = hf_for(m, tmp_path, **edit)
+    sd = dict(plan.adapter.tensors(ours.state_dict().items()))
+    hf.load_state_dict(sd, strict=True)
+    x = input_ids(m)
+    with torch.no_grad():
+        assert (ours(x) - hf(input_ids=x).logits).abs().max() > 10 * TOL
+
+
+@pytest.mark.parametrize("switches,word", [
+    (dict(position="none"), "position=none"),
+    (dict(parallel_block=True), "RMSNorm"),
+    (dict(qk_norm=True, bias=True), "bias"),
+    (dict(norm="layernorm", bias=True), "StableLM"),
+    (dict(norm="layernorm", ffn="gelu", qk_norm=True), "Starcoder2"),
+    (dict(position="alibi"), "MPT"),
+])
+def test_refusals_are_one_line(switches, word):
+    with pytest.raises(UserError) as e:
+        export_plan(config(**switches))
+    assert word in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_export_hf_of_a_variant_checkpoint_loads_with_auto_class(tmp_path, sp_model):
+    """The real export path (streaming writer, config.json, tokenizer, card) for a non-Llama family."""
+    from scaletrain.hf.export_hf import export_hf
+
+    m = config(norm="layernorm", ffn="gelu", bias=True, attention_window=8, vocab_size=VOCAB, tie_word_embeddings=True)
+    ours = ours_for(m)
+    ckpt = write_checkpoint_dir(tmp_path / "ckpt", ours, m, sp_model)
+    export_hf(str(ckpt), str(tmp_path / "hf"), progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf).__name__ == "Starcoder2ForCausalLM"
+    assert "Starcoder2ForCausalLM" in (tmp_path / "hf" / "README.md").read_text()
+    x = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= TOL
