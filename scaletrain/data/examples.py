@@ -9,7 +9,6 @@ other and the padding is never a target.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from scaletrain.data.sampler import WindowStream
 from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, iter_rows
+from scaletrain.data.worker_pool import worker_pool
 from scaletrain.errors import UserError
 
 FIELDS = ("prompt", "completion")
@@ -68,7 +68,7 @@ def build_examples(src: Source, tok_path: Path, out: Path, dtype: str, val_fract
     nearest = (2.0, -1)  # (split key, row) of the train example closest to the val side
     bar = tqdm(desc="tokenize", unit="example", disable=None if progress else True)
     with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
-        with mp.get_context("fork").Pool(workers, initializer=_init, initargs=(str(tok_path),)) as pool:
+        with worker_pool(workers, _init, (str(tok_path),)) as pool:
             for ids, prompt_len, key in pool.imap(_encode, iter_examples(src), chunksize=16):
                 split = "val" if key < val_fraction else "train"
                 if split == "train" and key < nearest[0]:

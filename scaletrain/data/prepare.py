@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
+
 import os
 import shutil
 import time
@@ -24,6 +24,7 @@ from scaletrain.config import Config
 from scaletrain.data.sampler import WindowStream
 from scaletrain.data.sources import Source, iter_documents, resolve_source
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from scaletrain.data.worker_pool import worker_pool
 from scaletrain.errors import UserError
 
 CACHE_FORMAT = 2
@@ -201,8 +202,7 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
             texts = (text for _, text in iter_documents(src))
             bar = tqdm(desc="tokenize", unit="doc", disable=None if progress else True)
             nearest_val = (2.0, 0, 0)  # (split key, offset, length) of the train doc closest to the val side
-            ctx = mp.get_context("fork")
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(str(tok_path),)) as pool:
+            with worker_pool(workers, _init_worker, (str(tok_path),)) as pool:
                 for ids, key in pool.imap(_encode, texts, chunksize=16):
                     val = key < cfg.data.val_fraction
                     split = "val" if val else "train"
