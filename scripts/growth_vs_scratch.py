@@ -133,7 +133,7 @@ def main() -> int:
             grow = ", ".join(f"model.{k}: {v}" for k, v in CHILD.items() if dims[k] != v)
             sets.append(f"growth.schedule=[{{at_step: {args.grow_at}, set: {{{grow}}}}}]")
         wall[name] = train(name, out / name, base + sets, out / f"{name}.log")
-    results = {}
+
     for name, r in runs.items():
         cum = [0.0]
         for f in r["flops"]:

@@ -22,3 +22,14 @@ def data_cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: threading only adds overhead (and contention on shared CI machines)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -50,14 +51,52 @@ def train_cmd(ranks: int, overrides: list[str], config: str = "configs/tiny.yaml
 
 
 def run_training(ranks: int, overrides: list[str], timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(ranks, overrides), cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    """Run to completion. On timeout the whole process group is killed: killing only the `deepspeed`
+    launcher would leave its ranks holding the output pipes, and the test would wait for them forever."""
+    cmd = train_cmd(ranks, overrides)
+    proc = start_training(ranks, overrides)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, _ = proc.communicate()
+        raise AssertionError(f"training did not finish in {timeout} s: {' '.join(cmd)}\n{out[-3000:]}") from None
+    done = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if check and done.returncode != 0:
+        raise AssertionError(f"training failed rc={done.returncode}\n{out[-6000:]}")
+    return done
 
 
 def start_training(ranks: int, overrides: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(train_cmd(ranks, overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    """Start in a process group of its own (stdout and stderr merged), so `kill_group` reaches every rank."""
+    return subprocess.Popen(train_cmd(ranks, overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def live_rank_pids(run_dir: Path) -> list[int]:
+    """Pids from run_dir/pids/rank*.pid whose processes still exist."""
+    pids = []
+    for pid_file in (run_dir / "pids").glob("rank*.pid"):
+        pid = int(pid_file.read_text())
+        if Path(f"/proc/{pid}").exists():
+            pids.append(pid)
+    return pids
+
+
+def signal_ranks(run_dir: Path, sig: int = signal.SIGUSR1) -> None:
+    """Signal every live rank of a run (what SLURM's warning signal does); gone ones are skipped."""
+    for pid in live_rank_pids(run_dir):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def wait_for(predicate, timeout: float = 120, interval: float = 0.2) -> bool:
@@ -81,7 +120,14 @@ def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
 
 
 def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = 120) -> tuple[int, str, str]:
-    """`python -m scaletrain.cli ARGS` with the repo on PYTHONPATH -> (returncode, stdout, stderr)."""
-    proc = subprocess.run([sys.executable, "-m", "scaletrain.cli", *args], cwd=cwd, env=env(),
-                          capture_output=True, text=True, timeout=timeout)
-    return proc.returncode, proc.stdout, proc.stderr
+    """`python -m scaletrain.cli ARGS` with the repo on PYTHONPATH -> (returncode, stdout, stderr).
+    In a process group of its own: on timeout every process it started is killed too (see run_training)."""
+    proc = subprocess.Popen([sys.executable, "-m", "scaletrain.cli", *args], cwd=cwd, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"scaletrain {' '.join(args)} did not finish in {timeout} s\n{out[-2000:]}\n{err[-3000:]}") from None
+    return proc.returncode, out, err

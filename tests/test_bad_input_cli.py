@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-import yaml
+
 
 from launch_utils import REPO, run_cli
 

@@ -9,13 +9,11 @@ means within 1e-3 relative, not bit-exact).
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
 
-from launch_utils import REPO, TINY, run_training, small_corpus, start_training, tb_scalars, wait_for
+from launch_utils import REPO, TINY, run_training, small_corpus, signal_ranks, start_training, tb_scalars, wait_for
 from scaletrain.config import load_config
 from scaletrain.errors import UserError
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
@@ -62,8 +60,7 @@ def runs(tmp_path_factory):
 def _interrupt_after_first_checkpoint(overrides: list[str], run_dir) -> int:
     proc = start_training(1, overrides)
     assert wait_for((run_dir / "checkpoints" / "latest").exists, timeout=300), proc.communicate()[0][-3000:]
-    for pid_file in (run_dir / "pids").glob("rank*.pid"):
-        os.kill(int(pid_file.read_text()), signal.SIGUSR1)
+    signal_ranks(run_dir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     status = json.loads((run_dir / "status.json").read_text())

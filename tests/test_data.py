@@ -4,7 +4,6 @@ cache reuse, local txt/jsonl/parquet sources, and the window sampler's world-siz
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -18,7 +17,6 @@ from scaletrain.data import prepare as prepare_mod
 from scaletrain.data.prepare import is_val, prepare_data, split_key
 from scaletrain.data.sampler import WindowStream, eval_window_ids, micro_batch_ids
 from scaletrain.data.sources import iter_documents, resolve_source
-from scaletrain.data.tokenizer import Tokenizer
 from scaletrain.errors import UserError
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

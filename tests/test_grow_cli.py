@@ -22,12 +22,7 @@ VOCAB = 97
 TOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hf_parent(d: Path, hidden, heads, kv, ffn, layers, tied, seed=0) -> Path:

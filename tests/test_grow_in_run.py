@@ -5,15 +5,13 @@ or after a boundary, or resumed from the checkpoint taken at the boundary itself
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
-from launch_utils import TINY, run_training, small_corpus, start_training, tb_scalars, wait_for
+from launch_utils import TINY, live_rank_pids, run_training, small_corpus, signal_ranks, start_training, tb_scalars, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -59,20 +57,6 @@ def test_growth_boundaries_are_exact_and_logged(straight):
     assert manifest["model"]["num_layers"] == 2  # the boundary checkpoint is the parent
 
 
-def _live_pids(run_dir: Path) -> list[int]:
-    pids = []
-    for pid_file in (run_dir / "pids").glob("rank*.pid"):
-        pid = int(pid_file.read_text())
-        if Path(f"/proc/{pid}").exists():
-            pids.append(pid)
-    return pids
-
-
-def _signal(run_dir: Path) -> None:
-    for pid in _live_pids(run_dir):
-        os.kill(pid, signal.SIGUSR1)
-
-
 def _stopped_at(run_dir: Path) -> int:
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted", status
@@ -89,9 +73,9 @@ def test_resume_before_and_after_each_boundary_is_exact(common, straight, tmp_pa
                     d / "growth" / "stage2" / "lineage.json"):
         shutil.rmtree(d / "pids", ignore_errors=True)  # only this segment's ranks get the signal
         proc = start_training(2, args)
-        ready = lambda: (trigger.exists() and len(_live_pids(d)) == 2) or proc.poll() is not None  # noqa: E731
+        ready = lambda: (trigger.exists() and len(live_rank_pids(d)) == 2) or proc.poll() is not None  # noqa: E731
         assert wait_for(ready, timeout=300) and trigger.exists(), proc.communicate()[0][-3000:]
-        _signal(d)
+        signal_ranks(d)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
         stops.append(_stopped_at(d))

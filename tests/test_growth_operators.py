@@ -16,13 +16,7 @@ TOL = 1e-5
 VOCAB = 97
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threading only adds overhead (and contention on shared CI machines)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shape(hidden, heads, kv, ffn, layers, tied=True) -> LlamaShape:

@@ -36,12 +36,7 @@ SWITCHES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model(backend: str = "eager", seed: int = 0, **switches) -> LlamaForCausalLM:

@@ -33,7 +33,6 @@ def spec_from_args(a: argparse.Namespace) -> dict:
 
 def run(a: argparse.Namespace) -> int:
     from scaletrain.bench.machine import machine_info
-    from scaletrain.config import build_config
     from scaletrain.errors import UserError
 
     if a.device == "cpu" and "fp16" in a.precision:

@@ -8,7 +8,6 @@ Windows are right-padded with the pad id (EOS) and truncated to seq_len (the tex
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 
 from scaletrain.data.sampler import WindowStream
-from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source
+from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, first_row, iter_rows
 from scaletrain.errors import UserError
 
 
@@ -36,23 +35,10 @@ def _check_row(row, where: str, text_field: str) -> tuple[str, int]:
 def iter_labelled(src: Source) -> Iterator[tuple[str, int]]:
     """(text, label) pairs in file order."""
     for path in src.files:
-        if path.suffix in JSON_SUFFIXES:
-            with open(path, "rb") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        raise UserError(f"{path}:{lineno} is not valid JSON; fix or delete that line") from None
-                    yield _check_row(row, f"{path}:{lineno}", src.text_field)
-        elif path.suffix in PARQUET_SUFFIXES:
-            import datasets
-
-            for i, row in enumerate(datasets.load_dataset("parquet", data_files=str(path), split="train")):
-                yield _check_row(row, f"{path} row {i}", src.text_field)
-        else:
+        if path.suffix not in JSON_SUFFIXES | PARQUET_SUFFIXES:
             raise UserError(f"data file {path} is not .jsonl/.parquet; data.format=classification reads text/label rows")
+        for where, row in iter_rows(path):
+            yield _check_row(row, where, src.text_field)
 
 
 def build_classification(src: Source, tok, out: Path, dtype: str, val_fraction: float) -> dict:
@@ -123,14 +109,5 @@ def file_stream(path: Path, tok, seq_len: int, text_field: str = "text") -> Clas
 
 def is_classification_file(path: Path) -> bool:
     """Whether the first row of a jsonl file has 'text' and 'label'."""
-    if path.suffix not in JSON_SUFFIXES:
-        return False
-    with open(path, "rb") as fh:
-        for line in fh:
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    return False
-                return isinstance(row, dict) and "label" in row and "text" in row
-    return False
+    row = first_row(path)
+    return isinstance(row, dict) and "label" in row and "text" in row

@@ -86,18 +86,11 @@ def _read_text_file(path: Path) -> str:
 
 def _check_jsonl(path: Path, field: str) -> None:
     """Validate line by line first, so a bad line gets a line number rather than a pyarrow trace."""
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise UserError(f"{path}:{lineno} is not valid JSON; fix or delete that line") from None
-            if not isinstance(row, dict) or field not in row:
-                raise UserError(f"{path}:{lineno} has no '{field}' field; set data.text_field to the field holding the text")
-            if not isinstance(row[field], str):
-                raise UserError(f"{path}:{lineno} field '{field}' is not a string")
+    for where, row in iter_rows(path):
+        if not isinstance(row, dict) or field not in row:
+            raise UserError(f"{where} has no '{field}' field; set data.text_field to the field holding the text")
+        if not isinstance(row[field], str):
+            raise UserError(f"{where} field '{field}' is not a string")
 
 
 def _read_with_datasets(path: Path, field: str) -> Iterator[str]:
