@@ -58,6 +58,9 @@ def setup(threads: int = 0) -> Dist:
         from scaletrain.train.perf import tune_cpu_allocator
 
         tune_cpu_allocator()  # large activations were page-faulted afresh every step (see perf.py)
+    from scaletrain.train.extensions_dir import use_private_extensions_dir
+
+    use_private_extensions_dir()  # before deepspeed JIT-builds its CPU comm op
     import deepspeed
 
     if not dist.is_initialized():
