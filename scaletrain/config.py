@@ -38,6 +38,7 @@ class ModelConfig(_Section):
     tie_word_embeddings: bool = True
     norm_eps: float = Field(1e-5, gt=0)
     attention: Literal["sdpa", "flash", "flex", "eager"] = "sdpa"
+    fused_ops: Literal["none", "liger"] = "none"  # liger: Liger-Kernel RMSNorm/SwiGLU/RoPE (CUDA, the `gpu` extra)
     init_std: float = Field(0.02, gt=0)
     # Architecture switches (defaults: Llama). Checked together in scaletrain/model/variants.py.
     norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # layernorm has a bias iff model.bias

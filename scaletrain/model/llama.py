@@ -112,13 +112,17 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.s.num_kv_heads, hd).transpose(1, 2)
         if cos is not None:  # model.position=rope; alibi lives in the mask, none has no positions
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self.rope(q, k, cos, sin)
         if cache is not None:  # [k, v] of earlier positions, extended in place
             if cache:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[:] = [k, v]
         out = attention(q, k, v, self.s.attention, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def rope(self, q, k, cos, sin):
+        """Rotate queries and keys (a fused kernel may take over: model/fused_ops.py)."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
 class DecoderLayer(nn.Module):

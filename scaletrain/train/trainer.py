@@ -26,6 +26,7 @@ from scaletrain.growth.in_run import RunGrowth, grow
 from scaletrain.model.attention import check_backend
 from scaletrain.model.docmask import document_ids
 from scaletrain.model import classify
+from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 from scaletrain.train import checkpoint, finetune, init_from
 from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, barrier, setup
@@ -64,6 +65,7 @@ def build_model(shape: LlamaShape, cfg: Config, pad_id: int = 2) -> LlamaForCaus
     """The model (a classifier when model.num_labels > 0) with the configured hot-path options (chunked
     loss, compiled blocks)."""
     model = classify.build_model(shape, loss_chunk=cfg.train.loss_chunk, pad_id=pad_id)
+    use_fused_ops(model, cfg.model.fused_ops, cuda=torch.cuda.is_available())
     return compile_model(model) if cfg.train.compile else model
 
 
@@ -85,6 +87,7 @@ class Trainer:
         self.run = RunDir(cfg.run.dir)
         self.run.preflight(cfg)
         resolve_source(cfg.data.source, cfg.data.text_field)  # missing/empty data fails before DeepSpeed starts
+        check_fused_ops(cfg.model.fused_ops, cuda=torch.cuda.is_available())
         # estimated memory per rank vs what a rank has (scaletrain plan), before anything is written; a growing
         # run is checked at its last (largest) stage
         check_fits(RunGrowth(cfg).config_at(len(cfg.growth.schedule)))

@@ -1,0 +1,68 @@
+"""`model.fused_ops: liger`: Liger-Kernel's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA only).
+
+The model keeps its modules, parameter names and checkpoints; `use_liger` only changes the class of the
+RMSNorm, SwiGLU and attention modules to subclasses whose forward calls the fused kernel. Liger computes
+the same functions (RMSNorm with fp32 statistics, "llama" casting; SiLU(gate) * up; rotate-half RoPE).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaletrain.errors import UserError
+from scaletrain.model.blocks import RMSNorm, SwiGLU
+from scaletrain.model.llama import Attention
+
+FUSED_OPS = ("none", "liger")
+_ops: dict = {}
+
+
+def check_fused_ops(name: str, cuda: bool) -> None:
+    """One line when the configured fused ops cannot run here."""
+    if name == "none":
+        return
+    if not cuda:
+        raise UserError("model.fused_ops=liger needs a CUDA GPU (Liger's kernels are Triton); set model.fused_ops=none here")
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.rope import LigerRopeFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except ImportError:
+        raise UserError("model.fused_ops=liger needs the liger-kernel package: pip install -e '.[gpu]' "
+                        "(or set model.fused_ops=none)") from None
+    _ops.update(rms_norm=LigerRMSNormFunction, rope=LigerRopeFunction, silu_mul=LigerSiLUMulFunction)
+
+
+class LigerRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (X, W, eps, offset, casting_mode, in_place): "llama" = statistics in fp32, cast back before the gain
+        return _ops["rms_norm"].apply(x, self.weight, self.eps, 0.0, "llama", False)
+
+
+class LigerSwiGLU(SwiGLU):
+    def forward(self, x):
+        return self.down_proj(_ops["silu_mul"].apply(self.gate_proj(x), self.up_proj(x)))
+
+
+class LigerRopeAttention(Attention):
+    def rope(self, q, k, cos, sin):
+        # Liger wants cos/sin [1 or B, T, D]; ours are [T, D], or [B, 1, T, D] with per-document positions.
+        cos, sin = (cos.unsqueeze(0), sin.unsqueeze(0)) if cos.dim() == 2 else (cos.squeeze(1), sin.squeeze(1))
+        return _ops["rope"].apply(q.contiguous(), k.contiguous(), cos, sin)
+
+
+_SWAPS = {RMSNorm: LigerRMSNorm, SwiGLU: LigerSwiGLU, Attention: LigerRopeAttention}
+
+
+def use_fused_ops(model: torch.nn.Module, name: str, cuda: bool) -> int:
+    """Switch the model's modules to the fused kernels; returns how many modules changed."""
+    check_fused_ops(name, cuda)
+    if name == "none":
+        return 0
+    changed = 0
+    for module in model.modules():
+        swap = _SWAPS.get(type(module))
+        if swap is not None:
+            module.__class__ = swap
+            changed += 1
+    return changed
