@@ -37,3 +37,18 @@ def _remove_if_stale(lock: Path) -> None:
                   file=sys.stderr, flush=True)
     except FileNotFoundError:
         pass  # another rank removed it, or the build finished
+
+
+def build_cpu_comm_op() -> None:
+    """Build (or load, once built) DeepSpeed's CPU shared-memory comm op ahead of time, e.g. before a test
+    session, so that the first multi-rank run does not spend its time budget compiling (~1 min, more on a
+    loaded machine). No-op where a GPU is present."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    use_private_extensions_dir()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
