@@ -55,12 +55,7 @@ def run_training(ranks: int, overrides: list[str], timeout: int = 300, check: bo
     launcher would leave its ranks holding the output pipes, and the test would wait for them forever."""
     cmd = train_cmd(ranks, overrides)
     proc = start_training(ranks, overrides)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, _ = proc.communicate()
-        raise AssertionError(f"training did not finish in {timeout} s: {' '.join(cmd)}\n{out[-3000:]}") from None
+    out, _ = communicate_or_kill(proc, timeout, f"training did not finish in {timeout} s: {' '.join(cmd)}")
     done = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
     if check and done.returncode != 0:
         raise AssertionError(f"training failed rc={done.returncode}\n{out[-6000:]}")
@@ -71,6 +66,16 @@ def start_training(ranks: int, overrides: list[str]) -> subprocess.Popen:
     """Start in a process group of its own (stdout and stderr merged), so `kill_group` reaches every rank."""
     return subprocess.Popen(train_cmd(ranks, overrides), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def communicate_or_kill(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str | None]:
+    """proc's (stdout, stderr); past `timeout` its whole process group is killed and the test fails with `what`."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"{what}\n{out[-3000:]}\n{(err or '')[-3000:]}") from None
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -124,10 +129,5 @@ def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = 120) -> tuple[i
     In a process group of its own: on timeout every process it started is killed too (see run_training)."""
     proc = subprocess.Popen([sys.executable, "-m", "scaletrain.cli", *args], cwd=cwd, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, err = proc.communicate()
-        raise AssertionError(f"scaletrain {' '.join(args)} did not finish in {timeout} s\n{out[-2000:]}\n{err[-3000:]}") from None
+    out, err = communicate_or_kill(proc, timeout, f"scaletrain {' '.join(args)} did not finish in {timeout} s")
     return proc.returncode, out, err
