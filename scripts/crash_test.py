@@ -55,7 +55,7 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def start(ranks: int, overrides: list[str], env_extra: dict | None = None, log_path: Path | None = None) -> tuple[subprocess.Popen, int]:
+def start(ranks: int, overrides: list[str], env_extra: dict | None = None, log_path: Path | None = None) -> subprocess.Popen:
     """All ranks under one shell in a new session: one process group to kill."""
     port = _port()
     cmd = " ".join(
@@ -66,17 +66,15 @@ def start(ranks: int, overrides: list[str], env_extra: dict | None = None, log_p
     # `wait -n` returns when the first rank exits; its status becomes the group's (as a launcher would).
     proc = subprocess.Popen(["bash", "-c", cmd + " for i in $(seq " + str(ranks) + "); do wait -n || exit $?; done"],
                             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return proc, port
+    return proc
 
 
-def kill_group(proc: subprocess.Popen, port: int) -> None:
+def kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
-    for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_127.0.0.1_{port}_*"):  # SIGKILL leaves DeepSpeed's
-        f.unlink(missing_ok=True)  # shared-memory buffers behind (69 MB each); the next start uses a new port
 
 
 def loss_curve(run_dir: Path) -> dict[int, float]:
@@ -91,11 +89,11 @@ def loss_curve(run_dir: Path) -> dict[int, float]:
 
 def run_to_end(ranks: int, overrides: list[str], log_path: Path, timeout: float = 600) -> float:
     t0 = time.time()
-    proc, port = start(ranks, overrides, log_path=log_path)
+    proc = start(ranks, overrides, log_path=log_path)
     try:
         rc = proc.wait(timeout=timeout)
     finally:
-        kill_group(proc, port)
+        kill_group(proc)
     if rc != 0:
         raise RuntimeError(f"training failed (rc={rc}); see {log_path}")
     return time.time() - t0
@@ -111,7 +109,7 @@ def _status(run_dir: Path) -> dict:
 def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, train_secs: float, log_path: Path) -> dict:
     ckpts = run_dir / "checkpoints"
     t0 = time.time()
-    proc, port = start(ranks, overrides, log_path=log_path)
+    proc = start(ranks, overrides, log_path=log_path)
     before = _status(run_dir).get("pid")  # rank 0's pid: changes when this start reaches the training loop
     event = {"mode": mode, "killed": False}
     try:
@@ -132,7 +130,7 @@ def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, tr
                 event["saving"] = [p.name for p in ckpts.glob(".tmp-global_step*")]
         event["killed"] = proc.poll() is None
     finally:
-        kill_group(proc, port)
+        kill_group(proc)
     from scaletrain.train.checkpoint import find_resumable, verify
 
     tag = find_resumable(ckpts, log=lambda m: None) if ckpts.is_dir() else None

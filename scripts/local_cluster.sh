@@ -92,9 +92,9 @@ write_job_files() {
   # DeepSpeed forwards only PYTHON*/MLFLOW*/... variables to the hosts; the rest comes from this file
   # (DS_ENV_FILE=<abs path>). One KEY=VALUE per line, no blank lines: the runner splits every line at '='.
   # GLOO_SOCKET_IFNAME: gloo must use the host's own eth0 address, never a loopback one.
-  # PATH: the venv goes LAST. DeepSpeed JIT-builds its shm op into ~/.cache/torch_extensions (shared by all
-  # hosts and by runs outside this cluster); the venv's pip ninja hashes commands differently from
-  # /usr/bin/ninja, so a different ninja first on PATH would rebuild it (~1 min) and ping-pong with other runs.
+  # PATH: the venv goes LAST. DeepSpeed JIT-builds ops (CPU Adam for optimizer offload) with the first ninja on
+  # PATH; the venv's pip ninja hashes commands differently from /usr/bin/ninja, so runs with different PATHs
+  # would rebuild each other's op (~1 min each time).
   cat > "$DIR/deepspeed_env" <<ENV
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$VENV/bin
 PYTHONPATH=$REPO

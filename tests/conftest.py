@@ -13,13 +13,6 @@ from launch_utils import run_cli  # noqa: E402  (the `cli` fixture)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pytest_sessionstart(session):
-    """Build DeepSpeed's CPU comm op once, before any test starts ranks with a time limit (cached afterwards)."""
-    from scaletrain.train.extensions_dir import build_cpu_comm_op
-
-    build_cpu_comm_op()
-
-
 @pytest.fixture(scope="session")
 def data_cache_dir(tmp_path_factory) -> Path:
     """A temp dir to use as `data.cache_dir`, shared by the session so token caches are built once."""

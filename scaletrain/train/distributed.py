@@ -58,10 +58,13 @@ def setup(threads: int = 0) -> Dist:
         from scaletrain.train.perf import tune_cpu_allocator
 
         tune_cpu_allocator()  # large activations were page-faulted afresh every step (see perf.py)
-    from scaletrain.train.extensions_dir import use_private_extensions_dir
+    from scaletrain.train.extensions_dir import skip_cpu_shm_comm_op, use_private_extensions_dir
 
-    use_private_extensions_dir()  # before deepspeed JIT-builds its CPU comm op
+    use_private_extensions_dir()  # before deepspeed JIT-builds any op
     import deepspeed
+
+    if device.type == "cpu":
+        skip_cpu_shm_comm_op()
 
     if not dist.is_initialized():
         deepspeed.init_distributed(verbose=False)

@@ -1,4 +1,5 @@
-"""Where DeepSpeed JIT-builds its C++ ops (the CPU shared-memory comm op), and stale build locks.
+"""Where DeepSpeed JIT-builds its C++ ops (CPU Adam for optimizer offload), stale build locks, and the CPU
+comm op we skip.
 
 torch builds extensions under one directory per Python/torch version (`~/.cache/torch_extensions/py311_cpu`)
 whatever the venv. Two venvs then rebuild each other's op (the sources' paths differ) and wait on each other's
@@ -39,16 +40,15 @@ def _remove_if_stale(lock: Path) -> None:
         pass  # another rank removed it, or the build finished
 
 
-def build_cpu_comm_op() -> None:
-    """Build (or load, once built) DeepSpeed's CPU shared-memory comm op ahead of time, e.g. before a test
-    session, so that the first multi-rank run does not spend its time budget compiling (~1 min, more on a
-    loaded machine). No-op where a GPU is present."""
-    import torch
+def skip_cpu_shm_comm_op() -> None:
+    """Stop DeepSpeed from building and starting its CPU shared-memory comm op in this process.
 
-    if torch.cuda.is_available():
-        return
-    use_private_extensions_dir()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    DeepSpeed builds it for every CPU process group, but only its inference all-reduce (tensor-parallel
+    serving) uses it: ZeRO training goes through torch.distributed (gloo) either way. It costs a ~1 min C++
+    build on first use, and each process maps a 66 MB `/dev/shm/deepspeed_allreduce_buffer_*` file that is
+    never unlinked: on a dev or CI machine that runs many jobs those files fill the RAM-backed /dev/shm
+    (22 GB measured here after a day of runs) until the machine swaps and builds get OOM-killed.
+    """
+    import deepspeed.ops
 
-    ShareMemCommBuilder().load(verbose=False)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # what DeepSpeed checks before building

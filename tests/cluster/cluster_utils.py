@@ -1,8 +1,7 @@
-"""Helpers for the cluster tests: the daemons' up/down scripts, a private DeepSpeed op cache, env files."""
+"""Helpers for the cluster tests: the daemons' up/down scripts, env files, stopping launchers."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,13 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 VENV = Path(sys.prefix)            # the venv running pytest: the ranks must use the same one
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# What the ranks see as PATH on every "host" and in SLURM jobs. The venv goes last, as in the deepspeed_env
-# that scripts/local_cluster.sh writes: the ninja found first decides whether the shm op is rebuilt.
+# What the ranks see as PATH on every "host" and in SLURM jobs, as in the deepspeed_env that
+# scripts/local_cluster.sh writes.
 NODE_PATH = f"{SYSTEM_PATH}:{VENV / 'bin'}"
-# DeepSpeed JIT-builds its CPU shared-memory comm op on every rank. A private build dir per venv: other
-# engineers' runs on this machine neither rebuild it under us (different ninja/flags) nor leave a stale
-# `lock` behind that would hang every later rank; built once per machine, then reused.
-TORCH_EXT_DIR = Path.home() / ".cache" / "scaletrain" / f"torch_extensions-{hashlib.sha1(str(VENV).encode()).hexdigest()[:10]}"
 
 
 def log(msg: str) -> None:
@@ -56,42 +51,8 @@ def script(name: str, action: str, timeout: float = 900, env: dict | None = None
 def rank_env(**extra: str) -> dict:
     """Environment for training ranks started from here (SLURM jobs inherit it from sbatch)."""
     e = dict(os.environ)
-    e.update(PATH=NODE_PATH, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=str(TORCH_EXT_DIR),
-             PYTHONUNBUFFERED="1", **extra)
+    e.update(PATH=NODE_PATH, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **extra)
     return e
-
-
-def clear_stale_locks(ext_dir: Path = TORCH_EXT_DIR, min_age: float = 30) -> None:
-    """Remove `lock` files no build holds: torch's FileBaton waits forever on a lock whose builder was killed."""
-    import psutil
-
-    for lock in ext_dir.glob("*/*/lock"):
-        build_dir = str(lock.parent)
-        try:
-            if time.time() - lock.stat().st_mtime < min_age:
-                continue
-        except FileNotFoundError:
-            continue
-        busy = False
-        for p in psutil.process_iter(["cwd"]):
-            if (p.info.get("cwd") or "").startswith(build_dir):
-                busy = True
-                break
-        if not busy:
-            log(f"removing stale {lock} (no build process in {build_dir})")
-            lock.unlink(missing_ok=True)
-
-
-def prebuild_shm_op(timeout: float = 900) -> float:
-    """Build DeepSpeed's shm comm op once, with exactly the ranks' PATH and build dir; returns seconds."""
-    TORCH_EXT_DIR.mkdir(parents=True, exist_ok=True)
-    clear_stale_locks()
-    t0 = time.time()
-    proc = subprocess.run([str(VENV / "bin" / "python"), "-c", "from deepspeed.comm.torch import build_shm_op; build_shm_op()"],
-                          env=rank_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if proc.returncode != 0:
-        raise AssertionError(f"building DeepSpeed's shm op failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.time() - t0
 
 
 def kill_tree(proc: subprocess.Popen) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_utils import REPO, VENV, TORCH_EXT_DIR, clear_stale_locks, ensure_tools, kill_tree, log, prebuild_shm_op, rank_env, require_root, script
+from cluster_utils import REPO, VENV, ensure_tools, kill_tree, log, rank_env, require_root, script
 from launch_utils import TINY, small_corpus, wait_for
 
 HOSTS = ["host1", "host2"]
@@ -42,13 +42,7 @@ def cluster():
             log("local_cluster.sh down")
 
 
-@pytest.fixture(scope="module")
-def shm_op():
-    log(f"shm op in {TORCH_EXT_DIR}: ready after {prebuild_shm_op():.1f} s")
-
-
 def _launch(cluster: Path, env_file: Path, overrides: list[str], port: int) -> subprocess.Popen:
-    clear_stale_locks()
     cmd = [str(VENV / "bin" / "deepspeed"), "--hostfile", str(cluster / "hostfile"), "--num_nodes", "2", "--num_gpus", "1",
            "--master_port", str(port), "launch/train.py", "--config", "configs/tiny.yaml", "--set", *overrides]
     return subprocess.Popen(cmd, cwd=REPO, env=rank_env(DS_ENV_FILE=str(env_file)), stdout=subprocess.PIPE,
@@ -84,13 +78,13 @@ def _steps(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
 
 
-def test_two_node_zero3_over_ssh_checkpoint_and_resume(cluster, shm_op, tmp_path):
+def test_two_node_zero3_over_ssh_checkpoint_and_resume(cluster, tmp_path):
     for h in HOSTS:   # really separate hosts: own hostname and address, reached over ssh
         out = subprocess.run(["ssh", h, "hostname; hostname -I"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and out.stdout.split()[0] == h, out
     # The hosts get only PYTHON* variables from the runner; the rest comes from this file (one KEY=VALUE a line).
     env_file = tmp_path / "deepspeed_env"
-    env_file.write_text((cluster / "deepspeed_env").read_text().rstrip("\n") + f"\nTORCH_EXTENSIONS_DIR={TORCH_EXT_DIR}\n")
+    env_file.write_text((cluster / "deepspeed_env").read_text())
     corpus = small_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "run"
     overrides = [*TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run_dir}",
@@ -161,7 +155,7 @@ def test_two_node_zero3_over_ssh_checkpoint_and_resume(cluster, shm_op, tmp_path
         f"resumed and finished in {t_second:.1f} s; max rel. diff to the 1-rank reference {worst:.1e} ({t_ref:.1f} s)")
 
 
-def test_openmpi_launcher_two_nodes(cluster, shm_op, tmp_path):
+def test_openmpi_launcher_two_nodes(cluster, tmp_path):
     """`deepspeed --hostfile H --launcher openmpi`: mpirun starts the ranks on both hosts (over ssh + orted);
     ranks learn RANK/WORLD_SIZE from OMPI_COMM_WORLD_*, MASTER_ADDR/PORT come from the env file."""
     if shutil.which("mpirun") is None:
@@ -171,12 +165,11 @@ def test_openmpi_launcher_two_nodes(cluster, shm_op, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
     port = random.randint(21000, 29000)
     env_file = tmp_path / "deepspeed_env"
-    env_file.write_text((cluster / "deepspeed_env").read_text().rstrip("\n") + f"\nTORCH_EXTENSIONS_DIR={TORCH_EXT_DIR}\n"
+    env_file.write_text((cluster / "deepspeed_env").read_text().rstrip("\n") + "\n"
                         f"MASTER_ADDR=10.201.0.11\nMASTER_PORT={port}\n")
     run_dir = tmp_path / "run"
     overrides = [*TINY, f"data.source={small_corpus(tmp_path / 'corpus')}", f"data.cache_dir={tmp_path / 'cache'}",
                  f"run.dir={run_dir}", "zero.stage=3", "train.precision=fp32", "train.max_steps=4"]
-    clear_stale_locks()
     cmd = [str(VENV / "bin" / "deepspeed"), "--hostfile", str(cluster / "hostfile"), "--launcher", "openmpi",
            "--launcher_args=--allow-run-as-root", "launch/train.py", "--config", "configs/tiny.yaml", "--set", *overrides]
     t0 = time.time()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster_utils import REPO, VENV, clear_stale_locks, ensure_tools, log, prebuild_shm_op, rank_env, require_root, script
+from cluster_utils import REPO, VENV, ensure_tools, log, rank_env, require_root, script
 from launch_utils import TINY, small_corpus, wait_for
 
 TOKENS_PER_STEP = 2 * 2 * 64   # ranks x micro_batch x seq_len
@@ -46,15 +46,9 @@ def slurm():
             log("local_slurm.sh down")
 
 
-@pytest.fixture(scope="module")
-def shm_op():
-    log(f"shm op ready after {prebuild_shm_op():.1f} s")
-
-
 def submit(jobs: list[str], tmp: Path, max_steps: int, *flags: str) -> tuple[str, Path]:
     corpus = small_corpus(tmp / "corpus")
     run_dir = tmp / "run"
-    clear_stale_locks()
     cmd = [str(VENV / "bin" / "python"), "-m", "scaletrain.cli", "submit", "--config", "configs/tiny.yaml", "--set", *TINY,
            f"data.source={corpus}", f"data.cache_dir={tmp / 'cache'}", f"run.dir={run_dir}", "train.precision=fp32",
            f"train.max_steps={max_steps}", "--gpus-per-node", "0", "--ranks-per-node", "2", "--python", str(VENV), *flags]
@@ -134,7 +128,7 @@ def runs_json(run_dir: Path) -> dict:
     return info
 
 
-def test_usr1_checkpoints_requeues_and_resumes(slurm, shm_op, tmp_path):
+def test_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path):
     max_steps = 300
     t0 = time.time()
     job, run_dir = submit(slurm, tmp_path, max_steps, "--time", "00:10:00")
@@ -195,7 +189,7 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm, shm_op, tmp_path):
         f"{SPEED['steps_per_s']:.1f} steps/s; uninterrupted reference run {t_ref:.1f} s, identical curve")
 
 
-def test_time_limit_walk_requeues_until_max_steps(slurm, shm_op, tmp_path):
+def test_time_limit_walk_requeues_until_max_steps(slurm, tmp_path):
     """A time limit shorter than the training, srun mode, `--grace 60`. SLURM sends the warning signal up to one
     check period early (sbatch(1): "up to 60 seconds earlier"; slurmctld checks once a minute here), so USR1
     arrives 60-120 s before the limit and the job checkpoints, requeues itself and resumes, allocation after
