@@ -105,13 +105,13 @@ def test_nan_guard_skips_counts_and_aborts(work):
     with one line, exit 1, status failed, and the checkpoints intact."""
     d = work / "nan"
     log = work / "nan.log"
-    proc, port = ct.start(2, [*_common(work), "zero.stage=2", "train.max_steps=10", "train.save_every=1",
-                              "train.keep_last=10", "train.max_skipped=3", f"run.dir={d}"],
-                          env_extra={"SCALETRAIN_INJECT_NAN_AT_STEP": "3,5,6,7"}, log_path=log)
+    proc = ct.start(2, [*_common(work), "zero.stage=2", "train.max_steps=10", "train.save_every=1",
+                    "train.keep_last=10", "train.max_skipped=3", f"run.dir={d}"],
+                    env_extra={"SCALETRAIN_INJECT_NAN_AT_STEP": "3,5,6,7"}, log_path=log)
     try:
         rc = proc.wait(timeout=300)
     finally:
-        ct.kill_group(proc, port)
+        ct.kill_group(proc)
     text = log.read_text()
     assert rc == 1, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
