@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -41,12 +40,6 @@ TINY = [
 ]
 
 
-def small_corpus(dest: Path, n_files: int = 40) -> Path:
-    if not dest.exists():
-        dest.mkdir(parents=True)
-        for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n_files]:
-            shutil.copyfile(p, dest / (p.stem + ".txt"))
-    return dest
 
 
 def _port() -> int:
@@ -186,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
-    corpus = small_corpus(work / "corpus")
+    from scaletrain.data.sources import write_stdlib_sample
+
+    corpus = write_stdlib_sample(work / "corpus")
     common = [*TINY, f"data.source={corpus}", f"data.cache_dir={work / 'cache'}", f"zero.stage={args.stage}",
               f"train.max_steps={args.steps}", f"train.save_every={args.save_every}", "train.keep_last=2"]
     ref = args.reference

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import time
 from pathlib import Path
+
+from scaletrain.data.sources import write_stdlib_sample
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -24,14 +24,7 @@ TINY = [
 ]
 
 
-def small_corpus(dest: Path, n_files: int = 40) -> Path:
-    """~40 stdlib modules copied as .txt: real text, tokenised in about a second."""
-    if not dest.exists():
-        dest.mkdir(parents=True)
-        root = Path(sysconfig.get_paths()["stdlib"])
-        for p in sorted(root.glob("*.py"))[:n_files]:
-            shutil.copyfile(p, dest / (p.stem + ".txt"))
-    return dest
+small_corpus = write_stdlib_sample  # ~40 stdlib modules as .txt: real text, tokenised in about a second
 
 
 def env() -> dict:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_utils import REPO
+from launch_utils import REPO, small_corpus
 
 sys.path.insert(0, str(REPO / "scripts"))
 import crash_test as ct  # noqa: E402
@@ -30,7 +30,7 @@ def work(tmp_path_factory) -> Path:
 
 
 def _common(work: Path) -> list[str]:
-    corpus = ct.small_corpus(work / "corpus")
+    corpus = small_corpus(work / "corpus")
     return [*ct.TINY, f"data.source={corpus}", f"data.cache_dir={work / 'cache'}", f"train.max_steps={STEPS}",
             "train.save_every=3", "train.keep_last=2", "train.keep_every=6"]
 

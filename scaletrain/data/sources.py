@@ -10,6 +10,7 @@ import glob
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,16 @@ def stdlib_files() -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages", "__pycache__"))
         files.extend(Path(dirpath) / n for n in sorted(filenames) if n.endswith(".py"))
     return files
+
+
+def write_stdlib_sample(dest: Path, n_files: int = 40) -> Path:
+    """The first `n_files` top-level stdlib modules copied into `dest` as .txt (once): a small real corpus for
+    smoke runs and tests, tokenised in about a second."""
+    if not dest.exists():
+        dest.mkdir(parents=True)
+        for p in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n_files]:
+            shutil.copyfile(p, dest / (p.stem + ".txt"))
+    return dest
 
 
 def resolve_source(source: str, text_field: str = "text") -> Source:
