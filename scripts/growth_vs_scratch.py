@@ -95,7 +95,7 @@ def first_reach(points: list[tuple[float, float]], target: float) -> float | Non
     return None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/growth_vs_scratch")
     ap.add_argument("--png", default="docs/growth_vs_scratch.png")
@@ -113,10 +113,11 @@ def main() -> int:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1234)
-    args = ap.parse_args()
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides for every run (e.g. data.source=...)")
+    args = ap.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    base = common(args)
+    base = common(args) + args.set
     child_flops = step_flops(CHILD, args)
     budget = args.steps * child_flops
     runs = {"scratch": {"schedule": None, "steps": args.steps, "flops": [child_flops] * args.steps}}
@@ -155,7 +156,7 @@ def main() -> int:
         reach[name]["ratio_tokens"] = reach["scratch"]["tokens"] / t if t else None
     summary = {"target_val_loss": target, "child": CHILD, "parents": {v: runs[v]["parent"] for v in runs if v != "scratch"},
                "settings": vars(args), "results": reach, "curves": {n: r["curve"] for n, r in runs.items()},
-               "command": "python scripts/growth_vs_scratch.py " + " ".join(sys.argv[1:])}
+               "command": "python scripts/growth_vs_scratch.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     (out / "growth_vs_scratch.json").write_text(json.dumps(summary, indent=1))
     plot(runs, args, target, Path(args.png))
     print(f"target: scratch final val loss {target:.4f} after {reach['scratch']['total_flops']:.3g} FLOPs")
