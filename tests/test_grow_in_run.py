@@ -15,7 +15,8 @@ from launch_utils import TINY, live_rank_pids, run_training, small_corpus, signa
 
 pytestmark = pytest.mark.slow
 
-B1, B2, STEPS = 6, 12, 16
+# Stops land a few steps after the signal on a fast machine: leave >= 7 steps after each trigger.
+B1, B2, STEPS = 6, 14, 22
 SCHEDULE = (f"growth.schedule=[{{at_step: {B1}, set: {{model.num_layers: 4}}}}, "
             f"{{at_step: {B2}, set: {{model.hidden_size: 128, model.num_heads: 8, model.num_kv_heads: 4, "
             f"model.intermediate_size: 344}}}}]")
@@ -68,13 +69,13 @@ def test_resume_before_and_after_each_boundary_is_exact(common, straight, tmp_pa
     d = tmp_path / "run"
     args = [*common, f"run.dir={d}"]
     stops = []
-    # segment 1: stopped before the first boundary; 2: between them; 3: after the second
-    for trigger in (d / "checkpoints" / "global_step4", d / "growth" / "stage1" / "lineage.json",
-                    d / "growth" / "stage2" / "lineage.json"):
+    # segment 1: stopped before the first boundary (signalled as soon as the ranks are up); 2: between the
+    # boundaries; 3: after the second
+    for trigger in (d / "pids", d / "growth" / "stage1" / "lineage.json", d / "growth" / "stage2" / "lineage.json"):
         shutil.rmtree(d / "pids", ignore_errors=True)  # only this segment's ranks get the signal
         proc = start_training(2, args)
         ready = lambda: (trigger.exists() and len(live_rank_pids(d)) == 2) or proc.poll() is not None  # noqa: E731
-        assert wait_for(ready, timeout=300) and trigger.exists(), proc.communicate()[0][-3000:]
+        assert wait_for(ready, timeout=300, interval=0.02) and trigger.exists(), proc.communicate()[0][-3000:]
         signal_ranks(d)
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out[-3000:]
