@@ -40,8 +40,6 @@ TINY = [
 ]
 
 
-
-
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

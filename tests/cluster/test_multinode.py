@@ -42,10 +42,11 @@ def cluster():
             log("local_cluster.sh down")
 
 
-def _launch(cluster: Path, env_file: Path, overrides: list[str], port: int) -> subprocess.Popen:
+def _launch(cluster: Path, overrides: list[str], port: int) -> subprocess.Popen:
+    # The hosts get only PYTHON* variables from the runner; the rest comes from the env file (one KEY=VALUE a line).
     cmd = [str(VENV / "bin" / "deepspeed"), "--hostfile", str(cluster / "hostfile"), "--num_nodes", "2", "--num_gpus", "1",
            "--master_port", str(port), "launch/train.py", "--config", "configs/tiny.yaml", "--set", *overrides]
-    return subprocess.Popen(cmd, cwd=REPO, env=rank_env(DS_ENV_FILE=str(env_file)), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env=rank_env(DS_ENV_FILE=str(cluster / "deepspeed_env")), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -82,9 +83,6 @@ def test_two_node_zero3_over_ssh_checkpoint_and_resume(cluster, tmp_path):
     for h in HOSTS:   # really separate hosts: own hostname and address, reached over ssh
         out = subprocess.run(["ssh", h, "hostname; hostname -I"], capture_output=True, text=True, timeout=30)
         assert out.returncode == 0 and out.stdout.split()[0] == h, out
-    # The hosts get only PYTHON* variables from the runner; the rest comes from this file (one KEY=VALUE a line).
-    env_file = tmp_path / "deepspeed_env"
-    env_file.write_text((cluster / "deepspeed_env").read_text())
     corpus = small_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "run"
     overrides = [*TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={run_dir}",
@@ -95,7 +93,7 @@ def test_two_node_zero3_over_ssh_checkpoint_and_resume(cluster, tmp_path):
     # soon as the trainer says "running" (its handler is installed by then): the stop lands within the first
     # steps however fast or slow this machine is.
     t0 = time.time()
-    proc = _launch(cluster, env_file, overrides, port)
+    proc = _launch(cluster, overrides, port)
     try:
         started = wait_for(lambda: _state(run_dir) == "running" or proc.poll() is not None, timeout=LAUNCH_TIMEOUT, interval=0.2)
         assert started and proc.poll() is None, f"training did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}"
@@ -116,7 +114,7 @@ def test_two_node_zero3_over_ssh_checkpoint_and_resume(cluster, tmp_path):
 
     # 2nd launch, same command: resumes from the stop checkpoint on both hosts and finishes.
     t1 = time.time()
-    proc = _launch(cluster, env_file, overrides, port + 1)
+    proc = _launch(cluster, overrides, port + 1)
     try:
         out2 = _finish(proc)
     finally:
