@@ -44,6 +44,18 @@ def test_training_bench_two_ranks_prints_the_comparison(tmp_path):
 
 
 @pytest.mark.slow
+def test_one_contestant_alone_on_one_rank():
+    """`--only ours`: the big-shape MFU mode (both models would not fit in one device's memory)."""
+    rc, stdout, stderr = run_cli("bench", *TINY, "--ranks", "1", "--only", "ours", "--precision", "fp32",
+                                 "--no-compile", "--no-memory", timeout=600)
+    assert rc == 0, stderr[-3000:]
+    report = _json(stdout)
+    r = report["results"]["fp32"]
+    assert report["config"]["contestants"] == ["ours"] and "peer" not in r and "speedup" not in r
+    assert r["tokens_per_step"] == 2 * 64 and r["ours"]["mfu"] > 0 and len(r["ours"]["step_times_s"]) == 2
+
+
+@pytest.mark.slow
 def test_attention_only_bench_reports_every_backend():
     rc, stdout, stderr = run_cli("bench", "--attention-only", "--attention-seqs", "128", "--precision", "fp32",
                                  "--steps", "3", timeout=600)
@@ -69,6 +81,8 @@ def test_loss_memory_bench_fields():
 def test_bench_flag_mistakes_are_one_line(cli):
     rc, _, err = cli("bench", "--precision", "fp16")
     assert rc == 2 and "fp16 needs --device cuda" in err and err.count("\n") == 1
+    rc, _, err = cli("bench", "--fused-ops", "liger")
+    assert rc == 2 and "needs --device cuda" in err and err.count("\n") == 1
     rc, _, err = cli("bench", "--seq", "0")
     assert rc == 2 and "must be > 0" in err
     rc, _, err = cli("bench", "--heads", "3")

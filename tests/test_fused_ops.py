@@ -61,3 +61,27 @@ def test_swap_keeps_parameter_names_and_the_function(monkeypatch):
         got = model(ids)
     want, got = (x.logits if hasattr(x, "logits") else x for x in (want, got))
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_real_liger_kernels_match_the_reference_on_cuda(dtype, tol):
+    """The real Triton kernels: same logits and gradients as our modules (fp32 tight, bf16 within rounding)."""
+    pytest.importorskip("liger_kernel")
+    import copy
+
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(_shape()).to("cuda", dtype)
+    fused = copy.deepcopy(ref)
+    assert fused_ops.use_fused_ops(fused, "liger", cuda=True) == 2 * 4 + 1
+    ids = torch.randint(0, 97, (2, 16), device="cuda")
+    outs = []
+    for model in (ref, fused):
+        out = model(ids)
+        logits = out.logits if hasattr(out, "logits") else out
+        logits.float().square().mean().backward()
+        outs.append((logits.detach().float(), [p.grad.float() for p in model.parameters()]))
+    (want, want_g), (got, got_g) = outs
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+    for a, b in zip(got_g, want_g):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)

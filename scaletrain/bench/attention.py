@@ -1,7 +1,7 @@
 """`scaletrain bench --attention-only`: forward+backward of each attention backend vs eager.
 
 Shapes: B4 H8 D64 at T 1024 and 4096, causal, in each requested precision (eager at T >= 2048 runs
-one batch row at a time, else its scores alone would need ~8 GB). Each backend is timed in
+on CPU one batch row at a time, else its scores alone would need ~8 GB of RAM). Each backend is timed in
 rounds that alternate with eager (median of the rounds), in one process using every core (or
 `--threads`). A backend that cannot run here (flash without CUDA, flex backward on CPU) is reported
 with its reason instead of a time. Also records max |out - eager| as a sanity check.
@@ -60,7 +60,7 @@ def attention_bench(device: str, precisions: list[str], reps: int = 5, threads: 
             g = torch.Generator(device=dev).manual_seed(0)
             q, k, v = (torch.randn(b, h, t, d, generator=g, device=dev, dtype=dtype).requires_grad_() for _ in range(3))
             grad = torch.randn(b, h, t, d, generator=g, device=dev, dtype=dtype)
-            eager_rows = 1 if t >= 2048 else 0
+            eager_rows = 1 if t >= 2048 and dev.type == "cpu" else 0  # a GPU holds eager's whole batch
             row = {"precision": precision, "B": b, "H": h, "T": t, "D": d, "threads": torch.get_num_threads(),
                    "eager_batch_rows_at_once": eager_rows or b}
             ref = _fwd_bwd("eager", q, k, v, grad, eager_rows)  # warm-up + the reference output

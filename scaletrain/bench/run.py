@@ -15,7 +15,7 @@ def training_bench(spec: dict, memory: bool = True) -> dict:
     timing = run_ranks(timing_job, (spec,), ranks, device, spec["threads"])
     if memory:
         for precision in spec["precisions"]:
-            for kind in ("ours", "peer"):
+            for kind in spec["contestants"]:
                 # glibc's default allocator here, so freed memory (compile-time garbage, last step's
                 # activations) leaves RSS and the high-water mark shows what the steps really hold
                 mem = run_ranks(memory_job, (spec, precision, kind), ranks, device, spec["threads"],
@@ -24,9 +24,9 @@ def training_bench(spec: dict, memory: bool = True) -> dict:
     return {
         "config": {k: spec[k] for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                                         "vocab_size", "seq_len", "micro_batch", "ranks", "device", "zero_stage",
-                                        "steps", "warmup", "per_round", "threads")},
+                                        "steps", "warmup", "per_round", "threads", "contestants")},
         "ours_settings": {"model": OURS_NOTE, "attention": spec["attention"], "compile": spec["compile"],
-                          "loss_chunk": spec["loss_chunk"]},
+                          "loss_chunk": spec["loss_chunk"], "fused_ops": spec["fused_ops"]},
         "peer_settings": {"model": PEER_NOTE},
         "mfu_formula": "tokens/s x (6 N + 12 L d T) / peak; N = non-embedding params + output head; "
                        "peak = measured bf16/fp32 matmul FLOP/s of all ranks at once",

@@ -25,7 +25,7 @@ import torch.distributed as tdist
 from scaletrain.bench.models import build_ours, build_peer, step_fn
 from scaletrain.config import Config, build_config
 from scaletrain.train.distributed import Dist, all_reduce_sum, barrier
-from scaletrain.train.metrics import flops_per_token, measure_peak_flops
+from scaletrain.train.metrics import flops_per_token, measure_peak_flops, nominal_peak_flops
 from scaletrain.model.llama import LlamaShape
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -34,7 +34,8 @@ SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "interme
 
 def bench_config(spec: dict, precision: str) -> Config:
     model = {k: spec[k] for k in SHAPE_KEYS}
-    model.update(attention=spec["attention"], max_seq_len=max(2048, spec["seq_len"]), tie_word_embeddings=True)
+    model.update(attention=spec["attention"], fused_ops=spec.get("fused_ops", "none"),
+                 max_seq_len=max(2048, spec["seq_len"]), tie_word_embeddings=True)
     return build_config({
         "model": model,
         "train": {"seq_len": spec["seq_len"], "micro_batch_size": spec["micro_batch"], "precision": precision,
@@ -72,7 +73,8 @@ def timing_job(dist: Dist, spec: dict) -> dict:
     results = {}
     for precision in spec["precisions"]:
         cfg = bench_config(spec, precision)
-        engines = {"ours": build_ours(cfg, dist.device, dist.world), "peer": build_peer(cfg, dist.world)}
+        builders = {"ours": lambda: build_ours(cfg, dist.device, dist.world), "peer": lambda: build_peer(cfg, dist.world)}
+        engines = {kind: builders[kind]() for kind in spec["contestants"]}
         x, y = _batch(cfg, dist)
         steps = {kind: step_fn(kind, e, x, y) for kind, e in engines.items()}
         losses = {}
@@ -83,7 +85,7 @@ def timing_job(dist: Dist, spec: dict) -> dict:
         times: dict[str, list[float]] = {k: [] for k in steps}
         rounds = max(1, -(-spec["steps"] // spec["per_round"]))
         for r in range(rounds):
-            for kind in (("ours", "peer") if r % 2 == 0 else ("peer", "ours")):
+            for kind in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
                 barrier()
                 for _ in range(spec["per_round"]):
                     t0 = time.perf_counter()
@@ -97,12 +99,18 @@ def timing_job(dist: Dist, spec: dict) -> dict:
         peak = max(peaks)
         out = {"peak_matmul_flops": peak, "peak_matmul_flops_samples": peaks, "flops_per_token": fpt,
                "tokens_per_step": tokens_per_step}
+        nominal = nominal_peak_flops(dist.device, precision)
+        if nominal:  # a GPU's data-sheet peak, summed over ranks: the MFU papers report
+            out["nominal_peak_flops"] = nominal * dist.world
         for kind, ts in times.items():
             step_s = _slowest(statistics.median(ts))
             tps = tokens_per_step / step_s
             out[kind] = {"tokens_per_sec": round(tps, 1), "step_time_s": round(step_s, 6), "mfu": round(tps * fpt / peak, 4),
                          "step_times_s": [round(t, 4) for t in ts], "last_loss": round(losses[kind], 4)}
-        out["speedup"] = round(out["ours"]["tokens_per_sec"] / out["peer"]["tokens_per_sec"], 3)
+            if nominal:
+                out[kind]["mfu_vs_nominal"] = round(tps * fpt / out["nominal_peak_flops"], 4)
+        if len(times) == 2:
+            out["speedup"] = round(out["ours"]["tokens_per_sec"] / out["peer"]["tokens_per_sec"], 3)
         results[precision] = out
         for e in engines.values():
             e.destroy() if hasattr(e, "destroy") else None

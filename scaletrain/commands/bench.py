@@ -26,8 +26,9 @@ def spec_from_args(a: argparse.Namespace) -> dict:
         "hidden_size": a.hidden, "num_layers": a.layers, "num_heads": a.heads, "num_kv_heads": a.kv_heads or a.heads,
         "intermediate_size": a.intermediate, "vocab_size": a.vocab, "seq_len": a.seq, "micro_batch": a.micro_batch,
         "zero_stage": a.zero, "precisions": a.precision, "attention": a.attention, "compile": a.compile,
-        "loss_chunk": a.loss_chunk, "steps": a.steps, "warmup": a.warmup, "per_round": a.per_round,
+        "loss_chunk": a.loss_chunk, "fused_ops": a.fused_ops, "steps": a.steps, "warmup": a.warmup, "per_round": a.per_round,
         "threads": a.threads, "ranks": a.ranks, "device": a.device,
+        "contestants": ["ours", "peer"] if a.only is None else [a.only],
     }
 
 
@@ -37,6 +38,8 @@ def run(a: argparse.Namespace) -> int:
 
     if a.device == "cpu" and "fp16" in a.precision:
         raise UserError("--precision fp16 needs --device cuda (DeepSpeed fp16 does not run on CPU)")
+    if a.device == "cpu" and a.fused_ops != "none":
+        raise UserError(f"--fused-ops {a.fused_ops} needs --device cuda (its kernels are Triton)")
     report: dict = {"machine": machine_info()}
     if a.attention_only:
         from scaletrain.bench.attention import attention_bench
@@ -84,11 +87,14 @@ def add_parser(sub) -> None:
     r.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     r.add_argument("--per-round", type=_positive, default=2, help="steps per turn when alternating ours/peer")
     r.add_argument("--threads", type=int, default=0, help="threads per rank (0 = cores / ranks, as in training)")
+    r.add_argument("--only", choices=("ours", "peer"), default=None,
+                   help="time one contestant alone (MFU at shapes where both do not fit in memory at once)")
     r.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     r.add_argument("--out", default=None, help="also write the JSON here")
     o = p.add_argument_group("our hot-path options (the peer is always HF sdpa + torch AdamW)")
     o.add_argument("--attention", choices=("sdpa", "flash", "flex", "eager"), default="sdpa")
     o.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="train.compile (default on)")
+    o.add_argument("--fused-ops", choices=("none", "liger"), default="none", help="model.fused_ops (liger: CUDA only)")
     o.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk (default 1024; 0 = off)")
     m = p.add_argument_group("microbenchmarks (instead of the training comparison)")
     m.add_argument("--attention-only", action="store_true",

@@ -16,8 +16,24 @@ def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int)
     return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
 
 
-def measure_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 2048, seconds: float = 0.5) -> float:
-    """Achievable dense matmul FLOP/s for this process in `dtype` (what MFU is measured against)."""
+# Dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, FLOP/s: the usual MFU denominator on GPUs.
+NOMINAL_GPU_PEAKS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},  # SXM; fp32 = TF32
+                     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
+                     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}}
+
+
+def nominal_peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """The data-sheet peak of a known NVIDIA GPU (None on CPU or an unlisted card)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((p[precision] for key, p in NOMINAL_GPU_PEAKS.items() if key in name), None)
+
+
+def measure_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 0, seconds: float = 0.5) -> float:
+    """Achievable dense matmul FLOP/s for this process in `dtype` (what MFU is measured against).
+    2048-square products saturate a CPU; a GPU needs 8192 to come near its peak."""
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     for _ in range(2):
