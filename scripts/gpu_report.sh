@@ -19,6 +19,7 @@ SUMMARY="$OUT/summary.txt"
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, record rc and time
     local name=$1 limit=$2 start rc
     shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return 0; fi  # ONLY=regex picks stages
     start=$(date +%s)
     echo "== $name: $*"
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -27,25 +28,25 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.
     tail -n 4 "$OUT/$name.log"
     return $rc
 }
-st() { "$PY" -m scaletrain.cli "$@"; }
+ST=("$PY" -m scaletrain.cli)  # an array, not a function: `timeout` runs programs
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
 
-stage attention 120 st bench --attention-only --device cuda --precision bf16 --attention-seqs 2048 4096 --steps 10
+stage attention 120 "${ST[@]}" bench --attention-only --device cuda --precision bf16 --attention-seqs 2048 4096 --steps 10
 
 ONE_B=(--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 128256 --seq 4096)
-stage mfu_1b 200 st bench --device cuda --ranks 1 --zero 2 --precision bf16 --only ours "${ONE_B[@]}" \
+stage mfu_1b 200 "${ST[@]}" bench --device cuda --ranks 1 --zero 2 --precision bf16 --only ours "${ONE_B[@]}" \
     --micro-batch 4 --steps 8 --warmup 3 --no-memory
 rc=$?
 if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then  # out of memory at micro-batch 4: half the batch
-    stage mfu_1b_mb2 150 st bench --device cuda --ranks 1 --zero 2 --precision bf16 --only ours "${ONE_B[@]}" \
+    stage mfu_1b_mb2 150 "${ST[@]}" bench --device cuda --ranks 1 --zero 2 --precision bf16 --only ours "${ONE_B[@]}" \
         --micro-batch 2 --steps 8 --warmup 3 --no-memory
 fi
 
 stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_attention_backends.py tests/test_fused_ops.py
 
 M125=(--hidden 768 --layers 12 --heads 12 --kv-heads 4 --intermediate 2048 --vocab 32000 --seq 2048)
-stage vs_peer_125m 120 st bench --device cuda --ranks 1 --zero 2 --precision bf16 "${M125[@]}" \
+stage vs_peer_125m 120 "${ST[@]}" bench --device cuda --ranks 1 --zero 2 --precision bf16 "${M125[@]}" \
     --micro-batch 8 --steps 8 --warmup 3 --no-memory
 
 stage train_tiny 100 "$PY" launch/train.py --config configs/tiny.yaml --set run.dir="${TMPDIR:-/tmp}/scaletrain-gpu-tiny" \
