@@ -87,3 +87,14 @@ def test_bench_flag_mistakes_are_one_line(cli):
     assert rc == 2 and "must be > 0" in err
     rc, _, err = cli("bench", "--heads", "3")
     assert rc == 2 and "divisible" in err
+
+
+def test_throughput_window_counts_only_step_time_and_restarts_after_each_log_line():
+    from scaletrain.train.metrics import ThroughputWindow
+
+    w = ThroughputWindow()
+    w.add(1000, 0.5)
+    w.add(1000, 0.5)  # a validation or save between steps adds no seconds: it is not a step
+    assert w.take() == pytest.approx(2000.0)
+    w.add(300, 1.0)
+    assert w.take() == pytest.approx(300.0)  # a new window, not the average since the start

@@ -391,3 +391,16 @@ def test_eval_windows_same_for_any_world():
         for world in (2, 3, 4):
             parts = [eval_window_ids(num_windows, total, r, world).tolist() for r in range(world)]
             assert sorted(sum(parts, [])) == sorted(ref), (num_windows, total, world)
+
+
+def test_eval_window_count_gives_every_rank_the_same_number_of_forwards():
+    from scaletrain.data.sampler import eval_window_count, eval_window_ids
+
+    assert eval_window_count(32, 1000, 2) == 32
+    assert eval_window_count(1, 1000, 4) == 4  # at least one window per rank
+    assert eval_window_count(32, 5, 2) == 4  # a small split: a multiple of the world size
+    assert eval_window_count(32, 1, 2) == 0  # fewer windows than ranks: validation is skipped
+    for world in (1, 2, 3):
+        total = eval_window_count(7, 10, world)
+        counts = {len(eval_window_ids(10, total, r, world)) for r in range(world)}
+        assert len(counts) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -64,10 +65,12 @@ def test_zero2_bf16_two_ranks_learns_and_logs(base, tmp_path):
     assert (d / "config.yaml").is_file() and json.loads((d / "ds_config.json").read_text())["train_batch_size"] == 4
 
 
-@pytest.mark.parametrize("ranks,stage", [(1, 0), (2, 3)])
-def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage):
-    """Interrupt with SIGUSR1 (what SLURM sends before preemption), re-run the same command, and the
-    loss at every step equals an uninterrupted run's, bit for bit (CPU, fp32)."""
+@pytest.mark.parametrize("ranks,stage,sig", [(1, 0, signal.SIGTERM), (2, 3, signal.SIGUSR1)],
+                         ids=["1rank-zero0-SIGTERM", "2ranks-zero3-SIGUSR1"])
+def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sig):
+    """Interrupt with SIGUSR1 (what SLURM sends before preemption) or SIGTERM (plain `scancel`, a node
+    drain), re-run the same command, and the loss at every step equals an uninterrupted run's, bit for bit
+    (CPU, fp32)."""
     common = [*base, "train.max_steps=40", "train.precision=fp32", f"zero.stage={stage}", "train.save_every=4"]
     straight = tmp_path / "straight"
     run_training(ranks, [*common, f"run.dir={straight}"])
@@ -77,7 +80,7 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage):
     proc = start_training(ranks, [*common, f"run.dir={resumed}"])
     first_ckpt = resumed / "checkpoints" / "latest"
     assert wait_for(first_ckpt.exists, timeout=180), proc.communicate()[0][-3000:]
-    signal_ranks(resumed)
+    signal_ranks(resumed, sig)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-3000:]
     status = json.loads((resumed / "status.json").read_text())
@@ -90,3 +93,17 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage):
     assert sorted(got) == sorted(expected) == list(range(1, 41))
     assert [got[s] for s in got] == [expected[s] for s in got], "resumed curve differs from the uninterrupted one"
     assert json.loads((resumed / "status.json").read_text())["state"] == "finished"
+
+
+def test_zero_offload_optimizer_trains_like_the_plain_optimizer(base, tmp_path):
+    """zero.offload_optimizer=cpu: DeepSpeed's CPU Adam on the offloaded fp32 master weights computes the
+    same AdamW as torch's (fp32): the same loss curve within float rounding."""
+    steps = [*base, "train.max_steps=5", "train.precision=fp32", "train.save_every=0", "zero.stage=2"]
+    plain, offload = tmp_path / "plain", tmp_path / "offload"
+    run_training(1, [*steps, f"run.dir={plain}"])
+    run_training(1, [*steps, f"run.dir={offload}", "zero.offload_optimizer=cpu"], timeout=600)  # builds CPU Adam once
+    want, got = _curve(plain), _curve(offload)
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4, 5]
+    assert got[5] < got[1]
+    for s in want:
+        assert got[s] == pytest.approx(want[s], rel=1e-5), f"offloaded optimizer differs at step {s}"

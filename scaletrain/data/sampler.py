@@ -56,6 +56,12 @@ def micro_batch_ids(consumed: int, micro_step: int, rank: int, world: int, micro
     return consumed + (micro_step * world + rank) * micro_batch, micro_batch
 
 
+def eval_window_count(requested: int, num_windows: int, world: int) -> int:
+    """How many val windows to evaluate: at least one per rank, at most what the split has, and a multiple
+    of the world size, so every rank runs the same number of forwards. 0: fewer windows than ranks."""
+    return min(max(requested, world), num_windows) // world * world
+
+
 def eval_window_ids(num_windows: int, total: int, rank: int, world: int) -> np.ndarray:
     """A fixed, evenly spread set of `total` val windows (same for any world size), split round-robin."""
     total = min(total, num_windows)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from scaletrain import __version__
+from scaletrain.train import rng
 from scaletrain.train.distributed import Dist, barrier
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -132,7 +133,7 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save of this same step
     barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng_rank{dist.rank}.pt")
+    torch.save(rng.capture(), tmp / f"rng_rank{dist.rank}.pt")
     barrier()
     if dist.is_main:
         write_manifest(tmp, {"format": FORMAT, "step": step, "world_size": dist.world,
@@ -171,5 +172,5 @@ def load(engine, root: Path, tag: str, dist: Dist) -> dict:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
     rng_file = root / tag / f"rng_rank{dist.rank}.pt"
     if rng_file.is_file():
-        torch.set_rng_state(torch.load(rng_file, weights_only=True)["torch"])
+        rng.restore(torch.load(rng_file, weights_only=True))
     return client

@@ -48,6 +48,24 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 0, 
     return 2.0 * size**3 * n / (time.perf_counter() - t0)
 
 
+class ThroughputWindow:
+    """Tokens per second of the training steps since the last log line: only the steps' own time counts
+    (validation and checkpoint saves in between would otherwise show up as a throughput drop)."""
+
+    def __init__(self):
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def take(self) -> float:
+        """The window's rate; starts the next window."""
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.tokens, self.seconds = 0, 0.0
+        return rate
+
+
 class Metrics:
     """Rank 0 writes; other ranks get a no-op instance."""
 

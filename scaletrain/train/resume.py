@@ -27,6 +27,7 @@ import torch.distributed as tdist
 from scaletrain.config import Config
 from scaletrain.errors import UserError
 from scaletrain.train import checkpoint
+from scaletrain.train import rng as rng_states
 from scaletrain.train.distributed import Dist
 
 
@@ -153,6 +154,6 @@ def _reshard(engine, plan: ResumePlan, cfg: Config, dist: Dist) -> dict:
     engine.skipped_steps = int(head.get("skipped_steps", 0))
     rng = plan.tag_dir / f"rng_rank{dist.rank}.pt"
     if rng.is_file():  # a rank that did not exist before keeps its seeded state (nothing random is drawn in training)
-        torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+        rng_states.restore(torch.load(rng, weights_only=True))
     return {k: v for k, v in head.items() if isinstance(k, str) and k not in ("module", "optimizer", "buffer_names")}
 

@@ -19,7 +19,7 @@ import torch.distributed as tdist
 from scaletrain import __version__
 from scaletrain.config import Config, deepspeed_config
 from scaletrain.data.prepare import find_cache, open_cache, prepare_data
-from scaletrain.data.sampler import eval_window_ids, micro_batch_ids
+from scaletrain.data.sampler import eval_window_count, eval_window_ids, micro_batch_ids
 from scaletrain.data.sources import resolve_source
 from scaletrain.errors import UserError
 from scaletrain.growth.in_run import RunGrowth, grow
@@ -30,7 +30,7 @@ from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 from scaletrain.train import checkpoint, finetune, init_from
 from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, barrier, setup
-from scaletrain.train.metrics import Metrics, flops_per_token, format_duration, measure_peak_flops
+from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
 from scaletrain.train.perf import compile_model
 from scaletrain.plan import check_fits
 from scaletrain.train import resume
@@ -58,6 +58,12 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, fused: bool = True) -> 
     step over all tensors (CPU and CUDA) instead of ~10 elementwise passes per tensor."""
     groups = finetune.param_groups(model, cfg)  # + lr_scale per group: train.freeze, train.body_lr_scale
     t = cfg.train
+    if cfg.zero.offload_optimizer != "none":
+        # ZeRO-Offload steps the fp32 master weights on the CPU: DeepSpeed's vectorised CPU Adam (a C++ op,
+        # built once per machine into scaletrain's extensions dir) is the optimizer DeepSpeed accepts there.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused or None)
 
 
@@ -230,9 +236,16 @@ class Trainer:
         if self.val_stream is None:
             return None
         t, d = self.cfg.train, self.dist
-        # Same count on every rank (ZeRO-3 forwards are collective), same set for any world size.
-        total = (t.eval_batches * t.micro_batch_size) // d.world * d.world
-        ids = eval_window_ids(self.val_stream.num_windows, max(total, d.world), d.rank, d.world)
+        # Same count on every rank (ZeRO-3 forwards are collective, a rank with fewer would hang the others),
+        # same set for any world size while the val split has windows enough.
+        total = eval_window_count(t.eval_batches * t.micro_batch_size, self.val_stream.num_windows, d.world)
+        if total == 0:
+            if not getattr(self, "_warned_small_val", False):
+                self.log(f"warning: the val split has {self.val_stream.num_windows} window(s) of train.seq_len tokens, "
+                         f"fewer than the {d.world} ranks: validation skipped (add data or lower train.seq_len)")
+                self._warned_small_val = True
+            return None
+        ids = eval_window_ids(self.val_stream.num_windows, total, d.rank, d.world)
         self.engine.eval()
         loss_sum, n, k = 0.0, 0, self.cfg.model.num_labels
         conf = torch.zeros(k, k, dtype=torch.float64) if k else None  # classifier: [true, predicted] counts
@@ -295,7 +308,7 @@ class Trainer:
         if d.is_main:
             self.run.write_status(state="running", step=self.step, max_steps=t.max_steps, world_size=d.world,
                                   **launch_info())  # host/pid, SLURM job id + restart count
-        start_time, window_t0, window_tokens = time.time(), time.time(), 0
+        start_time, window = time.time(), ThroughputWindow()
         last_loss, val_loss, state = math.nan, None, "finished"
         try:
             while self.step < t.max_steps:
@@ -304,10 +317,10 @@ class Trainer:
                     n_params, fpt = self._sizes()
                 step_t0, early = time.time(), False
                 last_loss = self.train_step()
-                window_tokens += tokens_per_step
+                step_s = time.time() - step_t0
+                window.add(tokens_per_step, step_s)
                 if self.step % t.log_every == 0 or self.step == 1 or self.step == t.max_steps:
-                    elapsed = time.time() - window_t0
-                    tps = window_tokens / max(elapsed, 1e-9)
+                    tps = window.take()
                     lr = lr_at(self.step - 1, t.lr, t.min_lr, t.warmup_steps, t.max_steps, *self.lr_restarts)  # the lr this step used
                     grad_norm = self.grad_norm()
                     self.log(
@@ -319,12 +332,11 @@ class Trainer:
                         "train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                         "train/tokens_per_sec": tps, "train/mfu": tps * fpt / peak,
                         "train/consumed_tokens": self.consumed * t.seq_len,
-                        "train/step_time_s": time.time() - step_t0, "train/model_params": n_params,
+                        "train/step_time_s": step_s, "train/model_params": n_params,
                         "train/skipped_steps": self.guard.total,
                     })
                 elif self.last_skipped:
                     metrics.scalars(self.step, {"train/skipped_steps": self.guard.total})
-                    window_t0, window_tokens = time.time(), 0
                 if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
                     val_loss = self.evaluate()
                     if val_loss is not None:
