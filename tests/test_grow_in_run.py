@@ -56,6 +56,18 @@ def test_growth_boundaries_are_exact_and_logged(straight):
     assert cfg["model"]["hidden_size"] == 128 and cfg["model"]["num_layers"] == 4 and cfg["growth"]["schedule"] == []
     manifest = json.loads((straight / "checkpoints" / f"global_step{B1}" / "manifest.json").read_text())
     assert manifest["model"]["num_layers"] == 2  # the boundary checkpoint is the parent
+    # the family tree: final checkpoint <- grown child 2 <- boundary checkpoint B2 <- grown child 1 <- B1
+    final = json.loads((straight / "lineage.json").read_text())
+    assert final["steps"] == STEPS and final["parents"][0]["kind"] == "grow"
+    assert Path(final["parents"][0]["path"]) == (straight / "growth" / "stage2").resolve()
+    stage2 = json.loads((straight / "growth" / "stage2" / "lineage.json").read_text())
+    b2 = json.loads((straight / "checkpoints" / f"global_step{B2}" / "lineage.json").read_text())
+    assert stage2["parents"][0]["id"] == b2["id"] and b2["parents"][0]["kind"] == "grow"
+    from launch_utils import run_cli
+
+    rc, tree, err = run_cli("lineage", str(straight))
+    assert rc == 0, err
+    assert tree.count("grow") >= 2 and "pre-train" in tree, tree
 
 
 def _stopped_at(run_dir: Path) -> int:

@@ -104,7 +104,7 @@ def grow(trainer, metrics) -> None:
     if not freed():
         trainer.log("warning: the previous DeepSpeed engine is still referenced; memory grows with each stage")
     if d.is_main and getattr(trainer, "lineage", None) is not None:
-        trainer.lineage.cfg = child_cfg  # lineage of the next checkpoints names the grown model
+        trainer.lineage.grown(out, child_cfg)  # the next checkpoints descend from the grown child
     _report(trainer, record, metrics, time.time() - t0)
 
 

@@ -40,6 +40,21 @@ class RunLineage:
             parent_config = src.config.to_dict() if src.config is not None else {"model": src.model.model_dump(mode="json")}
         self.diff = lineage.config_diff(parent_config, cfg.to_dict())
 
+    def grown(self, stage_dir: Path, cfg: Config) -> None:
+        """After growth inside the run (or on resuming a grown run): later checkpoints descend from the grown
+        child in `growth/stageN/` (whose own lineage names the boundary checkpoint and the operators)."""
+        import yaml
+
+        record = lineage.read(stage_dir)
+        self.parents = [lineage.parent_ref(stage_dir, record, "grow")]
+        try:  # the grown child's own config: the diff says what training changed after it (schedule, lr, ...)
+            parent_config = yaml.safe_load((Path(stage_dir) / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            parent_config = None
+        diff = lineage.config_diff(parent_config, cfg.to_dict())
+        self.diff = {k: v for k, v in diff.items() if not k.startswith("growth.")}  # the grow record tells those
+        self.cfg = cfg
+
     def _copy_tokenizer(self, tok: Path) -> None:
         dest = self.run / "tokenizer"
         if dest.exists() or not tok.exists():

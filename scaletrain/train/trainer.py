@@ -119,6 +119,8 @@ class Trainer:
             from scaletrain.train.run_lineage import RunLineage
 
             self.lineage = RunLineage(cfg, self.run.path, cache)
+            if self.stage:  # resumed after growth inside this run
+                self.lineage.grown(self.run.path / "growth" / f"stage{self.stage}", cfg)
             (self.run.path / "pids").mkdir(exist_ok=True)
         barrier()
         (self.run.path / "pids" / f"rank{self.dist.rank}.pid").write_text(str(os.getpid()))
