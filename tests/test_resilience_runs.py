@@ -56,6 +56,7 @@ def test_kill_test_five_sigkills_bitwise(work, ref2):
     events = ct.crash_run(d, 2, [*_common(work), "zero.stage=2", f"run.dir={d}"], kills=5, seed=1,
                           train_secs=float(json.loads((ref2 / "status.json").read_text())["seconds"]), log=print)
     assert sum(e["killed"] for e in events) >= 4, events  # (one may land after the run finished)
+    assert any(e["killed"] and e.get("saving") for e in events), events  # at least one kill tore a save apart
     ok, detail = ct.compare(ct.loss_curve(ref2), ct.loss_curve(d))
     assert ok, detail
     assert json.loads((d / "status.json").read_text())["state"] == "finished"
@@ -97,6 +98,25 @@ def test_resume_2_to_1_then_1_to_2_and_zero2_to_zero3(work, ref2):
     assert "saved by 1 rank(s), ZeRO-2 fp32; this run is 2 rank(s), ZeRO-3 fp32: resharding" in text
     print(f"world-size resume: 2->1 max |dloss| {delta1:.2e}; 1->2 with ZeRO-2->3 max |dloss| {delta2:.2e}")
     assert delta1 <= 1e-4 and delta2 <= 1e-4
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(work, ref2):
+    """A flipped byte in the newest tag (the one `latest` names): the restart names the bad file, resumes from
+    the tag before it, and the loss curve still equals the uninterrupted run's, bit for bit."""
+    d = work / "damaged"
+    _resume_copy(ref2, d, 21)
+    shard = max((d / "checkpoints" / "global_step21").glob("*optim_states.pt"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    log = work / "damaged.log"
+    ct.run_to_end(2, [*_common(work), "zero.stage=2", f"run.dir={d}"], log)
+    text = log.read_text()
+    warning = next((ln for ln in text.splitlines() if "warning: skipping checkpoint global_step21" in ln), "")
+    assert shard.name in warning and "does not match its sha256" in warning, text[-3000:]
+    assert f"resumed from {d / 'checkpoints' / 'global_step18'}" in text, text[-3000:]
+    ok, detail = ct.compare(ct.loss_curve(ref2), ct.loss_curve(d))
+    assert ok, detail
 
 
 def test_nan_guard_skips_counts_and_aborts(work):
