@@ -164,6 +164,16 @@ def c_hostfile_uneven_slots(tmp, base):
     return _plan_hostfile(tmp, "worker-0 slots=8\nworker-1 slots=4\n"), ("different slots", "--gpus")
 
 
+def c_hostfile_include_unknown_host(tmp, base):
+    argv = _plan_hostfile(tmp, "worker-0 slots=4\nworker-1 slots=4\n") + ["--include", "worker-0@worker-9"]
+    return argv, ("--include", "unknown host 'worker-9'", "worker-0, worker-1")
+
+
+def c_hostfile_include_malformed(tmp, base):
+    argv = _plan_hostfile(tmp, "worker-0 slots=4\nworker-1 slots=4\n") + ["--include", "worker-0:0,x"]
+    return argv, ("--include", "slot 'x'", "not a number")
+
+
 # ---- CLI misuse -----------------------------------------------------------------------------------------
 
 def c_export_existing_out(tmp, base):
@@ -206,7 +216,7 @@ def c_plan_unknown_key(tmp, base):
 CASES: dict[str, Callable] = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
 
 
-def _run_case(name: str, root: Path, base: Path) -> dict:
+def _run_case(name: str, root: Path, base: Path | None) -> dict:
     work = root / "work"
     work.mkdir()
     (work / "cache").mkdir()
@@ -226,11 +236,22 @@ def base(tmp_path_factory) -> Path:
     return b
 
 
+def _uses_base(name: str) -> bool:
+    """Cases that read `base` (the good run) are named ckpt_*, untrusted_* or export_*; the others get None."""
+    return name.startswith(("ckpt", "untrusted", "export"))
+
+
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, base) -> dict:
-    roots = {name: tmp_path_factory.mktemp(name) for name in CASES}
+def results(request, tmp_path_factory) -> dict:
+    """Runs the cases this session selected (all, or those picked with -k), four at a time; the good run
+    (`base`, a DeepSpeed start) is made only when a selected case copies it."""
+    picked = {item.callspec.params["case"] for item in request.session.items
+              if item.module is request.module and "case" in getattr(getattr(item, "callspec", None), "params", {})}
+    names = sorted(picked or CASES)
+    base = request.getfixturevalue("base") if any(map(_uses_base, names)) else None
+    roots = {name: tmp_path_factory.mktemp(name) for name in names}
     with ThreadPoolExecutor(max_workers=4) as pool:
-        order = sorted(CASES, key=lambda n: not n.startswith(("ckpt", "untrusted")))  # slow ones (DeepSpeed start-up) first
+        order = sorted(names, key=lambda n: not n.startswith(("ckpt", "untrusted")))  # slow ones (DeepSpeed start-up) first
         return {name: pool.submit(_run_case, name, roots[name], base) for name in order}
 
 

@@ -1,6 +1,7 @@
 """Fast unit tests of scaletrain.cluster: hostfile parsing/filters and sbatch rendering (no daemons)."""
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -180,6 +181,66 @@ def test_rendered_script_is_valid_bash(mode):
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)
 
 
+def _snippet(script: str, first: str, last: str) -> str:
+    """The lines of `script` from the one starting with `first` through the one starting with `last`."""
+    lines = script.splitlines()
+    i = next(n for n, ln in enumerate(lines) if ln.startswith(first))
+    j = next(n for n, ln in enumerate(lines) if n >= i and ln.startswith(last))
+    return "\n".join(lines[i:j + 1]) + "\n"
+
+
+def _bash(snippet: str, cwd, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", "set -uo pipefail\n" + snippet], cwd=cwd, capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], **env})
+
+
+def test_deepspeed_env_file_carries_job_id_to_every_rank(tmp_path):
+    """Ranks started over pdsh see SLURM_JOB_ID/SLURM_RESTART_COUNT only through DeepSpeed's env file: the
+    script writes a job-specific one (the user's lines + those two) and points DS_ENV_FILE at it."""
+    s = render_sbatch(opts(mode="deepspeed", nodes=2))
+    assert "DS_ENV=$RUN_DIR/slurm-$SLURM_JOB_ID.deepspeed_env" in s and "export DS_ENV_FILE=$DS_ENV" in s
+    assert 'echo "SLURM_JOB_ID=$SLURM_JOB_ID"' in s and 'echo "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"' in s
+    assert s.index("export DS_ENV_FILE") < s.index("-m deepspeed.launcher.runner")
+    block = _snippet(s, "DS_ENV=", "export DS_ENV_FILE") + 'echo "$DS_ENV_FILE"\n'
+    home, work, run = tmp_path / "home", tmp_path / "work", tmp_path / "run"
+    for d in (home, work, run):
+        d.mkdir()
+    (home / ".deepspeed_env").write_text("PATH=/shared/venv/bin:/usr/bin\n\n# a comment\nGLOO_SOCKET_IFNAME=eth0")
+    (work / ".deepspeed_env").write_text("NCCL_SOCKET_IFNAME=ib0\n")
+    p = _bash(block, work, HOME=str(home), RUN_DIR=str(run), SLURM_JOB_ID="77")
+    env_file = run / "slurm-77.deepspeed_env"
+    assert p.returncode == 0 and p.stdout.strip() == str(env_file), p.stderr
+    lines = env_file.read_text().splitlines()
+    assert lines == ["PATH=/shared/venv/bin:/usr/bin", "GLOO_SOCKET_IFNAME=eth0", "NCCL_SOCKET_IFNAME=ib0",
+                     "SLURM_JOB_ID=77", "SLURM_RESTART_COUNT=0"]
+    assert all("=" in ln for ln in lines)   # DeepSpeed's runner splits every line at '='
+    # DS_ENV_FILE given (absolute): only that file, read once; a requeued start rewrites the file
+    custom = tmp_path / "my_env"
+    custom.write_text("DS_ACCELERATOR=cpu\n")
+    p = _bash(block, work, HOME=str(home), RUN_DIR=str(run), SLURM_JOB_ID="77", SLURM_RESTART_COUNT="2",
+              DS_ENV_FILE=str(custom))
+    assert p.returncode == 0, p.stderr
+    assert env_file.read_text() == "DS_ACCELERATOR=cpu\nSLURM_JOB_ID=77\nSLURM_RESTART_COUNT=2\n"
+    assert "DS_ENV_FILE" not in render_sbatch(opts(mode="srun"))   # srun tasks inherit the job's environment
+
+
+@pytest.mark.parametrize("mode", ["deepspeed", "srun"])
+def test_batch_script_checks_its_hostfile(tmp_path, mode):
+    """Before starting the launcher, the job checks the hostfile it built with scaletrain.cluster.hostfile."""
+    s = render_sbatch(opts(mode=mode))
+    assert f"REPO={slurm.REPO_ROOT}\n" in s
+    block = 'log() { echo "LOG $*"; }\n' + _snippet(s, "if ! HOSTFILE_ERR=", "fi")
+    hostfile = tmp_path / "h"
+    hostfile.write_text("n1 slots=2\nn2:x slots=2\n")
+    env = dict(REPO=str(slurm.REPO_ROOT), PYTHON=sys.executable, HOSTFILE=str(hostfile))
+    p = _bash(block + "echo started\n", tmp_path, **env)
+    assert p.returncode == 2 and "started" not in p.stdout, p.stdout + p.stderr
+    assert p.stdout.startswith(f"LOG error: {hostfile}:2: cannot parse") and p.stdout.count("\n") == 1, p.stdout
+    hostfile.write_text("n1 slots=2\nn2 slots=2\n")
+    p = _bash(block + "echo started\n", tmp_path, **env)
+    assert p.returncode == 0 and p.stdout == "started\n", p.stdout + p.stderr
+
+
 def test_signal_command_targets_launcher_children_only():
     """The pgrep pattern in the script must hit DeepSpeed's per-node launcher and nothing that merely
     mentions it (pdsh/ssh/bash command lines), and only for this job's port."""
@@ -209,8 +270,8 @@ def test_submit_command_dry_run_and_missing_sbatch(tmp_path, monkeypatch, capsys
     args = p.parse_args(["--config", str(cfg), "--set", "train.max_steps=5", "--time", "00:10:00", "--dry-run",
                          "--python", sys.executable])
     assert slurm.submit_command(args) == 0
-    written = (tmp_path / "run" / "submit.sbatch").read_text()
-    assert written == capsys.readouterr().out and "--time=00:10:00" in written
+    assert "--time=00:10:00" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()   # --dry-run only prints
 
     monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
     args.dry_run = False

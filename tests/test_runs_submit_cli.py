@@ -177,6 +177,37 @@ def test_submit_prints_job_run_dir_and_tensorboard(tmp_path):
 
 
 def test_submit_dry_run_prints_script(tmp_path):
-    rc, out, err = cli(*_submit_args(tmp_path, "--time", "01:00:00", "--dry-run"), path=_fake_bin(tmp_path))
+    path = _fake_bin(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    rc, out, err = cli(*_submit_args(tmp_path, "--time", "01:00:00", "--dry-run"), path=path)
     assert rc == 0, err
-    assert out.startswith("#!/bin/bash") and out == (tmp_path / "run" / "submit.sbatch").read_text()
+    assert out.startswith("#!/bin/bash") and "#SBATCH --time=01:00:00" in out and "not submitted" in err
+    assert sorted(tmp_path.rglob("*")) == before and not (tmp_path / "run").exists()   # only printed
+
+
+def test_submit_refuses_run_dir_of_a_live_job(tmp_path):
+    """One run dir per job: the job recorded in status.json (or, from older multi-node jobs, a
+    slurm-<job>.hostfile) still listed by squeue -> one line, exit 2, nothing written or submitted."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    status = run_dir / "status.json"
+    status.write_text(json.dumps({"state": "preempted", "step": 3, "slurm_job_id": "77", "slurm_restart_count": 1}))
+    record = tmp_path / "sbatch-args"
+    tools = dict(scontrol='echo "Slurmctld(primary) at ctl is UP"', sbatch=f'echo "$@" > {record}; echo 4243')
+    queued = _fake_bin(tmp_path, squeue='[ "$1 $2 $3" = "-h -j 77" ] && echo "77 PENDING"; exit 0', **tools)
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=queued)[::2], "belongs to SLURM job 77 (PENDING)")
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before and not record.exists()
+
+    status.write_text(json.dumps({"state": "finished", "slurm_job_id": None}))   # older multi-node job: id from its hostfile
+    (run_dir / "slurm-77.hostfile").write_text("n1 slots=1\nn2 slots=1\n")
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=queued)[::2], "scancel 77")
+
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "plain").mkdir()
+    gone = _fake_bin(tmp_path / "gone", squeue='echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1', **tools)
+    rc, out, err = cli(*_submit_args(tmp_path, "--time", "10"), path=gone)
+    assert rc == 0 and "submitted job 4243" in out, err
+    no_squeue = _fake_bin(tmp_path / "plain", **tools)   # squeue not installed: the check is skipped
+    rc, out, err = cli(*_submit_args(tmp_path, "--time", "10"), path=no_squeue)
+    assert rc == 0 and "submitted job 4243" in out, err

@@ -9,11 +9,17 @@ The format is DeepSpeed's own, so a file that passes here also works with `deeps
 We are stricter than DeepSpeed where it would start a broken job: zero slots, a duplicate host or a
 malformed line stop here with the line number and the fix, instead of a traceback from the runner.
 Filters use DeepSpeed's syntax, NODE[:SLOT[,SLOT...]][@NODE...], e.g. `worker-0@worker-1:0,2`.
+
+Checked by `scaletrain plan --hostfile H [--include F | --exclude F]` and by the SLURM batch scripts
+(`python -m scaletrain.cluster.hostfile H`, one `error:` line and exit 2 when the file is bad). DeepSpeed's
+own `deepspeed --hostfile` parses the file itself and does not come through here.
 """
 
 from __future__ import annotations
 
+import argparse
 import re
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -121,3 +127,23 @@ def resolve_filters(hosts: "dict[str, int]", include: str = "", exclude: str = "
     if not active:
         raise UserError(f"--exclude {exclude!r} leaves no host to run on; exclude fewer hosts")
     return active
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    """`python -m scaletrain.cluster.hostfile FILE [--include F | --exclude F]`: check, print the active slots."""
+    p = argparse.ArgumentParser(prog="python -m scaletrain.cluster.hostfile", description=main.__doc__)
+    p.add_argument("hostfile")
+    p.add_argument("--include", default="")
+    p.add_argument("--exclude", default="")
+    args = p.parse_args(argv)
+    try:
+        active = resolve_filters(read_hostfile(args.hostfile), args.include, args.exclude)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(" ".join(f"{h}:{','.join(map(str, s))}" for h, s in active.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ CLI entry (wired as `scaletrain submit` by cli.py): `add_submit_args(parser)` + 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shlex
@@ -162,6 +163,7 @@ def render_sbatch(o: SubmitOptions) -> str:
     values = {
         "SBATCH": "\n".join(sbatch_directives(o, ranks, grace)),
         "RUN_DIR": shlex.quote(o.run_dir),
+        "REPO": shlex.quote(str(REPO_ROOT)),   # the batch script checks its hostfile with scaletrain.cluster.hostfile
         "PYTHON": shlex.quote(o.python),
         "RANKS_PER_NODE": str(ranks),
         "GPUS_PER_NODE": str(o.gpus_per_node),
@@ -221,6 +223,40 @@ def check_reachable(timeout: float = 20) -> None:
                         "start slurmctld or check slurm.conf / SLURM_CONF")
 
 
+_SLURM_HOSTFILE = re.compile(r"^slurm-(\d+)\.hostfile$")
+
+
+def recorded_job(run_dir: str | Path) -> Optional[str]:
+    """The SLURM job id <run_dir>/status.json records, else the newest slurm-<job>.hostfile's (a batch
+    script wrote it; older multi-node deepspeed jobs left status.json without an id); None if neither."""
+    run = Path(run_dir)
+    try:
+        job = json.loads((run / "status.json").read_text()).get("slurm_job_id")
+    except (OSError, ValueError, AttributeError):
+        job = None
+    if job:
+        return str(job)
+    marks = [(f.stat().st_mtime, m[1]) for f in run.glob("slurm-*.hostfile") if (m := _SLURM_HOSTFILE.match(f.name))]
+    return max(marks)[1] if marks else None
+
+
+def check_run_dir_free(run_dir: str | Path, timeout: float = 20) -> None:
+    """One run dir per job: refuse when the job recorded in the run dir is still known to SLURM (queued,
+    running, requeued). Skipped when squeue is missing or does not answer."""
+    job, squeue = recorded_job(run_dir), shutil.which("squeue")
+    if job is None or squeue is None:
+        return
+    try:
+        proc = subprocess.run([squeue, "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True, timeout=timeout)
+    except (subprocess.TimeoutExpired, OSError):
+        return
+    listed = [ln.split() for ln in proc.stdout.splitlines() if ln.split()]
+    if proc.returncode == 0 and listed:
+        state = listed[0][1] if len(listed[0]) > 1 else "queued"
+        raise UserError(f"run.dir {run_dir} belongs to SLURM job {job} ({state}); one job per run dir: wait for "
+                        f"it, stop it (scancel {job}) or pick another run.dir (--set run.dir=...)")
+
+
 def submit(script_path: str | Path, timeout: float = 120) -> str:
     """`sbatch --parsable script`; returns the job id."""
     try:
@@ -259,7 +295,8 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
                    help="python interpreter or venv dir with torch+deepspeed, same path on all nodes (default: this one)")
     p.add_argument("--no-exclusive", dest="exclusive", action="store_false",
                    help="share nodes with other jobs (default: whole nodes)")
-    p.add_argument("--dry-run", action="store_true", help="write <run.dir>/submit.sbatch and print it; do not submit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the script that would be saved as <run.dir>/submit.sbatch; write nothing, do not submit")
 
 
 def options_from_args(args: argparse.Namespace) -> SubmitOptions:
@@ -279,17 +316,17 @@ def options_from_args(args: argparse.Namespace) -> SubmitOptions:
 def submit_command(args: argparse.Namespace) -> int:
     """`scaletrain submit --config X [--set K=V ...] --nodes N --gpus-per-node G [--ranks-per-node R]
     --time T [--partition P] [--account A] [--qos Q] [--mode deepspeed|srun] [--grace S] [--python P]
-    [--no-exclusive] [--dry-run]`: write <run.dir>/submit.sbatch, then sbatch it (unless --dry-run)."""
+    [--no-exclusive] [--dry-run]`: write <run.dir>/submit.sbatch, then sbatch it (--dry-run: only print it)."""
     o = options_from_args(args)
     text = render_sbatch(o)   # validate everything before touching the run dir
-    if not args.dry_run:      # fail before writing when SLURM is not installed or not answering
-        check_tools(o.mode)
-        check_reachable()
-    path = write_script(o, text)
-    if args.dry_run:
+    if args.dry_run:          # only print: nothing is written, nothing submitted
         print(text, end="")
-        print(f"# dry run: wrote {path}; not submitted", file=sys.stderr)
+        print(f"# dry run: not written to {Path(o.run_dir) / 'submit.sbatch'}; not submitted", file=sys.stderr)
         return 0
+    check_tools(o.mode)       # fail before writing when SLURM is not installed or not answering,
+    check_reachable()
+    check_run_dir_free(o.run_dir)   # or when a live job already owns the run dir
+    path = write_script(o, text)
     job = submit(path)
     ranks, _ = validate(o)
     print(f"submitted job {job}: {o.nodes} node(s) x {ranks} rank(s), {o.mode} mode, time limit {o.time}\n"
