@@ -16,7 +16,8 @@ configs/ablations/architecture.yaml:
 Every variant sees the same global batches in the same order (train.seed, same tokens per step); a variant
 with more FLOPs per token simply takes fewer steps (a prefix of the same stream). Validation uses the same
 fixed windows for all. Writes <out>.json, <out>.md (the table) and <out>.png (val loss vs training FLOPs);
-runs go to <runs>/<name>/ (default runs/ablation; finished runs are reused, delete them to re-run).
+runs go to <runs>/<name>/ (default runs/ablation); a finished run of the same request (budget, overrides,
+ranks) is reused, an interrupted one resumed, one of another request refused: delete it to re-run.
 """
 
 from __future__ import annotations
@@ -62,8 +63,7 @@ def run_variant(v: dict, budget: float, evals: int, ranks: int, runs: Path, base
             f"train.save_every={steps}", f"train.warmup_steps={max(1, steps // 10)}", f"train.log_every={every}"]
     args = ["launch/train.py", "--config", base, "--set", *sets]
     cmd = [sys.executable, *args] if ranks == 1 else [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), *args]
-    status = run_dir / "status.json"
-    if not (status.is_file() and json.loads(status.read_text()).get("state") == "finished"):
+    if not _reusable(run_dir, {"base": base, "set": sets, "ranks": ranks}):
         t0 = time.time()
         print(f"[{v['name']}] {steps} steps x {tokens_per_step} tokens, {v['params'] / 1e6:.2f}M params", flush=True)
         env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
@@ -72,6 +72,25 @@ def run_variant(v: dict, budget: float, evals: int, ranks: int, runs: Path, base
             raise SystemExit(f"variant {v['name']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         print(f"[{v['name']}] done in {time.time() - t0:.0f} s", flush=True)
     return collect(v, run_dir, steps, tokens_per_step)
+
+
+def _reusable(run_dir: Path, request: dict) -> bool:
+    """True: `run_dir` finished this very request (reuse it). False: run it (fresh, or resume an interrupted
+    run of the same request). A run dir made by a different request (other budget, overrides or ranks) is
+    refused: re-running there would resume that run, and reusing it would pair its curve with our steps."""
+    record = run_dir / "ablate_request.json"
+    if record.is_file():
+        if json.loads(record.read_text()) != request:
+            raise SystemExit(f"error: {run_dir} holds a run of another request (budget, overrides or ranks "
+                             f"changed): delete it or pass --runs to another directory")
+    elif run_dir.exists():
+        raise SystemExit(f"error: {run_dir} exists but was not made by scripts/ablate.py: delete it or pass "
+                         f"--runs to another directory")
+    else:
+        run_dir.mkdir(parents=True)
+        record.write_text(json.dumps(request, indent=1))
+    status = run_dir / "status.json"
+    return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
 
 
 def collect(v: dict, run_dir: Path, steps: int, tokens_per_step: int) -> dict:
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = yaml.safe_load((REPO / a.config).read_text())
     budget = float(a.flops or spec["flops"])
     out = Path(a.out)
-    runs = Path(a.runs)
+    runs = Path(a.runs).resolve()  # training runs with the repo as its working directory
     variants = plan(spec, budget, set(filter(None, a.only.split(","))))
     rows = [run_variant(v, budget, int(spec.get("evals", 6)), a.ranks, runs, spec["base"]) for v in variants]
     out.parent.mkdir(parents=True, exist_ok=True)
