@@ -36,8 +36,6 @@ def run(a: argparse.Namespace) -> int:
     from scaletrain.bench.machine import machine_info
     from scaletrain.errors import UserError
 
-    if a.device == "cpu" and "fp16" in a.precision:
-        raise UserError("--precision fp16 needs --device cuda (DeepSpeed fp16 does not run on CPU)")
     if a.device == "cpu" and a.fused_ops != "none":
         raise UserError(f"--fused-ops {a.fused_ops} needs --device cuda (its kernels are Triton)")
     report: dict = {"machine": machine_info()}
