@@ -22,9 +22,18 @@ from scaletrain.train.perf import compile_model
 STEPS = 30
 
 
-def test_compiled_model_keeps_eager_names_and_numerics():
+VARIANTS = {  # the architecture switches (README "Variants"), in two compiled models
+    "llama": {},
+    "layernorm-gelu-qknorm-alibi-window-bias": dict(norm="layernorm", ffn="gelu", qk_norm=True, position="alibi",
+                                                    attention_window=8, bias=True),
+    "parallel-relu2-nope": dict(parallel_block=True, ffn="relu2", position="none"),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_compiled_model_keeps_eager_names_and_numerics(variant):
     shape = LlamaShape(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                       vocab_size=101, max_seq_len=64, init_std=0.1)
+                       vocab_size=101, max_seq_len=64, init_std=0.1, **VARIANTS[variant])
     torch.manual_seed(0)
     eager = LlamaForCausalLM(shape)
     compiled = compile_model(LlamaForCausalLM(shape))
