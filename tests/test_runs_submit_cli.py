@@ -211,3 +211,11 @@ def test_submit_refuses_run_dir_of_a_live_job(tmp_path):
     no_squeue = _fake_bin(tmp_path / "plain", **tools)   # squeue not installed: the check is skipped
     rc, out, err = cli(*_submit_args(tmp_path, "--time", "10"), path=no_squeue)
     assert rc == 0 and "submitted job 4243" in out, err
+
+    # a job that is only queued (no status.json of its own yet) still owns the run dir
+    (tmp_path / "q").mkdir()
+    status.unlink()
+    (run_dir / "slurm-77.hostfile").unlink()
+    pending = _fake_bin(tmp_path / "q", squeue='[ "$1 $2 $3" = "-h -j 4243" ] && echo "4243 PENDING"; exit 0', **tools)
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=pending)[::2], "belongs to SLURM job 4243 (PENDING)")
+    assert json.loads((run_dir / "submitted.json").read_text())["job"] == "4243"

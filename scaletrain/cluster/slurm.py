@@ -25,6 +25,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -226,35 +227,50 @@ def check_reachable(timeout: float = 20) -> None:
 _SLURM_HOSTFILE = re.compile(r"^slurm-(\d+)\.hostfile$")
 
 
-def recorded_job(run_dir: str | Path) -> Optional[str]:
-    """The SLURM job id <run_dir>/status.json records, else the newest slurm-<job>.hostfile's (a batch
-    script wrote it; older multi-node deepspeed jobs left status.json without an id); None if neither."""
-    run = Path(run_dir)
-    try:
-        job = json.loads((run / "status.json").read_text()).get("slurm_job_id")
-    except (OSError, ValueError, AttributeError):
-        job = None
-    if job:
-        return str(job)
+SUBMITTED = "submitted.json"  # written by `scaletrain submit`: the job may sit in the queue long before it starts
+
+
+def recorded_jobs(run_dir: str | Path) -> list[str]:
+    """SLURM job ids the run dir knows of: the last submission's (submitted.json), the running job's
+    (status.json), and the newest slurm-<job>.hostfile's (older multi-node deepspeed jobs left status.json
+    without an id)."""
+    run, jobs = Path(run_dir), []
+    for name, key in ((SUBMITTED, "job"), ("status.json", "slurm_job_id")):
+        try:
+            job = json.loads((run / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            job = None
+        if job:
+            jobs.append(str(job))
     marks = [(f.stat().st_mtime, m[1]) for f in run.glob("slurm-*.hostfile") if (m := _SLURM_HOSTFILE.match(f.name))]
-    return max(marks)[1] if marks else None
+    if marks:
+        jobs.append(max(marks)[1])
+    return list(dict.fromkeys(jobs))
 
 
 def check_run_dir_free(run_dir: str | Path, timeout: float = 20) -> None:
-    """One run dir per job: refuse when the job recorded in the run dir is still known to SLURM (queued,
+    """One run dir per job: refuse when a job recorded in the run dir is still known to SLURM (queued,
     running, requeued). Skipped when squeue is missing or does not answer."""
-    job, squeue = recorded_job(run_dir), shutil.which("squeue")
-    if job is None or squeue is None:
+    jobs, squeue = recorded_jobs(run_dir), shutil.which("squeue")
+    if not jobs or squeue is None:
         return
-    try:
-        proc = subprocess.run([squeue, "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True, timeout=timeout)
-    except (subprocess.TimeoutExpired, OSError):
-        return
-    listed = [ln.split() for ln in proc.stdout.splitlines() if ln.split()]
-    if proc.returncode == 0 and listed:
-        state = listed[0][1] if len(listed[0]) > 1 else "queued"
-        raise UserError(f"run.dir {run_dir} belongs to SLURM job {job} ({state}); one job per run dir: wait for "
-                        f"it, stop it (scancel {job}) or pick another run.dir (--set run.dir=...)")
+    for job in jobs:
+        try:
+            proc = subprocess.run([squeue, "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True, timeout=timeout)
+        except (subprocess.TimeoutExpired, OSError):
+            return
+        listed = [ln.split() for ln in proc.stdout.splitlines() if ln.split()]
+        if proc.returncode == 0 and listed:
+            state = listed[0][1] if len(listed[0]) > 1 else "queued"
+            raise UserError(f"run.dir {run_dir} belongs to SLURM job {job} ({state}); one job per run dir: wait for "
+                            f"it, stop it (scancel {job}) or pick another run.dir (--set run.dir=...)")
+
+
+def record_submission(run_dir: str | Path, job: str, script: Path) -> None:
+    from scaletrain.train.checkpoint import write_text_atomic
+
+    write_text_atomic(Path(run_dir) / SUBMITTED, json.dumps(
+        {"job": job, "script": str(script), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
 
 
 def submit(script_path: str | Path, timeout: float = 120) -> str:
@@ -328,6 +344,7 @@ def submit_command(args: argparse.Namespace) -> int:
     check_run_dir_free(o.run_dir)   # or when a live job already owns the run dir
     path = write_script(o, text)
     job = submit(path)
+    record_submission(o.run_dir, job, path)  # a second submit sees this job while it is still only queued
     ranks, _ = validate(o)
     print(f"submitted job {job}: {o.nodes} node(s) x {ranks} rank(s), {o.mode} mode, time limit {o.time}\n"
           f"  run dir:     {o.run_dir}\n"
