@@ -41,8 +41,26 @@ COMBOS = {
     "stablelm-ln-swiglu": (dict(norm="layernorm"), "StableLmForCausalLM"),
     "stablelm-parallel-qknorm": (dict(norm="layernorm", parallel_block=True, qk_norm=True), "StableLmForCausalLM"),
     "mpt-alibi": (dict(norm="layernorm", ffn="gelu", position="alibi", num_kv_heads=6, intermediate_size=192), "MptForCausalLM"),
-    "llama-classifier": (dict(num_labels=3), "LlamaForSequenceClassification"),
-    "starcoder2-classifier": (dict(num_labels=3, norm="layernorm", ffn="gelu", bias=True), "Starcoder2ForSequenceClassification"),
+    "smollm3-nope": (dict(position="none"), "SmolLM3ForCausalLM"),
+    "smollm3-nope-bias-window": (dict(position="none", bias=True, attention_window=8), "SmolLM3ForCausalLM"),
+    "smollm3-rope-bias-window": (dict(bias=True, attention_window=8), "SmolLM3ForCausalLM"),
+    "phi-nope-odd-head": (dict(norm="layernorm", ffn="gelu", parallel_block=True, position="none", hidden_size=45,
+                               num_heads=5, num_kv_heads=1), "PhiForCausalLM"),
+    "persimmon-nope": (dict(norm="layernorm", ffn="gelu", position="none", bias=True, num_kv_heads=6), "PersimmonForCausalLM"),
+    "stablelm-nope-parallel-qknorm": (dict(norm="layernorm", position="none", parallel_block=True, qk_norm=True), "StableLmForCausalLM"),
+    "phi-gelu-parallel": (dict(norm="layernorm", ffn="gelu", parallel_block=True), "PhiForCausalLM"),
+    "phi-relu2-bias-qknorm": (dict(norm="layernorm", ffn="relu2", parallel_block=True, bias=True, qk_norm=True), "PhiForCausalLM"),
+    "phi-tied-rope-linear": (dict(norm="layernorm", ffn="gelu", parallel_block=True, tie_word_embeddings=True,
+                                  rope_scaling={"rope_type": "linear", "factor": 4.0}), "PhiForCausalLM"),
+    "persimmon-relu2-qknorm": (dict(norm="layernorm", ffn="relu2", qk_norm=True, num_kv_heads=6), "PersimmonForCausalLM"),
+    "persimmon-gelu-qknorm-bias": (dict(norm="layernorm", ffn="gelu", qk_norm=True, bias=True, num_kv_heads=6), "PersimmonForCausalLM"),
+    **{f"{fam.lower()}-classifier": (dict(num_labels=3, **switches), f"{fam}ForSequenceClassification") for fam, switches in {
+        "Llama": {}, "Mistral": dict(attention_window=8), "Qwen3": dict(qk_norm=True), "Arcee": dict(ffn="relu2", bias=True),
+        "Starcoder2": dict(norm="layernorm", ffn="gelu", bias=True),
+        "StableLm": dict(norm="layernorm", parallel_block=True, qk_norm=True),
+        "Mpt": dict(norm="layernorm", ffn="gelu", position="alibi", num_kv_heads=6, intermediate_size=192),
+        "SmolLM3": dict(position="none", bias=True), "Phi": dict(norm="layernorm", ffn="gelu", parallel_block=True, bias=True),
+        "Persimmon": dict(norm="layernorm", ffn="relu2", qk_norm=True, num_kv_heads=6)}.items()},
 }
 
 
@@ -102,10 +120,11 @@ def test_export_import_match_transformers(combo, tmp_path):
     print(f"{combo}: {arch} max |dlogits| = {diff:.2e}")
     assert diff <= TOL
     # and back: their config + tensors -> our config + state dict, same function
-    m2, adapter = import_plan(cfg, "hf")
+    theirs = hf.state_dict()
+    m2, adapter = import_plan(cfg, "hf", lambda n: bool(theirs[n].abs().max() > 0) if n in theirs else None)
     assert m2.model_dump(exclude={"attention", "init_std"}) == m.model_dump(exclude={"attention", "init_std"})
     back = build_model(LlamaShape.from_config(m2.model_copy(update={"attention": "eager"}))).eval()
-    back.load_state_dict(dict(adapter.tensors(hf.state_dict().items())), strict=True)
+    back.load_state_dict(dict(adapter.tensors(theirs.items())), strict=True)
     with torch.no_grad():
         assert torch.equal(back(x), a)
 
@@ -115,6 +134,13 @@ def test_export_import_match_transformers(combo, tmp_path):
     ("arcee-gelu", {"hidden_act": "relu2"}),
     ("starcoder2-ln-gelu", {"hidden_act": "gelu_pytorch_tanh"}),
     ("llama-rope-llama3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_scaling": None}),
+    ("smollm3-nope", {"no_rope_layers": [1, 1]}),
+    ("smollm3-nope-bias-window", {"layer_types": ["full_attention"] * 2}),
+    ("phi-gelu-parallel", {"hidden_act": "gelu_new"}),
+    ("persimmon-nope", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5},
+                        "partial_rotary_factor": 0.5}),
+    ("persimmon-relu2-qknorm", {"partial_rotary_factor": 0.5,
+                                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}}),
 ])
 def test_the_comparison_can_fail(combo, edit, tmp_path):
     """The oracle with one setting changed (even gelu -> tanh-gelu) is 10x outside the tolerance: not vacuous."""
@@ -129,11 +155,15 @@ def test_the_comparison_can_fail(combo, edit, tmp_path):
 
 
 @pytest.mark.parametrize("switches,word", [
-    (dict(position="none"), "position=none"),
+    (dict(position="none", ffn="gelu"), "SmolLM3"),
+    (dict(position="none", hidden_size=45, num_heads=5, num_kv_heads=1), "even head size"),
+    (dict(position="none", norm="layernorm", ffn="gelu"), "Persimmon"),  # GQA
+    (dict(position="none", norm="layernorm", attention_window=8), "sliding window"),
     (dict(parallel_block=True), "RMSNorm"),
     (dict(qk_norm=True, bias=True), "bias"),
     (dict(norm="layernorm", bias=True), "StableLM"),
-    (dict(norm="layernorm", ffn="gelu", qk_norm=True), "Starcoder2"),
+    (dict(norm="layernorm", ffn="gelu", qk_norm=True), "Persimmon"),  # GQA: Persimmon is MHA only
+    (dict(norm="layernorm", ffn="gelu", parallel_block=True, attention_window=8), "Phi"),
     (dict(position="alibi"), "MPT"),
 ])
 def test_refusals_are_one_line(switches, word):
@@ -142,17 +172,61 @@ def test_refusals_are_one_line(switches, word):
     assert word in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
-def test_export_hf_of_a_variant_checkpoint_loads_with_auto_class(tmp_path, sp_model):
-    """The real export path (streaming writer, config.json, tokenizer, card) for a non-Llama family."""
+@pytest.mark.parametrize("combo,edit,word", [
+    ("smollm3-nope", {"no_rope_layers": [1, 0]}, "mixes RoPE and NoPE"),
+    ("smollm3-nope-bias-window", {"layer_types": ["sliding_attention", "full_attention"]}, "only some layers"),
+    ("phi-gelu-parallel", {"hidden_act": "gelu_new"}, "gelu_new"),
+    ("phi-gelu-parallel", {"partial_rotary_factor": None, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+     "partial_rotary_factor 0.5)"),  # PhiConfig's default when config.json does not say
+    ("persimmon-relu2-qknorm", {"lm_head.bias": 1.0}, "lm_head.bias is not zero"),
+    ("phi-gelu-parallel", {"model.layers.1.mlp.fc2.bias": 1.0}, "model.bias=true"),
+])
+def test_import_refuses_what_we_cannot_hold(combo, edit, word, tmp_path):
+    m = config(**COMBOS[combo][0])
+    plan, cfg, hf = hf_for(m, tmp_path)
+    theirs = dict(plan.adapter.tensors(ours_for(m).state_dict().items()))
+    cfg.update({k: v for k, v in edit.items() if "." not in k})
+    for k in (k for k in edit if "." in k):
+        theirs[k] = theirs.get(k, torch.zeros(m.vocab_size)).clone().fill_(edit[k])
+    with pytest.raises(UserError) as e:
+        _, adapter = import_plan(cfg, "hf")
+        dict(adapter.tensors(theirs.items()))
+    assert word in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+CARD_CASES = {  # id: (switches, class, what the card must say, what it must not)
+    "starcoder2": (dict(norm="layernorm", ffn="gelu", bias=True, attention_window=8), "Starcoder2ForCausalLM",
+                   ["LayerNorm, eps 1e-05", "exact (erf) GELU, width 80", "sliding window of 8 tokens", "RoPE, theta 10000"],
+                   ["SwiGLU", "RMSNorm"]),
+    "phi-tied": (dict(norm="layernorm", ffn="relu2", parallel_block=True, qk_norm=True, tie_word_embeddings=True),
+                 "PhiForCausalLM", ["squared ReLU", "parallel", "LayerNorm over each head (8)", "| biases | none |"],
+                 ["SwiGLU", "RMSNorm", "sliding"]),
+    "persimmon": (dict(norm="layernorm", ffn="gelu", qk_norm=True, bias=True, num_kv_heads=6), "PersimmonForCausalLM",
+                  ["GELU", "on every linear layer and LayerNorm"], ["SwiGLU", "RMSNorm"]),
+    "smollm3-nope": (dict(position="none", bias=True), "SmolLM3ForCausalLM",
+                     ["NoPE", "SwiGLU (gated, SiLU), width 80", "RMSNorm, eps"], ["RoPE", "LayerNorm"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CARD_CASES))
+def test_export_hf_of_a_variant_checkpoint_loads_with_auto_class(case, tmp_path, sp_model):
+    """The real export path (streaming writer, config.json, tokenizer, card) for non-Llama families; the card
+    describes the architecture as it is (a GELU + LayerNorm export says so, not SwiGLU / RMSNorm)."""
     from scaletrain.hf.export_hf import export_hf
 
-    m = config(norm="layernorm", ffn="gelu", bias=True, attention_window=8, vocab_size=VOCAB, tie_word_embeddings=True)
+    switches, arch, says, never = CARD_CASES[case]
+    m = config(**{"vocab_size": VOCAB, "tie_word_embeddings": True, **switches})
     ours = ours_for(m)
     ckpt = write_checkpoint_dir(tmp_path / "ckpt", ours, m, sp_model)
     export_hf(str(ckpt), str(tmp_path / "hf"), progress=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
-    assert type(hf).__name__ == "Starcoder2ForCausalLM"
-    assert "Starcoder2ForCausalLM" in (tmp_path / "hf" / "README.md").read_text()
+    assert type(hf).__name__ == arch
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert f"`transformers.{arch}`" in card
+    for text in says:
+        assert text in card, f"{text!r} missing from the card:\n{card}"
+    for text in never:
+        assert text not in card.split("## Training")[0], f"{text!r} in the architecture part of the card:\n{card}"
     x = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= TOL

@@ -1,9 +1,13 @@
-"""Per-architecture tensor rules (see tensor_map.py): our state-dict names <-> Starcoder2 / StableLM / MPT names.
+"""Per-architecture tensor rules (see tensor_map.py): our state-dict names <-> Starcoder2 / StableLM / MPT /
+Phi / Persimmon names.
 
-Llama, Mistral, Qwen3 and Arcee use our names unchanged. Each rule maps one arriving tensor to what is emitted.
+Llama, Mistral, Qwen3, Arcee and SmolLM3 use our names unchanged. Each rule maps one arriving tensor to what
+is emitted.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -148,6 +152,80 @@ def _mpt_in(m: ModelConfig):
     return rule
 
 
+# ---- Phi / Persimmon: every linear and LayerNorm always has a bias (zero-filled for bias=false) ----------
+PHI = ((".self_attn.o_proj.", ".self_attn.dense."), (".self_attn.q_norm.", ".self_attn.q_layernorm."),
+       (".self_attn.k_norm.", ".self_attn.k_layernorm."), (".mlp.up_proj.", ".mlp.fc1."), (".mlp.down_proj.", ".mlp.fc2."),
+       ("model.norm.", "model.final_layernorm."))
+PERSIMMON = ((".self_attn.o_proj.", ".self_attn.dense."), (".self_attn.q_norm.", ".self_attn.q_layernorm."),
+             (".self_attn.k_norm.", ".self_attn.k_layernorm."), (".mlp.up_proj.", ".mlp.dense_h_to_4h."),
+             (".mlp.down_proj.", ".mlp.dense_4h_to_h."), ("model.norm.", "model.final_layernorm."))
+NO_BIAS = "scaletrain's linears and LayerNorms have biases only with model.bias=true"
+
+
+def _rename(name: str, table, back: bool = False) -> str:
+    for a, b in table:
+        name = name.replace(b, a) if back else name.replace(a, b)
+    return name
+
+
+def _interleave(ts: list, heads: int) -> torch.Tensor:
+    """Persimmon's fused query_key_value: per head [q_h; k_h; v_h] (rows), for weights and biases alike."""
+    return torch.stack([t.reshape(heads, -1, *t.shape[1:]) for t in ts], dim=1).reshape(-1, *ts[0].shape[1:])
+
+
+def _deinterleave(t: torch.Tensor, heads: int, j: int) -> torch.Tensor:
+    return t.reshape(heads, 3, -1, *t.shape[1:])[:, j].reshape(-1, *t.shape[1:])
+
+
+def _persimmon_fuse(m: ModelConfig, name: str) -> Optional[list]:
+    """q/k/v (weights, then biases) -> query_key_value once v arrives; None for every other tensor."""
+    hit = LAYER.match(name)
+    if hit is None or not hit["rest"].startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+        return None
+    kind = hit["rest"].rsplit(".", 1)[1]  # weight | bias
+    if not hit["rest"].startswith("self_attn.v_proj."):
+        return [deferred(name)]
+    d, pre = m.hidden_size, hit["pre"]
+    qkv = tuple(f"{pre}self_attn.{p}_proj.{kind}" for p in "qkv")
+    shape = (3 * d, d) if kind == "weight" else (3 * d,)
+    outs = [Out(f"{pre}self_attn.query_key_value.{kind}", shape,
+                consuming(qkv, lambda buf: _interleave([buf[x] for x in qkv], m.num_heads)))]
+    if kind == "weight" and not m.bias:
+        outs.append(zeros(f"{pre}self_attn.query_key_value.bias", (3 * d,)))
+    return outs
+
+
+def _always_biased_out(m: ModelConfig, table, head_bias: bool, fuse: bool = False):
+    def rule(name, shape):
+        fused = _persimmon_fuse(m, name) if fuse else None
+        if fused is not None:
+            return fused
+        hf = _rename(name, table)
+        outs = [renamed(name, hf, shape)]
+        if not m.bias and name.endswith(".weight") and not name.startswith(("model.embed_tokens.", "lm_head.", "score.")):
+            outs.append(zeros(hf.removesuffix("weight") + "bias", (shape[0],)))
+        if head_bias and name == FINAL and not m.num_labels:  # Phi's lm_head has a bias: zero (tied or not)
+            outs.append(zeros("lm_head.bias", (m.vocab_size,)))
+        return outs
+    return rule
+
+
+def _always_biased_in(m: ModelConfig, table, split: bool = False):
+    d = m.hidden_size
+
+    def rule(name, shape):
+        if name == "lm_head.bias":
+            return [must_be_zero(name, "scaletrain's output head has no bias")]
+        if name.endswith(".bias") and not m.bias:
+            return [must_be_zero(name, NO_BIAS)]
+        if split and ".self_attn.query_key_value." in name:
+            pre, kind = name.split("query_key_value.")
+            return [Out(f"{pre}{p}_proj.{kind}", (d, d) if kind == "weight" else (d,),
+                        (lambda buf, j=j: _deinterleave(buf[name], m.num_heads, j))) for j, p in enumerate("qkv")]
+        return [renamed(name, _rename(name, table, back=True), shape)]
+    return rule
+
+
 def export_rule(family: str, m: ModelConfig):
     if family == "Starcoder2":
         return _starcoder2_out(m)
@@ -155,6 +233,10 @@ def export_rule(family: str, m: ModelConfig):
         return _stablelm_out(m)
     if family == "Mpt":
         return _mpt_out(m)
+    if family == "Phi":
+        return _always_biased_out(m, PHI, head_bias=True)
+    if family == "Persimmon":
+        return _always_biased_out(m, PERSIMMON, head_bias=False, fuse=True)
     return same
 
 
@@ -165,4 +247,8 @@ def import_rule(family: str, m: ModelConfig, cfg: dict):
         return _stablelm_in(m, bool(cfg.get("use_qkv_bias")))
     if family == "Mpt":
         return _mpt_in(m)
+    if family == "Phi":
+        return _always_biased_in(m, PHI)
+    if family == "Persimmon":
+        return _always_biased_in(m, PERSIMMON, split=True)
     return same
