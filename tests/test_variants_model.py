@@ -147,3 +147,33 @@ def test_odd_head_dim_is_fine_without_rope():
     assert cfg.model.head_dim == 63
     with pytest.raises(UserError, match="even"):
         load_config("configs/tiny.yaml", ["model.hidden_size=252", "model.num_heads=4", "model.num_kv_heads=4"])
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["model.attention_window=8"], ["model.attention_window needs the flash-attn package", "model.attention=sdpa or flex"]),
+    (["model.position=alibi"], ["model.position=alibi needs the flash-attn package", "model.attention=sdpa"]),
+    (["model.position=alibi", "model.attention_window=8"], ["model.attention_window and model.position=alibi"]),
+])
+def test_flash_with_window_or_alibi_refused_at_start_up_without_flash_attn(overrides, words, monkeypatch):
+    """The config itself is valid (the training machine may have flash-attn); check_backend, which the trainer
+    runs before building the engine, refuses it in one line instead of the first forward."""
+    import scaletrain.model.attention as attn
+    from scaletrain.model.masks import attention_mask
+
+    monkeypatch.setattr(attn, "has_flash_attn", lambda: False)
+    cfg = load_config("configs/tiny.yaml", ["model.attention=flash", *overrides])
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    for shape in (cfg.model, LlamaShape.from_config(cfg.model)):
+        with pytest.raises(UserError) as e:
+            attn.check_backend("flash", cuda, training=True, shape=shape)
+        msg = str(e.value)
+        assert all(w in msg for w in words) and "install flash-attn" in msg and "\n" not in msg, msg
+    with pytest.raises(UserError) as e:  # the forward's own check (never reached after check_backend) says the same
+        attention_mask(LlamaShape.from_config(cfg.model), None, 8, 0, "cpu", torch.float32)
+    assert str(e.value) == msg
+    plain = LlamaShape.from_config(load_config("configs/tiny.yaml", ["model.attention=flash"]).model)
+    attn.check_backend("flash", cuda, training=True, shape=plain)  # plain causal flash needs no package
+    monkeypatch.setattr(attn, "has_flash_attn", lambda: True)
+    attn.check_backend("flash", cuda, training=True, shape=cfg.model)
+    with pytest.raises(UserError, match="NVIDIA GPU"):  # on CPU the device reason comes first
+        attn.check_backend("flash", torch.device("cpu"), training=True, shape=cfg.model)

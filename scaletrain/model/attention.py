@@ -33,14 +33,30 @@ def has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def check_backend(backend: str, device: torch.device, training: bool = True, doc_mask: bool = False) -> None:
-    """Fail at start-up, with a one-line reason, for a backend that cannot run here."""
+def flash_mask_problem(shape) -> str | None:
+    """Why model.attention=flash cannot run `shape` (a LlamaShape / ModelConfig) here, or None: a sliding
+    window or ALiBi goes through flash-attn's own arguments, which SDPA's flash kernel does not have."""
+    window, alibi = getattr(shape, "attention_window", None), getattr(shape, "position", "rope") == "alibi"
+    if not (window or alibi) or has_flash_attn():
+        return None
+    what = " and ".join(x for x, on in (("model.attention_window", window), ("model.position=alibi", alibi)) if on)
+    other = "sdpa" if alibi else "sdpa or flex"
+    return (f"model.attention=flash with {what} needs the flash-attn package (SDPA's flash kernel takes neither a "
+            f"window nor ALiBi): install flash-attn, or use model.attention={other}")
+
+
+def check_backend(backend: str, device: torch.device, training: bool = True, doc_mask: bool = False, shape=None) -> None:
+    """Fail at start-up, with a one-line reason, for a backend that cannot run here. `shape` (LlamaShape or
+    ModelConfig): also check the switches the backend must support (window / ALiBi with flash)."""
     if backend == "flash":
         if device.type != "cuda":
             raise UserError(FLASH_NEEDS_CUDA)
         if doc_mask and not has_flash_attn():
             raise UserError("data.doc_mask with model.attention=flash needs the flash-attn package (varlen "
                             "kernel); SDPA's flash kernel takes no mask. Use model.attention=flex or sdpa")
+        why = None if shape is None else flash_mask_problem(shape)
+        if why:
+            raise UserError(why)
     if backend == "flex" and device.type == "cpu" and training:
         raise UserError(CPU_NO_BACKWARD.format(ver=torch.__version__))
 

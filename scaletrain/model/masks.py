@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from scaletrain.errors import UserError
-from scaletrain.model.attention import build_mask
+from scaletrain.model.attention import build_mask, flash_mask_problem
 from scaletrain.model.blocks import alibi_slopes
 
 
@@ -35,11 +35,9 @@ def attention_mask(s, doc_ids: Optional[torch.Tensor], t_q: int, start_pos: int,
         return flex_window_mask(doc_ids, window, t_q, t_k, str(device))
     slopes = alibi_slopes(s.num_heads).to(device) if alibi else None
     if s.attention == "flash":
-        from scaletrain.model.attention import has_flash_attn
-
-        if not has_flash_attn():
-            raise UserError("model.attention=flash with model.attention_window or position=alibi needs the flash-attn "
-                            "package (SDPA's flash kernel takes neither); use model.attention=sdpa or flex")
+        why = flash_mask_problem(s)  # normally refused at start-up already (attention.check_backend)
+        if why:
+            raise UserError(why)
         return FlashMask(window, slopes, build_mask("flash", doc_ids))
     allowed = dense_allowed(doc_ids, window, t_q, t_k, device)
     if not alibi:
