@@ -5,6 +5,7 @@ DeepSpeed's own zero_to_fp32 is the oracle for the weights read out of the shard
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from hf_fixtures import cli_ok, corpus, hf_dir, hf_root, imported, prompt_completion_file, sp_model, tensors_of  # noqa: F401
-from launch_utils import REPO, TINY, env, run_training, train_cmd
+from launch_utils import REPO, TINY, env, run_cli, run_training, train_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +41,27 @@ def _hf_vs_ours(export: Path, source: Path, vocab: int) -> float:
     ids = torch.randint(0, vocab, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return (hf(ids).logits - ours(ids)).abs().max().item()
+
+
+# RSS that is not the model: lazy imports on first use, allocator arenas, mmap'd checkpoint pages, page rounding.
+# It does not grow with the model, which is what a missing stream (the whole fp32 model plus the ZeRO shards'
+# Adam moments in one process: 3 x fp32 bytes and more) would do.
+RSS_SLACK_MB = 64
+
+
+def _check_export_memory(printed: str, err: str, fp32_mb: float) -> None:
+    """The whole export's peak stays below the process's RSS before the weights streamed + 2 x the model's fp32
+    bytes (+ slack), and so does the peak while they streamed (measured in-process: VmHWM reset before)."""
+    peak = float(re.search(r"peak RSS ([\d,]+) MB", printed)[1].replace(",", ""))
+    hit = re.search(r"RSS ([\d.]+) MB before streaming the weights, peak ([\d.]+|n/a) MB while streaming", err)
+    assert hit, f"export-hf did not report its RSS before streaming:\n{err[-2000:]}"
+    before = float(hit[1])
+    stream = before if hit[2] == "n/a" else float(hit[2])  # n/a: no /proc/self/clear_refs; the total still counts
+    bound = before + 2 * fp32_mb + RSS_SLACK_MB
+    print(f"export memory: {before:.1f} MB before the weights, {stream:.1f} MB peak while streaming, {peak:.0f} MB "
+          f"process peak; model {fp32_mb:.2f} MB fp32; bound {bound:.1f} MB")
+    assert stream <= bound, f"streaming the weights peaked at {stream:.1f} MB RSS > {bound:.1f} MB ({before:.1f} before)"
+    assert peak <= bound, f"export-hf peaked at {peak:.0f} MB RSS > {bound:.1f} MB"
 
 
 def test_import_finetune_zero2_export(hf_root, corpus, imported):
@@ -76,12 +98,14 @@ def test_export_from_zero3_run_matches_trained_weights(hf_root, corpus):
     run_training(2, [*TINY, f"run.dir={run}", f"data.source={corpus}", f"data.cache_dir={hf_root / 'cache'}", "zero.stage=3",
                      "train.precision=fp32", "train.max_steps=3", "train.eval_every=3", "train.save_every=0"])
     out = hf_root / "z3-export"
-    printed = cli_ok("export-hf", str(run), "--out", str(out), "--dtype", "fp32")
+    rc, printed, err = run_cli("export-hf", str(run), "--out", str(out), "--dtype", "fp32", timeout=300)
+    assert rc == 0, f"export-hf failed rc={rc}\n{printed[-2000:]}\n{err[-3000:]}"
     print(printed.strip())
     exported, oracle = tensors_of(out), _zero_to_fp32(run)
     assert "lm_head.weight" not in exported  # tied
     for k, v in exported.items():
         assert torch.equal(v, oracle[k]), k
+    _check_export_memory(printed, err, sum(t.numel() for t in exported.values()) * 4 / 2**20)
     assert _hf_vs_ours(out, run, 512) <= 1e-5
     rec = json.loads((out / "lineage.json").read_text())
     assert rec["steps"] == 3 and rec["val_loss"] is not None and rec["parents"][0]["kind"] == "pre-train"

@@ -3,13 +3,15 @@
 Writes config.json (LlamaForCausalLM), safetensors (sharded + index above --max-shard-size),
 generation_config.json, tokenizer files (AutoTokenizer gives the training ids; checked before finishing),
 lineage.json and a README.md model card. Tensors stream one at a time from any ZeRO stage, so peak memory
-is about the largest tensor, not the model plus its optimizer.
+is about the largest tensor, not the model plus its optimizer (measured: the result's `weights_peak_rss_mb`
+over `rss_before_weights_mb`, printed by the CLI).
 """
 
 from __future__ import annotations
 
 import json
 import resource
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -27,6 +29,46 @@ DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _status_mb(key: str) -> Optional[float]:
+    """VmRSS / VmHWM of this process from /proc (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class StreamMemory:
+    """Peak RSS while the weights stream (VmHWM reset just before), over the RSS just before, and the whole
+    process's peak (the larger of the peak before the reset and the one after)."""
+
+    def __enter__(self):
+        self.peak_before = max(peak_rss_mb(), _status_mb("VmHWM") or 0.0)
+        self.reset = _reset_peak()
+        self.rss_before = _status_mb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        self.stream_peak = _status_mb("VmHWM") if self.reset else None
+
+    def report(self) -> dict:
+        total = max(self.peak_before, peak_rss_mb(), _status_mb("VmHWM") or 0.0)
+        return {"peak_rss_mb": total, "rss_before_weights_mb": self.rss_before, "weights_peak_rss_mb": self.stream_peak}
 
 
 def export_hf(source: str, out: str, dtype: Optional[str] = None, max_shard_size: str = DEFAULT_SHARD, progress: bool = True) -> dict:
@@ -47,8 +89,9 @@ def export_hf(source: str, out: str, dtype: Optional[str] = None, max_shard_size
 
     ours = load_tokenizer(src.tokenizer)
     with staged(out_dir) as tmp:
-        written = write_safetensors(tmp, plan.adapter.specs(src.specs()), plan.adapter.tensors(src.tensors()), max_bytes,
-                                    DTYPES.get(dtype or ""), progress)
+        with StreamMemory() as mem:
+            written = write_safetensors(tmp, plan.adapter.specs(src.specs()), plan.adapter.tensors(src.tensors()), max_bytes,
+                                        DTYPES.get(dtype or ""), progress)
         name = DTYPE_NAMES.get(written["dtypes"][0], "float32") if len(written["dtypes"]) == 1 else "float32"
         bos = ours.bos_id if ours.bos_id >= 0 else None
         pad = ours.eos_id if src.model.num_labels else None  # classifiers pool at the last non-pad token
@@ -66,4 +109,9 @@ def export_hf(source: str, out: str, dtype: Optional[str] = None, max_shard_size
                            data=parent.get("data"), val_loss=parent.get("val_loss"), path=out_dir, dtypes=written["dtypes"])
         lineage.write(tmp, rec)
         write_model_card(tmp, out_dir.name, src.model, rec, lineage.tree_lines(tmp), name)
-    return {**rec, "files": written["files"], "total_size": written["total_size"], "peak_rss_mb": peak_rss_mb()}
+    memory = mem.report()
+    if progress and memory["rss_before_weights_mb"] is not None:  # the CLI prints the process's peak on stdout
+        stream = memory["weights_peak_rss_mb"]
+        print(f"export-hf: RSS {memory['rss_before_weights_mb']:.1f} MB before streaming the weights, peak "
+              f"{'n/a' if stream is None else f'{stream:.1f}'} MB while streaming", file=sys.stderr)
+    return {**rec, "files": written["files"], "total_size": written["total_size"], **memory}
