@@ -15,7 +15,6 @@ two steps after warm-up (so compilation is not counted), reset through /proc/sel
 from __future__ import annotations
 
 import gc
-import resource
 import statistics
 import time
 
@@ -27,6 +26,7 @@ from scaletrain.config import Config, build_config
 from scaletrain.train.distributed import Dist, all_reduce_sum, barrier
 from scaletrain.train.metrics import flops_per_token, measure_peak_flops, nominal_peak_flops
 from scaletrain.model.llama import LlamaShape
+from scaletrain.process_memory import max_rss_mb, peak_rss_mb, reset_peak, status_mb
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
@@ -119,37 +119,14 @@ def timing_job(dist: Dist, spec: dict) -> dict:
     return results
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def _reset_peak_rss() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def memory_job(dist: Dist, spec: dict, precision: str, kind: str) -> dict:
     """Peak memory per rank of one model (ours or peer) over 2 steps after warm-up, in fresh processes."""
-    import transformers  # noqa: F401  (both kinds pay the same import baseline)
+    __import__("transformers")  # both kinds pay the same import baseline
 
     cfg = bench_config(spec, precision)
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    base = _rss_mb()
+    base = status_mb("VmRSS") or 0.0
     engine = build_ours(cfg, dist.device, dist.world) if kind == "ours" else build_peer(cfg, dist.world)
     x, y = _batch(cfg, dist)
     step = step_fn(kind, engine, x, y)
@@ -157,16 +134,16 @@ def memory_job(dist: Dist, spec: dict, precision: str, kind: str) -> dict:
         step()
     _sync(dist)
     gc.collect()
-    steady = _reset_peak_rss()
+    steady = reset_peak()
     if dist.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         step()
     _sync(dist)
     # The kernel's high-water mark (VmHWM), not a sampler that could miss a short peak.
-    mine = {"peak_rss_mb": round(_peak_rss_mb(), 1), "rss_before_model_mb": round(base, 1),
+    mine = {"peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_model_mb": round(base, 1),
             "peak_excludes_warmup": steady,
-            "process_max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "process_max_rss_mb": round(max_rss_mb(), 1)}
     if dist.device.type == "cuda":
         mine["max_memory_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     per_rank = [mine]

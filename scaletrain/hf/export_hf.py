@@ -10,7 +10,6 @@ over `rss_before_weights_mb`, printed by the CLI).
 from __future__ import annotations
 
 import json
-import resource
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,35 +21,10 @@ from scaletrain.hf.model_card import write_model_card
 from scaletrain.hf.tokenizer_files import check_same_ids, write_hf_tokenizer
 from scaletrain.weights.checkpoint_dir import DEFAULT_SHARD, check_out, source_parent, staged
 from scaletrain.weights.sources import expected_shapes, open_weights, shape_problems, summarise
+from scaletrain.process_memory import max_rss_mb, reset_peak, status_mb
 from scaletrain.weights.writer import DTYPES, TO_ST, parse_size, write_safetensors
 
 DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _status_mb(key: str) -> Optional[float]:
-    """VmRSS / VmHWM of this process from /proc (None off Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Linux >= 4.0: writing 5 to clear_refs resets VmHWM (peak RSS) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 class StreamMemory:
@@ -58,16 +32,16 @@ class StreamMemory:
     process's peak (the larger of the peak before the reset and the one after)."""
 
     def __enter__(self):
-        self.peak_before = max(peak_rss_mb(), _status_mb("VmHWM") or 0.0)
-        self.reset = _reset_peak()
-        self.rss_before = _status_mb("VmRSS")
+        self.peak_before = max(max_rss_mb(), status_mb("VmHWM") or 0.0)
+        self.reset = reset_peak()
+        self.rss_before = status_mb("VmRSS")
         return self
 
     def __exit__(self, *exc):
-        self.stream_peak = _status_mb("VmHWM") if self.reset else None
+        self.stream_peak = status_mb("VmHWM") if self.reset else None
 
     def report(self) -> dict:
-        total = max(self.peak_before, peak_rss_mb(), _status_mb("VmHWM") or 0.0)
+        total = max(self.peak_before, max_rss_mb(), status_mb("VmHWM") or 0.0)
         return {"peak_rss_mb": total, "rss_before_weights_mb": self.rss_before, "weights_peak_rss_mb": self.stream_peak}
 
 

@@ -139,7 +139,8 @@ class Trainer:
         import deepspeed
 
         torch.manual_seed(self.cfg.train.seed)  # identical init on every rank and every ZeRO stage
-        check_backend(self.shape.attention, self.dist.device, training=True, doc_mask=self.cfg.data.doc_mask)
+        check_backend(self.shape.attention, self.dist.device, training=True, doc_mask=self.cfg.data.doc_mask,
+                      shape=self.shape)
         model = build_model(self.shape, self.cfg, self.eos_id)
         if weights_from is not None:
             from scaletrain.weights import load_into, open_weights
