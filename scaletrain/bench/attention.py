@@ -81,5 +81,5 @@ def attention_bench(device: str, precisions: list[str], reps: int = 5, threads: 
                                 "speedup_vs_eager": round(statistics.median(eager) / statistics.median(mine), 2),
                                 "max_abs_diff_vs_eager": float((out.float() - ref.float()).abs().max())}
             results.append(row)
-            del q, k, v, grad, ref
+            q = k = v = grad = ref = None  # free this shape's tensors before the next
     return {"shapes": "B,H,T,D causal, MHA (K=H)", "results": results}
