@@ -81,6 +81,10 @@ def runs_root(tmp_path_factory) -> Path:
     hostfile_only = _run(root, "proj/multinode", {"state": "finished", "step": 9, "max_steps": 9})
     (hostfile_only / "slurm-123.hostfile").write_text("n1 slots=1\n")
     (root / "proj" / "not-a-run").mkdir()
+    queued = root / "proj" / "queued"  # `scaletrain submit` wrote it; the job has not started yet
+    queued.mkdir()
+    (queued / "submit.sbatch").write_text("#!/bin/bash\n")
+    (queued / "submitted.json").write_text(json.dumps({"job": "88", "script": str(queued / "submit.sbatch")}))
     return root
 
 
@@ -88,7 +92,8 @@ def test_runs_json_states(runs_root):
     rc, out, err = cli("runs", str(runs_root), "--json")
     assert rc == 0, err
     info = {Path(i["run"]).relative_to(runs_root).as_posix(): i for i in json.loads(out)}
-    assert sorted(info) == ["dead", "done", "live", "proj/multinode", "proj/slurm", "remote"]
+    assert sorted(info) == ["dead", "done", "live", "proj/multinode", "proj/queued", "proj/slurm", "remote"]
+    assert (info["proj/queued"]["state"], info["proj/queued"]["slurm_job_id"]) == ("submitted", "88")
     d = info["done"]
     assert (d["state"], d["step"], d["max_steps"], d["loss"], d["checkpoint"]) == ("finished", 20, 20, 4.5, "global_step20")
     assert d["tokens_per_sec"] == pytest.approx(1020.0)

@@ -8,6 +8,7 @@ State is what the trainer last wrote, checked against reality:
   stale      the same, but nothing was written for 10 minutes or more
   finished / preempted / failed / early_stopped   as the trainer wrote it (preempted: checkpointed and
              exited on USR1/TERM; a requeued SLURM job shows its queue state next to it)
+  submitted  `scaletrain submit` sent it to SLURM (submitted.json) and no rank has started yet
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _SLURM_HOSTFILE = re.compile(r"^slurm-(\d+)\.hostfile$")
 
 
 def is_run_dir(p: Path) -> bool:
-    return (p / "status.json").is_file() or ((p / "config.yaml").is_file() and ((p / "tb").is_dir() or (p / "checkpoints").is_dir()))
+    return (p / "status.json").is_file() or (p / "submitted.json").is_file() or ((p / "config.yaml").is_file() and ((p / "tb").is_dir() or (p / "checkpoints").is_dir()))
 
 
 def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
@@ -176,6 +177,11 @@ def run_info(run: Path, queue: Optional[dict[str, str]] = None, now: Optional[fl
         step, loss = tb["train/loss"][0], tb["train/loss"][1]
     tps = tb.get("train/tokens_per_sec", (None, None, None))[1]
     job, restarts = slurm_job(run, status)
+    if status_mtime is None and (run / "submitted.json").is_file():  # queued by `scaletrain submit`, not started
+        try:
+            job, written = str(json.loads((run / "submitted.json").read_text())["job"]), "submitted"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     queue_state = (queue or {}).get(job) if job else None
     last_write = max([t for t in (status_mtime, *(v[2] for v in tb.values())) if t is not None], default=None)
 
