@@ -14,7 +14,8 @@ import torch
 
 from scaletrain.config import load_config
 from scaletrain.data import prepare as prepare_mod
-from scaletrain.data.prepare import is_val, prepare_data, split_key
+from scaletrain.data.prepare import prepare_data
+from scaletrain.data.split import is_val, split_key
 from scaletrain.data.sampler import WindowStream, eval_window_ids, micro_batch_ids
 from scaletrain.data.sources import iter_documents, resolve_source
 from scaletrain.errors import UserError

@@ -64,7 +64,8 @@ def test_full_disk_skips_the_save_and_keeps_the_previous_checkpoint(tmp_path, mo
 
 
 def test_disk_estimate_before_the_first_checkpoint_counts_parameters(tmp_path):
-    need, why = disk_space.estimate(tmp_path / "none", 1_000_000)
+    assert checkpoint.previous_checkpoint_bytes(tmp_path / "none") is None
+    need, why = disk_space.estimate(1_000_000, None)
     assert need == int(1_000_000 * 16 * disk_space.MARGIN) and "parameters" in why
 
 

@@ -16,6 +16,7 @@ import torch
 
 from scaletrain.data.sampler import WindowStream
 from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, first_row, iter_rows
+from scaletrain.data.split import split_key
 from scaletrain.errors import UserError
 
 
@@ -44,7 +45,6 @@ def iter_labelled(src: Source) -> Iterator[tuple[str, int]]:
 def build_classification(src: Source, tok, out: Path, dtype: str, val_fraction: float) -> dict:
     """Tokenise every example into out/{train,val}.bin + .idx.npy; returns {split: [examples, tokens]}.
     Single process: labelled sets are small next to pre-training text."""
-    from scaletrain.data.prepare import split_key
 
     rows: dict[str, list] = {"train": [], "val": []}
     sizes = {"train": 0, "val": 0}

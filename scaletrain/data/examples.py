@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from scaletrain.data.sampler import WindowStream
 from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, iter_rows
+from scaletrain.data.split import split_key
 from scaletrain.data.worker_pool import worker_pool
 from scaletrain.errors import UserError
 
@@ -53,7 +54,6 @@ def _init(tok_path: str) -> None:
 
 
 def _encode(pair: tuple[str, str]) -> tuple[np.ndarray, int, float]:
-    from scaletrain.data.prepare import split_key
 
     prompt, completion = pair
     p = _tok.encode(prompt)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from scaletrain.config import Config
 from scaletrain.data.sampler import WindowStream
 from scaletrain.data.sources import Source, iter_documents, resolve_source
+from scaletrain.data.split import split_key
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.data.worker_pool import worker_pool
 from scaletrain.errors import UserError
@@ -75,15 +76,6 @@ class DataCache:
 
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size < 2**16 else "uint32"
-
-
-def split_key(text: str) -> float:
-    """Uniform in [0, 1) from the content hash: the split is independent of file order and machine."""
-    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogatepass")).digest()[:8], "big") / 2**64
-
-
-def is_val(text: str, val_fraction: float) -> bool:
-    return split_key(text) < val_fraction
 
 
 def cache_fingerprint(cfg: Config, src: Source) -> str:

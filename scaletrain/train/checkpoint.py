@@ -23,6 +23,7 @@ import torch
 
 from scaletrain import __version__
 from scaletrain.train import rng
+from scaletrain.train.disk_space import check_before_save
 from scaletrain.train.distributed import Dist, barrier
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -93,6 +94,17 @@ def tags_by_step(root: Path) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
+def previous_checkpoint_bytes(root: Path) -> Optional[tuple[str, int]]:
+    """(tag, bytes) of the newest checkpoint that has a manifest, or None: the next one's expected size."""
+    for _, tag in tags_by_step(root):
+        try:
+            files = json.loads((root / tag / MANIFEST).read_text())["files"]
+            return tag, sum(int(f["bytes"]) for f in files.values())
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
 def read_manifest(tag_dir: Path) -> dict:
     return json.loads((tag_dir / MANIFEST).read_text())
 
@@ -118,12 +130,11 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
          keep_every: int = 0, log=print) -> Optional[Path]:
     """Collective: every rank must call it. Returns the final tag dir, or None when the disk is too full to
     hold another checkpoint (then nothing is written, the previous checkpoints stay, training goes on)."""
-    from scaletrain.train.disk_space import check_before_save
     from scaletrain.train.distributed import any_rank
 
     tag = f"global_step{step}"
     final, tmp = root / tag, root / f".tmp-{tag}"
-    problem = check_before_save(engine, root, step)  # every rank: node-local disks are checked too
+    problem = check_before_save(engine, root, step, previous_checkpoint_bytes(root))  # every rank: node-local disks too
     if any_rank(problem is not None):
         if problem is not None:  # the rank that found it says so (another node's disk may be the full one)
             (log if dist.is_main else print)(f"warning: checkpoint {tag} NOT saved: {problem}")

@@ -9,7 +9,6 @@ small extra files and rounding.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -27,27 +26,14 @@ def _fmt(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def previous_checkpoint_bytes(root: Path) -> Optional[tuple[str, int]]:
-    """(tag, bytes) of the newest checkpoint that has a manifest, or None."""
-    from scaletrain.train.checkpoint import MANIFEST, tags_by_step
-
-    for _, tag in tags_by_step(root):
-        try:
-            files = json.loads((root / tag / MANIFEST).read_text())["files"]
-            return tag, sum(int(f["bytes"]) for f in files.values())
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
 def num_params(module) -> int:
     """Parameters of the whole model, also under ZeRO-3 (where each rank holds only a partition)."""
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
 
 
-def estimate(root: Path, params: int) -> tuple[int, str]:
-    """(bytes the next checkpoint needs, where the figure comes from)."""
-    prev = previous_checkpoint_bytes(root)
+def estimate(params: int, prev: Optional[tuple[str, int]] = None) -> tuple[int, str]:
+    """(bytes the next checkpoint needs, where the figure comes from). `prev`: (tag, bytes) of the newest
+    complete checkpoint (checkpoint.previous_checkpoint_bytes), None before the first."""
     if prev is not None:
         return int(prev[1] * MARGIN), f"the previous checkpoint {prev[0]} took {_fmt(prev[1])}"
     return int(params * BYTES_PER_PARAM * MARGIN), f"{params:,} parameters x {BYTES_PER_PARAM} bytes"
@@ -58,9 +44,9 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(probe).free
 
 
-def check_before_save(engine, root: Path, step: int) -> Optional[str]:
+def check_before_save(engine, root: Path, step: int, prev: Optional[tuple[str, int]]) -> Optional[str]:
     """None when the next checkpoint fits, else the one-line reason (with what to do)."""
-    need, why = estimate(root, num_params(engine.module))
+    need, why = estimate(num_params(engine.module), prev)
     free = free_bytes(root)
     if free >= need + SLACK:
         return None
