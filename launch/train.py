@@ -31,4 +31,9 @@ def argparse_hidden() -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything is written (checkpoint, status, TensorBoard, process group closed): skip interpreter teardown,
+    # whose thread destructors (gloo, compile workers) can still abort a finished rank with SIGABRT.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -71,6 +71,14 @@ def setup(threads: int = 0) -> Dist:
     return Dist(rank, world, local_rank, local_world, device)
 
 
+def shutdown() -> None:
+    """Close the process group explicitly: left to interpreter teardown, gloo's threads intermittently abort
+    a rank that has already checkpointed and said goodbye ("terminate called without an active exception",
+    exit -6), and the launcher then reports the whole run as failed."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -29,7 +29,7 @@ from scaletrain.model import classify
 from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 from scaletrain.train import checkpoint, finetune, init_from
-from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, barrier, setup
+from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, barrier, setup, shutdown
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
 from scaletrain.train.perf import compile_model
 from scaletrain.plan import check_fits
@@ -377,6 +377,8 @@ class Trainer:
 def train(cfg: Config) -> dict:
     trainer = Trainer(cfg)
     try:
-        return trainer.fit()
+        summary = trainer.fit()
     finally:
         trainer.engine.destroy() if hasattr(trainer.engine, "destroy") else None
+    shutdown()  # reached by every rank of a run that ended normally (a failing rank raises instead)
+    return summary
