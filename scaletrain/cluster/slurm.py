@@ -230,22 +230,31 @@ _SLURM_HOSTFILE = re.compile(r"^slurm-(\d+)\.hostfile$")
 SUBMITTED = "submitted.json"  # written by `scaletrain submit`: the job may sit in the queue long before it starts
 
 
+def hostfile_job(run_dir: str | Path) -> Optional[str]:
+    """The job of the newest slurm-<job>.hostfile a batch script wrote (multi-node deepspeed ranks started over
+    ssh see no SLURM_* variables, so older jobs left status.json without an id); None if there is none."""
+    marks = [(f.stat().st_mtime, m[1]) for f in Path(run_dir).glob("slurm-*.hostfile") if (m := _SLURM_HOSTFILE.match(f.name))]
+    return max(marks)[1] if marks else None
+
+
+def submitted_job(run_dir: str | Path) -> Optional[str]:
+    """The job `scaletrain submit` last sent for this run dir (submitted.json), or None."""
+    try:
+        job = json.loads((Path(run_dir) / SUBMITTED).read_text()).get("job")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(job) if job else None
+
+
 def recorded_jobs(run_dir: str | Path) -> list[str]:
-    """SLURM job ids the run dir knows of: the last submission's (submitted.json), the running job's
-    (status.json), and the newest slurm-<job>.hostfile's (older multi-node deepspeed jobs left status.json
-    without an id)."""
-    run, jobs = Path(run_dir), []
-    for name, key in ((SUBMITTED, "job"), ("status.json", "slurm_job_id")):
-        try:
-            job = json.loads((run / name).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            job = None
-        if job:
-            jobs.append(str(job))
-    marks = [(f.stat().st_mtime, m[1]) for f in run.glob("slurm-*.hostfile") if (m := _SLURM_HOSTFILE.match(f.name))]
-    if marks:
-        jobs.append(max(marks)[1])
-    return list(dict.fromkeys(jobs))
+    """SLURM job ids the run dir knows of: the last submission's, the running job's (status.json) and the
+    newest hostfile's."""
+    try:
+        running = json.loads((Path(run_dir) / "status.json").read_text()).get("slurm_job_id")
+    except (OSError, ValueError, AttributeError):
+        running = None
+    jobs = [submitted_job(run_dir), str(running) if running else None, hostfile_job(run_dir)]
+    return list(dict.fromkeys(j for j in jobs if j))
 
 
 def check_run_dir_free(run_dir: str | Path, timeout: float = 20) -> None:

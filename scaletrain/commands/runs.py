@@ -24,18 +24,18 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from scaletrain.cluster.slurm import SUBMITTED, hostfile_job, submitted_job
 from scaletrain.errors import UserError
 
 STALE_AFTER_S = 600
 _TAG = re.compile(r"^global_step(\d+)$")
-_SLURM_HOSTFILE = re.compile(r"^slurm-(\d+)\.hostfile$")
 
 
 # ---- reading one run dir -------------------------------------------------------------------------------
 
 
 def is_run_dir(p: Path) -> bool:
-    return (p / "status.json").is_file() or (p / "submitted.json").is_file() or ((p / "config.yaml").is_file() and ((p / "tb").is_dir() or (p / "checkpoints").is_dir()))
+    return (p / "status.json").is_file() or (p / SUBMITTED).is_file() or ((p / "config.yaml").is_file() and ((p / "tb").is_dir() or (p / "checkpoints").is_dir()))
 
 
 def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
@@ -142,8 +142,7 @@ def slurm_job(run: Path, status: dict) -> tuple[Optional[str], Optional[int]]:
     script wrote (multi-node deepspeed mode: ranks started over ssh do not see SLURM_* variables)."""
     if status.get("slurm_job_id"):
         return str(status["slurm_job_id"]), status.get("slurm_restart_count")
-    marks = [(f.stat().st_mtime, m[1]) for f in run.glob("slurm-*.hostfile") if (m := _SLURM_HOSTFILE.match(f.name))]
-    return (max(marks)[1], None) if marks else (None, None)
+    return hostfile_job(run), None
 
 
 def squeue_states(jobs: list[str], timeout: float = 5) -> dict[str, str]:
@@ -177,11 +176,9 @@ def run_info(run: Path, queue: Optional[dict[str, str]] = None, now: Optional[fl
         step, loss = tb["train/loss"][0], tb["train/loss"][1]
     tps = tb.get("train/tokens_per_sec", (None, None, None))[1]
     job, restarts = slurm_job(run, status)
-    if status_mtime is None and (run / "submitted.json").is_file():  # queued by `scaletrain submit`, not started
-        try:
-            job, written = str(json.loads((run / "submitted.json").read_text())["job"]), "submitted"
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+    submitted = submitted_job(run) if status_mtime is None else None
+    if submitted:  # queued by `scaletrain submit`, no rank started yet
+        job, written = submitted, "submitted"
     queue_state = (queue or {}).get(job) if job else None
     last_write = max([t for t in (status_mtime, *(v[2] for v in tb.values())) if t is not None], default=None)
 
