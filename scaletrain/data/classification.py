@@ -45,7 +45,6 @@ def iter_labelled(src: Source) -> Iterator[tuple[str, int]]:
 def build_classification(src: Source, tok, out: Path, dtype: str, val_fraction: float) -> dict:
     """Tokenise every example into out/{train,val}.bin + .idx.npy; returns {split: [examples, tokens]}.
     Single process: labelled sets are small next to pre-training text."""
-
     rows: dict[str, list] = {"train": [], "val": []}
     sizes = {"train": 0, "val": 0}
     with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:

@@ -54,7 +54,6 @@ def _init(tok_path: str) -> None:
 
 
 def _encode(pair: tuple[str, str]) -> tuple[np.ndarray, int, float]:
-
     prompt, completion = pair
     p = _tok.encode(prompt)
     c = _tok.encode_plain(completion) + [_tok.eos_id]

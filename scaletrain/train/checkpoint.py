@@ -98,8 +98,7 @@ def previous_checkpoint_bytes(root: Path) -> Optional[tuple[str, int]]:
     """(tag, bytes) of the newest checkpoint that has a manifest, or None: the next one's expected size."""
     for _, tag in tags_by_step(root):
         try:
-            files = json.loads((root / tag / MANIFEST).read_text())["files"]
-            return tag, sum(int(f["bytes"]) for f in files.values())
+            return tag, sum(int(f["bytes"]) for f in read_manifest(root / tag)["files"].values())
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return None

@@ -113,6 +113,7 @@ class Trainer:
         self.val_stream = cache.stream("val", t.seq_len, t.seed, required=False)
         finetune.check_labels(cfg, self.train_stream, self.val_stream)
         self.last_val_loss: float | None = None
+        self.warned_small_val = False  # the "fewer val windows than ranks" warning is said once
         self.ds_config = deepspeed_config(cfg, self.dist.world)
         if self.dist.is_main:
             self.run.write_start(cfg, self.ds_config)
@@ -243,10 +244,10 @@ class Trainer:
         # same set for any world size while the val split has windows enough.
         total = eval_window_count(t.eval_batches * t.micro_batch_size, self.val_stream.num_windows, d.world)
         if total == 0:
-            if not getattr(self, "_warned_small_val", False):
+            if not self.warned_small_val:
                 self.log(f"warning: the val split has {self.val_stream.num_windows} window(s) of train.seq_len tokens, "
                          f"fewer than the {d.world} ranks: validation skipped (add data or lower train.seq_len)")
-                self._warned_small_val = True
+                self.warned_small_val = True
             return None
         ids = eval_window_ids(self.val_stream.num_windows, total, d.rank, d.world)
         self.engine.eval()
