@@ -28,9 +28,7 @@ def _worker(local_rank: int, ranks: int, port: int, device: str, threads: int, j
     if device == "cpu":  # before anything initialises CUDA: CPU ranks even on a GPU machine
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ["DS_ACCELERATOR"] = "cpu"
-    import torch.distributed as tdist
-
-    from scaletrain.train.distributed import setup
+    from scaletrain.train.distributed import barrier, setup, shutdown
 
     dist = setup(threads)
     try:
@@ -38,9 +36,8 @@ def _worker(local_rank: int, ranks: int, port: int, device: str, threads: int, j
         if dist.is_main:
             Path(out).write_text(json.dumps(result))
     finally:
-        if tdist.is_initialized():
-            tdist.barrier()
-            tdist.destroy_process_group()
+        barrier()
+        shutdown()
     # The result is on disk. Skip interpreter teardown: destructors of background threads (gloo,
     # inductor workers) intermittently abort a clean exit with "terminate called without an active
     # exception", which spawn() would report as a failed rank.
