@@ -69,6 +69,11 @@ def _slowest(value: float) -> float:
     return max(out)
 
 
+def _sig(x: float) -> float:
+    """4 significant digits: a fraction like MFU can be 0.002 on a tiny shape, where 4 decimals keep only 2."""
+    return float(f"{x:.4g}")
+
+
 def timing_job(dist: Dist, spec: dict) -> dict:
     results = {}
     for precision in spec["precisions"]:
@@ -105,10 +110,10 @@ def timing_job(dist: Dist, spec: dict) -> dict:
         for kind, ts in times.items():
             step_s = _slowest(statistics.median(ts))
             tps = tokens_per_step / step_s
-            out[kind] = {"tokens_per_sec": round(tps, 1), "step_time_s": round(step_s, 6), "mfu": round(tps * fpt / peak, 4),
+            out[kind] = {"tokens_per_sec": round(tps, 1), "step_time_s": round(step_s, 6), "mfu": _sig(tps * fpt / peak),
                          "step_times_s": [round(t, 4) for t in ts], "last_loss": round(losses[kind], 4)}
             if nominal:
-                out[kind]["mfu_vs_nominal"] = round(tps * fpt / out["nominal_peak_flops"], 4)
+                out[kind]["mfu_vs_nominal"] = _sig(tps * fpt / out["nominal_peak_flops"])
         if len(times) == 2:
             out["speedup"] = round(out["ours"]["tokens_per_sec"] / out["peer"]["tokens_per_sec"], 3)
         results[precision] = out
