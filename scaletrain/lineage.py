@@ -2,8 +2,8 @@
 
 `lineage.json` (in checkpoint dirs, HF exports, each training checkpoint tag and the run dir):
     id             content id: sha256 of the weights (per-tensor hashes of name, dtype, shape, bytes; see
-                   weights/writer.py); for DeepSpeed training checkpoints the hash of their manifest's file
-                   hashes (weights + optimizer), which costs nothing at save time
+                   weights/writer.py). Training checkpoints hash the parameters as training holds them
+                   (compute dtype, gathered under ZeRO-3): the same id at any ZeRO stage or world size
     kind           pre-train | fine-tune | import-hf | grow | export
     parents        [{id, kind, path}]: what it was made from (path as it was then; `scaletrain lineage`
                    follows it across run dirs, checkpoint dirs and HF dirs)

@@ -2,25 +2,36 @@
 
 At start the tokenizer the data was tokenised with is copied into `<run.dir>/tokenizer/`, so export, eval
 and generate find it even after the data cache is gone. At every save `lineage.json` is written into the
-checkpoint tag and the run dir (id = hash of the tag's manifest; see scaletrain/lineage.py).
+checkpoint tag and the run dir, its id the hash of the weights being trained (`weights_id`), computed the
+way exports and checkpoint dirs compute theirs (weights/writer.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from scaletrain import lineage
 from scaletrain.config import Config
-from scaletrain.train.checkpoint import read_manifest
+from scaletrain.weights.writer import combine_digests, tensor_digest
 
 
-def manifest_id(tag_dir: Path) -> str:
-    files = read_manifest(tag_dir)["files"]
-    blob = "".join(f"{name}={info['sha256']}\n" for name, info in sorted(files.items()))
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+def weights_id(module, is_main: bool) -> Optional[str]:
+    """Collective. Content id of `module`'s parameters as training holds them (compute dtype): sha256 over
+    name, dtype, shape and bytes of each, the scheme of `write_safetensors`, so it does not depend on the ZeRO
+    stage or world size. Under ZeRO-3 each parameter is in pieces across ranks: gathered one at a time, like
+    a forward pass does. Returns the id on the main rank, None elsewhere."""
+    import deepspeed
+
+    digests = {}
+    for name, p in module.named_parameters():
+        name = name.replace("_orig_mod.", "")
+        sharded = hasattr(p, "ds_tensor")
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None, enabled=sharded):
+            if is_main:
+                digests[name] = tensor_digest(name, p.detach().cpu())
+    return combine_digests(digests) if is_main else None
 
 
 class RunLineage:
@@ -68,9 +79,9 @@ class RunLineage:
             shutil.copyfile(tok, tmp / "tokenizer.model")
         tmp.rename(dest)
 
-    def on_save(self, tag_dir: Path, step: int, tokens: int, val_loss: Optional[float]) -> None:
+    def on_save(self, tag_dir: Path, content_id: str, step: int, tokens: int, val_loss: Optional[float]) -> None:
         rec = lineage.make(
-            "fine-tune" if self.cfg.init.from_ else "pre-train", manifest_id(tag_dir), self.parents,
+            "fine-tune" if self.cfg.init.from_ else "pre-train", content_id, self.parents,
             self.cfg.model.model_dump(mode="json"), self.diff, steps=step, tokens=tokens, data=self.data,
             val_loss=val_loss, path=tag_dir,
         )

@@ -36,6 +36,7 @@ from scaletrain.plan import check_fits
 from scaletrain.train import resume
 from scaletrain.train.guard import StepGuard
 from scaletrain.train.run_dir import RunDir, launch_info
+from scaletrain.train.run_lineage import weights_id
 from scaletrain.train.schedule import WarmupCosine, lr_at
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -288,8 +289,9 @@ class Trainer:
         self.saved_step = self.step
         if self.dist.is_main and self.stage and self.run.saved_config().model != self.cfg.model:
             self.run.write_start(self.cfg, self.ds_config)  # grown: config.yaml names the model of the checkpoints
+        content_id = weights_id(self.engine.module, self.dist.is_main)  # collective under ZeRO-3
         if self.dist.is_main:
-            self.lineage.on_save(path, self.step, client["consumed_tokens"], self.last_val_loss)
+            self.lineage.on_save(path, content_id, self.step, client["consumed_tokens"], self.last_val_loss)
         return path
 
     def _sizes(self) -> tuple[int, float]:

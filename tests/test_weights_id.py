@@ -1,0 +1,72 @@
+"""The lineage id of a training checkpoint is a hash of the weights alone: the same at ZeRO stage 0, 2 and 3
+(where parameters are in pieces and must be gathered), equal to a hash computed here from the tensors by
+the documented scheme, and different once a step has changed the weights.
+
+Runs in a subprocess (one rank: DeepSpeed needs a process group).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from launch_utils import REPO
+
+SCRIPT = textwrap.dedent('''
+    import hashlib
+    import deepspeed, torch
+    from scaletrain.config import Config
+    from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
+    from scaletrain.train.distributed import setup
+    from scaletrain.train.run_lineage import weights_id
+    from scaletrain.train.trainer import build_optimizer
+
+    ST = {torch.float32: "F32", torch.bfloat16: "BF16"}
+
+    def by_hand(tensors):  # name|dtype|shape| + raw bytes per tensor, then the sorted name=digest lines
+        lines = []
+        for name in sorted(tensors):
+            t = tensors[name]
+            h = hashlib.sha256(f"{name}|{ST[t.dtype]}|{list(t.shape)}|".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            lines.append(f"{name}={h.hexdigest()}\\n")
+        return hashlib.sha256("".join(lines).encode()).hexdigest()[:16]
+
+    setup(1)
+    shape = LlamaShape(32, 2, 4, 2, 48, 64, 32, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = {n: p.detach().clone() for n, p in LlamaForCausalLM(shape).named_parameters()}
+    for precision in ("fp32", "bf16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        want = by_hand({n: t.to(dtype) for n, t in ref.items()})
+        for stage in (0, 2, 3):
+            model = LlamaForCausalLM(shape)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(ref[n])
+            ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": stage},
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+            if precision == "bf16":
+                ds["bf16"] = {"enabled": True}
+            engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, Config()), config=ds)
+            if stage == 3:
+                assert all(p.numel() == 0 for p in engine.module.parameters()), "ZeRO-3 should hold no full parameter"
+            got = weights_id(engine.module, True)
+            assert got == want, (precision, stage, got, want)
+            x = torch.randint(0, 64, (1, 16))
+            loss = engine(x, targets=x)
+            engine.backward(loss)
+            engine.step()
+            after = weights_id(engine.module, True)
+            assert after != want, (precision, stage, "a step did not change the id")
+            print("ok", precision, stage, got, after, flush=True)
+''')
+
+
+def test_training_checkpoint_id_hashes_the_weights_at_every_zero_stage():
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ok ") == 6, proc.stdout
