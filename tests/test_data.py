@@ -271,6 +271,26 @@ def test_glob_and_single_file_sources(tmp_path):
     assert [t for _, t in iter_documents(one)] == ["# markdown counts as text\n"]
 
 
+def test_text_files_are_read_by_datasets_one_document_each(tmp_path, monkeypatch):
+    """Every .txt/.md of a source in one `datasets` call (text builder, sample_by=document): one document per
+    file in path order, empty files skipped, Windows line ends read as \\n (text mode)."""
+    import datasets
+
+    d = tmp_path / "t"
+    d.mkdir()
+    (d / "a.txt").write_bytes(b"first line\r\nsecond line\r\n")
+    (d / "b.txt").write_bytes(b"")
+    (d / "c.md").write_text("# third\n\n\nparagraphs stay in one document\n")
+    calls = []
+    real = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    docs = list(iter_documents(resolve_source(str(d))))
+    assert [Path(i).name for i, _ in docs] == ["a.txt", "c.md"]
+    assert [t for _, t in docs] == ["first line\nsecond line\n", "# third\n\n\nparagraphs stay in one document\n"]
+    assert len(calls) == 1 and calls[0][0] == ("text",) and calls[0][1]["sample_by"] == "document"
+    assert [Path(f).name for f in calls[0][1]["data_files"]] == ["a.txt", "b.txt", "c.md"]
+
+
 def test_bad_sources_are_user_errors(tmp_path, data_cache_dir):
     (tmp_path / "notes.docx").write_text("hello")
     with pytest.raises(UserError, match=r"\.docx"):

@@ -85,14 +85,34 @@ def resolve_source(source: str, text_field: str = "text") -> Source:
     return Source(tuple(matches), "local", text_field)
 
 
-def _read_text_file(path: Path) -> str:
+def _check_text_file(path: Path) -> None:
+    """A one-line error for what datasets' text reader would fail on with a trace (or read as garbage)."""
     raw = path.read_bytes()
     if b"\0" in raw:
         raise UserError(f"data file {path} looks binary (NUL bytes); remove it from data.source")
     try:
-        return raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"data file {path} is not UTF-8 (byte {e.start}); convert it with iconv or remove it") from None
+
+
+def _read_text_files(paths: list[Path]):
+    """Each text file as one document, read by datasets' `text` builder in one call (one row per file, in
+    order; universal newlines become \n). One call, not one per file: each call costs ~50 ms of set-up.
+    Returns the Arrow-backed (memory-mapped) dataset; rows are read as they are needed."""
+    import datasets
+
+    for path in paths:
+        _check_text_file(path)
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset("text", data_files=[str(p) for p in paths], sample_by="document", split="train")
+    except Exception as e:
+        raise UserError(f"could not read the .txt files of data.source with datasets ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]})") from None
+    if len(ds) != len(paths):  # the builder's contract (one row per file); checked, as everything rests on it
+        raise RuntimeError(f"datasets read {len(ds)} documents from {len(paths)} text files")
+    return ds
 
 
 def _check_jsonl(path: Path, field: str) -> None:
@@ -124,15 +144,19 @@ def _read_with_datasets(path: Path, field: str) -> Iterator[str]:
 
 def iter_documents(src: Source) -> Iterator[tuple[str, str]]:
     """(doc_id, text) in a fixed order; empty documents are skipped."""
+    local_text = [p for p in src.files if p.suffix in TEXT_SUFFIXES] if src.kind == "local" else []
+    rows = {p: i for i, p in enumerate(local_text)}
+    texts = _read_text_files(local_text) if local_text else None
     for path in src.files:
-        if src.kind == "stdlib" or path.suffix in TEXT_SUFFIXES:
-            if src.kind == "stdlib":
-                try:
-                    text = path.read_text(encoding="utf-8")
-                except (UnicodeDecodeError, OSError):
-                    continue  # a few stdlib test fixtures are deliberately not UTF-8
-            else:
-                text = _read_text_file(path)
+        if src.kind == "stdlib":
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue  # a few stdlib test fixtures are deliberately not UTF-8
+            if text:
+                yield str(path), text
+        elif path in rows:
+            text = texts[rows[path]]["text"]
             if text:
                 yield str(path), text
         else:
