@@ -127,7 +127,9 @@ def tree_lines(path: str | Path, max_depth: int = 32) -> list[str]:
                 lines.append(detail + extra)
         if ref.get("id") and rec.get("id") and ref["id"] != rec["id"]:
             lines.append(detail + f"(changed since: the child recorded id {ref['id'][:16]})")
-        key = rec.get("id") or rec.get("path")
+        # A loop revisits the same record; the id alone is not enough: an export of unchanged weights has
+        # its parent's id (same tensors, same hash) yet is another node.
+        key = (rec.get("id"), str(rec.get("path") or ref.get("path")))
         if key in seen or depth >= max_depth:
             return
         parents = rec.get("parents") or []

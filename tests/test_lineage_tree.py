@@ -1,0 +1,37 @@
+"""`scaletrain lineage`'s tree walk on hand-written records: an export with its parent's id (unchanged
+weights hash the same) is still drawn as its own node, a loop of records ends, a changed parent is flagged."""
+
+from __future__ import annotations
+
+from scaletrain import lineage
+
+
+def _write(d, kind, content_id, parents):
+    d.mkdir(parents=True, exist_ok=True)
+    lineage.write(d, lineage.make(kind, content_id, parents, {"num_layers": 2}, path=d))
+
+
+def test_export_with_its_parents_id_is_its_own_node(tmp_path):
+    base, ft, exp = tmp_path / "base", tmp_path / "ft", tmp_path / "export"
+    _write(base, "import-hf", "aaaa", [])
+    _write(ft, "fine-tune", "bbbb", [lineage.parent_ref(base, lineage.read(base), "import-hf")])
+    _write(exp, "export", "bbbb", [lineage.parent_ref(ft, lineage.read(ft), "fine-tune")])
+    kinds = [ln.split()[0].strip("│├└─ ") or ln.split()[1] for ln in lineage.tree_lines(exp) if "  " + str(tmp_path) in ln]
+    assert kinds == ["export", "fine-tune", "import-hf"], lineage.tree_lines(exp)
+    assert not any("changed since" in ln for ln in lineage.tree_lines(exp))
+
+
+def test_a_loop_of_records_ends(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _write(a, "pre-train", "aaaa", [{"id": "bbbb", "kind": "pre-train", "path": str(b)}])
+    _write(b, "pre-train", "bbbb", [{"id": "aaaa", "kind": "pre-train", "path": str(a)}])
+    lines = lineage.tree_lines(a)
+    assert 2 <= sum(str(tmp_path) in ln for ln in lines) <= 3, lines
+
+
+def test_a_parent_changed_since_is_flagged(tmp_path):
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    _write(base, "pre-train", "aaaa", [])
+    _write(ft, "fine-tune", "bbbb", [lineage.parent_ref(base, lineage.read(base), "pre-train")])
+    _write(base, "pre-train", "cccc", [])  # the parent's dir was trained further after the child was made
+    assert any("changed since: the child recorded id aaaa" in ln for ln in lineage.tree_lines(ft))
