@@ -109,7 +109,8 @@ def _status(run_dir: Path) -> dict:
         return {}
 
 
-def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, train_secs: float, log_path: Path) -> dict:
+def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, train_secs: float, log_path: Path,
+              startup_secs: float) -> dict:
     ckpts = run_dir / "checkpoints"
     t0 = time.time()
     proc = start(ranks, overrides, log_path=log_path)
@@ -117,7 +118,7 @@ def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, tr
     event = {"mode": mode, "killed": False}
     try:
         if mode == "start":
-            time.sleep(rng.uniform(0, 8))
+            time.sleep(rng.uniform(0, startup_secs))
         else:
             while proc.poll() is None:  # wait until this start is training (fit writes state=running)
                 s = _status(run_dir)
@@ -144,10 +145,12 @@ def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, tr
     return event
 
 
-def crash_run(run_dir: Path, ranks: int, overrides: list[str], kills: int, seed: int, train_secs: float, log=print) -> list[dict]:
+def crash_run(run_dir: Path, ranks: int, overrides: list[str], kills: int, seed: int, train_secs: float, log=print,
+              startup_secs: float = 8.0) -> list[dict]:
     """Kill the run `kills` times (a run that finished before its kill ends the series early), then finish it.
     `train_secs`: how long the uninterrupted run trained; a `train` kill lands within 2/kills of it, so the
-    series rarely finishes the run before its last kill."""
+    series rarely finishes the run before its last kill. `startup_secs`: how long a start takes to begin
+    training (a `start` kill lands within it)."""
     rng = random.Random(seed)
     train_secs = 2 * train_secs / max(1, kills)
     modes = ["save", "train", "save", "start", "train"]
@@ -155,7 +158,7 @@ def crash_run(run_dir: Path, ranks: int, overrides: list[str], kills: int, seed:
     log_path = run_dir.parent / f"{run_dir.name}.log"
     for i in range(kills):
         mode = modes[i % len(modes)] if i < len(modes) else rng.choice(["save", "save", "train", "start"])
-        ev = _one_kill(ranks, overrides, run_dir, mode, rng, train_secs, log_path)
+        ev = _one_kill(ranks, overrides, run_dir, mode, rng, train_secs, log_path, startup_secs)
         events.append(ev)
         log(f"kill {i + 1}/{kills}: {ev}")
         if not ev["killed"]:
@@ -196,16 +199,19 @@ def main(argv: list[str] | None = None) -> int:
               f"train.max_steps={args.steps}", f"train.save_every={args.save_every}", "train.keep_last=2"]
     ref = args.reference
     t0 = time.time()
+    wall = None
     if ref is None:
         ref = work / "reference"
         shutil.rmtree(ref, ignore_errors=True)
-        run_to_end(args.ranks, [*common, f"run.dir={ref}"], work / "reference.log")
+        wall = run_to_end(args.ranks, [*common, f"run.dir={ref}"], work / "reference.log")
     s = _status(ref)
     train_secs = max(1.0, float(s.get("seconds", 10)))
+    startup_secs = max(1.0, wall - train_secs) if wall is not None else 8.0  # the reference's start-up + teardown
     crashed = work / "crashed"
     shutil.rmtree(crashed, ignore_errors=True)
     (work / "crashed.log").unlink(missing_ok=True)
-    events = crash_run(crashed, args.ranks, [*common, f"run.dir={crashed}"], args.kills, args.seed, train_secs)
+    events = crash_run(crashed, args.ranks, [*common, f"run.dir={crashed}"], args.kills, args.seed, train_secs,
+                       startup_secs=startup_secs)
     ok, msg = compare(loss_curve(ref), loss_curve(crashed))
     killed = sum(e["killed"] for e in events)
     in_save = sum(1 for e in events if e["killed"] and e.get("saving"))
