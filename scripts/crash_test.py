@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,12 +37,6 @@ TINY = [
     "train.seq_len=64", "train.micro_batch_size=2", "train.warmup_steps=2", "train.lr=1e-2", "train.min_lr=1e-3",
     "train.log_every=1", "train.eval_every=0", "train.precision=fp32",
 ]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Runs as the group's leader: starts the ranks, then returns the first exit status that is not 0 (or 0 when all
@@ -63,8 +56,10 @@ for _ in procs:
 
 def start(ranks: int, overrides: list[str], env_extra: dict | None = None, log_path: Path | None = None) -> subprocess.Popen:
     """All ranks under one supervisor in a new session: one process group to kill."""
+    from scaletrain.train.distributed import free_port
+
     env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
-               WORLD_SIZE=str(ranks), LOCAL_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()),
+               WORLD_SIZE=str(ranks), LOCAL_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                **(env_extra or {}))
     out = open(log_path, "a") if log_path else subprocess.DEVNULL
     train = [sys.executable, "launch/train.py", "--config", "configs/tiny.yaml", "--set", *overrides]

@@ -113,4 +113,3 @@ def test_compiled_chunked_loss_equals_plain_path(dtype):
     assert loss.item() == pytest.approx(plain.item(), rel=1e-6 if dtype == torch.float32 else 1e-3)
     assert rel(gc[0], gp[0]) <= tol and rel(gc[1], gp[1]) <= tol
     assert gc[0][[0, 5, 6, n - 1]].abs().max() == 0  # ignored rows get no gradient
-

@@ -9,16 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from pathlib import Path
 from typing import Callable
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(local_rank: int, ranks: int, port: int, device: str, threads: int, job: Callable, args: tuple, out: str,
@@ -49,7 +42,9 @@ def run_ranks(job: Callable, args: tuple, ranks: int, device: str = "cpu", threa
     returns rank 0's (JSON-able) result."""
     import torch.multiprocessing as mp
 
+    from scaletrain.train.distributed import free_port
+
     with tempfile.TemporaryDirectory(prefix="scaletrain-bench-") as tmp:
         out = Path(tmp) / "rank0.json"
-        mp.spawn(_worker, args=(ranks, _free_port(), device, threads, job, args, str(out), env or {}), nprocs=ranks, join=True)
+        mp.spawn(_worker, args=(ranks, free_port(), device, threads, job, args, str(out), env or {}), nprocs=ranks, join=True)
         return json.loads(out.read_text())

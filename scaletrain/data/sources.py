@@ -145,8 +145,7 @@ def _read_with_datasets(path: Path, field: str) -> Iterator[str]:
 def iter_documents(src: Source) -> Iterator[tuple[str, str]]:
     """(doc_id, text) in a fixed order; empty documents are skipped."""
     local_text = [p for p in src.files if p.suffix in TEXT_SUFFIXES] if src.kind == "local" else []
-    rows = {p: i for i, p in enumerate(local_text)}
-    texts = _read_text_files(local_text) if local_text else None
+    text_rows = iter(_read_text_files(local_text)) if local_text else iter(())  # one row per file, in src.files order
     for path in src.files:
         if src.kind == "stdlib":
             try:
@@ -155,8 +154,8 @@ def iter_documents(src: Source) -> Iterator[tuple[str, str]]:
                 continue  # a few stdlib test fixtures are deliberately not UTF-8
             if text:
                 yield str(path), text
-        elif path in rows:
-            text = texts[rows[path]]["text"]
+        elif path.suffix in TEXT_SUFFIXES:
+            text = next(text_rows)["text"]
             if text:
                 yield str(path), text
         else:
