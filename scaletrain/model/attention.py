@@ -1,7 +1,8 @@
 """Causal grouped-query attention behind one function, four backends (`model.attention`):
 
   sdpa   torch SDPA: on CPU its fused flash kernel (bf16/fp32, fwd+bwd), on CUDA the best fused
-         kernel that fits (default)
+         kernel that fits (default). CPU training in bf16 on an AMX machine keeps its forward and runs
+         the backward in scaletrain's AMX kernel (kernels/cpu_attention.py), ~4x faster than PyTorch's
   flash  CUDA only: the flash-attn package when installed (varlen for packed documents), else SDPA
          restricted to its flash/cuDNN kernels; a UserError where neither applies (e.g. on CPU)
   flex   torch.nn.attention.flex_attention, compiled once, block-sparse masks (see flex.py)
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from scaletrain.errors import UserError
+from scaletrain.kernels import cpu_attention
 from scaletrain.model import docmask
 from scaletrain.model.flex import CPU_NO_BACKWARD, causal_block_mask, document_block_mask, flex_attention
 
@@ -105,6 +107,8 @@ def sdpa_attention(q, k, v, mask=None) -> torch.Tensor:
     """PyTorch's fused attention; GQA without materialising repeated K/V (enable_gqa)."""
     t_q, t_k = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if mask is None and cpu_attention.applies(q, k, v):
+        return cpu_attention.attention(q, k, v)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if t_q == t_k:

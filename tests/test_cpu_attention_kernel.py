@@ -1,0 +1,108 @@
+"""The AMX attention backward (scaletrain/kernels/cpu_attention.cpp) against fp32 eager attention.
+
+The oracle is autograd through eager attention in fp32 on the same bf16 inputs; the tolerance is stated
+relative to the largest gradient (bf16 has 8 bits of mantissa: PyTorch's own bf16 kernel lands at ~1e-2).
+The kernel needs an AMX CPU; those tests skip elsewhere, the routing tests run everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from scaletrain.kernels import cpu_attention
+from scaletrain.model.attention import attention, eager_attention
+from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
+
+needs_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(), reason="needs an AMX CPU and a C++ compiler")
+BF16_REL = 2e-2
+
+
+def qkv(b, h, kh, t, d, seed=0, layout="bhtd"):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "bthd":  # the model's layout: projections give [B, T, H, D], attention reads a transposed view
+        make = lambda n: torch.randn(b, t, n, d, generator=g).to(torch.bfloat16).transpose(1, 2)  # noqa: E731
+    else:
+        make = lambda n: torch.randn(b, n, t, d, generator=g).to(torch.bfloat16)  # noqa: E731
+    return [x.detach().requires_grad_() for x in (make(h), make(kh), make(kh))]
+
+
+def grads(fn, q, k, v, dout):
+    out = fn(q, k, v)
+    (out.float() * dout).sum().backward()
+    result = [out.detach().float()] + [x.grad.float() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    return result
+
+
+def rel_err(a, ref):
+    return ((a - ref).abs().max() / ref.abs().max()).item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,h,kh,t,d,layout", [
+    (2, 4, 4, 64, 64, "bhtd"),     # one block
+    (2, 4, 2, 200, 64, "bthd"),    # GQA, T not a multiple of the block, strided views
+    (1, 2, 1, 130, 128, "bhtd"),   # head size 128, a 2-row last block
+    (4, 4, 4, 512, 64, "bthd"),    # the bench's reference shape
+])
+def test_kernel_gradients_match_fp32_eager(b, h, kh, t, d, layout):
+    q, k, v = qkv(b, h, kh, t, d, layout=layout)
+    dout = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(1))
+    assert cpu_attention.applies(q, k, v)
+    ours = grads(cpu_attention.attention, q, k, v, dout)
+    ref = grads(lambda *x: eager_attention(*(y.float() for y in x)), q, k, v, dout)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert rel_err(a, r) < BF16_REL, name
+
+
+@needs_kernel
+def test_sdpa_backend_routes_bf16_training_through_the_kernel(monkeypatch):
+    calls = []
+    real = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or real(*a))
+    q, k, v = qkv(1, 2, 2, 64, 64)
+    attention(q, k, v, "sdpa")
+    assert calls == [1]
+    with torch.no_grad():  # inference: PyTorch's forward alone
+        attention(q, k, v, "sdpa")
+    attention(*(x.float() for x in (q, k, v)), "sdpa")  # fp32: PyTorch's kernel
+    attention(q[..., :32], k[..., :32], v[..., :32], "sdpa")  # head size 32: PyTorch's kernel
+    monkeypatch.setenv("SCALETRAIN_CPU_ATTENTION", "torch")
+    attention(q, k, v, "sdpa")
+    assert calls == [1]
+
+
+def test_applies_only_to_what_the_kernel_computes():
+    q = torch.randn(1, 2, 64, 64, requires_grad=True)
+    assert not cpu_attention.applies(q, q, q)  # fp32
+    qb = q.detach().to(torch.bfloat16).requires_grad_()
+    assert not cpu_attention.applies(qb, qb[:, :, :32], qb[:, :, :32])  # Tq != Tk (a KV cache)
+    assert not cpu_attention.applies(qb[..., :48], qb[..., :48], qb[..., :48])  # head size not a multiple of 64
+    assert not cpu_attention.applies(qb.detach(), qb.detach(), qb.detach())  # nothing needs a gradient
+
+
+@needs_kernel
+def test_compiled_bf16_model_step_matches_pytorch_backward(monkeypatch):
+    """A compiled model's step with the kernel equals the same step with PyTorch's backward (bf16 noise)."""
+    shape = LlamaShape(vocab_size=256, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+                       intermediate_size=256, max_seq_len=96)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape).to(torch.bfloat16)
+    ids = torch.randint(0, 256, (2, 96))
+    results = []
+    for mode in ("amx", "torch"):
+        monkeypatch.setenv("SCALETRAIN_CPU_ATTENTION", mode)
+        torch._dynamo.reset()
+        step = torch.compile(model)
+        loss = step(ids[:, :-1], ids[:, 1:])
+        model.zero_grad()
+        loss.backward()
+        results.append((loss.item(), [p.grad.float().clone() for p in model.parameters()]))
+    (loss_a, grads_a), (loss_t, grads_t) = results
+    assert math.isclose(loss_a, loss_t, rel_tol=1e-3)
+    for a, t in zip(grads_a, grads_t):
+        assert rel_err(a, t) < 5e-2
