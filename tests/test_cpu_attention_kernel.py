@@ -71,7 +71,7 @@ def test_sdpa_backend_routes_bf16_training_through_the_kernel(monkeypatch):
         attention(q, k, v, "sdpa")
     attention(*(x.float() for x in (q, k, v)), "sdpa")  # fp32: PyTorch's kernel
     attention(q[..., :32], k[..., :32], v[..., :32], "sdpa")  # head size 32: PyTorch's kernel
-    monkeypatch.setenv("SCALETRAIN_CPU_ATTENTION", "torch")
+    monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", "torch")
     attention(q, k, v, "sdpa")
     assert calls == [1]
 
@@ -95,7 +95,7 @@ def test_compiled_bf16_model_step_matches_pytorch_backward(monkeypatch):
     ids = torch.randint(0, 256, (2, 96))
     results = []
     for mode in ("amx", "torch"):
-        monkeypatch.setenv("SCALETRAIN_CPU_ATTENTION", mode)
+        monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", mode)
         torch._dynamo.reset()
         step = torch.compile(model)
         loss = step(ids[:, :-1], ids[:, 1:])

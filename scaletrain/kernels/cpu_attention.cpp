@@ -12,8 +12,7 @@
 // Every GEMM reads a *prefix* of a whole-sequence operand packed once per (batch, kv head) into the
 // VNNI layout AMX wants ([K/2][N][2]); dK and dV are accumulated transposed (D x T) so that P and dS are
 // the packed operand and no T x BQ transpose is needed.
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
@@ -21,6 +20,8 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
+
+#include "vec_utils.h"
 
 namespace {
 
@@ -42,14 +43,9 @@ void transpose(const BFloat16* in, int64_t rows, int64_t cols, int64_t ld_in, BF
                                        std::min<int64_t>(32, rows - r), std::min<int64_t>(32, cols - c));
 }
 
-__m512 load_bf16(const BFloat16* p) {  // 16 bf16 -> 16 fp32 (a bf16 is the high half of an fp32)
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-}
-
 float row_dot(const BFloat16* a, const BFloat16* b, int64_t n) {  // n % 16 == 0
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(load_bf16(a + i), load_bf16(b + i), acc);
+  for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(scaletrain::load16(a + i), scaletrain::load16(b + i), acc);
   return _mm512_reduce_add_ps(acc);
 }
 
@@ -174,11 +170,4 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
     blas::brgemm_release();
   });
   return {dq, dk, dv};
-}
-
-bool amx_available() { return blas::could_pack(at::kBFloat16); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention_backward", &attention_backward, "causal bf16 attention backward (AMX brgemm)");
-  m.def("amx_available", &amx_available, "whether PyTorch's brgemm can use AMX bf16 here");
 }

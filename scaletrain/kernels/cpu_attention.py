@@ -5,75 +5,26 @@ its own forward and a quarter of the training step. `attention(q, k, v)` keeps P
 returns the log-sum-exp the backward needs) and runs the backward in our kernel, ~4x faster (README).
 
 It applies to: CPU, bf16, causal self-attention (Tq == Tk, no mask), head size a multiple of 64, a CPU with
-AMX and a compiler to build the kernel (~45 s, once per machine; cached). `applies(...)` says whether it does;
-the caller falls back to plain SDPA otherwise. `SCALETRAIN_CPU_ATTENTION=torch` turns it off (A/B runs).
+AMX and a compiler to build the kernel (~1 min, once per machine; see build.py). `applies(...)` says whether it
+does; the caller falls back to plain SDPA otherwise. `SCALETRAIN_CPU_KERNELS=torch` turns it off.
 It is a torch custom op, so torch.compile treats it as one opaque node with its own backward.
 """
 
 from __future__ import annotations
 
-import fcntl
-import functools
-import hashlib
 import math
-import os
-import sys
-from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("cpu_attention.cpp")
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-          "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]  # the vector headers' AVX-512 path
+from scaletrain.kernels import build
+
 BLOCK = 64  # query rows per backward block (64 measured faster than 128 at T=512 and equal at T=1024)
-
-
-def enabled() -> bool:
-    return os.environ.get("SCALETRAIN_CPU_ATTENTION", "amx") != "torch"
-
-
-def cpu_has_amx() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX") and \
-        torch.cpu._is_amx_tile_supported()
-
-
-def build_dir() -> Path:
-    key = hashlib.sha256(_SOURCE.read_bytes() + " ".join(_FLAGS).encode() + torch.__version__.encode()
-                         + sys.version.encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "scaletrain" / "kernels" / f"cpu_attention-{key}"
-
-
-@functools.cache
-def extension():
-    """The compiled kernel module, or None (no AMX, no compiler, or the build failed: a warning says so)."""
-    if not cpu_has_amx():
-        return None
-    from torch.utils.cpp_extension import load
-
-    where = build_dir()
-    where.mkdir(parents=True, exist_ok=True)
-    # One builder at a time across ranks and runs. flock dies with its holder, unlike torch's own `lock`
-    # file, which a killed build leaves behind (every later load would wait on it forever): holding the
-    # flock, any such file is stale and can go.
-    with open(where / "build.flock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        (where / "lock").unlink(missing_ok=True)
-        if not any(where.glob("*.so")):
-            print(f"building the AMX attention kernel in {where} (once per machine, ~1 min)", file=sys.stderr,
-                  flush=True)
-        try:
-            module = load(f"scaletrain_cpu_attention_{where.name[-12:]}", [str(_SOURCE)], extra_cflags=_FLAGS,
-                          build_directory=str(where), verbose=False)
-        except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's kernel
-            print(f"warning: the AMX attention kernel did not build ({type(e).__name__}: {str(e)[:200]}); "
-                  "using PyTorch's CPU attention backward", file=sys.stderr, flush=True)
-            return None
-    return module if module.amx_available() else None
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
 def kernel_ready() -> bool:
-    return enabled() and extension() is not None
+    ext = build.extension()
+    return ext is not None and torch.cpu._is_amx_tile_supported() and ext.amx_available()
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -102,7 +53,7 @@ def _(q, k, v):
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     scale = 1.0 / math.sqrt(q.shape[-1])
-    dq, dk, dv = extension().attention_backward(dout.contiguous(), q, k, v, out, lse, scale, BLOCK)
+    dq, dk, dv = build.extension().attention_backward(dout.contiguous(), q, k, v, out, lse, scale, BLOCK)
     return dq, dk, dv
 
 

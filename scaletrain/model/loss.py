@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from scaletrain.kernels import cross_entropy as ce_kernel
+
 IGNORE_INDEX = -100
 
 
@@ -33,8 +35,17 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if with_grad else None
         # fp32 accumulator: bf16 would round the weight gradient once per chunk instead of once
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grad else None
+        row_weight = valid / count  # d(mean CE)/d(row's CE); zero for ignored rows
+        fused = with_grad and ce_kernel.applies(h)
         for s in range(0, n, chunk):
             h_c, t_c, ok = h[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
+            if fused:  # the same maths one row at a time in cache (kernels/cross_entropy.cpp)
+                g = h_c @ weight.t()  # logits, then their gradient (in place)
+                row_loss = ce_kernel.softmax_cross_entropy_(g, t_c, row_weight[s : s + chunk])
+                loss_sum += torch.where(ok, row_loss, torch.zeros_like(row_loss)).sum()
+                grad_h[s : s + chunk] = g @ weight
+                grad_w += (g.t() @ h_c).float()
+                continue
             logp = torch.log_softmax(h_c @ weight.t(), dim=-1, dtype=torch.float32)  # [c, V] fp32
             picked = logp.gather(1, t_c[:, None]).squeeze(1)
             loss_sum -= torch.where(ok, picked, torch.zeros_like(picked)).sum()
@@ -43,7 +54,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 # scaled in fp32 before the cast, as the plain path's log-softmax backward does
                 g = logp.exp_()
                 g.scatter_add_(1, t_c[:, None], torch.full_like(picked[:, None], -1.0))
-                g.mul_((ok / count)[:, None])
+                g.mul_(row_weight[s : s + chunk, None])
                 g = g.to(h.dtype)
                 grad_h[s : s + chunk] = g @ weight
                 grad_w += (g.t() @ h_c).float()

@@ -1,0 +1,72 @@
+"""Build (once per machine, cached) and load scaletrain's C++ CPU kernels: the AMX attention backward
+(cpu_attention.cpp) and the row-wise softmax cross-entropy (cross_entropy.cpp).
+
+They need an AVX-512 CPU (the attention kernel also AMX) and a C++ compiler; `extension()` returns None
+where either is missing or the build fails (a one-line warning says why), and callers use PyTorch's
+kernels instead. `SCALETRAIN_CPU_KERNELS=torch` turns them all off (A/B runs, or to rule them out).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).parent
+SOURCES = [_HERE / "bindings.cpp", _HERE / "cpu_attention.cpp", _HERE / "cross_entropy.cpp"]
+_HEADERS = [_HERE / "vec_utils.h"]
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]  # the vector headers' AVX-512 path
+
+
+def enabled() -> bool:
+    return os.environ.get("SCALETRAIN_CPU_KERNELS", "ours") != "torch"
+
+
+def cpu_has_avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+
+
+def build_dir() -> Path:
+    digest = hashlib.sha256()
+    for part in SOURCES + _HEADERS:
+        digest.update(part.read_bytes())
+    digest.update(" ".join(FLAGS + [torch.__version__, sys.version]).encode())
+    return Path.home() / ".cache" / "scaletrain" / "kernels" / f"cpu-{digest.hexdigest()[:12]}"
+
+
+@functools.cache
+def _load():
+    from torch.utils.cpp_extension import load
+
+    where = build_dir()
+    where.mkdir(parents=True, exist_ok=True)
+    # One builder at a time across ranks and runs. flock dies with its holder, unlike torch's own `lock`
+    # file, which a killed build leaves behind (every later load would wait on it forever): holding the
+    # flock, any such file is stale and can go.
+    with open(where / "build.flock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        (where / "lock").unlink(missing_ok=True)
+        if not any(where.glob("*.so")):
+            print(f"building scaletrain's CPU kernels in {where} (once per machine, ~1 min)", file=sys.stderr,
+                  flush=True)
+        try:
+            return load(f"scaletrain_cpu_{where.name[-12:]}", [str(s) for s in SOURCES], extra_cflags=FLAGS,
+                        build_directory=str(where), verbose=False)
+        except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
+            why = next((line for line in str(e).splitlines() if "error" in line), str(e)[-300:]).strip()
+            print(f"warning: scaletrain's CPU kernels did not build ({why}); using PyTorch's", file=sys.stderr,
+                  flush=True)
+            return None
+
+
+def extension():
+    """The compiled module, or None where the kernels cannot run here."""
+    if not (enabled() and cpu_has_avx512()):
+        return None
+    return _load()

@@ -1,0 +1,80 @@
+// Softmax cross-entropy of one chunk of logits and its gradient, one row at a time, in place.
+//
+// Why: the chunked linear+CE (model/loss.py) spent more time on the softmax than on its matmul: compiled,
+// it streamed a [chunk, vocab] fp32 copy of the logits through memory several times (max, sum, exp,
+// scatter, scale, cast). A row of logits (vocab 8192 in bf16 = 16 KB) fits in L1, so here each row is
+// read from memory once and written once: pass 1 max, pass 2 sum of exp, pass 3 the gradient.
+//   loss[r] = lse_r - x[r, t_r]                 (fp32; the caller masks ignored rows)
+//   grad[r] = (softmax(x[r]) - onehot(t_r)) * w[r], rounded to the logits' dtype
+// with w = valid / count, so grad is d(mean CE)/d logits exactly as the fp32 log-softmax backward gives it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "vec_utils.h"
+
+namespace {
+
+using at::BFloat16;
+using Vec = at::vec::Vectorized<float>;
+using scaletrain::load16;
+using scaletrain::store16;
+
+template <typename T>
+void rows(const T* logits, const int64_t* targets, const float* weight, T* grad, float* loss, int64_t begin,
+          int64_t end, int64_t V) {
+  const int64_t Vv = V / 16 * 16;
+  for (int64_t r = begin; r < end; ++r) {
+    const T* x = logits + r * V;
+    T* g = grad + r * V;  // == x: pass 3 reads x[c] before writing g[c]
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t c = 0; c < Vv; c += 16) vmax = _mm512_max_ps(vmax, load16(x + c));
+    float mx = _mm512_reduce_max_ps(vmax);
+    for (int64_t c = Vv; c < V; ++c) mx = std::max(mx, static_cast<float>(x[c]));
+    const Vec vmx(mx);
+    Vec vsum(0.f);
+    for (int64_t c = 0; c < Vv; c += 16) vsum = vsum + (Vec(load16(x + c)) - vmx).exp_u20();
+    float sum = _mm512_reduce_add_ps(vsum);
+    for (int64_t c = Vv; c < V; ++c) sum += std::exp(static_cast<float>(x[c]) - mx);
+    const float lse = mx + std::log(sum), w = weight[r];
+    const int64_t t = targets[r];
+    loss[r] = lse - static_cast<float>(x[t]);
+    const float p_t = std::exp(static_cast<float>(x[t]) - lse);  // before x[t] is overwritten
+    const Vec vlse(lse), vw(w);
+    for (int64_t c = 0; c < Vv; c += 16) store16(g + c, (Vec(load16(x + c)) - vlse).exp_u20() * vw);
+    for (int64_t c = Vv; c < V; ++c) g[c] = static_cast<T>(std::exp(static_cast<float>(x[c]) - lse) * w);
+    g[t] = static_cast<T>((p_t - 1.f) * w);
+  }
+}
+
+}  // namespace
+
+// Overwrites `logits` with the gradient (a fresh [chunk, vocab] buffer would cost its page faults each
+// time) and returns the per-row loss.
+at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& weight) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "softmax_cross_entropy: contiguous [n, V] logits");
+  TORCH_CHECK(logits.scalar_type() == at::kBFloat16 || logits.scalar_type() == at::kFloat,
+              "softmax_cross_entropy: bf16 or fp32 logits");
+  TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && weight.scalar_type() == at::kFloat &&
+                  weight.is_contiguous(),
+              "softmax_cross_entropy: int64 targets and fp32 weights, contiguous");
+  const int64_t n = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(targets.numel() == n && weight.numel() == n, "softmax_cross_entropy: one target and weight per row");
+  TORCH_CHECK(n == 0 || (targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < V),
+              "softmax_cross_entropy: targets must lie in [0, vocab)");
+  auto& grad = logits;  // each row is read fully (max, sum) before its gradient overwrites it
+  auto loss = at::empty({n}, logits.options().dtype(at::kFloat));
+  const int64_t* t = targets.data_ptr<int64_t>();
+  const float* w = weight.data_ptr<float>();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    if (logits.scalar_type() == at::kBFloat16)
+      rows(logits.data_ptr<BFloat16>(), t, w, grad.data_ptr<BFloat16>(), loss.data_ptr<float>(), begin, end, V);
+    else
+      rows(logits.data_ptr<float>(), t, w, grad.data_ptr<float>(), loss.data_ptr<float>(), begin, end, V);
+  });
+  return loss;
+}
