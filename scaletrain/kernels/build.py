@@ -21,7 +21,8 @@ _HERE = Path(__file__).parent
 SOURCES = [_HERE / "bindings.cpp", _HERE / "cpu_attention.cpp", _HERE / "cross_entropy.cpp"]
 _HEADERS = [_HERE / "vec_utils.h"]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]  # the vector headers' AVX-512 path
+         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",  # the vector headers' AVX-512 path
+         "-fopenmp"]  # at::parallel_for is inline: without it the kernels run on one thread (torch's libgomp)
 
 
 def enabled() -> bool:
@@ -56,7 +57,7 @@ def _load():
             print(f"building scaletrain's CPU kernels in {where} (once per machine, ~1 min)", file=sys.stderr,
                   flush=True)
         try:
-            return load(f"scaletrain_cpu_{where.name[-12:]}", [str(s) for s in SOURCES], extra_cflags=FLAGS,
+            return load(f"scaletrain_cpu_{where.name[-12:]}", [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                         build_directory=str(where), verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
             why = next((line for line in str(e).splitlines() if "error" in line), str(e)[-300:]).strip()

@@ -1,17 +1,20 @@
-// Causal attention backward for bf16 on CPUs with AMX, written as small GEMMs through PyTorch's own
-// batch-reduce GEMM (at::native::cpublas::brgemm, oneDNN's AMX micro-kernels).
+// Causal attention forward and backward for bf16 on CPUs with AMX, written as small GEMMs through PyTorch's
+// batch-reduce GEMM (at::native::cpublas::brgemm: oneDNN's AMX micro-kernels) plus AVX-512 softmax code.
 //
-// Why: PyTorch's CPU flash-attention backward does its GEMMs through a generic bf16 GEMM that does not
-// use AMX; at the bench's shape it ran at ~95 GFLOP/s and took a quarter of the training step, six times
-// its own forward. The forward (PyTorch's, which does use AMX) is kept; this file replaces the backward.
+// Why: PyTorch's CPU flash-attention backward does its GEMMs through a generic bf16 GEMM that does not use
+// AMX; at the bench's shape it ran at ~95 GFLOP/s and took a quarter of the training step, six times its
+// own forward.
 //
-// Per (batch, kv head) and per block of BQ query rows i, with L = the causal key prefix of the block:
-//   S  = Q_i K[:L]^T            P  = exp(scale*S - lse_i)           (recomputed, exact: lse from forward)
-//   dP = dO_i V[:L]^T           dS = scale * P * (dP - delta_i)     delta = rowsum(dO * O)
-//   dQ_i = dS K[:L]             dK[:L]^T += Q_i^T dS                dV[:L]^T += dO_i^T P
-// Every GEMM reads a *prefix* of a whole-sequence operand packed once per (batch, kv head) into the
-// VNNI layout AMX wants ([K/2][N][2]); dK and dV are accumulated transposed (D x T) so that P and dS are
-// the packed operand and no T x BQ transpose is needed.
+// Layout: per (batch, kv head) K and V are packed once into the VNNI layout AMX wants ([K/2][N][2], in
+// 64-column panels), K^T and V^T too; every GEMM then reads a slice of those. Queries go in blocks of BQ
+// rows (i), keys in chunks of KC (c, up to the causal limit), so the working set stays in L2 at any T.
+// Forward (online softmax over chunks, as flash attention):
+//   S = Q_i K_c^T * scale    m' = max(m, rowmax S)    P = exp(S - m')    l = l e^(m - m') + rowsum P
+//   O_i = O_i e^(m - m') + P V_c          at the end O_i /= l, lse_i = m + log l
+// Backward (P recomputed exactly from lse; delta = rowsum(dO * O)):
+//   dP = dO_i V_c^T    dS = scale * P * (dP - delta)    dQ_i += dS K_c
+//   dK_c^T += Q_i^T dS    dV_c^T += dO_i^T P   (dK, dV accumulate transposed so P and dS are the packed
+//   operand: no [chunk x block] transpose)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -19,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "vec_utils.h"
@@ -62,30 +66,122 @@ void gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, const
     blas::brgemm(m, kPanel, k, lda, kPanel, ldc, add, a, b_packed + j * rows, c + j);
 }
 
+constexpr int64_t kChunk = 256;  // keys per chunk (KC); a multiple of kPanel and of the query block
+
 struct Strides {  // element strides of a [B, H, T, D] view whose D is contiguous
   int64_t b, h, t;
   explicit Strides(const at::Tensor& x) : b(x.stride(0)), h(x.stride(1)), t(x.stride(2)) {}
   int64_t at(int64_t bi, int64_t hi, int64_t ti) const { return bi * b + hi * h + ti * t; }
 };
 
+// Per (batch, kv head): K and V packed for the GEMMs that read them.
+struct PackedKV {
+  std::vector<BFloat16> tmp, kt, vt, k, v;  // kt/vt: [D, Tp] panels (S, dP); k/v: [Tp, D] panels (dQ, O)
+  PackedKV(int64_t D, int64_t Tp) : tmp(D * Tp), kt(D * Tp), vt(D * Tp), k(D * Tp), v(D * Tp) {}
+
+  void transposed(const BFloat16* x, int64_t T, int64_t D, int64_t ld, int64_t Tp, std::vector<BFloat16>& out) {
+    std::fill(tmp.begin(), tmp.end(), BFloat16(0.f));
+    transpose(x, T, D, ld, tmp.data(), Tp);
+    pack(tmp.data(), D, Tp, Tp, out.data());
+  }
+  void rows(const BFloat16* x, int64_t T, int64_t D, int64_t ld, int64_t Tp, std::vector<BFloat16>& out) {
+    std::fill(tmp.begin(), tmp.end(), BFloat16(0.f));
+    for (int64_t t = 0; t < T; ++t) std::memcpy(&tmp[t * D], x + t * ld, D * sizeof(BFloat16));
+    pack(tmp.data(), Tp, D, D, out.data());
+  }
+};
+
+// Causal mask of one row of a [block x chunk] tile: columns past `valid` get -inf (exp gives 0).
+void mask_row(float* row, int64_t valid, int64_t width) {
+  std::fill(row + valid, row + width, -std::numeric_limits<float>::infinity());
+}
+
+void check_inputs(std::initializer_list<const at::Tensor*> xs, const at::Tensor& q, const at::Tensor& k,
+                  const at::Tensor& v) {
+  for (const auto* x : xs) {
+    TORCH_CHECK(x->scalar_type() == at::kBFloat16, "amx attention: bf16 tensors only");
+    TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, "amx attention: [B, H, T, D] with contiguous D");
+  }
+  TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "amx attention: causal self-attention only (Tq == Tk)");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) % kPanel == 0 && k.size(0) == q.size(0),
+              "amx attention: head count must divide by kv heads, head size must be a multiple of 64");
+}
+
 }  // namespace
+
+std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          double scale) {
+  check_inputs({&q, &k, &v}, q, k, v);
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KH = k.size(1);
+  const int64_t G = H / KH, Tp = round_up(T, kPanel), BQ = kPanel, KC = kChunk;
+  auto out = at::empty({B, H, T, D}, q.options());
+  auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
+  const Strides sq(q), sk(k), sv(v), so(out);
+  const BFloat16 *q_p = q.data_ptr<BFloat16>(), *k_p = k.data_ptr<BFloat16>(), *v_p = v.data_ptr<BFloat16>();
+  BFloat16* o_p = out.data_ptr<BFloat16>();
+  float* lse_p = lse.data_ptr<float>();
+  const float fscale = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
+    PackedKV kv(D, Tp);
+    std::vector<float> s(BQ * KC), o_acc(BQ * D), row_max(BQ), row_sum(BQ);
+    std::vector<BFloat16> p_bf(BQ * KC);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / KH, kh = task % KH;
+      kv.transposed(k_p + sk.at(b, kh, 0), T, D, sk.t, Tp, kv.kt);
+      kv.rows(v_p + sv.at(b, kh, 0), T, D, sv.t, Tp, kv.v);
+      for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
+        for (int64_t q0 = 0; q0 < T; q0 += BQ) {
+          const int64_t m = std::min(BQ, T - q0), L = q0 + m;
+          const BFloat16* qi = q_p + sq.at(b, h, q0);
+          std::fill(row_max.begin(), row_max.end(), neg_inf);
+          std::fill(row_sum.begin(), row_sum.end(), 0.f);
+          std::fill(o_acc.begin(), o_acc.end(), 0.f);
+          for (int64_t k0 = 0; k0 < L; k0 += KC) {
+            const int64_t kc = std::min(KC, L - k0), kcp = round_up(kc, kPanel);
+            gemm(m, kcp, D, qi, sq.t, kv.kt.data() + k0 * D, D, s.data(), KC, false);
+            for (int64_t r = 0; r < m; ++r) {
+              float* srow = &s[r * KC];
+              mask_row(srow, std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), kcp);
+              Vec vmax(neg_inf);
+              for (int64_t c = 0; c < kcp; c += 16) vmax = at::vec::maximum(vmax, Vec::loadu(srow + c));
+              const float mx = std::max(row_max[r], _mm512_reduce_max_ps(vmax) * fscale);
+              const float alpha = row_max[r] == neg_inf ? 0.f : std::exp(row_max[r] - mx);
+              const Vec vscale(fscale), vmx(mx);
+              Vec vsum(0.f);
+              for (int64_t c = 0; c < kcp; c += 16) {
+                const Vec p = (Vec::loadu(srow + c) * vscale - vmx).exp_u20();
+                vsum = vsum + p;
+                scaletrain::store16(&p_bf[r * KC + c], p);
+              }
+              row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(vsum);
+              row_max[r] = mx;
+              float* orow = &o_acc[r * D];
+              for (int64_t d = 0; d < D; d += 16) (Vec::loadu(orow + d) * Vec(alpha)).store(orow + d);
+            }
+            gemm(m, D, kcp, p_bf.data(), KC, kv.v.data() + k0 * kPanel, Tp, o_acc.data(), D, true);
+          }
+          BFloat16* oi = o_p + so.at(b, h, q0);
+          for (int64_t r = 0; r < m; ++r) {
+            const Vec inv(1.f / row_sum[r]);
+            for (int64_t d = 0; d < D; d += 16) scaletrain::store16(oi + r * so.t + d, Vec::loadu(&o_acc[r * D + d]) * inv);
+            lse_p[(b * H + h) * T + q0 + r] = row_max[r] + std::log(row_sum[r]);
+          }
+        }
+      }
+    }
+    blas::brgemm_release();
+  });
+  return {out, lse};
+}
 
 std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                           double scale, int64_t block) {
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
-                  v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16 &&
-                  dout.scalar_type() == at::kBFloat16,
-              "amx attention backward: bf16 tensors only");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat, "amx attention backward: lse must be float32");
-  for (const auto* x : {&dout, &q, &k, &v, &out})
-    TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, "amx attention backward: [B, H, T, D] with contiguous D");
-  TORCH_CHECK(block % kPanel == 0, "block must be a multiple of ", kPanel);
+                                           double scale) {
+  check_inputs({&dout, &q, &k, &v, &out}, q, k, v);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "amx attention backward: [B, H, T] float32 lse");
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KH = k.size(1);
-  TORCH_CHECK(k.size(2) == T && v.size(2) == T, "amx attention backward: causal self-attention only (Tq == Tk)");
-  TORCH_CHECK(H % KH == 0 && D % kPanel == 0, "amx attention backward: head size must be a multiple of 64");
-  const int64_t G = H / KH, Tp = round_up(T, kPanel), BQ = std::min(block, Tp);
-
+  const int64_t G = H / KH, Tp = round_up(T, kPanel), BQ = kPanel, KC = kChunk;
   auto dq = at::empty({B, H, T, D}, q.options());
   auto dk = at::empty({B, KH, T, D}, k.options());
   auto dv = at::empty({B, KH, T, D}, v.options());
@@ -97,75 +193,62 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
-    // Whole-sequence packed operands (per kv head) and per-block scratch, reused across tasks.
-    std::vector<BFloat16> tmp(std::max(D * Tp, Tp * D)), kt_pk(D * Tp), vt_pk(D * Tp), k_pk(Tp * D);
-    std::vector<float> dkt(D * Tp), dvt(D * Tp), s(BQ * Tp), dp(BQ * Tp), dq_acc(BQ * D), delta(BQ);
-    std::vector<BFloat16> p_bf(BQ * Tp), p_pk(BQ * Tp), ds_bf(BQ * Tp), ds_pk(BQ * Tp), qt(D * BQ), dot(D * BQ);
-
+    PackedKV kv(D, Tp);
+    std::vector<float> dkt(D * Tp), dvt(D * Tp), s(BQ * KC), dp(BQ * KC), dq_acc(BQ * D), delta(BQ);
+    std::vector<BFloat16> p_bf(BQ * KC), p_pk(BQ * KC), ds_bf(BQ * KC), ds_pk(BQ * KC), qt(D * BQ), dot(D * BQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
-      const BFloat16* kb = k_p + sk.at(b, kh, 0);
-      const BFloat16* vb = v_p + sv.at(b, kh, 0);
-      // K^T and V^T as [D, Tp] (zero past T), K as [Tp, D]; then VNNI-pack each.
-      std::fill(tmp.begin(), tmp.end(), BFloat16(0.f));
-      transpose(kb, T, D, sk.t, tmp.data(), Tp);
-      pack(tmp.data(), D, Tp, Tp, kt_pk.data());
-      transpose(vb, T, D, sv.t, tmp.data(), Tp);
-      pack(tmp.data(), D, Tp, Tp, vt_pk.data());
-      std::fill(tmp.begin(), tmp.end(), BFloat16(0.f));
-      for (int64_t t = 0; t < T; ++t) std::memcpy(&tmp[t * D], kb + t * sk.t, D * sizeof(BFloat16));
-      pack(tmp.data(), Tp, D, D, k_pk.data());
+      kv.transposed(k_p + sk.at(b, kh, 0), T, D, sk.t, Tp, kv.kt);
+      kv.transposed(v_p + sv.at(b, kh, 0), T, D, sv.t, Tp, kv.vt);
+      kv.rows(k_p + sk.at(b, kh, 0), T, D, sk.t, Tp, kv.k);
       std::fill(dkt.begin(), dkt.end(), 0.f);
       std::fill(dvt.begin(), dvt.end(), 0.f);
-
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t h = kh * G + g;
+      for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
         for (int64_t q0 = 0; q0 < T; q0 += BQ) {
-          const int64_t m = std::min(BQ, T - q0), mp = round_up(m, kPanel);
-          const int64_t L = q0 + m, Lp = round_up(L, kPanel);
+          const int64_t m = std::min(BQ, T - q0), mp = round_up(m, kPanel), L = q0 + m;
           const BFloat16* qi = q_p + sq.at(b, h, q0);
           const BFloat16* doi = do_p + sdo.at(b, h, q0);
           const BFloat16* oi = o_p + so.at(b, h, q0);
-
-          gemm(m, Lp, D, qi, sq.t, kt_pk.data(), D, s.data(), Tp, false);
-          gemm(m, Lp, D, doi, sdo.t, vt_pk.data(), D, dp.data(), Tp, false);
           for (int64_t r = 0; r < m; ++r) delta[r] = row_dot(doi + r * sdo.t, oi + r * so.t, D);
-          for (int64_t r = 0; r < mp; ++r) {
-            float* srow = &s[r * Tp];
-            float* dprow = &dp[r * Tp];
-            const int64_t valid = r < m ? q0 + r + 1 : 0;  // causal: keys 0..q0+r
-            const Vec vscale(fscale), vlse(r < m ? lse_a[b][h][q0 + r] : 0.f), vdelta(r < m ? delta[r] : 0.f);
-            for (int64_t c = 0; c < valid; c += Vec::size()) {
-              const int64_t n = std::min<int64_t>(Vec::size(), valid - c);
-              const Vec p = (Vec::loadu(srow + c, n) * vscale - vlse).exp_u20();
-              const Vec ds = p * (Vec::loadu(dprow + c, n) - vdelta) * vscale;
-              p.store(srow + c, n);
-              ds.store(dprow + c, n);
-            }
-            std::fill(srow + valid, srow + Lp, 0.f);
-            std::fill(dprow + valid, dprow + Lp, 0.f);
-            at::vec::convert(srow, &p_bf[r * Tp], Lp);
-            at::vec::convert(dprow, &ds_bf[r * Tp], Lp);
-          }
-          // dQ_i = dS K[:Lp]
-          gemm(m, D, Lp, ds_bf.data(), Tp, k_pk.data(), Tp, dq_acc.data(), D, false);
-          BFloat16* dqi = dq_p + sdq.at(b, h, q0);
-          for (int64_t r = 0; r < m; ++r) at::vec::convert(&dq_acc[r * D], dqi + r * sdq.t, D);
-          // dV^T[:, :Lp] += dO_i^T P ; dK^T[:, :Lp] += Q_i^T dS
           std::fill(dot.begin(), dot.end(), BFloat16(0.f));
           std::fill(qt.begin(), qt.end(), BFloat16(0.f));
           transpose(doi, m, D, sdo.t, dot.data(), mp);
           transpose(qi, m, D, sq.t, qt.data(), mp);
-          pack(p_bf.data(), mp, Lp, Tp, p_pk.data());
-          pack(ds_bf.data(), mp, Lp, Tp, ds_pk.data());
-          gemm(D, Lp, mp, dot.data(), mp, p_pk.data(), mp, dvt.data(), Tp, true);
-          gemm(D, Lp, mp, qt.data(), mp, ds_pk.data(), mp, dkt.data(), Tp, true);
+          for (int64_t k0 = 0; k0 < L; k0 += KC) {
+            const int64_t kc = std::min(KC, L - k0), kcp = round_up(kc, kPanel);
+            gemm(m, kcp, D, qi, sq.t, kv.kt.data() + k0 * D, D, s.data(), KC, false);
+            gemm(m, kcp, D, doi, sdo.t, kv.vt.data() + k0 * D, D, dp.data(), KC, false);
+            for (int64_t r = 0; r < mp; ++r) {
+              float* srow = &s[r * KC];
+              const float* dprow = &dp[r * KC];
+              if (r >= m) {  // padding rows of the last block: zero P and dS
+                std::fill(&p_bf[r * KC], &p_bf[r * KC] + kcp, BFloat16(0.f));
+                std::fill(&ds_bf[r * KC], &ds_bf[r * KC] + kcp, BFloat16(0.f));
+                continue;
+              }
+              mask_row(srow, std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), kcp);
+              const Vec vscale(fscale), vlse(lse_a[b][h][q0 + r]), vdelta(delta[r]);
+              for (int64_t c = 0; c < kcp; c += 16) {
+                const Vec p = (Vec::loadu(srow + c) * vscale - vlse).exp_u20();
+                scaletrain::store16(&p_bf[r * KC + c], p);
+                scaletrain::store16(&ds_bf[r * KC + c], p * (Vec::loadu(dprow + c) - vdelta) * vscale);
+              }
+            }
+            gemm(m, D, kcp, ds_bf.data(), KC, kv.k.data() + k0 * kPanel, Tp, dq_acc.data(), D, k0 > 0);
+            pack(p_bf.data(), mp, kcp, KC, p_pk.data());
+            pack(ds_bf.data(), mp, kcp, KC, ds_pk.data());
+            gemm(D, kcp, mp, dot.data(), mp, p_pk.data(), mp, dvt.data() + k0, Tp, true);
+            gemm(D, kcp, mp, qt.data(), mp, ds_pk.data(), mp, dkt.data() + k0, Tp, true);
+          }
+          BFloat16* dqi = dq_p + sdq.at(b, h, q0);
+          for (int64_t r = 0; r < m; ++r)
+            for (int64_t d = 0; d < D; d += 16) scaletrain::store16(dqi + r * sdq.t + d, Vec::loadu(&dq_acc[r * D + d]));
         }
       }
-      at::vec::convert(dkt.data(), tmp.data(), D * Tp);
-      transpose(tmp.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
-      at::vec::convert(dvt.data(), tmp.data(), D * Tp);
-      transpose(tmp.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
+      at::vec::convert(dkt.data(), kv.tmp.data(), D * Tp);
+      transpose(kv.tmp.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
+      at::vec::convert(dvt.data(), kv.tmp.data(), D * Tp);
+      transpose(kv.tmp.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
     }
     blas::brgemm_release();
   });

@@ -1,8 +1,7 @@
-"""Causal bf16 attention on AMX CPUs: PyTorch's fused flash forward + our AMX backward (cpu_attention.cpp).
+"""Causal bf16 attention on AMX CPUs: our flash-style forward and backward (cpu_attention.cpp).
 
 PyTorch's CPU flash-attention backward does its GEMMs without AMX: at the bench's shape it took six times
-its own forward and a quarter of the training step. `attention(q, k, v)` keeps PyTorch's forward (which
-returns the log-sum-exp the backward needs) and runs the backward in our kernel, ~4x faster (README).
+its own forward and a quarter of the training step. Ours does every GEMM on AMX tiles (README, issue 6).
 
 It applies to: CPU, bf16, causal self-attention (Tq == Tk, no mask), head size a multiple of 64, a CPU with
 AMX and a compiler to build the kernel (~1 min, once per machine; see build.py). `applies(...)` says whether it
@@ -17,9 +16,6 @@ import math
 import torch
 
 from scaletrain.kernels import build
-
-BLOCK = 64  # query rows per backward block (64 measured faster than 128 at T=512 and equal at T=1024)
-
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
 def kernel_ready() -> bool:
@@ -39,8 +35,8 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 @torch.library.custom_op("scaletrain::cpu_causal_attention", mutates_args=())
 def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
-    return out.contiguous(), lse.contiguous()
+    out, lse = build.extension().attention_forward(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+    return out, lse
 
 
 @_forward.register_fake
@@ -53,7 +49,7 @@ def _(q, k, v):
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     scale = 1.0 / math.sqrt(q.shape[-1])
-    dq, dk, dv = build.extension().attention_backward(dout.contiguous(), q, k, v, out, lse, scale, BLOCK)
+    dq, dk, dv = build.extension().attention_backward(dout.contiguous(), q, k, v, out, lse, scale)
     return dq, dk, dv
 
 
