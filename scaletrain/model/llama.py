@@ -151,16 +151,34 @@ class LlamaBody(nn.Module):
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = make_norm(s, s.hidden_size)
+        if s.position == "rope":  # not in checkpoints (persistent=False); cast with the model like weights
+            cos, sin = rope_cache(s)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
 
 
-def layer_inputs(s: LlamaShape, t: int, start_pos: int, doc_ids: Optional[torch.Tensor], device, dtype):
+ROPE_CACHE_MAX = 16384  # positions whose cos/sin the model keeps as buffers (larger: computed per forward)
+
+
+def rope_cache(s: LlamaShape) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [min(max_seq_len, ROPE_CACHE_MAX), head_dim] in fp32, for LlamaBody's buffers. Why a cache:
+    computed inside a compiled forward, inductor fused cos/sin of the positions into every layer's RoPE
+    kernel (transcendentals per element, per layer, forward and backward: ~10 % of a CPU training step)."""
+    return rope_tables(s.head_dim, s.rope_theta, torch.arange(min(s.max_seq_len, ROPE_CACHE_MAX)), s.rope_scaling)
+
+
+def layer_inputs(s: LlamaShape, t: int, start_pos: int, doc_ids: Optional[torch.Tensor], device, dtype,
+                 cache: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
     """(cos, sin, mask) every layer shares, built once per forward: RoPE tables in the compute dtype (None
     unless model.position=rope; [B, 1, T, D] per document row with doc_ids) and the attention mask (None:
-    plain causal; see masks.py)."""
+    plain causal; see masks.py). `cache`: `rope_cache(s)` tables, read instead of computed where they reach."""
     cos = sin = None
     if s.position == "rope":
         positions = torch.arange(start_pos, start_pos + t, device=device) if doc_ids is None else document_positions(doc_ids)
-        cos, sin = rope_tables(s.head_dim, s.rope_theta, positions, s.rope_scaling)
+        if cache is not None and start_pos + t <= cache[0].shape[0]:  # document positions are < t too
+            cos, sin = (c[start_pos : start_pos + t] if doc_ids is None else c[positions] for c in cache)
+        else:
+            cos, sin = rope_tables(s.head_dim, s.rope_theta, positions, s.rope_scaling)
         cos, sin = cos.to(dtype), sin.to(dtype)
         if doc_ids is not None:
             cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]: broadcast over heads
@@ -209,7 +227,8 @@ class LlamaForCausalLM(nn.Module):
         documents, see docmask.py): attention stays within a document, RoPE restarts per document."""
         x = self.model.embed_tokens(input_ids)
         assert doc_ids is None or caches is None, "document masking is for training windows, not KV-cached decoding"
-        cos, sin, mask = layer_inputs(self.shape, input_ids.shape[1], start_pos, doc_ids, x.device, x.dtype)
+        cache = (self.model.rope_cos, self.model.rope_sin) if self.shape.position == "rope" else None
+        cos, sin, mask = layer_inputs(self.shape, input_ids.shape[1], start_pos, doc_ids, x.device, x.dtype, cache)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, None if caches is None else caches[i], mask)
         return self.model.norm(x)
