@@ -39,12 +39,19 @@ constexpr int64_t kPanel = 64;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// out[c * ld_out + r] = in[r * ld_in + c] for r < rows, c < cols, in 32 x 32 AVX-512 tiles.
+// out[c * ld_out + r] = in[r * ld_in + c] for r < rows, c < cols: AVX-512 16 x 16 tiles (the 32 x 32 kernel
+// spilled its 64 registers and was 2x slower per element), masked tiles at the edges.
 void transpose(const BFloat16* in, int64_t rows, int64_t cols, int64_t ld_in, BFloat16* out, int64_t ld_out) {
-  for (int64_t r = 0; r < rows; r += 32)
-    for (int64_t c = 0; c < cols; c += 32)
-      at::vec::transpose_mxn<BFloat16>(in + r * ld_in + c, ld_in, out + c * ld_out + r, ld_out,
-                                       std::min<int64_t>(32, rows - r), std::min<int64_t>(32, cols - c));
+  for (int64_t r = 0; r < rows; r += 16)
+    for (int64_t c = 0; c < cols; c += 16) {
+      const BFloat16* from = in + r * ld_in + c;
+      BFloat16* to = out + c * ld_out + r;
+      if (r + 16 <= rows && c + 16 <= cols)
+        at::vec::transpose_mxn<BFloat16, 16, 16>(from, ld_in, to, ld_out);
+      else
+        at::vec::transpose_mxn<BFloat16>(from, ld_in, to, ld_out, std::min<int64_t>(16, rows - r),
+                                         std::min<int64_t>(16, cols - c));
+    }
 }
 
 float row_dot(const BFloat16* a, const BFloat16* b, int64_t n) {  // n % 16 == 0
@@ -74,20 +81,27 @@ struct Strides {  // element strides of a [B, H, T, D] view whose D is contiguou
   int64_t at(int64_t bi, int64_t hi, int64_t ti) const { return bi * b + hi * h + ti * t; }
 };
 
-// Per (batch, kv head): K and V packed for the GEMMs that read them.
+// Per (batch, kv head): K and V packed for the GEMMs that read them. Buffers are sized on first use (the
+// forward needs two of the four) and the zero padding past T is written once: later packs overwrite only
+// rows < T.
 struct PackedKV {
-  std::vector<BFloat16> tmp, kt, vt, k, v;  // kt/vt: [D, Tp] panels (S, dP); k/v: [Tp, D] panels (dQ, O)
-  PackedKV(int64_t D, int64_t Tp) : tmp(D * Tp), kt(D * Tp), vt(D * Tp), k(D * Tp), v(D * Tp) {}
+  int64_t D, Tp;
+  std::vector<BFloat16> tmp_t, tmp_r, kt, vt, k, v;  // kt/vt: [D, Tp] panels (S, dP); k/v: [Tp, D] panels (dQ, O)
+  PackedKV(int64_t D_, int64_t Tp_) : D(D_), Tp(Tp_) {}
 
-  void transposed(const BFloat16* x, int64_t T, int64_t D, int64_t ld, int64_t Tp, std::vector<BFloat16>& out) {
-    std::fill(tmp.begin(), tmp.end(), BFloat16(0.f));
-    transpose(x, T, D, ld, tmp.data(), Tp);
-    pack(tmp.data(), D, Tp, Tp, out.data());
+  BFloat16* transposed(const BFloat16* x, int64_t T, int64_t ld, std::vector<BFloat16>& out) {
+    if (tmp_t.empty()) tmp_t.assign(D * Tp, BFloat16(0.f));
+    transpose(x, T, D, ld, tmp_t.data(), Tp);
+    out.resize(D * Tp);
+    pack(tmp_t.data(), D, Tp, Tp, out.data());
+    return out.data();
   }
-  void rows(const BFloat16* x, int64_t T, int64_t D, int64_t ld, int64_t Tp, std::vector<BFloat16>& out) {
-    std::fill(tmp.begin(), tmp.end(), BFloat16(0.f));
-    for (int64_t t = 0; t < T; ++t) std::memcpy(&tmp[t * D], x + t * ld, D * sizeof(BFloat16));
-    pack(tmp.data(), Tp, D, D, out.data());
+  BFloat16* rows(const BFloat16* x, int64_t T, int64_t ld, std::vector<BFloat16>& out) {
+    if (tmp_r.empty()) tmp_r.assign(D * Tp, BFloat16(0.f));
+    for (int64_t t = 0; t < T; ++t) std::memcpy(&tmp_r[t * D], x + t * ld, D * sizeof(BFloat16));
+    out.resize(D * Tp);
+    pack(tmp_r.data(), Tp, D, D, out.data());
+    return out.data();
   }
 };
 
@@ -128,8 +142,8 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
     std::vector<BFloat16> p_bf(BQ * KC);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
-      kv.transposed(k_p + sk.at(b, kh, 0), T, D, sk.t, Tp, kv.kt);
-      kv.rows(v_p + sv.at(b, kh, 0), T, D, sv.t, Tp, kv.v);
+      kv.transposed(k_p + sk.at(b, kh, 0), T, sk.t, kv.kt);
+      kv.rows(v_p + sv.at(b, kh, 0), T, sv.t, kv.v);
       for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
         for (int64_t q0 = 0; q0 < T; q0 += BQ) {
           const int64_t m = std::min(BQ, T - q0), L = q0 + m;
@@ -144,7 +158,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
               float* srow = &s[r * KC];
               mask_row(srow, std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), kcp);
               Vec vmax(neg_inf);
-              for (int64_t c = 0; c < kcp; c += 16) vmax = at::vec::maximum(vmax, Vec::loadu(srow + c));
+              for (int64_t c = 0; c < kcp; c += 16) vmax = _mm512_max_ps(vmax, Vec::loadu(srow + c));
               const float mx = std::max(row_max[r], _mm512_reduce_max_ps(vmax) * fscale);
               const float alpha = row_max[r] == neg_inf ? 0.f : std::exp(row_max[r] - mx);
               const Vec vscale(fscale), vmx(mx);
@@ -195,12 +209,13 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     PackedKV kv(D, Tp);
     std::vector<float> dkt(D * Tp), dvt(D * Tp), s(BQ * KC), dp(BQ * KC), dq_acc(BQ * D), delta(BQ);
-    std::vector<BFloat16> p_bf(BQ * KC), p_pk(BQ * KC), ds_bf(BQ * KC), ds_pk(BQ * KC), qt(D * BQ), dot(D * BQ);
+    std::vector<BFloat16> p_bf(BQ * KC), p_pk(BQ * KC), ds_bf(BQ * KC), ds_pk(BQ * KC), qt(D * BQ), dot(D * BQ),
+        grad_bf(D * Tp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
-      kv.transposed(k_p + sk.at(b, kh, 0), T, D, sk.t, Tp, kv.kt);
-      kv.transposed(v_p + sv.at(b, kh, 0), T, D, sv.t, Tp, kv.vt);
-      kv.rows(k_p + sk.at(b, kh, 0), T, D, sk.t, Tp, kv.k);
+      kv.transposed(k_p + sk.at(b, kh, 0), T, sk.t, kv.kt);
+      kv.transposed(v_p + sv.at(b, kh, 0), T, sv.t, kv.vt);
+      kv.rows(k_p + sk.at(b, kh, 0), T, sk.t, kv.k);
       std::fill(dkt.begin(), dkt.end(), 0.f);
       std::fill(dvt.begin(), dvt.end(), 0.f);
       for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
@@ -245,10 +260,10 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
             for (int64_t d = 0; d < D; d += 16) scaletrain::store16(dqi + r * sdq.t + d, Vec::loadu(&dq_acc[r * D + d]));
         }
       }
-      at::vec::convert(dkt.data(), kv.tmp.data(), D * Tp);
-      transpose(kv.tmp.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
-      at::vec::convert(dvt.data(), kv.tmp.data(), D * Tp);
-      transpose(kv.tmp.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
+      at::vec::convert(dkt.data(), grad_bf.data(), D * Tp);
+      transpose(grad_bf.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
+      at::vec::convert(dvt.data(), grad_bf.data(), D * Tp);
+      transpose(grad_bf.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
     }
     blas::brgemm_release();
   });
