@@ -1,0 +1,30 @@
+"""kernels/build.py: the CPU kernels switch off cleanly (env, failed build) and a killed build's lock
+cannot block later runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from scaletrain.kernels import build
+
+
+def test_env_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", "torch")
+    assert build.extension() is None
+
+
+def test_failed_build_warns_in_one_line_and_returns_none(tmp_path, monkeypatch, capsys):
+    broken = tmp_path / "broken.cpp"
+    broken.write_text('#error "deliberately broken"\n')
+    monkeypatch.setattr(build, "SOURCES", [broken])
+    monkeypatch.setattr(build, "_HEADERS", [])
+    monkeypatch.setattr(Path, "home", lambda: tmp_path)
+    where = build.build_dir()
+    where.mkdir(parents=True)
+    (where / "lock").write_text("")  # left by a build that was killed: torch's loader would wait on it forever
+    assert build._load.__wrapped__() is None  # and did not hang on the stale lock
+    assert not (where / "lock").exists()
+    err = capsys.readouterr().err
+    assert "did not build" in err and "deliberately broken" in err and "using PyTorch's" in err
+    warning = [line for line in err.splitlines() if "did not build" in line]
+    assert len(warning) == 1
