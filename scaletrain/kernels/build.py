@@ -71,3 +71,17 @@ def extension():
     if not (enabled() and cpu_has_avx512()):
         return None
     return _load()
+
+
+def status() -> str:
+    """Which of the kernels run here, in words (for `scaletrain bench`'s JSON)."""
+    if not enabled():
+        return "off (SCALETRAIN_CPU_KERNELS=torch)"
+    if not cpu_has_avx512():
+        return "not used (no AVX-512): PyTorch's kernels"
+    ext = _load()
+    if ext is None:
+        return "not used (the build failed): PyTorch's kernels"
+    if torch.cpu._is_amx_tile_supported() and ext.amx_available():
+        return "AMX attention (bf16) + cross-entropy"
+    return "cross-entropy only (no AMX: PyTorch's attention)"
