@@ -17,6 +17,7 @@ import torch
 
 from scaletrain.kernels import build
 
+
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
 def kernel_ready() -> bool:
     ext = build.extension()
