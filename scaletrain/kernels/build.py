@@ -1,5 +1,5 @@
-"""Build (once per machine, cached) and load scaletrain's C++ CPU kernels: the AMX attention backward
-(cpu_attention.cpp) and the row-wise softmax cross-entropy (cross_entropy.cpp).
+"""Build (once per machine, cached) and load scaletrain's C++ CPU kernels: the AMX attention forward and
+backward (cpu_attention.cpp) and the row-wise softmax cross-entropy (cross_entropy.cpp).
 
 They need an AVX-512 CPU (the attention kernel also AMX) and a C++ compiler; `extension()` returns None
 where either is missing or the build fails (a one-line warning says why), and callers use PyTorch's
@@ -57,8 +57,8 @@ def _load():
             print(f"building scaletrain's CPU kernels in {where} (once per machine, ~1 min)", file=sys.stderr,
                   flush=True)
         try:
-            return load(f"scaletrain_cpu_{where.name[-12:]}", [str(s) for s in SOURCES], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                        build_directory=str(where), verbose=False)
+            return load(f"scaletrain_cpu_{where.name[-12:]}", [str(s) for s in SOURCES], extra_cflags=FLAGS,
+                        extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
             why = next((line for line in str(e).splitlines() if "error" in line), str(e)[-300:]).strip()
             print(f"warning: scaletrain's CPU kernels did not build ({why}); using PyTorch's", file=sys.stderr,
@@ -73,15 +73,20 @@ def extension():
     return _load()
 
 
+def amx_attention_ready() -> bool:
+    """Whether the attention kernel can run: the kernels built, and PyTorch's brgemm uses AMX tiles here."""
+    ext = extension()
+    return ext is not None and torch.cpu._is_amx_tile_supported() and ext.amx_available()
+
+
 def status() -> str:
     """Which of the kernels run here, in words (for `scaletrain bench`'s JSON)."""
     if not enabled():
         return "off (SCALETRAIN_CPU_KERNELS=torch)"
     if not cpu_has_avx512():
         return "not used (no AVX-512): PyTorch's kernels"
-    ext = _load()
-    if ext is None:
+    if _load() is None:
         return "not used (the build failed): PyTorch's kernels"
-    if torch.cpu._is_amx_tile_supported() and ext.amx_available():
+    if amx_attention_ready():
         return "AMX attention (bf16) + cross-entropy"
     return "cross-entropy only (no AMX: PyTorch's attention)"

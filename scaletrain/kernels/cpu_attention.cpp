@@ -66,7 +66,8 @@ void pack(const BFloat16* in, int64_t k, int64_t n, int64_t ld, BFloat16* out) {
     blas::pack(k, kPanel, ld, kPanel, at::kBFloat16, at::kBFloat16, in + j, out + j * k);
 }
 
-// C[m, :n] (+)= A[m, :k] B[:k, :n] with B packed by `pack` from a matrix of `rows` rows (k <= rows: a prefix).
+// C[m, :n] (+)= A[m, :k] B[:k, :n] with B inside operands packed by `pack` from a matrix of `rows` rows:
+// b_packed may point at a later column panel (+ j * rows) or a later even row (+ r * kPanel) of them.
 void gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b_packed, int64_t rows,
           float* c, int64_t ldc, bool add) {
   for (int64_t j = 0; j < n; j += kPanel)

@@ -20,8 +20,7 @@ from scaletrain.kernels import build
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
 def kernel_ready() -> bool:
-    ext = build.extension()
-    return ext is not None and torch.cpu._is_amx_tile_supported() and ext.amx_available()
+    return build.amx_attention_ready()
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -24,13 +24,13 @@ using Vec = at::vec::Vectorized<float>;
 using scaletrain::load16;
 using scaletrain::store16;
 
+// In place: row r of `logits` becomes its gradient; pass 3 reads x[c] before writing it.
 template <typename T>
-void rows(const T* logits, const int64_t* targets, const float* weight, T* grad, float* loss, int64_t begin,
-          int64_t end, int64_t V) {
+void rows(T* logits, const int64_t* targets, const float* weight, float* loss, int64_t begin, int64_t end,
+          int64_t V) {
   const int64_t Vv = V / 16 * 16;
   for (int64_t r = begin; r < end; ++r) {
-    const T* x = logits + r * V;
-    T* g = grad + r * V;  // == x: pass 3 reads x[c] before writing g[c]
+    T* x = logits + r * V;
     __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t c = 0; c < Vv; c += 16) vmax = _mm512_max_ps(vmax, load16(x + c));
     float mx = _mm512_reduce_max_ps(vmax);
@@ -45,9 +45,9 @@ void rows(const T* logits, const int64_t* targets, const float* weight, T* grad,
     loss[r] = lse - static_cast<float>(x[t]);
     const float p_t = std::exp(static_cast<float>(x[t]) - lse);  // before x[t] is overwritten
     const Vec vlse(lse), vw(w);
-    for (int64_t c = 0; c < Vv; c += 16) store16(g + c, (Vec(load16(x + c)) - vlse).exp_u20() * vw);
-    for (int64_t c = Vv; c < V; ++c) g[c] = static_cast<T>(std::exp(static_cast<float>(x[c]) - lse) * w);
-    g[t] = static_cast<T>((p_t - 1.f) * w);
+    for (int64_t c = 0; c < Vv; c += 16) store16(x + c, (Vec(load16(x + c)) - vlse).exp_u20() * vw);
+    for (int64_t c = Vv; c < V; ++c) x[c] = static_cast<T>(std::exp(static_cast<float>(x[c]) - lse) * w);
+    x[t] = static_cast<T>((p_t - 1.f) * w);
   }
 }
 
@@ -66,15 +66,14 @@ at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets,
   TORCH_CHECK(targets.numel() == n && weight.numel() == n, "softmax_cross_entropy: one target and weight per row");
   TORCH_CHECK(n == 0 || (targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < V),
               "softmax_cross_entropy: targets must lie in [0, vocab)");
-  auto& grad = logits;  // each row is read fully (max, sum) before its gradient overwrites it
   auto loss = at::empty({n}, logits.options().dtype(at::kFloat));
   const int64_t* t = targets.data_ptr<int64_t>();
   const float* w = weight.data_ptr<float>();
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
     if (logits.scalar_type() == at::kBFloat16)
-      rows(logits.data_ptr<BFloat16>(), t, w, grad.data_ptr<BFloat16>(), loss.data_ptr<float>(), begin, end, V);
+      rows(logits.data_ptr<BFloat16>(), t, w, loss.data_ptr<float>(), begin, end, V);
     else
-      rows(logits.data_ptr<float>(), t, w, grad.data_ptr<float>(), loss.data_ptr<float>(), begin, end, V);
+      rows(logits.data_ptr<float>(), t, w, loss.data_ptr<float>(), begin, end, V);
   });
   return loss;
 }

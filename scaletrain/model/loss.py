@@ -43,21 +43,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g = h_c @ weight.t()  # logits, then their gradient (in place)
                 row_loss = ce_kernel.softmax_cross_entropy_(g, t_c, row_weight[s : s + chunk])
                 loss_sum += torch.where(ok, row_loss, torch.zeros_like(row_loss)).sum()
-                grad_h[s : s + chunk] = g @ weight
-                grad_w += (g.t() @ h_c).float()
-                continue
-            logp = torch.log_softmax(h_c @ weight.t(), dim=-1, dtype=torch.float32)  # [c, V] fp32
-            picked = logp.gather(1, t_c[:, None]).squeeze(1)
-            loss_sum -= torch.where(ok, picked, torch.zeros_like(picked)).sum()
-            if with_grad:
+            else:
+                logp = torch.log_softmax(h_c @ weight.t(), dim=-1, dtype=torch.float32)  # [c, V] fp32
+                picked = logp.gather(1, t_c[:, None]).squeeze(1)
+                loss_sum -= torch.where(ok, picked, torch.zeros_like(picked)).sum()
+                if not with_grad:
+                    continue
                 # d(mean CE)/d logits = (softmax - onehot(target)) / count, zero for ignored rows;
                 # scaled in fp32 before the cast, as the plain path's log-softmax backward does
                 g = logp.exp_()
                 g.scatter_add_(1, t_c[:, None], torch.full_like(picked[:, None], -1.0))
                 g.mul_(row_weight[s : s + chunk, None])
                 g = g.to(h.dtype)
-                grad_h[s : s + chunk] = g @ weight
-                grad_w += (g.t() @ h_c).float()
+            grad_h[s : s + chunk] = g @ weight
+            grad_w += (g.t() @ h_c).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if with_grad else None)
         return loss_sum / count
 
