@@ -1,8 +1,8 @@
-"""The AMX attention backward (scaletrain/kernels/cpu_attention.cpp) against fp32 eager attention.
+"""The bf16 CPU attention kernel (scaletrain/kernels/cpu_attention.cpp) against fp32 eager attention.
 
 The oracle is autograd through eager attention in fp32 on the same bf16 inputs; the tolerance is stated
 relative to the largest gradient (bf16 has 8 bits of mantissa: PyTorch's own bf16 kernel lands at ~1e-2).
-The kernel needs an AMX CPU; those tests skip elsewhere, the routing tests run everywhere.
+The kernel needs AMX or AVX-512-BF16; those tests skip elsewhere, the routing tests run everywhere.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import math
 import pytest
 import torch
 
-from scaletrain.kernels import cpu_attention
+from scaletrain.kernels import build, cpu_attention
 from scaletrain.model.attention import attention, eager_attention
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 
-needs_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(), reason="needs an AMX CPU and a C++ compiler")
+needs_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(), reason="needs AMX or AVX-512-BF16 and a C++ compiler")
 BF16_REL = 2e-2
 
 
@@ -76,6 +76,20 @@ def test_sdpa_backend_routes_bf16_training_through_the_kernel(monkeypatch):
     assert calls == [1]
 
 
+@needs_kernel
+def test_packing_gives_the_vnni_panels_the_micro_kernels_read():
+    """Every GEMM's B operand goes through this packing: [k, n] -> n/64 panels, each [k/2][64][2] (row pairs
+    interleaved). Ours (AVX-512-BF16 CPUs) must give exactly that layout; where oneDNN packs (AMX), its
+    packing must equal ours, or the kernel's assumption about the tile layout is wrong."""
+    k, n = 96, 192
+    x = torch.randn(k, n).to(torch.bfloat16)
+    want = x.view(k // 2, 2, n // 64, 64).permute(2, 0, 3, 1).reshape(k, n)  # panel, row pair, column, parity
+    ext = build.extension()
+    assert torch.equal(ext.pack_panels(x, False), want)
+    if torch.cpu._is_amx_tile_supported() and build.bf16_engine() == "AMX":
+        assert torch.equal(ext.pack_panels(x, True), want)
+
+
 def test_applies_only_to_what_the_kernel_computes():
     q = torch.randn(1, 2, 64, 64, requires_grad=True)
     assert not cpu_attention.applies(q, q, q)  # fp32
@@ -94,7 +108,7 @@ def test_compiled_bf16_model_step_matches_pytorch_backward(monkeypatch):
     model = LlamaForCausalLM(shape).to(torch.bfloat16)
     ids = torch.randint(0, 256, (2, 96))
     results = []
-    for mode in ("amx", "torch"):
+    for mode in ("ours", "torch"):
         monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", mode)
         torch._dynamo.reset()
         step = torch.compile(model)

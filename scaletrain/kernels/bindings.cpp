@@ -8,11 +8,13 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
 std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                            double scale);
+at::Tensor pack_panels(const at::Tensor& x, bool onednn);
 at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& weight);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention_forward", &attention_forward, "causal bf16 attention forward (AMX brgemm): out, lse");
-  m.def("attention_backward", &attention_backward, "causal bf16 attention backward (AMX brgemm)");
+  m.def("attention_forward", &attention_forward, "causal bf16 attention forward (brgemm): out, lse");
+  m.def("attention_backward", &attention_backward, "causal bf16 attention backward (brgemm)");
+  m.def("pack_panels", &pack_panels, "for tests: a bf16 [k, n] matrix in the kernel's VNNI panel layout");
   m.def("softmax_cross_entropy_", &softmax_cross_entropy_, "row-wise softmax CE loss; logits become its gradient");
   m.def("amx_available", [] { return at::native::cpublas::could_pack(at::kBFloat16); },
         "whether PyTorch's brgemm uses AMX bf16 here");

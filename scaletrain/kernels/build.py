@@ -1,7 +1,8 @@
-"""Build (once per machine, cached) and load scaletrain's C++ CPU kernels: the AMX attention forward and
+"""Build (once per machine, cached) and load scaletrain's C++ CPU kernels: the bf16 attention forward and
 backward (cpu_attention.cpp) and the row-wise softmax cross-entropy (cross_entropy.cpp).
 
-They need an AVX-512 CPU (the attention kernel also AMX) and a C++ compiler; `extension()` returns None
+They need an AVX-512 CPU (the attention kernel also bf16 dot products: AMX or AVX-512-BF16) and a C++
+compiler; `extension()` returns None
 where either is missing or the build fails (a one-line warning says why), and callers use PyTorch's
 kernels instead. `SCALETRAIN_CPU_KERNELS=torch` turns them all off (A/B runs, or to rule them out).
 """
@@ -73,10 +74,17 @@ def extension():
     return _load()
 
 
-def amx_attention_ready() -> bool:
-    """Whether the attention kernel can run: the kernels built, and PyTorch's brgemm uses AMX tiles here."""
+def attention_ready() -> bool:
+    """Whether the attention kernel can run: the kernels built, and the CPU multiplies bf16 in hardware
+    (AMX tiles, or AVX-512-BF16 dot products), which is what oneDNN's brgemm under the kernel needs."""
     ext = extension()
-    return ext is not None and torch.cpu._is_amx_tile_supported() and ext.amx_available()
+    return ext is not None and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+
+
+def bf16_engine() -> str:
+    """What the attention kernel's GEMMs run on here: "AMX" (oneDNN packs for tiles) or "AVX-512-BF16"."""
+    ext = extension()
+    return "AMX" if ext is not None and torch.cpu._is_amx_tile_supported() and ext.amx_available() else "AVX-512-BF16"
 
 
 def status() -> str:
@@ -87,6 +95,6 @@ def status() -> str:
         return "not used (no AVX-512): PyTorch's kernels"
     if _load() is None:
         return "not used (the build failed): PyTorch's kernels"
-    if amx_attention_ready():
-        return "AMX attention (bf16) + cross-entropy"
-    return "cross-entropy only (no AMX: PyTorch's attention)"
+    if attention_ready():
+        return f"attention (bf16, {bf16_engine()}) + cross-entropy"
+    return "cross-entropy only (no AMX or AVX-512-BF16: PyTorch's attention)"

@@ -1,11 +1,13 @@
-"""Causal bf16 attention on AMX CPUs: our flash-style forward and backward (cpu_attention.cpp).
+"""Causal bf16 attention on CPUs that multiply bf16 in hardware (AMX or AVX-512-BF16): our flash-style
+forward and backward (cpu_attention.cpp).
 
-PyTorch's CPU flash-attention backward does its GEMMs without AMX: at the bench's shape it took six times
-its own forward and a quarter of the training step. Ours does every GEMM on AMX tiles (README, issue 6).
+PyTorch's CPU flash attention does its GEMMs with neither: at the bench's shape its backward took six times
+its own forward on an AMX Xeon, and forward + backward 43 % of the training step on an AVX-512-BF16 EPYC.
+Ours does every GEMM through oneDNN's bf16 micro-kernels (README, issue 6).
 
 It applies to: CPU, bf16, causal self-attention (Tq == Tk, no mask), head size a multiple of 64, a CPU with
-AMX and a compiler to build the kernel (~1 min, once per machine; see build.py). `applies(...)` says whether it
-does; the caller falls back to plain SDPA otherwise. `SCALETRAIN_CPU_KERNELS=torch` turns it off.
+AMX or AVX-512-BF16 and a compiler to build the kernel (~1 min, once per machine; see build.py). `applies(...)`
+says whether it does; the caller falls back to plain SDPA otherwise. `SCALETRAIN_CPU_KERNELS=torch` turns it off.
 It is a torch custom op, so torch.compile treats it as one opaque node with its own backward.
 """
 
@@ -20,7 +22,7 @@ from scaletrain.kernels import build
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
 def kernel_ready() -> bool:
-    return build.amx_attention_ready()
+    return build.attention_ready()
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
