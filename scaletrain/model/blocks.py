@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scaletrain.kernels import cpu_matmul
 from scaletrain.model.variants import rope_scaling_kind
 
 
@@ -48,6 +49,14 @@ class LayerNorm(nn.Module):
 NORMS = (RMSNorm, LayerNorm)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict names) whose fp32 CPU matmuls go through oneDNN where
+    that beats MKL (AMD CPUs; kernels/cpu_matmul.py). Everywhere else it is F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_matmul.linear(x, self.weight, self.bias)
+
+
 def make_norm(s, dim: int) -> nn.Module:
     """`s`: a LlamaShape. LayerNorm carries a bias exactly when the model's linears do (GPT-2 / MPT convention)."""
     return LayerNorm(dim, s.norm_eps, s.bias) if s.norm == "layernorm" else RMSNorm(dim, s.norm_eps)
@@ -56,9 +65,9 @@ def make_norm(s, dim: int) -> nn.Module:
 class SwiGLU(nn.Module):
     def __init__(self, d: int, f: int, bias: bool):
         super().__init__()
-        self.gate_proj = nn.Linear(d, f, bias=bias)
-        self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gate_proj = Linear(d, f, bias=bias)
+        self.up_proj = Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -74,8 +83,8 @@ class PlainMLP(nn.Module):
 
     def __init__(self, d: int, f: int, bias: bool, act: str):
         super().__init__()
-        self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.up_proj = Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
         self.act = F.gelu if act == "gelu" else relu2
 
     def forward(self, x):

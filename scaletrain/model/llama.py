@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from scaletrain.model.attention import attention
-from scaletrain.model.blocks import NORMS, RMSNorm, make_ffn, make_norm, rope_inv_freq  # noqa: F401 (RMSNorm re-exported)
+from scaletrain.model.blocks import NORMS, Linear, RMSNorm, make_ffn, make_norm, rope_inv_freq  # noqa: F401 (RMSNorm re-exported)
 from scaletrain.model.docmask import document_positions
 from scaletrain.model.masks import attention_mask
 from scaletrain.model.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX re-exported)
@@ -95,10 +95,10 @@ class Attention(nn.Module):
         super().__init__()
         self.s = s
         d, hd = s.hidden_size, s.head_dim
-        self.q_proj = nn.Linear(d, s.num_heads * hd, bias=s.bias)
-        self.k_proj = nn.Linear(d, s.num_kv_heads * hd, bias=s.bias)
-        self.v_proj = nn.Linear(d, s.num_kv_heads * hd, bias=s.bias)
-        self.o_proj = nn.Linear(s.num_heads * hd, d, bias=s.bias)
+        self.q_proj = Linear(d, s.num_heads * hd, bias=s.bias)
+        self.k_proj = Linear(d, s.num_kv_heads * hd, bias=s.bias)
+        self.v_proj = Linear(d, s.num_kv_heads * hd, bias=s.bias)
+        self.o_proj = Linear(s.num_heads * hd, d, bias=s.bias)
         if s.qk_norm:  # one norm over head_dim shared by all heads (Qwen3's q_norm/k_norm), before RoPE
             self.q_norm, self.k_norm = make_norm(s, hd), make_norm(s, hd)
 
@@ -186,7 +186,7 @@ def layer_inputs(s: LlamaShape, t: int, start_pos: int, doc_ids: Optional[torch.
     return cos, sin, attention_mask(s, doc_ids, t, start_pos, device, dtype)
 
 
-class LMHead(nn.Linear):
+class LMHead(Linear):
     """The output projection; with targets it returns the loss directly so the chunked path can
     skip materialising logits. Called as a module (not via its weight) so ZeRO-3 gathers it."""
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from scaletrain.kernels import cross_entropy as ce_kernel
+from scaletrain.kernels.cpu_matmul import matmul_nt
 
 IGNORE_INDEX = -100
 
@@ -40,11 +41,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for s in range(0, n, chunk):
             h_c, t_c, ok = h[s : s + chunk], safe_targets[s : s + chunk], valid[s : s + chunk]
             if fused:  # the same maths one row at a time in cache (kernels/cross_entropy.cpp)
-                g = h_c @ weight.t()  # logits, then their gradient (in place)
+                g = matmul_nt(h_c, weight)  # logits, then their gradient (in place)
                 row_loss = ce_kernel.softmax_cross_entropy_(g, t_c, row_weight[s : s + chunk])
                 loss_sum += torch.where(ok, row_loss, torch.zeros_like(row_loss)).sum()
             else:
-                logp = torch.log_softmax(h_c @ weight.t(), dim=-1, dtype=torch.float32)  # [c, V] fp32
+                logp = torch.log_softmax(matmul_nt(h_c, weight), dim=-1, dtype=torch.float32)  # [c, V] fp32
                 picked = logp.gather(1, t_c[:, None]).squeeze(1)
                 loss_sum -= torch.where(ok, picked, torch.zeros_like(picked)).sum()
                 if not with_grad:
@@ -55,8 +56,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g.scatter_add_(1, t_c[:, None], torch.full_like(picked[:, None], -1.0))
                 g.mul_(row_weight[s : s + chunk, None])
                 g = g.to(h.dtype)
-            grad_h[s : s + chunk] = g @ weight
-            grad_w += (g.t() @ h_c).float()
+            grad_h[s : s + chunk] = matmul_nt(g, weight.t())
+            grad_w += matmul_nt(g.t(), h_c.t()).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if with_grad else None)
         return loss_sum / count
 

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from scaletrain.kernels import cpu_matmul
+
 
 def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token: 6·N (fwd+bwd matmuls over the weights, N counts the output head but
@@ -32,20 +34,29 @@ def nominal_peak_flops(device: torch.device, precision: str) -> Optional[float]:
 
 def measure_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 0, seconds: float = 0.5) -> float:
     """Achievable dense matmul FLOP/s for this process in `dtype` (what MFU is measured against).
-    2048-square products saturate a CPU; a GPU needs 8192 to come near its peak."""
+    2048-square products saturate a CPU; a GPU needs 8192 to come near its peak. On CPU the faster of
+    PyTorch's `mm` and oneDNN's matmul counts: for fp32 on AMD CPUs `mm` (MKL) reaches half of what the
+    machine can do (kernels/cpu_matmul.py), and a peak below what training reaches would be no peak."""
     size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
+    products = [torch.mm]
+    if device.type == "cpu" and cpu_matmul.onednn_available():
+        products.append(cpu_matmul.mm_nt)
+    return max(_rate(mm, a, b, seconds / len(products), device) for mm in products)
+
+
+def _rate(mm, a: torch.Tensor, b: torch.Tensor, seconds: float, device: torch.device) -> float:
     for _ in range(2):
-        a @ b
+        mm(a, b)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        a @ b
+        mm(a, b)
         n += 1
     sync()
-    return 2.0 * size**3 * n / (time.perf_counter() - t0)
+    return 2.0 * a.shape[0] ** 3 * n / (time.perf_counter() - t0)
 
 
 class ThroughputWindow:
