@@ -1,8 +1,9 @@
-"""The bf16 CPU attention kernel (scaletrain/kernels/cpu_attention.cpp) against fp32 eager attention.
+"""The CPU attention kernel (scaletrain/kernels/cpu_attention.cpp), bf16 and fp32, against fp32 eager attention.
 
 The oracle is autograd through eager attention in fp32 on the same bf16 inputs; the tolerance is stated
 relative to the largest gradient (bf16 has 8 bits of mantissa: PyTorch's own bf16 kernel lands at ~1e-2).
-The kernel needs AMX or AVX-512-BF16; those tests skip elsewhere, the routing tests run everywhere.
+In bf16 the kernel needs AMX or AVX-512-BF16, in fp32 AVX-512; those tests skip elsewhere, the routing tests
+run everywhere.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ from scaletrain.model.attention import attention, eager_attention
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(), reason="needs AMX or AVX-512-BF16 and a C++ compiler")
+needs_fp32_kernel = pytest.mark.skipif(not cpu_attention.fp32_kernel_ready(), reason="needs AVX-512 and a C++ compiler")
 BF16_REL = 2e-2
 
 
-def qkv(b, h, kh, t, d, seed=0, layout="bhtd"):
+def qkv(b, h, kh, t, d, seed=0, layout="bhtd", dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     if layout == "bthd":  # the model's layout: projections give [B, T, H, D], attention reads a transposed view
-        make = lambda n: torch.randn(b, t, n, d, generator=g).to(torch.bfloat16).transpose(1, 2)  # noqa: E731
+        make = lambda n: torch.randn(b, t, n, d, generator=g).to(dtype).transpose(1, 2)  # noqa: E731
     else:
-        make = lambda n: torch.randn(b, n, t, d, generator=g).to(torch.bfloat16)  # noqa: E731
+        make = lambda n: torch.randn(b, n, t, d, generator=g).to(dtype)  # noqa: E731
     return [x.detach().requires_grad_() for x in (make(h), make(kh), make(kh))]
 
 
@@ -42,25 +44,38 @@ def rel_err(a, ref):
     return ((a - ref).abs().max() / ref.abs().max()).item()
 
 
-@needs_kernel
-@pytest.mark.parametrize("b,h,kh,t,d,layout", [
+SHAPES = [
     (2, 4, 4, 64, 64, "bhtd"),     # one block
     (2, 4, 2, 200, 64, "bthd"),    # GQA, T not a multiple of the block, strided views
     (1, 2, 1, 130, 128, "bhtd"),   # head size 128, a 2-row last block
     (4, 4, 4, 512, 64, "bthd"),    # the bench's reference shape
-])
-def test_kernel_gradients_match_fp32_eager(b, h, kh, t, d, layout):
-    q, k, v = qkv(b, h, kh, t, d, layout=layout)
+]
+
+
+def check_against_fp32_eager(b, h, kh, t, d, layout, dtype, tol):
+    q, k, v = qkv(b, h, kh, t, d, layout=layout, dtype=dtype)
     dout = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(1))
     assert cpu_attention.applies(q, k, v)
     ours = grads(cpu_attention.attention, q, k, v, dout)
     ref = grads(lambda *x: eager_attention(*(y.float() for y in x)), q, k, v, dout)
     for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
-        assert rel_err(a, r) < BF16_REL, name
+        assert rel_err(a, r) < tol, name
 
 
 @needs_kernel
-def test_sdpa_backend_routes_bf16_training_through_the_kernel(monkeypatch):
+@pytest.mark.parametrize("b,h,kh,t,d,layout", SHAPES)
+def test_kernel_gradients_match_fp32_eager(b, h, kh, t, d, layout):
+    check_against_fp32_eager(b, h, kh, t, d, layout, torch.bfloat16, BF16_REL)
+
+
+@needs_fp32_kernel
+@pytest.mark.parametrize("b,h,kh,t,d,layout", SHAPES)
+def test_fp32_kernel_gradients_match_fp32_eager(b, h, kh, t, d, layout):
+    check_against_fp32_eager(b, h, kh, t, d, layout, torch.float32, 1e-5)
+
+
+@needs_kernel
+def test_sdpa_backend_routes_training_through_the_kernel(monkeypatch):
     calls = []
     real = cpu_attention.attention
     monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(1) or real(*a))
@@ -69,11 +84,12 @@ def test_sdpa_backend_routes_bf16_training_through_the_kernel(monkeypatch):
     assert calls == [1]
     with torch.no_grad():  # inference: PyTorch's forward alone
         attention(q, k, v, "sdpa")
-    attention(*(x.float() for x in (q, k, v)), "sdpa")  # fp32: PyTorch's kernel
+    attention(*(x.detach().float().requires_grad_() for x in (q, k, v)), "sdpa")  # fp32: ours too
+    assert calls == [1, 1]
     attention(q[..., :32], k[..., :32], v[..., :32], "sdpa")  # head size 32: PyTorch's kernel
     monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", "torch")
     attention(q, k, v, "sdpa")
-    assert calls == [1]
+    assert calls == [1, 1]
 
 
 @needs_kernel
@@ -92,7 +108,7 @@ def test_packing_gives_the_vnni_panels_the_micro_kernels_read():
 
 def test_applies_only_to_what_the_kernel_computes():
     q = torch.randn(1, 2, 64, 64, requires_grad=True)
-    assert not cpu_attention.applies(q, q, q)  # fp32
+    assert not cpu_attention.applies(q.half(), q.half(), q.half())  # fp16
     qb = q.detach().to(torch.bfloat16).requires_grad_()
     assert not cpu_attention.applies(qb, qb[:, :, :32], qb[:, :, :32])  # Tq != Tk (a KV cache)
     assert not cpu_attention.applies(qb[..., :48], qb[..., :48], qb[..., :48])  # head size not a multiple of 64

@@ -20,7 +20,7 @@ def test_bf16_run_with_our_kernels_tracks_pytorch_kernels(tmp_path, monkeypatch)
             "model.intermediate_size=256", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
             "train.precision=bf16", "train.loss_chunk=48", f"train.max_steps={STEPS}", "train.lr=3e-3"]
     ours = run_training(2, [*base, f"run.dir={tmp_path / 'ours'}"])
-    assert "CPU kernels: attention (bf16, " in ours.stdout and "+ cross-entropy" in ours.stdout
+    assert "CPU kernels: attention (fp32, bf16 on " in ours.stdout and "+ cross-entropy" in ours.stdout
     monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", "torch")
     theirs = run_training(2, [*base, f"run.dir={tmp_path / 'torch'}"])
     assert "CPU kernels: off" in theirs.stdout

@@ -1,14 +1,15 @@
-// Causal attention forward and backward for bf16 on CPUs with AMX or AVX-512-BF16, written as small GEMMs
-// through PyTorch's batch-reduce GEMM (at::native::cpublas::brgemm: oneDNN's AMX or AVX-512-BF16
-// micro-kernels) plus AVX-512 softmax code.
+// Causal attention forward and backward on AVX-512 CPUs, bf16 (AMX or AVX-512-BF16) and fp32, written as
+// small GEMMs through PyTorch's batch-reduce GEMM (at::native::cpublas::brgemm: oneDNN's AMX, AVX-512-BF16
+// or AVX-512 fp32 micro-kernels) plus AVX-512 softmax code.
 //
 // Why: PyTorch's CPU flash-attention does its GEMMs through a generic bf16 GEMM that uses neither AMX nor
 // AVX-512-BF16 dot products; at the bench's shape its backward ran at ~95 GFLOP/s on an AMX Xeon (a quarter
 // of the training step, six times its own forward), and on an AVX-512-BF16 EPYC forward and backward took
-// 43 % of the step (38 ms vs our 7 ms per layer, fwd+bwd).
+// 43 % of the step (38 ms vs our 7 ms per layer, fwd+bwd). In fp32 its GEMMs are MKL's, which runs AVX2
+// code on AMD CPUs.
 //
-// Layout: per (batch, kv head) K and V are packed once into the VNNI layout the bf16 micro-kernels read ([K/2][N][2], in
-// 64-column panels), K^T and V^T too; every GEMM then reads a slice of those. Queries go in blocks of BQ
+// Layout: per (batch, kv head) K and V are packed once into 64-column panels (bf16: the VNNI layout the
+// micro-kernels read, [K/2][64][2]; fp32: plain [K][64]), K^T and V^T too; every GEMM then reads a slice of those. Queries go in blocks of BQ
 // rows (i), keys in chunks of KC (c, up to the causal limit), so the working set stays in L2 at any T.
 // Forward (online softmax over chunks, as flash attention):
 //   S = Q_i K_c^T * scale    m' = max(m, rowmax S)    P = exp(S - m')    l = l e^(m - m') + rowsum P
@@ -43,20 +44,22 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // out[c * ld_out + r] = in[r * ld_in + c] for r < rows, c < cols: AVX-512 16 x 16 tiles (the 32 x 32 kernel
 // spilled its 64 registers and was 2x slower per element), masked tiles at the edges.
-void transpose(const BFloat16* in, int64_t rows, int64_t cols, int64_t ld_in, BFloat16* out, int64_t ld_out) {
+template <typename T>
+void transpose(const T* in, int64_t rows, int64_t cols, int64_t ld_in, T* out, int64_t ld_out) {
   for (int64_t r = 0; r < rows; r += 16)
     for (int64_t c = 0; c < cols; c += 16) {
-      const BFloat16* from = in + r * ld_in + c;
-      BFloat16* to = out + c * ld_out + r;
+      const T* from = in + r * ld_in + c;
+      T* to = out + c * ld_out + r;
       if (r + 16 <= rows && c + 16 <= cols)
-        at::vec::transpose_mxn<BFloat16, 16, 16>(from, ld_in, to, ld_out);
+        at::vec::transpose_mxn<T, 16, 16>(from, ld_in, to, ld_out);
       else
-        at::vec::transpose_mxn<BFloat16>(from, ld_in, to, ld_out, std::min<int64_t>(16, rows - r),
+        at::vec::transpose_mxn<T>(from, ld_in, to, ld_out, std::min<int64_t>(16, rows - r),
                                          std::min<int64_t>(16, cols - c));
     }
 }
 
-float row_dot(const BFloat16* a, const BFloat16* b, int64_t n) {  // n % 16 == 0
+template <typename T>
+float row_dot(const T* a, const T* b, int64_t n) {  // n % 16 == 0
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(scaletrain::load16(a + i), scaletrain::load16(b + i), acc);
   return _mm512_reduce_add_ps(acc);
@@ -77,6 +80,15 @@ void vnni_panel(const BFloat16* in, int64_t k, int64_t ld, BFloat16* out) {
     }
 }
 
+// fp32: a [k, 64] panel is plain rows (brgemm reads fp32 B row-major).
+void plain_panel(const float* in, int64_t k, int64_t ld, float* out) {
+  for (int64_t r = 0; r < k; ++r) std::memcpy(out + r * kPanel, in + r * ld, kPanel * sizeof(float));
+}
+
+void pack(const float* in, int64_t k, int64_t n, int64_t ld, float* out) {
+  for (int64_t j = 0; j < n; j += kPanel) plain_panel(in + j, k, ld, out + j * k);
+}
+
 // Row-major [k, n] (leading dimension ld) -> n / 64 VNNI panels; panel j starts at out + j * k * 64.
 // On AMX CPUs oneDNN's own packing (the layout its tiles want); elsewhere ours.
 void pack(const BFloat16* in, int64_t k, int64_t n, int64_t ld, BFloat16* out,
@@ -91,7 +103,9 @@ void pack(const BFloat16* in, int64_t k, int64_t n, int64_t ld, BFloat16* out,
 
 // C[m, :n] (+)= A[m, :k] B[:k, :n] with B inside operands packed by `pack` from a matrix of `rows` rows:
 // b_packed may point at a later column panel (+ j * rows) or a later even row (+ r * kPanel) of them.
-void gemm(int64_t m, int64_t n, int64_t k, const BFloat16* a, int64_t lda, const BFloat16* b_packed, int64_t rows,
+// (Both layouts put row r of a panel at r * 64, r even for bf16, so the offsets are the same for T = float.)
+template <typename T>
+void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b_packed, int64_t rows,
           float* c, int64_t ldc, bool add) {
   for (int64_t j = 0; j < n; j += kPanel)
     blas::brgemm(m, kPanel, k, lda, kPanel, ldc, add, a, b_packed + j * rows, c + j);
@@ -108,21 +122,22 @@ struct Strides {  // element strides of a [B, H, T, D] view whose D is contiguou
 // Per (batch, kv head): K and V packed for the GEMMs that read them. Buffers are sized on first use (the
 // forward needs two of the four) and the zero padding past T is written once: later packs overwrite only
 // rows < T.
+template <typename T>
 struct PackedKV {
   int64_t D, Tp;
-  std::vector<BFloat16> tmp_t, tmp_r, kt, vt, k, v;  // kt/vt: [D, Tp] panels (S, dP); k/v: [Tp, D] panels (dQ, O)
+  std::vector<T> tmp_t, tmp_r, kt, vt, k, v;  // kt/vt: [D, Tp] panels (S, dP); k/v: [Tp, D] panels (dQ, O)
   PackedKV(int64_t D_, int64_t Tp_) : D(D_), Tp(Tp_) {}
 
-  BFloat16* transposed(const BFloat16* x, int64_t T, int64_t ld, std::vector<BFloat16>& out) {
-    if (tmp_t.empty()) tmp_t.assign(D * Tp, BFloat16(0.f));
-    transpose(x, T, D, ld, tmp_t.data(), Tp);
+  T* transposed(const T* x, int64_t len, int64_t ld, std::vector<T>& out) {
+    if (tmp_t.empty()) tmp_t.assign(D * Tp, T(0.f));
+    transpose(x, len, D, ld, tmp_t.data(), Tp);
     out.resize(D * Tp);
     pack(tmp_t.data(), D, Tp, Tp, out.data());
     return out.data();
   }
-  BFloat16* rows(const BFloat16* x, int64_t T, int64_t ld, std::vector<BFloat16>& out) {
-    if (tmp_r.empty()) tmp_r.assign(D * Tp, BFloat16(0.f));
-    for (int64_t t = 0; t < T; ++t) std::memcpy(&tmp_r[t * D], x + t * ld, D * sizeof(BFloat16));
+  T* rows(const T* x, int64_t len, int64_t ld, std::vector<T>& out) {
+    if (tmp_r.empty()) tmp_r.assign(D * Tp, T(0.f));
+    for (int64_t t = 0; t < len; ++t) std::memcpy(&tmp_r[t * D], x + t * ld, D * sizeof(T));
     out.resize(D * Tp);
     pack(tmp_r.data(), Tp, D, D, out.data());
     return out.data();
@@ -137,12 +152,13 @@ void mask_row(float* row, int64_t valid, int64_t width) {
 void check_inputs(std::initializer_list<const at::Tensor*> xs, const at::Tensor& q, const at::Tensor& k,
                   const at::Tensor& v) {
   for (const auto* x : xs) {
-    TORCH_CHECK(x->scalar_type() == at::kBFloat16, "amx attention: bf16 tensors only");
-    TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, "amx attention: [B, H, T, D] with contiguous D");
+    TORCH_CHECK(x->scalar_type() == q.scalar_type() && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
+                "cpu attention: bf16 or fp32 tensors, all of one dtype");
+    TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, "cpu attention: [B, H, T, D] with contiguous D");
   }
-  TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "amx attention: causal self-attention only (Tq == Tk)");
+  TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "cpu attention: causal self-attention only (Tq == Tk)");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) % kPanel == 0 && k.size(0) == q.size(0),
-              "amx attention: head count must divide by kv heads, head size must be a multiple of 64");
+              "cpu attention: head count must divide by kv heads, head size must be a multiple of 64");
 }
 
 }  // namespace
@@ -157,23 +173,23 @@ at::Tensor pack_panels(const at::Tensor& x, bool onednn) {
   return out;
 }
 
-std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          double scale) {
-  check_inputs({&q, &k, &v}, q, k, v);
+namespace {
+
+template <typename E>
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out,
+                  at::Tensor& lse) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KH = k.size(1);
   const int64_t G = H / KH, Tp = round_up(T, kPanel), BQ = kPanel, KC = kChunk;
-  auto out = at::empty({B, H, T, D}, q.options());
-  auto lse = at::empty({B, H, T}, q.options().dtype(at::kFloat));
   const Strides sq(q), sk(k), sv(v), so(out);
-  const BFloat16 *q_p = q.data_ptr<BFloat16>(), *k_p = k.data_ptr<BFloat16>(), *v_p = v.data_ptr<BFloat16>();
-  BFloat16* o_p = out.data_ptr<BFloat16>();
+  const E *q_p = q.data_ptr<E>(), *k_p = k.data_ptr<E>(), *v_p = v.data_ptr<E>();
+  E* o_p = out.data_ptr<E>();
   float* lse_p = lse.data_ptr<float>();
   const float fscale = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
-    PackedKV kv(D, Tp);
+    PackedKV<E> kv(D, Tp);
     std::vector<float> s(BQ * KC), o_acc(BQ * D), row_max(BQ), row_sum(BQ);
-    std::vector<BFloat16> p_bf(BQ * KC);
+    std::vector<E> p_bf(BQ * KC);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
       kv.transposed(k_p + sk.at(b, kh, 0), T, sk.t, kv.kt);
@@ -181,7 +197,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
       for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
         for (int64_t q0 = 0; q0 < T; q0 += BQ) {
           const int64_t m = std::min(BQ, T - q0), L = q0 + m;
-          const BFloat16* qi = q_p + sq.at(b, h, q0);
+          const E* qi = q_p + sq.at(b, h, q0);
           std::fill(row_max.begin(), row_max.end(), neg_inf);
           std::fill(row_sum.begin(), row_sum.end(), 0.f);
           std::fill(o_acc.begin(), o_acc.end(), 0.f);
@@ -209,7 +225,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
             }
             gemm(m, D, kcp, p_bf.data(), KC, kv.v.data() + k0 * kPanel, Tp, o_acc.data(), D, true);
           }
-          BFloat16* oi = o_p + so.at(b, h, q0);
+          E* oi = o_p + so.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r) {
             const Vec inv(1.f / row_sum[r]);
             for (int64_t d = 0; d < D; d += 16) scaletrain::store16(oi + r * so.t + d, Vec::loadu(&o_acc[r * D + d]) * inv);
@@ -220,30 +236,25 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
     }
     blas::brgemm_release();
   });
-  return {out, lse};
 }
 
-std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                           double scale) {
-  check_inputs({&dout, &q, &k, &v, &out}, q, k, v);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "amx attention backward: [B, H, T] float32 lse");
+template <typename E>
+void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& out, const at::Tensor& lse, double scale, at::Tensor& dq, at::Tensor& dk,
+                   at::Tensor& dv) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KH = k.size(1);
   const int64_t G = H / KH, Tp = round_up(T, kPanel), BQ = kPanel, KC = kChunk;
-  auto dq = at::empty({B, H, T, D}, q.options());
-  auto dk = at::empty({B, KH, T, D}, k.options());
-  auto dv = at::empty({B, KH, T, D}, v.options());
   const Strides sq(q), sk(k), sv(v), so(out), sdo(dout), sdq(dq), sdk(dk);
   const auto lse_a = lse.accessor<float, 3>();
-  const BFloat16 *q_p = q.data_ptr<BFloat16>(), *k_p = k.data_ptr<BFloat16>(), *v_p = v.data_ptr<BFloat16>();
-  const BFloat16 *o_p = out.data_ptr<BFloat16>(), *do_p = dout.data_ptr<BFloat16>();
-  BFloat16 *dq_p = dq.data_ptr<BFloat16>(), *dk_p = dk.data_ptr<BFloat16>(), *dv_p = dv.data_ptr<BFloat16>();
+  const E *q_p = q.data_ptr<E>(), *k_p = k.data_ptr<E>(), *v_p = v.data_ptr<E>();
+  const E *o_p = out.data_ptr<E>(), *do_p = dout.data_ptr<E>();
+  E *dq_p = dq.data_ptr<E>(), *dk_p = dk.data_ptr<E>(), *dv_p = dv.data_ptr<E>();
   const float fscale = static_cast<float>(scale);
 
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
-    PackedKV kv(D, Tp);
+    PackedKV<E> kv(D, Tp);
     std::vector<float> dkt(D * Tp), dvt(D * Tp), s(BQ * KC), dp(BQ * KC), dq_acc(BQ * D), delta(BQ);
-    std::vector<BFloat16> p_bf(BQ * KC), p_pk(BQ * KC), ds_bf(BQ * KC), ds_pk(BQ * KC), qt(D * BQ), dot(D * BQ),
+    std::vector<E> p_bf(BQ * KC), p_pk(BQ * KC), ds_bf(BQ * KC), ds_pk(BQ * KC), qt(D * BQ), dot(D * BQ),
         grad_bf(D * Tp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
@@ -255,12 +266,12 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
       for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
         for (int64_t q0 = 0; q0 < T; q0 += BQ) {
           const int64_t m = std::min(BQ, T - q0), mp = round_up(m, kPanel), L = q0 + m;
-          const BFloat16* qi = q_p + sq.at(b, h, q0);
-          const BFloat16* doi = do_p + sdo.at(b, h, q0);
-          const BFloat16* oi = o_p + so.at(b, h, q0);
+          const E* qi = q_p + sq.at(b, h, q0);
+          const E* doi = do_p + sdo.at(b, h, q0);
+          const E* oi = o_p + so.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r) delta[r] = row_dot(doi + r * sdo.t, oi + r * so.t, D);
-          std::fill(dot.begin(), dot.end(), BFloat16(0.f));
-          std::fill(qt.begin(), qt.end(), BFloat16(0.f));
+          std::fill(dot.begin(), dot.end(), E(0.f));
+          std::fill(qt.begin(), qt.end(), E(0.f));
           transpose(doi, m, D, sdo.t, dot.data(), mp);
           transpose(qi, m, D, sq.t, qt.data(), mp);
           for (int64_t k0 = 0; k0 < L; k0 += KC) {
@@ -271,8 +282,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
               float* srow = &s[r * KC];
               const float* dprow = &dp[r * KC];
               if (r >= m) {  // padding rows of the last block: zero P and dS
-                std::fill(&p_bf[r * KC], &p_bf[r * KC] + kcp, BFloat16(0.f));
-                std::fill(&ds_bf[r * KC], &ds_bf[r * KC] + kcp, BFloat16(0.f));
+                std::fill(&p_bf[r * KC], &p_bf[r * KC] + kcp, E(0.f));
+                std::fill(&ds_bf[r * KC], &ds_bf[r * KC] + kcp, E(0.f));
                 continue;
               }
               mask_row(srow, std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), kcp);
@@ -289,7 +300,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
             gemm(D, kcp, mp, dot.data(), mp, p_pk.data(), mp, dvt.data() + k0, Tp, true);
             gemm(D, kcp, mp, qt.data(), mp, ds_pk.data(), mp, dkt.data() + k0, Tp, true);
           }
-          BFloat16* dqi = dq_p + sdq.at(b, h, q0);
+          E* dqi = dq_p + sdq.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r)
             for (int64_t d = 0; d < D; d += 16) scaletrain::store16(dqi + r * sdq.t + d, Vec::loadu(&dq_acc[r * D + d]));
         }
@@ -301,5 +312,33 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
     }
     blas::brgemm_release();
   });
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          double scale) {
+  check_inputs({&q, &k, &v}, q, k, v);
+  auto out = at::empty(q.sizes(), q.options());
+  auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  if (q.scalar_type() == at::kBFloat16)
+    forward_impl<BFloat16>(q, k, v, scale, out, lse);
+  else
+    forward_impl<float>(q, k, v, scale, out, lse);
+  return {out, lse};
+}
+
+std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                           double scale) {
+  check_inputs({&dout, &q, &k, &v, &out}, q, k, v);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "cpu attention backward: [B, H, T] float32 lse");
+  auto dq = at::empty(q.sizes(), q.options());
+  auto dk = at::empty(k.sizes(), k.options());
+  auto dv = at::empty(v.sizes(), v.options());
+  if (q.scalar_type() == at::kBFloat16)
+    backward_impl<BFloat16>(dout, q, k, v, out, lse, scale, dq, dk, dv);
+  else
+    backward_impl<float>(dout, q, k, v, out, lse, scale, dq, dk, dv);
   return {dq, dk, dv};
 }

@@ -1,14 +1,16 @@
-"""Causal bf16 attention on CPUs that multiply bf16 in hardware (AMX or AVX-512-BF16): our flash-style
-forward and backward (cpu_attention.cpp).
+"""Causal attention on AVX-512 CPUs, forward and backward: our flash-style kernel (cpu_attention.cpp), in bf16
+where the CPU multiplies bf16 in hardware (AMX or AVX-512-BF16) and in fp32.
 
-PyTorch's CPU flash attention does its GEMMs with neither: at the bench's shape its backward took six times
-its own forward on an AMX Xeon, and forward + backward 43 % of the training step on an AVX-512-BF16 EPYC.
-Ours does every GEMM through oneDNN's bf16 micro-kernels (README, issue 6).
+PyTorch's CPU flash attention uses neither AMX nor AVX-512-BF16 dot products: at the bench's shape its
+backward took six times its own forward on an AMX Xeon, and forward + backward 43 % of the training step on
+an AVX-512-BF16 EPYC; its fp32 GEMMs are MKL's, AVX2 code on AMD. Ours does every GEMM through oneDNN's
+micro-kernels (README, issue 6).
 
-It applies to: CPU, bf16, causal self-attention (Tq == Tk, no mask), head size a multiple of 64, a CPU with
-AMX or AVX-512-BF16 and a compiler to build the kernel (~1 min, once per machine; see build.py). `applies(...)`
-says whether it does; the caller falls back to plain SDPA otherwise. `SCALETRAIN_CPU_KERNELS=torch` turns it off.
-It is a torch custom op, so torch.compile treats it as one opaque node with its own backward.
+It applies to: CPU, causal self-attention (Tq == Tk, no mask), head size a multiple of 64, a compiler to
+build the kernel (~1 min, once per machine; see build.py), and training (without autograd PyTorch's
+forward alone runs). `applies(...)` says whether it does; the caller falls back to plain SDPA otherwise.
+`SCALETRAIN_CPU_KERNELS=torch` turns it off. It is a torch custom op, so torch.compile treats it as one
+opaque node with its own backward.
 """
 
 from __future__ import annotations
@@ -22,17 +24,23 @@ from scaletrain.kernels import build
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
 def kernel_ready() -> bool:
+    """bf16: the kernels built and the CPU has AMX or AVX-512-BF16."""
     return build.attention_ready()
 
 
+@torch.compiler.assume_constant_result
+def fp32_kernel_ready() -> bool:
+    """fp32: the kernels built (AVX-512)."""
+    return build.extension() is not None
+
+
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether `attention` can take these [B, H, T, D] tensors (else use SDPA). Only training needs it:
-    without autograd PyTorch's forward alone runs."""
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and k.dtype == q.dtype and v.dtype == q.dtype
-            and q.shape[2] == k.shape[2] and q.shape[-1] % 64 == 0 and q.shape[1] % k.shape[1] == 0
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+    """Whether `attention` can take these [B, H, T, D] tensors (else use SDPA)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and k.dtype == q.dtype
+            and v.dtype == q.dtype and q.shape[2] == k.shape[2] and q.shape[-1] % 64 == 0
+            and q.shape[1] % k.shape[1] == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-            and kernel_ready())
+            and (kernel_ready() if q.dtype == torch.bfloat16 else fp32_kernel_ready()))
 
 
 @torch.library.custom_op("scaletrain::cpu_causal_attention", mutates_args=())
