@@ -19,19 +19,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from scaletrain.cpuinfo import cpuinfo_field
 from scaletrain.kernels import build
 
 
-@functools.cache
 def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return cpuinfo_field("vendor_id") or ""
 
 
 @functools.cache
