@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from scaletrain.bench.spawn import run_ranks
 from scaletrain.bench.training import memory_job, timing_job
-from scaletrain.kernels import build
+from scaletrain.kernels import cpu_matmul
 
 OURS_NOTE = "scaletrain LlamaForCausalLM via the trainer's build_model/build_optimizer (fused AdamW)"
 PEER_NOTE = "transformers.LlamaForCausalLM(attn_implementation='sdpa'), torch AdamW (default implementation)"
@@ -28,7 +28,7 @@ def training_bench(spec: dict, memory: bool = True) -> dict:
                                         "steps", "warmup", "per_round", "threads", "contestants")},
         "ours_settings": {"model": OURS_NOTE, "attention": spec["attention"], "compile": spec["compile"],
                           "loss_chunk": spec["loss_chunk"], "fused_ops": spec["fused_ops"],
-                          "cpu_kernels": build.status() if device == "cpu" else None},
+                          "cpu_kernels": cpu_matmul.kernels_status() if device == "cpu" else None},
         "peer_settings": {"model": PEER_NOTE},
         "mfu_formula": "tokens/s x (6 N + 12 L d T) / peak; N = non-embedding params + output head; "
                        "peak = measured bf16/fp32 matmul FLOP/s of all ranks at once",

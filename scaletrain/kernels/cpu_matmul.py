@@ -92,3 +92,8 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -
 def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b.T for 2-D tensors (no autograd), through oneDNN where `preferred(a)`."""
     return mm_nt(a, b) if preferred(a) and b.dtype == a.dtype else a @ b.t()
+
+
+def kernels_status() -> str:
+    """Every CPU kernel choice in one line (trainer start-up, bench JSON): the C++ kernels and fp32 matmuls."""
+    return f"{build.status()}; fp32 matmuls: {'oneDNN' if onednn_fp32_ready() else 'torch.mm'}"

@@ -23,7 +23,7 @@ from scaletrain.data.sampler import eval_window_count, eval_window_ids, micro_ba
 from scaletrain.data.sources import resolve_source
 from scaletrain.errors import UserError
 from scaletrain.growth.in_run import RunGrowth, grow
-from scaletrain.kernels import build as cpu_kernels
+from scaletrain.kernels import cpu_matmul
 from scaletrain.model.attention import check_backend
 from scaletrain.model.docmask import document_ids
 from scaletrain.model import classify
@@ -312,7 +312,7 @@ class Trainer:
         )
         self.log(f"TensorBoard: tensorboard --logdir {self.run.path.parent}")
         if d.device.type == "cpu":  # every rank loads them here (built once, under a lock), not mid-step
-            self.log(f"CPU kernels: {cpu_kernels.status()}")
+            self.log(f"CPU kernels: {cpu_matmul.kernels_status()}")
         metrics = Metrics(self.run.tb if d.is_main else None, purge_step=self.step + 1)  # +1 also on a fresh start: drops a crashed first attempt's events
         if d.is_main:
             self.run.write_status(state="running", step=self.step, max_steps=t.max_steps, world_size=d.world,
