@@ -12,8 +12,8 @@ at::Tensor pack_panels(const at::Tensor& x, bool onednn);
 at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& weight);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("attention_forward", &attention_forward, "causal bf16 attention forward (brgemm): out, lse");
-  m.def("attention_backward", &attention_backward, "causal bf16 attention backward (brgemm)");
+  m.def("attention_forward", &attention_forward, "causal attention forward, bf16 or fp32 (brgemm): out, lse");
+  m.def("attention_backward", &attention_backward, "causal attention backward, bf16 or fp32 (brgemm)");
   m.def("pack_panels", &pack_panels, "for tests: a bf16 [k, n] matrix in the kernel's VNNI panel layout");
   m.def("softmax_cross_entropy_", &softmax_cross_entropy_, "row-wise softmax CE loss; logits become its gradient");
   m.def("amx_available", [] { return at::native::cpublas::could_pack(at::kBFloat16); },

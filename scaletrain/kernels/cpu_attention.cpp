@@ -9,8 +9,9 @@
 // code on AMD CPUs.
 //
 // Layout: per (batch, kv head) K and V are packed once into 64-column panels (bf16: the VNNI layout the
-// micro-kernels read, [K/2][64][2]; fp32: plain [K][64]), K^T and V^T too; every GEMM then reads a slice of those. Queries go in blocks of BQ
-// rows (i), keys in chunks of KC (c, up to the causal limit), so the working set stays in L2 at any T.
+// micro-kernels read, [K/2][64][2]; fp32: plain [K][64]), K^T and V^T too; every GEMM then reads a slice
+// of those. Queries go in blocks of BQ rows (i), keys in chunks of KC (c, up to the causal limit), so the
+// working set stays in L2 at any T.
 // Forward (online softmax over chunks, as flash attention):
 //   S = Q_i K_c^T * scale    m' = max(m, rowmax S)    P = exp(S - m')    l = l e^(m - m') + rowsum P
 //   O_i = O_i e^(m - m') + P V_c          at the end O_i /= l, lse_i = m + log l
@@ -69,7 +70,8 @@ float row_dot(const T* a, const T* b, int64_t n) {  // n % 16 == 0
 // the two bf16 that one dot-product lane multiplies. oneDNN's brgemm reads bf16 B this way on AVX-512-BF16
 // CPUs too, where PyTorch's `pack` refuses ("No need to pack") since it only packs for AMX.
 void vnni_panel(const BFloat16* in, int64_t k, int64_t ld, BFloat16* out) {
-  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+  const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+  const __m512i second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
   for (int64_t r = 0; r < k; r += 2)
     for (int64_t c = 0; c < kPanel; c += 32) {  // 32 columns of two rows -> 64 interleaved values
       const __m512i lo = _mm512_loadu_si512(in + r * ld + c), hi = _mm512_loadu_si512(in + (r + 1) * ld + c);
@@ -152,7 +154,8 @@ void mask_row(float* row, int64_t valid, int64_t width) {
 void check_inputs(std::initializer_list<const at::Tensor*> xs, const at::Tensor& q, const at::Tensor& k,
                   const at::Tensor& v) {
   for (const auto* x : xs) {
-    TORCH_CHECK(x->scalar_type() == q.scalar_type() && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
+    TORCH_CHECK(x->scalar_type() == q.scalar_type() &&
+                    (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kFloat),
                 "cpu attention: bf16 or fp32 tensors, all of one dtype");
     TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, "cpu attention: [B, H, T, D] with contiguous D");
   }
@@ -160,20 +163,6 @@ void check_inputs(std::initializer_list<const at::Tensor*> xs, const at::Tensor&
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) % kPanel == 0 && k.size(0) == q.size(0),
               "cpu attention: head count must divide by kv heads, head size must be a multiple of 64");
 }
-
-}  // namespace
-
-// For tests: [k, n] bf16 (k even, n % 64 == 0) in the panel layout the GEMMs read, packed by oneDNN or by us.
-at::Tensor pack_panels(const at::Tensor& x, bool onednn) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous() && x.size(0) % 2 == 0 &&
-              x.size(1) % kPanel == 0, "pack_panels: contiguous bf16 [k, n], k even, n a multiple of 64");
-  TORCH_CHECK(!onednn || blas::could_pack(at::kBFloat16), "pack_panels: oneDNN packs only on AMX CPUs");
-  auto out = at::empty_like(x);
-  pack(x.data_ptr<BFloat16>(), x.size(0), x.size(1), x.size(1), out.data_ptr<BFloat16>(), onednn);
-  return out;
-}
-
-namespace {
 
 template <typename E>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out,
@@ -189,7 +178,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     PackedKV<E> kv(D, Tp);
     std::vector<float> s(BQ * KC), o_acc(BQ * D), row_max(BQ), row_sum(BQ);
-    std::vector<E> p_bf(BQ * KC);
+    std::vector<E> p_tile(BQ * KC);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
       kv.transposed(k_p + sk.at(b, kh, 0), T, sk.t, kv.kt);
@@ -216,14 +205,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               for (int64_t c = 0; c < kcp; c += 16) {
                 const Vec p = (Vec::loadu(srow + c) * vscale - vmx).exp_u20();
                 vsum = vsum + p;
-                scaletrain::store16(&p_bf[r * KC + c], p);
+                scaletrain::store16(&p_tile[r * KC + c], p);
               }
               row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(vsum);
               row_max[r] = mx;
               float* orow = &o_acc[r * D];
               for (int64_t d = 0; d < D; d += 16) (Vec::loadu(orow + d) * Vec(alpha)).store(orow + d);
             }
-            gemm(m, D, kcp, p_bf.data(), KC, kv.v.data() + k0 * kPanel, Tp, o_acc.data(), D, true);
+            gemm(m, D, kcp, p_tile.data(), KC, kv.v.data() + k0 * kPanel, Tp, o_acc.data(), D, true);
           }
           E* oi = o_p + so.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r) {
@@ -254,8 +243,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     PackedKV<E> kv(D, Tp);
     std::vector<float> dkt(D * Tp), dvt(D * Tp), s(BQ * KC), dp(BQ * KC), dq_acc(BQ * D), delta(BQ);
-    std::vector<E> p_bf(BQ * KC), p_pk(BQ * KC), ds_bf(BQ * KC), ds_pk(BQ * KC), qt(D * BQ), dot(D * BQ),
-        grad_bf(D * Tp);
+    std::vector<E> p_tile(BQ * KC), p_pk(BQ * KC), ds_tile(BQ * KC), ds_pk(BQ * KC), qt(D * BQ), dot(D * BQ),
+        grad_tmp(D * Tp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
       kv.transposed(k_p + sk.at(b, kh, 0), T, sk.t, kv.kt);
@@ -282,21 +271,21 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
               float* srow = &s[r * KC];
               const float* dprow = &dp[r * KC];
               if (r >= m) {  // padding rows of the last block: zero P and dS
-                std::fill(&p_bf[r * KC], &p_bf[r * KC] + kcp, E(0.f));
-                std::fill(&ds_bf[r * KC], &ds_bf[r * KC] + kcp, E(0.f));
+                std::fill(&p_tile[r * KC], &p_tile[r * KC] + kcp, E(0.f));
+                std::fill(&ds_tile[r * KC], &ds_tile[r * KC] + kcp, E(0.f));
                 continue;
               }
               mask_row(srow, std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), kcp);
               const Vec vscale(fscale), vlse(lse_a[b][h][q0 + r]), vdelta(delta[r]);
               for (int64_t c = 0; c < kcp; c += 16) {
                 const Vec p = (Vec::loadu(srow + c) * vscale - vlse).exp_u20();
-                scaletrain::store16(&p_bf[r * KC + c], p);
-                scaletrain::store16(&ds_bf[r * KC + c], p * (Vec::loadu(dprow + c) - vdelta) * vscale);
+                scaletrain::store16(&p_tile[r * KC + c], p);
+                scaletrain::store16(&ds_tile[r * KC + c], p * (Vec::loadu(dprow + c) - vdelta) * vscale);
               }
             }
-            gemm(m, D, kcp, ds_bf.data(), KC, kv.k.data() + k0 * kPanel, Tp, dq_acc.data(), D, k0 > 0);
-            pack(p_bf.data(), mp, kcp, KC, p_pk.data());
-            pack(ds_bf.data(), mp, kcp, KC, ds_pk.data());
+            gemm(m, D, kcp, ds_tile.data(), KC, kv.k.data() + k0 * kPanel, Tp, dq_acc.data(), D, k0 > 0);
+            pack(p_tile.data(), mp, kcp, KC, p_pk.data());
+            pack(ds_tile.data(), mp, kcp, KC, ds_pk.data());
             gemm(D, kcp, mp, dot.data(), mp, p_pk.data(), mp, dvt.data() + k0, Tp, true);
             gemm(D, kcp, mp, qt.data(), mp, ds_pk.data(), mp, dkt.data() + k0, Tp, true);
           }
@@ -305,10 +294,10 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             for (int64_t d = 0; d < D; d += 16) scaletrain::store16(dqi + r * sdq.t + d, Vec::loadu(&dq_acc[r * D + d]));
         }
       }
-      at::vec::convert(dkt.data(), grad_bf.data(), D * Tp);
-      transpose(grad_bf.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
-      at::vec::convert(dvt.data(), grad_bf.data(), D * Tp);
-      transpose(grad_bf.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
+      at::vec::convert(dkt.data(), grad_tmp.data(), D * Tp);
+      transpose(grad_tmp.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
+      at::vec::convert(dvt.data(), grad_tmp.data(), D * Tp);
+      transpose(grad_tmp.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
     }
     blas::brgemm_release();
   });
@@ -341,4 +330,14 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
   else
     backward_impl<float>(dout, q, k, v, out, lse, scale, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+// For tests: [k, n] bf16 (k even, n % 64 == 0) in the panel layout the GEMMs read, packed by oneDNN or by us.
+at::Tensor pack_panels(const at::Tensor& x, bool onednn) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous() && x.size(0) % 2 == 0 &&
+              x.size(1) % kPanel == 0, "pack_panels: contiguous bf16 [k, n], k even, n a multiple of 64");
+  TORCH_CHECK(!onednn || blas::could_pack(at::kBFloat16), "pack_panels: oneDNN packs only on AMX CPUs");
+  auto out = at::empty_like(x);
+  pack(x.data_ptr<BFloat16>(), x.size(0), x.size(1), x.size(1), out.data_ptr<BFloat16>(), onednn);
+  return out;
 }

@@ -1,9 +1,9 @@
 """Causal grouped-query attention behind one function, four backends (`model.attention`):
 
   sdpa   torch SDPA: on CPU its fused flash kernel (bf16/fp32, fwd+bwd), on CUDA the best fused
-         kernel that fits (default). CPU training in bf16 on a CPU with AMX or AVX-512-BF16 runs
-         scaletrain's flash kernel instead, forward and backward (kernels/cpu_attention.py; README
-         "Performance")
+         kernel that fits (default). CPU training on AVX-512 CPUs runs scaletrain's flash kernel
+         instead, forward and backward: fp32, and bf16 where the CPU has AMX or AVX-512-BF16
+         (kernels/cpu_attention.py; README "Performance")
   flash  CUDA only: the flash-attn package when installed (varlen for packed documents), else SDPA
          restricted to its flash/cuDNN kernels; a UserError where neither applies (e.g. on CPU)
   flex   torch.nn.attention.flex_attention, compiled once, block-sparse masks (see flex.py)
