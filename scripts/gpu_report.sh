@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks and GPU numbers of the kernels issue, in one pass on one NVIDIA GPU (~7 min on an H100),
+# The CUDA checks and GPU numbers of the kernels issue, in one pass on one NVIDIA GPU (~6–8 min on an H100),
 # most important first:
 #   1. `bench --attention-only`: fused attention fwd+bwd vs eager, bf16, T = 2048 and 4096
 #   2. `bench --only ours` at configs/llama-1b.yaml's shape on one GPU: MFU (vs measured and data-sheet peak)
@@ -43,7 +43,7 @@ if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then  # out of memory at micro-batch 4: hal
         --micro-batch 2 --steps 8 --warmup 3 --no-memory
 fi
 
-stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_attention_backends.py tests/test_fused_ops.py
+stage tests 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_attention_backends.py tests/test_fused_ops.py
 
 M125=(--hidden 768 --layers 12 --heads 12 --kv-heads 4 --intermediate 2048 --vocab 32000 --seq 2048)
 stage vs_peer_125m 120 "${ST[@]}" bench --device cuda --ranks 1 --zero 2 --precision bf16 "${M125[@]}" \
