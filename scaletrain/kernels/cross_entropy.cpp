@@ -3,7 +3,8 @@
 // Why: the chunked linear+CE (model/loss.py) spent more time on the softmax than on its matmul: compiled,
 // it streamed a [chunk, vocab] fp32 copy of the logits through memory several times (max, sum, exp,
 // scatter, scale, cast). A row of logits (vocab 8192 in bf16 = 16 KB) fits in L1, so here each row is
-// read from memory once and written once: pass 1 max, pass 2 sum of exp, pass 3 the gradient.
+// read from memory once and written once: pass 1 max, pass 2 exp (kept in an fp32 scratch row, so each
+// element's exp is computed once) and their sum, pass 3 the gradient from the scratch row.
 //   loss[r] = lse_r - x[r, t_r]                 (fp32; the caller masks ignored rows)
 //   grad[r] = (softmax(x[r]) - onehot(t_r)) * w[r], rounded to the logits' dtype
 // with w = valid / count, so grad is d(mean CE)/d logits exactly as the fp32 log-softmax backward gives it.
@@ -24,10 +25,10 @@ using Vec = at::vec::Vectorized<float>;
 using scaletrain::load16;
 using scaletrain::store16;
 
-// In place: row r of `logits` becomes its gradient; pass 3 reads x[c] before writing it.
+// In place: row r of `logits` becomes its gradient. `e` is scratch for one row's exp(x - max), fp32.
 template <typename T>
 void rows(T* logits, const int64_t* targets, const float* weight, float* loss, int64_t begin, int64_t end,
-          int64_t V) {
+          int64_t V, float* e) {
   const int64_t Vv = V / 16 * 16;
   for (int64_t r = begin; r < end; ++r) {
     T* x = logits + r * V;
@@ -37,17 +38,20 @@ void rows(T* logits, const int64_t* targets, const float* weight, float* loss, i
     for (int64_t c = Vv; c < V; ++c) mx = std::max(mx, static_cast<float>(x[c]));
     const Vec vmx(mx);
     Vec vsum(0.f);
-    for (int64_t c = 0; c < Vv; c += 16) vsum = vsum + (Vec(load16(x + c)) - vmx).exp_u20();
+    for (int64_t c = 0; c < Vv; c += 16) {
+      const Vec p = (Vec(load16(x + c)) - vmx).exp_u20();
+      p.store(e + c);
+      vsum = vsum + p;
+    }
     float sum = _mm512_reduce_add_ps(vsum);
-    for (int64_t c = Vv; c < V; ++c) sum += std::exp(static_cast<float>(x[c]) - mx);
-    const float lse = mx + std::log(sum), w = weight[r];
+    for (int64_t c = Vv; c < V; ++c) sum += (e[c] = std::exp(static_cast<float>(x[c]) - mx));
     const int64_t t = targets[r];
-    loss[r] = lse - static_cast<float>(x[t]);
-    const float p_t = std::exp(static_cast<float>(x[t]) - lse);  // before x[t] is overwritten
-    const Vec vlse(lse), vw(w);
-    for (int64_t c = 0; c < Vv; c += 16) store16(x + c, (Vec(load16(x + c)) - vlse).exp_u20() * vw);
-    for (int64_t c = Vv; c < V; ++c) x[c] = static_cast<T>(std::exp(static_cast<float>(x[c]) - lse) * w);
-    x[t] = static_cast<T>((p_t - 1.f) * w);
+    const float w = weight[r], inv = w / sum;
+    loss[r] = mx + std::log(sum) - static_cast<float>(x[t]);
+    const Vec vinv(inv);
+    for (int64_t c = 0; c < Vv; c += 16) store16(x + c, Vec::loadu(e + c) * vinv);
+    for (int64_t c = Vv; c < V; ++c) x[c] = static_cast<T>(e[c] * inv);
+    x[t] = static_cast<T>((e[t] / sum - 1.f) * w);
   }
 }
 
@@ -70,10 +74,11 @@ at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets,
   const int64_t* t = targets.data_ptr<int64_t>();
   const float* w = weight.data_ptr<float>();
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> e(V);
     if (logits.scalar_type() == at::kBFloat16)
-      rows(logits.data_ptr<BFloat16>(), t, w, loss.data_ptr<float>(), begin, end, V);
+      rows(logits.data_ptr<BFloat16>(), t, w, loss.data_ptr<float>(), begin, end, V, e.data());
     else
-      rows(logits.data_ptr<float>(), t, w, loss.data_ptr<float>(), begin, end, V);
+      rows(logits.data_ptr<float>(), t, w, loss.data_ptr<float>(), begin, end, V, e.data());
   });
   return loss;
 }
