@@ -31,6 +31,12 @@
 
 #include "vec_utils.h"
 
+// The bf16 kernel runs only on CPUs with AVX512_BF16 (build.py's attention_ready; every AMX CPU has it too),
+// so its tiles are rounded to bf16 by the one-instruction VCVTNEPS2BF16 instead of store16's eight. The
+// fp32 kernel executes no bf16 instruction and still runs on any AVX-512 CPU.
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+
 namespace {
 
 using at::BFloat16;
@@ -40,6 +46,12 @@ namespace blas = at::native::cpublas;
 // oneDNN's packing writes B in panels at most 64 columns wide (its `out_ld` must be 16/32/48/64), so every
 // packed operand is a row of 64-column panels, each [K/2][64][2], and sequences are padded to 64.
 constexpr int64_t kPanel = 64;
+
+// 16 fp32 lanes to memory in the kernel's element type, rounding to nearest even for bf16.
+inline void store_rne(BFloat16* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+inline void store_rne(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -200,12 +212,13 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               for (int64_t c = 0; c < kcp; c += 16) vmax = _mm512_max_ps(vmax, Vec::loadu(srow + c));
               const float mx = std::max(row_max[r], _mm512_reduce_max_ps(vmax) * fscale);
               const float alpha = row_max[r] == neg_inf ? 0.f : std::exp(row_max[r] - mx);
-              const Vec vscale(fscale), vmx(mx);
+              const __m512 vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e),
+                           vmx2 = _mm512_set1_ps(mx * scaletrain::kLog2e);
               Vec vsum(0.f);
-              for (int64_t c = 0; c < kcp; c += 16) {
-                const Vec p = (Vec::loadu(srow + c) * vscale - vmx).exp_u20();
+              for (int64_t c = 0; c < kcp; c += 16) {  // exp(s * scale - mx) = 2^(s * scale log2e - mx log2e)
+                const Vec p = scaletrain::exp2_fast(_mm512_fmsub_ps(Vec::loadu(srow + c), vscale2, vmx2));
                 vsum = vsum + p;
-                scaletrain::store16(&p_tile[r * KC + c], p);
+                store_rne(&p_tile[r * KC + c], p);
               }
               row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(vsum);
               row_max[r] = mx;
@@ -217,7 +230,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           E* oi = o_p + so.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r) {
             const Vec inv(1.f / row_sum[r]);
-            for (int64_t d = 0; d < D; d += 16) scaletrain::store16(oi + r * so.t + d, Vec::loadu(&o_acc[r * D + d]) * inv);
+            for (int64_t d = 0; d < D; d += 16) store_rne(oi + r * so.t + d, Vec::loadu(&o_acc[r * D + d]) * inv);
             lse_p[(b * H + h) * T + q0 + r] = row_max[r] + std::log(row_sum[r]);
           }
         }
@@ -276,11 +289,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                 continue;
               }
               mask_row(srow, std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), kcp);
-              const Vec vscale(fscale), vlse(lse_a[b][h][q0 + r]), vdelta(delta[r]);
+              const Vec vscale(fscale), vdelta(delta[r]);
+              const __m512 vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e),
+                           vlse2 = _mm512_set1_ps(lse_a[b][h][q0 + r] * scaletrain::kLog2e);
               for (int64_t c = 0; c < kcp; c += 16) {
-                const Vec p = (Vec::loadu(srow + c) * vscale - vlse).exp_u20();
-                scaletrain::store16(&p_tile[r * KC + c], p);
-                scaletrain::store16(&ds_tile[r * KC + c], p * (Vec::loadu(dprow + c) - vdelta) * vscale);
+                const Vec p = scaletrain::exp2_fast(_mm512_fmsub_ps(Vec::loadu(srow + c), vscale2, vlse2));
+                store_rne(&p_tile[r * KC + c], p);
+                store_rne(&ds_tile[r * KC + c], p * (Vec::loadu(dprow + c) - vdelta) * vscale);
               }
             }
             gemm(m, D, kcp, ds_tile.data(), KC, kv.k.data() + k0 * kPanel, Tp, dq_acc.data(), D, k0 > 0);
@@ -291,7 +306,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           }
           E* dqi = dq_p + sdq.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r)
-            for (int64_t d = 0; d < D; d += 16) scaletrain::store16(dqi + r * sdq.t + d, Vec::loadu(&dq_acc[r * D + d]));
+            for (int64_t d = 0; d < D; d += 16) store_rne(dqi + r * sdq.t + d, Vec::loadu(&dq_acc[r * D + d]));
         }
       }
       at::vec::convert(dkt.data(), grad_tmp.data(), D * Tp);
@@ -305,11 +320,15 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
 }  // namespace
 
+#pragma GCC pop_options
+
 std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           double scale) {
   check_inputs({&q, &k, &v}, q, k, v);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  TORCH_CHECK(q.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
+              "cpu attention: bf16 needs a CPU with AVX512_BF16");
   if (q.scalar_type() == at::kBFloat16)
     forward_impl<BFloat16>(q, k, v, scale, out, lse);
   else
@@ -325,6 +344,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
+  TORCH_CHECK(q.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
+              "cpu attention: bf16 needs a CPU with AVX512_BF16");
   if (q.scalar_type() == at::kBFloat16)
     backward_impl<BFloat16>(dout, q, k, v, out, lse, scale, dq, dk, dv);
   else

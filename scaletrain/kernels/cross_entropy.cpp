@@ -36,10 +36,10 @@ void rows(T* logits, const int64_t* targets, const float* weight, float* loss, i
     for (int64_t c = 0; c < Vv; c += 16) vmax = _mm512_max_ps(vmax, load16(x + c));
     float mx = _mm512_reduce_max_ps(vmax);
     for (int64_t c = Vv; c < V; ++c) mx = std::max(mx, static_cast<float>(x[c]));
-    const Vec vmx(mx);
+    const __m512 vlog2e = _mm512_set1_ps(scaletrain::kLog2e), vmx2 = _mm512_set1_ps(mx * scaletrain::kLog2e);
     Vec vsum(0.f);
-    for (int64_t c = 0; c < Vv; c += 16) {
-      const Vec p = (Vec(load16(x + c)) - vmx).exp_u20();
+    for (int64_t c = 0; c < Vv; c += 16) {  // exp(x - mx) = 2^(x log2e - mx log2e)
+      const Vec p = scaletrain::exp2_fast(_mm512_fmsub_ps(load16(x + c), vlog2e, vmx2));
       p.store(e + c);
       vsum = vsum + p;
     }
