@@ -75,10 +75,11 @@ def extension():
 
 
 def attention_ready() -> bool:
-    """Whether the attention kernel can run: the kernels built, and the CPU multiplies bf16 in hardware
-    (AMX tiles, or AVX-512-BF16 dot products), which is what oneDNN's brgemm under the kernel needs."""
+    """Whether the bf16 attention kernel can run: the kernels built, and the CPU has AVX512_BF16 (its
+    dot products or, where present, AMX tiles run oneDNN's brgemm under the kernel; the kernel rounds its
+    tiles with AVX512_BF16's conversion; every AMX CPU has AVX512_BF16)."""
     ext = extension()
-    return ext is not None and (torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    return ext is not None and torch.cpu._is_avx512_bf16_supported()
 
 
 def bf16_engine() -> str:
