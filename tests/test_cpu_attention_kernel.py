@@ -48,6 +48,7 @@ SHAPES = [
     (2, 4, 4, 64, 64, "bhtd"),     # one block
     (2, 4, 2, 200, 64, "bthd"),    # GQA, T not a multiple of the block, strided views
     (1, 2, 1, 130, 128, "bhtd"),   # head size 128, a 2-row last block
+    (1, 2, 2, 333, 64, "bthd"),    # odd rows in the last block (13): P and dS rows go in pairs
     (4, 4, 4, 512, 64, "bthd"),    # the bench's reference shape
 ]
 

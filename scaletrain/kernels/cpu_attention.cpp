@@ -18,7 +18,8 @@
 // Backward (P recomputed exactly from lse; delta = rowsum(dO * O)):
 //   dP = dO_i V_c^T    dS = scale * P * (dP - delta)    dQ_i += dS K_c
 //   dK_c^T += Q_i^T dS    dV_c^T += dO_i^T P   (dK, dV accumulate transposed so P and dS are the packed
-//   operand: no [chunk x block] transpose)
+//   operand: no [chunk x block] transpose; the softmax loop writes them into their panels directly)
+// exp is 2^x (exp2_fast in vec_utils.h) with log2(e) folded into the scale.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -27,6 +28,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vec_utils.h"
@@ -113,6 +115,21 @@ void pack(const BFloat16* in, int64_t k, int64_t n, int64_t ld, BFloat16* out,
     else
       vnni_panel(in + j, k, ld, out + j * k);
   }
+}
+
+// Rows r, r + 1 (r even), columns c..c+15 of a [k, n] operand, straight into the panels `pack` would make
+// (bf16: a VNNI word per column holds the two rows, as in vnni_panel; fp32: two plain rows).
+void store_pair(BFloat16* out, int64_t k, int64_t r, int64_t c, __m512 row0, __m512 row1) {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(row1, row0));  // row0 low, row1 high
+  _mm512_storeu_si512(out + (c / kPanel) * k * kPanel + r * kPanel + 2 * (c % kPanel),
+                      _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), both));
+}
+void store_pair(float* out, int64_t k, int64_t r, int64_t c, __m512 row0, __m512 row1) {
+  float* at = out + (c / kPanel) * k * kPanel + r * kPanel + c % kPanel;
+  _mm512_storeu_ps(at, row0);
+  _mm512_storeu_ps(at + kPanel, row1);
 }
 
 // C[m, :n] (+)= A[m, :k] B[:k, :n] with B inside operands packed by `pack` from a matrix of `rows` rows:
@@ -252,6 +269,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const E *o_p = out.data_ptr<E>(), *do_p = dout.data_ptr<E>();
   E *dq_p = dq.data_ptr<E>(), *dk_p = dk.data_ptr<E>(), *dv_p = dv.data_ptr<E>();
   const float fscale = static_cast<float>(scale);
+  const bool direct = !std::is_same_v<E, BFloat16> || !blas::could_pack(at::kBFloat16);
+  const __m512 vscale = _mm512_set1_ps(fscale), vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e);
 
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     PackedKV<E> kv(D, Tp);
@@ -280,27 +299,45 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             const int64_t kc = std::min(KC, L - k0), kcp = round_up(kc, kPanel);
             gemm(m, kcp, D, qi, sq.t, kv.kt.data() + k0 * D, D, s.data(), KC, false);
             gemm(m, kcp, D, doi, sdo.t, kv.vt.data() + k0 * D, D, dp.data(), KC, false);
-            for (int64_t r = 0; r < mp; ++r) {
-              float* srow = &s[r * KC];
-              const float* dprow = &dp[r * KC];
-              if (r >= m) {  // padding rows of the last block: zero P and dS
-                std::fill(&p_tile[r * KC], &p_tile[r * KC] + kcp, E(0.f));
-                std::fill(&ds_tile[r * KC], &ds_tile[r * KC] + kcp, E(0.f));
-                continue;
+            // P and dS two rows at a time (rows past m are padding: zeros). dS row-major for the dQ GEMM; both
+            // into the panels of the dV/dK GEMMs directly, unless oneDNN packs (AMX: its layout, its pack).
+            for (int64_t r = 0; r < mp; r += 2) {
+              __m512 vlse2[2], vdelta[2];
+              bool valid[2];
+              for (int64_t i = 0; i < 2; ++i) {
+                valid[i] = r + i < m;
+                if (!valid[i]) continue;
+                mask_row(&s[(r + i) * KC], std::clamp<int64_t>(q0 + r + i + 1 - k0, 0, kc), kcp);
+                vlse2[i] = _mm512_set1_ps(lse_a[b][h][q0 + r + i] * scaletrain::kLog2e);
+                vdelta[i] = _mm512_set1_ps(delta[r + i]);
               }
-              mask_row(srow, std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), kcp);
-              const Vec vscale(fscale), vdelta(delta[r]);
-              const __m512 vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e),
-                           vlse2 = _mm512_set1_ps(lse_a[b][h][q0 + r] * scaletrain::kLog2e);
               for (int64_t c = 0; c < kcp; c += 16) {
-                const Vec p = scaletrain::exp2_fast(_mm512_fmsub_ps(Vec::loadu(srow + c), vscale2, vlse2));
-                store_rne(&p_tile[r * KC + c], p);
-                store_rne(&ds_tile[r * KC + c], p * (Vec::loadu(dprow + c) - vdelta) * vscale);
+                __m512 p[2], ds[2];
+                for (int64_t i = 0; i < 2; ++i) {
+                  if (!valid[i]) {
+                    p[i] = ds[i] = _mm512_setzero_ps();
+                    continue;
+                  }
+                  p[i] = scaletrain::exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(&s[(r + i) * KC + c]), vscale2, vlse2[i]));
+                  ds[i] = _mm512_mul_ps(_mm512_mul_ps(p[i], _mm512_sub_ps(_mm512_loadu_ps(&dp[(r + i) * KC + c]), vdelta[i])), vscale);
+                  store_rne(&ds_tile[(r + i) * KC + c], ds[i]);
+                }
+                if (direct) {
+                  store_pair(p_pk.data(), mp, r, c, p[0], p[1]);
+                  store_pair(ds_pk.data(), mp, r, c, ds[0], ds[1]);
+                } else {
+                  for (int64_t i = 0; i < 2; ++i) {
+                    store_rne(&p_tile[(r + i) * KC + c], p[i]);
+                    if (!valid[i]) store_rne(&ds_tile[(r + i) * KC + c], ds[i]);
+                  }
+                }
               }
             }
             gemm(m, D, kcp, ds_tile.data(), KC, kv.k.data() + k0 * kPanel, Tp, dq_acc.data(), D, k0 > 0);
-            pack(p_tile.data(), mp, kcp, KC, p_pk.data());
-            pack(ds_tile.data(), mp, kcp, KC, ds_pk.data());
+            if (!direct) {
+              pack(p_tile.data(), mp, kcp, KC, p_pk.data());
+              pack(ds_tile.data(), mp, kcp, KC, ds_pk.data());
+            }
             gemm(D, kcp, mp, dot.data(), mp, p_pk.data(), mp, dvt.data() + k0, Tp, true);
             gemm(D, kcp, mp, qt.data(), mp, ds_pk.data(), mp, dkt.data() + k0, Tp, true);
           }
