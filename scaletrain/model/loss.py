@@ -57,7 +57,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g.mul_(row_weight[s : s + chunk, None])
                 g = g.to(h.dtype)
             grad_h[s : s + chunk] = matmul_nt(g, weight.t())
-            grad_w += matmul_nt(g.t(), h_c.t()).float()
+            grad_w.add_(matmul_nt(g.t(), h_c.t()))  # a mixed-dtype add converts on the fly: no fp32 copy
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if with_grad else None)
         return loss_sum / count
 
