@@ -1,7 +1,7 @@
 """Build (once per machine, cached) and load scaletrain's C++ CPU kernels: the attention forward and
 backward (cpu_attention.cpp) and the row-wise softmax cross-entropy (cross_entropy.cpp).
 
-They need an AVX-512 CPU (the attention kernel in bf16 also bf16 dot products: AMX or AVX-512-BF16) and
+They need an AVX-512 CPU (the attention kernel in bf16 also AVX-512-BF16, which every AMX CPU has) and
 a C++ compiler; `extension()` returns None
 where either is missing or the build fails (a one-line warning says why), and callers use PyTorch's
 kernels instead. `SCALETRAIN_CPU_KERNELS=torch` turns them all off (A/B runs, or to rule them out).
@@ -98,4 +98,4 @@ def status() -> str:
         return "not used (the build failed): PyTorch's kernels"
     if attention_ready():
         return f"attention (fp32, bf16 on {bf16_engine()}) + cross-entropy"
-    return "attention (fp32; bf16 is PyTorch's: no AMX or AVX-512-BF16) + cross-entropy"
+    return "attention (fp32; bf16 is PyTorch's: no AVX-512-BF16) + cross-entropy"

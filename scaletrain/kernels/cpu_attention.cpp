@@ -188,6 +188,8 @@ void check_inputs(std::initializer_list<const at::Tensor*> xs, const at::Tensor&
                 "cpu attention: bf16 or fp32 tensors, all of one dtype");
     TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, "cpu attention: [B, H, T, D] with contiguous D");
   }
+  TORCH_CHECK(q.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
+              "cpu attention: bf16 needs a CPU with AVX512_BF16");
   TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "cpu attention: causal self-attention only (Tq == Tk)");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) % kPanel == 0 && k.size(0) == q.size(0),
               "cpu attention: head count must divide by kv heads, head size must be a multiple of 64");
@@ -275,8 +277,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     PackedKV<E> kv(D, Tp);
     std::vector<float> dkt(D * Tp), dvt(D * Tp), s(BQ * KC), dp(BQ * KC), dq_acc(BQ * D), delta(BQ);
-    std::vector<E> p_tile(BQ * KC), p_pk(BQ * KC), ds_tile(BQ * KC), ds_pk(BQ * KC), qt(D * BQ), dot(D * BQ),
-        grad_tmp(D * Tp);
+    std::vector<E> p_tile(direct ? 0 : BQ * KC), p_pk(BQ * KC), ds_tile(BQ * KC), ds_pk(BQ * KC), qt(D * BQ),
+        dot(D * BQ), grad_tmp(D * Tp);  // p_tile: row-major P, only where oneDNN packs it (AMX)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
       kv.transposed(k_p + sk.at(b, kh, 0), T, sk.t, kv.kt);
@@ -364,8 +366,6 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   check_inputs({&q, &k, &v}, q, k, v);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  TORCH_CHECK(q.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
-              "cpu attention: bf16 needs a CPU with AVX512_BF16");
   if (q.scalar_type() == at::kBFloat16)
     forward_impl<BFloat16>(q, k, v, scale, out, lse);
   else
@@ -381,8 +381,6 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(k.sizes(), k.options());
   auto dv = at::empty(v.sizes(), v.options());
-  TORCH_CHECK(q.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
-              "cpu attention: bf16 needs a CPU with AVX512_BF16");
   if (q.scalar_type() == at::kBFloat16)
     backward_impl<BFloat16>(dout, q, k, v, out, lse, scale, dq, dk, dv);
   else

@@ -1,5 +1,5 @@
 """Causal attention on AVX-512 CPUs, forward and backward: our flash-style kernel (cpu_attention.cpp), in bf16
-where the CPU multiplies bf16 in hardware (AMX or AVX-512-BF16) and in fp32.
+where the CPU has AVX-512-BF16 (AMX CPUs included) and in fp32.
 
 PyTorch's CPU flash attention uses neither AMX nor AVX-512-BF16 dot products: at the bench's shape its
 backward took six times its own forward on an AMX Xeon, and forward + backward 43 % of the training step on
@@ -24,7 +24,7 @@ from scaletrain.kernels import build
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
 def kernel_ready() -> bool:
-    """bf16: the kernels built and the CPU has AMX or AVX-512-BF16."""
+    """bf16: the kernels built and the CPU has AVX-512-BF16 (every AMX CPU has it)."""
     return build.attention_ready()
 
 

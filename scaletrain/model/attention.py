@@ -2,7 +2,7 @@
 
   sdpa   torch SDPA: on CPU its fused flash kernel (bf16/fp32, fwd+bwd), on CUDA the best fused
          kernel that fits (default). CPU training on AVX-512 CPUs runs scaletrain's flash kernel
-         instead, forward and backward: fp32, and bf16 where the CPU has AMX or AVX-512-BF16
+         instead, forward and backward: fp32, and bf16 where the CPU has AVX-512-BF16 (AMX ones too)
          (kernels/cpu_attention.py; README "Performance")
   flash  CUDA only: the flash-attn package when installed (varlen for packed documents), else SDPA
          restricted to its flash/cuDNN kernels; a UserError where neither applies (e.g. on CPU)
