@@ -23,7 +23,7 @@ import torch.distributed as tdist
 
 from scaletrain.bench.models import build_ours, build_peer, step_fn
 from scaletrain.config import Config, build_config
-from scaletrain.train.distributed import Dist, all_reduce_sum, barrier
+from scaletrain.train.distributed import Dist, all_reduce_sum, barrier, collectives_status
 from scaletrain.train.metrics import flops_per_token, measure_peak_flops, nominal_peak_flops
 from scaletrain.model.llama import LlamaShape
 from scaletrain.process_memory import max_rss_mb, peak_rss_mb, reset_peak, status_mb
@@ -103,7 +103,7 @@ def timing_job(dist: Dist, spec: dict) -> dict:
         tokens_per_step = dist.world * cfg.train.micro_batch_size * cfg.train.seq_len
         peak = max(peaks)
         out = {"peak_matmul_flops": peak, "peak_matmul_flops_samples": peaks, "flops_per_token": fpt,
-               "tokens_per_step": tokens_per_step}
+               "tokens_per_step": tokens_per_step, "collectives": collectives_status()}
         nominal = nominal_peak_flops(dist.device, precision)
         if nominal:  # a GPU's data-sheet peak, summed over ranks: the MFU papers report
             out["nominal_peak_flops"] = nominal * dist.world

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def setup(threads: int = 0) -> Dist:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA).
+    """Initialise torch.distributed through DeepSpeed (gloo + shared memory on CPU, nccl on CUDA).
 
     Without a launcher we are a world of one: fill in the env the launcher would have set.
     """
@@ -68,8 +68,34 @@ def setup(threads: int = 0) -> Dist:
         skip_cpu_shm_comm_op()
 
     if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        deepspeed.init_distributed(dist_backend=cpu_backend() if device.type == "cpu" else None, verbose=False)
     return Dist(rank, world, local_rank, local_world, device)
+
+
+def cpu_backend() -> str:
+    """gloo, with all-reduce and all-gather through shared memory between ranks on one host
+    (shm_collectives.py); SCALETRAIN_CPU_COLLECTIVES=gloo leaves plain gloo."""
+    choice = os.environ.get("SCALETRAIN_CPU_COLLECTIVES", "shm")
+    if choice not in ("shm", "gloo"):
+        from scaletrain.errors import UserError
+
+        raise UserError(f"SCALETRAIN_CPU_COLLECTIVES={choice!r} is not a choice: set it to shm (the default) or gloo")
+    if choice == "gloo":
+        return "gloo"
+    from scaletrain.train.shm_collectives import register
+
+    return register()
+
+
+def collectives_status() -> str:
+    """What the default process group runs collectives on (start-up line, bench JSON)."""
+    if not dist.is_initialized():
+        return "none"
+    from scaletrain.train.shm_collectives import ShmProcessGroup
+
+    if isinstance(dist.group.WORLD, ShmProcessGroup):
+        return "shared memory (all-reduce, all-gather) + gloo"
+    return dist.get_backend()
 
 
 def shutdown() -> None:

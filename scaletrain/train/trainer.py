@@ -30,7 +30,7 @@ from scaletrain.model import classify
 from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 from scaletrain.train import checkpoint, finetune, init_from
-from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, barrier, setup, shutdown
+from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, barrier, collectives_status, setup, shutdown
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
 from scaletrain.train.perf import compile_model
 from scaletrain.plan import check_fits
@@ -312,7 +312,7 @@ class Trainer:
         )
         self.log(f"TensorBoard: tensorboard --logdir {self.run.path.parent}")
         if d.device.type == "cpu":  # every rank loads them here (built once, under a lock), not mid-step
-            self.log(f"CPU kernels: {cpu_matmul.kernels_status()}")
+            self.log(f"CPU kernels: {cpu_matmul.kernels_status()} | collectives: {collectives_status()}")
         metrics = Metrics(self.run.tb if d.is_main else None, purge_step=self.step + 1)  # +1 also on a fresh start: drops a crashed first attempt's events
         if d.is_main:
             self.run.write_status(state="running", step=self.step, max_steps=t.max_steps, world_size=d.world,

@@ -1,0 +1,164 @@
+"""The shared-memory process group against gloo: same results, fallbacks where it cannot apply, no hangs."""
+
+import glob
+import json
+import os
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from scaletrain.errors import UserError
+from scaletrain.train import shm_collectives as shm
+from scaletrain.train.distributed import cpu_backend, free_port
+
+
+def _rank_main(rank: int, world: int, port: int, job, out: str, timeout_s: float, slot_bytes: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if slot_bytes:
+        shm.SLOT_BYTES = slot_bytes  # small slots: tensors go through in pieces
+    dist.init_process_group(shm.register(), rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    try:
+        result = job(rank, world)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(job, world: int, tmp_path, timeout_s: float = 120, slot_bytes: int = 0, deadline_s: float = 240) -> list:
+    out = str(tmp_path / "result")
+    ranks = mp.start_processes(_rank_main, args=(world, free_port(), job, out, timeout_s, slot_bytes), nprocs=world,
+                               start_method="spawn", join=False)
+    deadline = time.monotonic() + deadline_s
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ranks.processes:
+                p.kill()
+            pytest.fail(f"ranks still running after {deadline_s} s: a hang")
+    results = []
+    for r in range(world):
+        with open(f"{out}.{r}") as f:
+            results.append(json.load(f))
+    return results
+
+
+def _sums_and_gathers(rank: int, world: int) -> dict:
+    checked = []
+    for dtype in (torch.bfloat16, torch.float32, torch.float64, torch.int64):
+        for n in (1, 1001, 300_001):
+            g = torch.Generator().manual_seed(1000 * rank + n)
+            x = (torch.randn(n, generator=g) * 100).to(dtype)
+            everyone = [torch.empty_like(x) for _ in range(world)]
+            dist.all_gather(everyone, x)  # list all-gather: gloo's path, the reference
+            wide = torch.float32 if dtype == torch.bfloat16 else dtype
+            want = everyone[0].to(wide, copy=True)
+            for t in everyone[1:]:
+                want += t  # rank order; bf16 accumulates in fp32 and is rounded once
+            want = want.to(dtype)
+            got = x.clone()
+            dist.all_reduce(got)
+            gathered = torch.empty(world * n, dtype=dtype)
+            dist.all_gather_into_tensor(gathered, x)
+            assert torch.equal(got, want), (dtype, n)
+            assert torch.equal(gathered, torch.cat(everyone)), (dtype, n)
+            checked.append(f"{dtype}/{n}")
+    x = torch.arange(12.0).reshape(3, 4) * (rank + 1)
+    col = x[:, 1]  # a strided view: summed whole (gloo's own sum of it gets all but the first element wrong)
+    dist.all_reduce(col)
+    assert torch.equal(x[:, 1], torch.tensor([1.0, 5, 9]) * sum(range(1, world + 1))), x
+    # an op the shared memory does not take, through gloo
+    peak = torch.tensor([float(rank)])
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    assert peak.item() == world - 1
+    work = dist.all_reduce(torch.ones(5), async_op=True)
+    work.wait()
+    return {"backend": dist.get_backend(), "group": type(dist.group.WORLD).__name__, "checked": checked,
+            "left_in_dev_shm": glob.glob("/dev/shm/scaletrain-collectives-*")}
+
+
+@pytest.mark.parametrize("world,slot_bytes", [(2, 0), (3, 4096)], ids=["2ranks", "3ranks-small-slots"])
+def test_sums_and_gathers_equal_gloo(tmp_path, world, slot_bytes):
+    results = _run(_sums_and_gathers, world, tmp_path, slot_bytes=slot_bytes)
+    assert all(r["backend"] == shm.BACKEND and r["group"] == "ShmProcessGroup" for r in results)
+    assert len(results[0]["checked"]) == 12
+    assert results[0]["left_in_dev_shm"] == []  # unlinked once every rank had mapped it
+
+
+def _deepspeed_like_broadcasts(rank: int, world: int) -> dict:
+    """DeepSpeed broadcasts every parameter as `p.data.view(torch.uint8)` (tensors with Python objects) on a
+    new group: through ProcessGroup's default dispatch that deadlocked on the GIL (see shm_collectives)."""
+    group = dist.new_group(list(range(world)))
+    torch.manual_seed(rank)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(20)]).to(torch.bfloat16)
+    for _ in range(5):
+        for p in model.parameters():
+            dist.broadcast(p.data.view(torch.uint8), 0, group=group)
+    dist.barrier(group=group)
+    return {"first": model[0].weight.float().sum().item()}
+
+
+def test_deepspeed_style_parameter_broadcasts_finish(tmp_path):
+    results = _run(_deepspeed_like_broadcasts, 2, tmp_path, timeout_s=60, deadline_s=90)
+    assert results[0]["first"] == results[1]["first"]
+
+
+def _one_rank_never_comes(rank: int, world: int) -> dict:
+    if rank == 1:
+        time.sleep(6)  # misses the collective rank 0 waits in
+        return {}
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(10))
+    except RuntimeError as e:
+        return {"error": str(e), "waited": time.monotonic() - start}
+    return {"error": None}
+
+
+def test_a_missing_rank_times_out_with_its_number(tmp_path):
+    got = _run(_one_rank_never_comes, 2, tmp_path, timeout_s=2)[0]
+    assert got["error"] and "rank(s) [1]" in got["error"] and 1.5 < got["waited"] < 5.5
+
+
+class _OtherHost:
+    """A store view for a rank on another machine: the file rank 0 names does not exist there."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def set(self, key, value):
+        self.store.set(key, value)
+
+    def get(self, key):
+        return b"/dev/shm/scaletrain-collectives-on-another-host" if key == "path" else self.store.get(key)
+
+
+def test_ranks_that_cannot_share_the_segment_all_fall_back():
+    store = dist.HashStore()
+    views = [store, _OtherHost(store)]
+    got = [...] * 2
+
+    def rank(r):
+        got[r] = shm._map_segment(views[r], r, 2, shm.segment_bytes(2))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert got == [None, None]  # both, not only the rank that failed: a half-shared group would hang
+    created = store.get("path").decode()
+    assert created and not os.path.exists(created)
+
+
+def test_collectives_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("SCALETRAIN_CPU_COLLECTIVES", "gloo")
+    assert cpu_backend() == "gloo"
+    monkeypatch.setenv("SCALETRAIN_CPU_COLLECTIVES", "mpi")
+    with pytest.raises(UserError, match="SCALETRAIN_CPU_COLLECTIVES='mpi'.*shm .*gloo"):
+        cpu_backend()
