@@ -125,6 +125,28 @@ def test_a_missing_rank_times_out_with_its_number(tmp_path):
     assert got["error"] and "rank(s) [1]" in got["error"] and 1.5 < got["waited"] < 5.5
 
 
+def _one_rank_dies(rank: int, world: int) -> dict:
+    if rank == 1:
+        os._exit(0)  # gone without a word (the launcher would notice, but maybe not before the others wait)
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(10))
+    except RuntimeError as e:
+        return {"error": str(e), "waited": time.monotonic() - start}
+    return {"error": None}
+
+
+def test_a_rank_that_died_is_noticed_long_before_the_timeout(tmp_path):
+    out = str(tmp_path / "result")
+    ranks = mp.start_processes(_rank_main, args=(2, free_port(), _one_rank_dies, out, 600, 0), nprocs=2,
+                               start_method="spawn", join=False)
+    for p in ranks.processes:
+        p.join(timeout=120)
+    with open(f"{out}.0") as f:
+        got = json.load(f)
+    assert got["error"] and "rank(s) [1] exited" in got["error"] and got["waited"] < 10
+
+
 class _OtherHost:
     """A store view for a rank on another machine: the file rank 0 names does not exist there."""
 

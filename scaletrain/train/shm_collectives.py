@@ -93,8 +93,10 @@ def _map_segment(store: dist.Store, rank: int, world: int, nbytes: int) -> mmap.
 
 
 class ShmProcessGroup(dist.ProcessGroup):
-    def __init__(self, segment: mmap.mmap, rank: int, world: int, timeout: timedelta, gloo: dist.ProcessGroup):
+    def __init__(self, segment: mmap.mmap, rank: int, world: int, timeout: timedelta, gloo: dist.ProcessGroup,
+                 pids: list[int] | None = None):
         super().__init__(rank, world)
+        self._pids = pids  # the ranks' processes, to notice one that died instead of waiting out the timeout
         self._rank, self._world, self._gloo = rank, world, gloo
         self._timeout_s = timeout.total_seconds()
         self._register_backend(torch.device("cpu"), dist.ProcessGroup.BackendType.GLOO, gloo)
@@ -120,16 +122,25 @@ class ShmProcessGroup(dist.ProcessGroup):
             pass
         self._seq += 1
         self._flags[self._rank] = self._seq
-        spins, deadline = 0, None
+        spins, deadline, next_check = 0, None, 0.0
         while int(self._flags.min()) < self._seq:
             spins += 1
             if spins % SPINS_BEFORE_YIELD == 0:
                 os.sched_yield()  # ranks may outnumber cores
-                deadline = deadline or time.monotonic() + self._timeout_s
-                if time.monotonic() > deadline:
-                    late = [j for j in range(self._world) if self._flags[j] < self._seq]
-                    raise RuntimeError(f"shared-memory collective timed out after {self._timeout_s:.0f} s "
-                                       f"waiting for rank(s) {late}")
+                now = time.monotonic()
+                deadline = deadline or now + self._timeout_s
+                if now > next_check:
+                    next_check = now + 0.5
+                    self._check_late(now > deadline)
+
+    def _check_late(self, timed_out: bool) -> None:
+        late = [j for j in range(self._world) if self._flags[j] < self._seq]
+        gone = [j for j in late if self._pids and not _alive(self._pids[j])]
+        if gone:  # (gloo would have seen its socket close)
+            raise RuntimeError(f"shared-memory collective: rank(s) {gone} exited before joining it")
+        if timed_out:
+            raise RuntimeError(f"shared-memory collective timed out after {self._timeout_s:.0f} s "
+                               f"waiting for rank(s) {late}")
 
     def _slot(self, j: int, dtype: torch.dtype) -> torch.Tensor:
         return self._slots[j].view(dtype)
@@ -250,12 +261,43 @@ def segment_bytes(world: int) -> int:
     return HEADER_BYTES + world * (FLAG_BYTES + SLOT_BYTES)
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs: an exited rank stays a zombie until its launcher reaps it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel, which counts zombies as alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, another user's
+            pass
+        return True
+
+
 def _create(store: dist.Store, rank: int, world: int, timeout: timedelta):
     gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, world, timeout)
     if world == 1:
         return gloo
-    segment = _map_segment(dist.PrefixStore("shm", store), rank, world, segment_bytes(world))
-    return gloo if segment is None else ShmProcessGroup(segment, rank, world, timeout, gloo)
+    shm_store = dist.PrefixStore("shm", store)
+    segment = _map_segment(shm_store, rank, world, segment_bytes(world))
+    if segment is None:
+        return gloo
+    shm_store.set(f"pid{rank}", f"{os.getpid()} {_pid_namespace()}")
+    pids, spaces = zip(*(shm_store.get(f"pid{j}").decode().split(" ", 1) for j in range(world)))
+    # ranks sharing /dev/shm from separate PID namespaces cannot see each other's pids: check none there
+    same_space = len(set(spaces)) == 1 and spaces[0] != "?"
+    return ShmProcessGroup(segment, rank, world, timeout, gloo, [int(p) for p in pids] if same_space else None)
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "?"
 
 
 def register() -> str:
