@@ -50,6 +50,15 @@ def _run(job, world: int, tmp_path, timeout_s: float = 120, slot_bytes: int = 0,
     return results
 
 
+def _rank_order_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum the shared-memory path promises: rank order; 16-bit floats in fp32, rounded once."""
+    wide = torch.float32 if parts[0].dtype == torch.bfloat16 else parts[0].dtype
+    total = parts[0].to(wide, copy=True)
+    for t in parts[1:]:
+        total += t
+    return total.to(parts[0].dtype)
+
+
 def _sums_and_gathers(rank: int, world: int) -> dict:
     checked = []
     for dtype in (torch.bfloat16, torch.float32, torch.float64, torch.int64):
@@ -58,21 +67,20 @@ def _sums_and_gathers(rank: int, world: int) -> dict:
             x = (torch.randn(n, generator=g) * 100).to(dtype)
             everyone = [torch.empty_like(x) for _ in range(world)]
             dist.all_gather(everyone, x)  # list all-gather: gloo's path, the reference
-            wide = torch.float32 if dtype == torch.bfloat16 else dtype
-            want = everyone[0].to(wide, copy=True)
-            for t in everyone[1:]:
-                want += t  # rank order; bf16 accumulates in fp32 and is rounded once
-            want = want.to(dtype)
             got = x.clone()
             dist.all_reduce(got)
-            gathered = torch.empty(world * n, dtype=dtype)
-            dist.all_gather_into_tensor(gathered, x)
-            assert torch.equal(got, want), (dtype, n)
+            assert torch.equal(got, _rank_order_sum(everyone)), (dtype, n, "all-reduce")
             if world == 2:  # bitwise what gloo's own all-reduce gives (on more ranks ours sums bf16 in fp32)
                 theirs = x.clone()
                 dist.group.WORLD._gloo.allreduce([theirs]).wait()
-                assert torch.equal(got, theirs), (dtype, n)
-            assert torch.equal(gathered, torch.cat(everyone)), (dtype, n)
+                assert torch.equal(got, theirs), (dtype, n, "all-reduce vs gloo")
+            # reduce-scatter: every rank sends block r = x * (r + 1) to rank r
+            mine = torch.empty(n, dtype=dtype)
+            dist.reduce_scatter_tensor(mine, torch.cat([x * (r + 1) for r in range(world)]))
+            assert torch.equal(mine, _rank_order_sum([t * (rank + 1) for t in everyone])), (dtype, n, "reduce-scatter")
+            gathered = torch.empty(world * n, dtype=dtype)
+            dist.all_gather_into_tensor(gathered, x)
+            assert torch.equal(gathered, torch.cat(everyone)), (dtype, n, "all-gather")
             checked.append(f"{dtype}/{n}")
     x = torch.arange(12.0).reshape(3, 4) * (rank + 1)
     col = x[:, 1]  # a strided view: summed whole (gloo's own sum of it gets all but the first element wrong)

@@ -8,8 +8,8 @@ few memory copies: 5.3 M bf16 elements, 2 ranks on the EPYC, all-reduce 8.5 ms (
 all-gather 6.5 vs 0.7-1.6 ms (README, Performance).
 
 The process group (`ShmProcessGroup`) is a Python `ProcessGroup` with gloo registered as its CPU backend:
-only `allreduce` (SUM of one tensor) and `all_gather_single` (all_gather_into_tensor) take the
-shared-memory path; any other op, reduce op or layout goes to gloo unchanged. A group whose ranks cannot
+only `allreduce` (SUM of one tensor), `all_gather_single` (all_gather_into_tensor) and
+`reduce_scatter_single` (reduce_scatter_tensor, SUM; ZeRO-3's gradients) take the shared-memory path; any other op, reduce op or layout goes to gloo unchanged. A group whose ranks cannot
 map one segment (other hosts) is plain gloo.
 
 Segment layout: a header, one 64-byte flag per rank (a sequence number only its rank writes), then one slot of
@@ -154,24 +154,39 @@ class ShmProcessGroup(dist.ProcessGroup):
             slots = [self._slot(j, x.dtype)[:n] for j in range(self._world)]
             slots[self._rank].copy_(piece)
             self._barrier()
-            # rank r sums slice r of every slot, in rank order, into its own slot (slices are disjoint: no rank
-            # reads what another writes); 16-bit floats accumulate in fp32 and are rounded once
+            # rank r sums slice r of every slot into its own slot (slices are disjoint: no rank reads what
+            # another writes)
             lo, hi = (n * self._rank) // self._world, (n * (self._rank + 1)) // self._world
             mine = [s[lo:hi] for s in slots]
-            wide = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-            if self._world == 2:  # a + b either way round (torch adds 16-bit floats in fp32 too): in place, no
-                # buffer to fault in
-                mine[self._rank].add_(mine[1 - self._rank])
-            else:
-                acc = mine[0].to(wide, copy=True)
-                for part in mine[1:]:
-                    acc += part
-                mine[self._rank].copy_(acc)
+            self._sum(mine, out=mine[self._rank])
             self._barrier()
             for j in range(self._world):
                 a, b = (n * j) // self._world, (n * (j + 1)) // self._world
                 piece[a:b].copy_(slots[j][a:b])
             self._barrier()  # before the next piece (or collective) overwrites the slots
+
+    @staticmethod
+    def _sum(parts: list[torch.Tensor], out: torch.Tensor) -> None:
+        """out = the parts summed in rank order; 16-bit floats accumulate in fp32 and are rounded once."""
+        if len(parts) == 2:  # torch adds 16-bit floats in fp32 too; no buffer to fault in (out may be a part)
+            torch.add(parts[0], parts[1], out=out)
+            return
+        wide = torch.float32 if out.dtype in (torch.bfloat16, torch.float16) else out.dtype
+        acc = parts[0].to(wide, copy=True)
+        for part in parts[1:]:
+            acc += part
+        out.copy_(acc)
+
+    def _reduce_scatter(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        blocks, flat_out = x.view(self._world, -1), out.view(-1)
+        per_piece = SLOT_BYTES // (x.element_size() * self._world)
+        for start in range(0, flat_out.numel(), per_piece):
+            n = min(per_piece, flat_out.numel() - start)
+            slots = [self._slot(j, x.dtype)[: self._world * n].view(self._world, n) for j in range(self._world)]
+            slots[self._rank].copy_(blocks[:, start:start + n])  # every rank's block r goes to rank r
+            self._barrier()
+            self._sum([s[self._rank] for s in slots], out=flat_out[start:start + n])
+            self._barrier()
 
     def _allgather(self, out: torch.Tensor, x: torch.Tensor) -> None:
         flat, whole = x.view(-1), out.view(self._world, -1)
@@ -219,15 +234,25 @@ class ShmProcessGroup(dist.ProcessGroup):
 
     _allgather_base = all_gather_single
 
+    def reduce_scatter_single(self, output, input, opts=None):
+        opts = opts or dist.ReduceScatterOptions()
+        if (opts.reduceOp == dist.ReduceOp.SUM and self._plain(input) and self._plain(output)
+                and input.is_contiguous() and output.is_contiguous() and output.dtype == input.dtype
+                and input.numel() == output.numel() * self._world):
+            self._reduce_scatter(output, input)
+            return self._done([output])
+        return self._gloo._reduce_scatter_base(output, input, opts)
+
+    _reduce_scatter_base = reduce_scatter_single
+
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
         for out, x in zip(outputs, inputs):
             self.all_gather_single(out, x, opts).wait()
         return self._done(outputs)
 
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
-        opts = opts or dist.ReduceScatterOptions()
         for out, x in zip(outputs, inputs):
-            self._gloo._reduce_scatter_base(out, x, opts).wait()
+            self.reduce_scatter_single(out, x, opts).wait()
         return self._done(outputs)
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
@@ -241,8 +266,8 @@ class ShmProcessGroup(dist.ProcessGroup):
 _TO_GLOO = {name: name for name in (
     "allgather", "allgather_coalesced", "allreduce_coalesced", "alltoall", "alltoall_base", "barrier", "broadcast",
     "gather", "monitored_barrier", "recv", "recv_anysource", "reduce", "reduce_scatter", "scatter", "send",
-    "_reduce_scatter_base", "_start_coalescing", "_end_coalescing", "shutdown", "abort")}
-_TO_GLOO.update(all_to_all_single="alltoall_base", reduce_scatter_single="_reduce_scatter_base")
+    "_start_coalescing", "_end_coalescing", "shutdown", "abort")}
+_TO_GLOO.update(all_to_all_single="alltoall_base")
 
 
 def _delegate(gloo_name: str):
