@@ -104,6 +104,38 @@ def test_sums_and_gathers_equal_gloo(tmp_path, world, slot_bytes):
     assert results[0]["left_in_dev_shm"] == []  # unlinked once every rank had mapped it
 
 
+def _coalesced(rank: int, world: int) -> dict:
+    """torch's _coalescing_manager (DeepSpeed's all_gather_coalesced uses it) with each op kind inside."""
+    from torch.distributed.distributed_c10d import _coalescing_manager
+
+    cpu, sizes = torch.device("cpu"), (5, 7)
+    gathered = [torch.empty(world * n) for n in sizes]
+    with _coalescing_manager(device=cpu):
+        for out, n in zip(gathered, sizes):
+            dist.all_gather_into_tensor(out, torch.full((n,), float(rank + 1)))
+    scattered = [torch.empty(n) for n in sizes]
+    with _coalescing_manager(device=cpu):
+        for out, n in zip(scattered, sizes):
+            dist.reduce_scatter_tensor(out, torch.arange(world * n, dtype=torch.float32))
+    summed = [torch.ones(n) for n in sizes]
+    with _coalescing_manager(device=cpu, async_ops=True) as cm:
+        for t in summed:
+            dist.all_reduce(t)
+    cm.wait()
+    sent = torch.full((3,), float(rank))
+    with _coalescing_manager(device=cpu):
+        dist.broadcast(sent, 1)  # not a coalescable op: runs on its own
+    return {"gathered": [t.tolist() for t in gathered], "scattered": [t.tolist() for t in scattered],
+            "summed": [t.tolist() for t in summed], "sent": sent.tolist()}
+
+
+def test_coalescing_manager_works_on_the_group(tmp_path):
+    got = _run(_coalesced, 2, tmp_path)[1]
+    assert got["gathered"][1] == [1.0] * 7 + [2.0] * 7
+    assert got["scattered"] == [[2.0 * (5 + i) for i in range(5)], [2.0 * (7 + i) for i in range(7)]]
+    assert got["summed"] == [[2.0] * 5, [2.0] * 7] and got["sent"] == [1.0] * 3
+
+
 def _deepspeed_like_broadcasts(rank: int, world: int) -> dict:
     """DeepSpeed broadcasts every parameter as `p.data.view(torch.uint8)` (tensors with Python objects) on a
     new group: through ProcessGroup's default dispatch that deadlocked on the GIL (see shm_collectives)."""

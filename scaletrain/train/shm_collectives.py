@@ -255,8 +255,23 @@ class ShmProcessGroup(dist.ProcessGroup):
             self.reduce_scatter_single(out, x, opts).wait()
         return self._done(outputs)
 
+    def allreduce_coalesced(self, tensors, opts=None):
+        one = dist.AllreduceOptions()
+        one.reduceOp = (opts or dist.AllreduceCoalescedOptions()).reduceOp
+        for t in tensors:
+            self.allreduce([t], one).wait()
+        return self._done(tensors)
+
     allgather_into_tensor_coalesced = all_gather_single_coalesced
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
+
+    # torch's _coalescing_manager brackets its ops with these; every coalesced op above has finished when it
+    # returns, so there is nothing to gather up (gloo's own pair takes other arguments and fails here)
+    def _start_coalescing(self, device=None) -> None:
+        pass
+
+    def _end_coalescing(self, device=None) -> dist.Work:
+        return self._done([])
 
 
 # Every other op goes to gloo by name. Not through ProcessGroup's own dispatch (the default for a method a
@@ -264,9 +279,9 @@ class ShmProcessGroup(dist.ProcessGroup):
 # that frees a tensor with a Python object needs the GIL under the queue's lock -- a deadlock seen in
 # DeepSpeed's parameter broadcast.
 _TO_GLOO = {name: name for name in (
-    "allgather", "allgather_coalesced", "allreduce_coalesced", "alltoall", "alltoall_base", "barrier", "broadcast",
-    "gather", "monitored_barrier", "recv", "recv_anysource", "reduce", "reduce_scatter", "scatter", "send",
-    "_start_coalescing", "_end_coalescing", "shutdown", "abort")}
+    "allgather", "allgather_coalesced", "alltoall", "alltoall_base", "barrier", "broadcast", "gather",
+    "monitored_barrier", "recv", "recv_anysource", "reduce", "reduce_scatter", "scatter", "send", "shutdown",
+    "abort")}
 _TO_GLOO.update(all_to_all_single="alltoall_base")
 
 
