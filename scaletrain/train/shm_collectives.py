@@ -210,6 +210,11 @@ class ShmProcessGroup(dist.ProcessGroup):
     def _plain(t: torch.Tensor) -> bool:
         return t.device.type == "cpu" and t.dtype != torch.bool and not t.is_complex()
 
+    def _one_block_each(self, block: torch.Tensor, whole: torch.Tensor) -> bool:
+        """Whether `whole` is the ranks' blocks end to end, as the shared-memory gather/scatter take them."""
+        return (self._plain(block) and self._plain(whole) and block.is_contiguous() and whole.is_contiguous()
+                and block.dtype == whole.dtype and whole.numel() == block.numel() * self._world)
+
     # -- the ProcessGroup API -----------------------------------------------------------------------------
 
     def allreduce(self, tensors, opts=None):
@@ -225,9 +230,7 @@ class ShmProcessGroup(dist.ProcessGroup):
 
     def all_gather_single(self, output, input, opts=None):
         opts = opts or dist.AllgatherOptions()
-        if (self._plain(input) and self._plain(output) and input.is_contiguous() and output.is_contiguous()
-                and output.dtype == input.dtype
-                and output.numel() == input.numel() * self._world):
+        if self._one_block_each(input, output):
             self._allgather(output, input)
             return self._done([output])
         return self._gloo._allgather_base(output, input, opts)
@@ -236,9 +239,7 @@ class ShmProcessGroup(dist.ProcessGroup):
 
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts or dist.ReduceScatterOptions()
-        if (opts.reduceOp == dist.ReduceOp.SUM and self._plain(input) and self._plain(output)
-                and input.is_contiguous() and output.is_contiguous() and output.dtype == input.dtype
-                and input.numel() == output.numel() * self._world):
+        if opts.reduceOp == dist.ReduceOp.SUM and self._one_block_each(output, input):
             self._reduce_scatter(output, input)
             return self._done([output])
         return self._gloo._reduce_scatter_base(output, input, opts)
