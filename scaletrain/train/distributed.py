@@ -73,8 +73,8 @@ def setup(threads: int = 0) -> Dist:
 
 
 def cpu_backend() -> str:
-    """gloo, with all-reduce and all-gather through shared memory between ranks on one host
-    (shm_collectives.py); SCALETRAIN_CPU_COLLECTIVES=gloo leaves plain gloo."""
+    """gloo, with all-reduce, all-gather and reduce-scatter through shared memory between ranks on one
+    host (shm_collectives.py); SCALETRAIN_CPU_COLLECTIVES=gloo leaves plain gloo."""
     choice = os.environ.get("SCALETRAIN_CPU_COLLECTIVES", "shm")
     if choice not in ("shm", "gloo"):
         from scaletrain.errors import UserError
@@ -94,7 +94,7 @@ def collectives_status() -> str:
     from scaletrain.train.shm_collectives import ShmProcessGroup
 
     if isinstance(dist.group.WORLD, ShmProcessGroup):
-        return "shared memory (all-reduce, all-gather) + gloo"
+        return "shared memory (all-reduce, all-gather, reduce-scatter) + gloo"
     return dist.get_backend()
 
 
