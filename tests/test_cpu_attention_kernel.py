@@ -26,6 +26,10 @@ def qkv(b, h, kh, t, d, seed=0, layout="bhtd", dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     if layout == "bthd":  # the model's layout: projections give [B, T, H, D], attention reads a transposed view
         make = lambda n: torch.randn(b, t, n, d, generator=g).to(dtype).transpose(1, 2)  # noqa: E731
+    elif layout == "odd":  # an odd row stride (d + 1): bf16 rows are not whole 32-bit words (the packing's other path)
+        make = lambda n: torch.randn(b, n, t, d + 1, generator=g).to(dtype)[..., :d]  # noqa: E731
+    elif layout == "shifted":  # rows that start at an odd bf16 offset (not on a 32-bit word)
+        make = lambda n: torch.randn(b, n, t, d + 2, generator=g).to(dtype)[..., 1 : d + 1]  # noqa: E731
     else:
         make = lambda n: torch.randn(b, n, t, d, generator=g).to(dtype)  # noqa: E731
     return [x.detach().requires_grad_() for x in (make(h), make(kh), make(kh))]
@@ -50,6 +54,8 @@ SHAPES = [
     (1, 2, 1, 130, 128, "bhtd"),   # head size 128, a 2-row last block
     (1, 2, 2, 333, 64, "bthd"),    # odd rows in the last block (13): P and dS rows go in pairs
     (4, 4, 4, 512, 64, "bthd"),    # the bench's reference shape
+    (1, 2, 1, 128, 64, "odd"),     # rows at an odd stride
+    (1, 2, 1, 96, 64, "shifted"),  # rows at an odd offset
 ]
 
 

@@ -159,7 +159,27 @@ struct PackedKV {
   std::vector<T> tmp_t, tmp_r, kt, vt, k, v;  // kt/vt: [D, Tp] panels (S, dP); k/v: [Tp, D] panels (dQ, O)
   PackedKV(int64_t D_, int64_t Tp_) : D(D_), Tp(Tp_) {}
 
+  // Our own panel layout (not oneDNN's AMX packing), rows a whole number of 32-bit words apart (the words
+  // themselves may start at any bf16: the loads are unaligned ones).
+  static bool direct(int64_t ld) {
+    if constexpr (std::is_same_v<T, float>) return true;
+    return !blas::could_pack(at::kBFloat16) && ld % 2 == 0;
+  }
+
   T* transposed(const T* x, int64_t len, int64_t ld, std::vector<T>& out) {
+    if (direct(ld)) {
+      // A panel of x^T is the transpose of 64 rows of x read as 32-bit words: fp32 [D][64], and bf16
+      // [D/2][64][2], whose VNNI word for (d, t) is the pair x[t][d], x[t][d + 1], adjacent in x's row. One
+      // 32-bit transpose instead of a bf16 transpose and a packing pass (fwd+bwd 1.3 % faster at T=1024, 3.7 %
+      // at the bench's T=512; EPYC, one thread).
+      out.resize(D * Tp);  // zeros on first use: the padding columns t >= len are never written
+      const int64_t words = D * sizeof(T) / 4, ld_words = ld * sizeof(T) / 4;
+      const float* from = reinterpret_cast<const float*>(x);
+      float* to = reinterpret_cast<float*>(out.data());
+      for (int64_t t = 0; t < len; t += kPanel)
+        transpose(from + t * ld_words, std::min(kPanel, len - t), words, ld_words, to + t * words, kPanel);
+      return out.data();
+    }
     if (tmp_t.empty()) tmp_t.assign(D * Tp, T(0.f));
     transpose(x, len, D, ld, tmp_t.data(), Tp);
     out.resize(D * Tp);
@@ -167,9 +187,13 @@ struct PackedKV {
     return out.data();
   }
   T* rows(const T* x, int64_t len, int64_t ld, std::vector<T>& out) {
+    out.resize(D * Tp);
+    if (len == Tp) {  // no padding rows: pack straight from x (packing takes its row stride)
+      pack(x, Tp, D, ld, out.data());
+      return out.data();
+    }
     if (tmp_r.empty()) tmp_r.assign(D * Tp, T(0.f));
     for (int64_t t = 0; t < len; ++t) std::memcpy(&tmp_r[t * D], x + t * ld, D * sizeof(T));
-    out.resize(D * Tp);
     pack(tmp_r.data(), Tp, D, D, out.data());
     return out.data();
   }
