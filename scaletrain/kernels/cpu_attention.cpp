@@ -73,6 +73,32 @@ void transpose(const T* in, int64_t rows, int64_t cols, int64_t ld_in, T* out, i
     }
 }
 
+// out[c * ld_out + r] = in[r * ld_in + c] rounded to E, for r < rows, c < cols: the fp32 dK^T / dV^T
+// accumulators into dK / dV in one pass (16 x 16 tiles transposed in registers, each output row rounded and
+// stored as it leaves), instead of a conversion pass and a bf16 transpose pass.
+template <typename E>
+void store_transposed(const float* in, int64_t rows, int64_t cols, int64_t ld_in, E* out, int64_t ld_out) {
+  alignas(64) float tile[16 * 16];
+  for (int64_t r = 0; r < rows; r += 16)
+    for (int64_t c = 0; c < cols; c += 16) {
+      const int64_t nr = std::min<int64_t>(16, rows - r), nc = std::min<int64_t>(16, cols - c);
+      if (nr == 16 && nc == 16)
+        at::vec::transpose_mxn<float, 16, 16>(in + r * ld_in + c, ld_in, tile, 16);
+      else
+        at::vec::transpose_mxn<float>(in + r * ld_in + c, ld_in, tile, 16, nr, nc);
+      for (int64_t j = 0; j < nc; ++j) {
+        E* to = out + (c + j) * ld_out + r;
+        if (nr == 16) {
+          store_rne(to, _mm512_load_ps(tile + j * 16));
+        } else {
+          alignas(64) E row[16];
+          store_rne(row, _mm512_load_ps(tile + j * 16));
+          std::memcpy(to, row, nr * sizeof(E));
+        }
+      }
+    }
+}
+
 template <typename T>
 float row_dot(const T* a, const T* b, int64_t n) {  // n % 16 == 0
   __m512 acc = _mm512_setzero_ps();
@@ -250,19 +276,22 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             gemm(m, kcp, D, qi, sq.t, kv.kt.data() + k0 * D, D, s.data(), KC, false);
             for (int64_t r = 0; r < m; ++r) {
               float* srow = &s[r * KC];
-              mask_row(srow, std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), kcp);
+              // Past `live` (the causal limit rounded up to a vector) every score is masked: P is 0 there.
+              const int64_t valid = std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), live = round_up(valid, 16);
+              mask_row(srow, valid, live);
               Vec vmax(neg_inf);
-              for (int64_t c = 0; c < kcp; c += 16) vmax = _mm512_max_ps(vmax, Vec::loadu(srow + c));
+              for (int64_t c = 0; c < live; c += 16) vmax = _mm512_max_ps(vmax, Vec::loadu(srow + c));
               const float mx = std::max(row_max[r], _mm512_reduce_max_ps(vmax) * fscale);
               const float alpha = row_max[r] == neg_inf ? 0.f : std::exp(row_max[r] - mx);
               const __m512 vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e),
                            vmx2 = _mm512_set1_ps(mx * scaletrain::kLog2e);
               Vec vsum(0.f);
-              for (int64_t c = 0; c < kcp; c += 16) {  // exp(s * scale - mx) = 2^(s * scale log2e - mx log2e)
+              for (int64_t c = 0; c < live; c += 16) {  // exp(s * scale - mx) = 2^(s * scale log2e - mx log2e)
                 const Vec p = scaletrain::exp2_fast(_mm512_fmsub_ps(Vec::loadu(srow + c), vscale2, vmx2));
                 vsum = vsum + p;
                 store_rne(&p_tile[r * KC + c], p);
               }
+              for (int64_t c = live; c < kcp; c += 16) store_rne(&p_tile[r * KC + c], _mm512_setzero_ps());
               row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(vsum);
               row_max[r] = mx;
               float* orow = &o_acc[r * D];
@@ -302,7 +331,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
     PackedKV<E> kv(D, Tp);
     std::vector<float> dkt(D * Tp), dvt(D * Tp), s(BQ * KC), dp(BQ * KC), dq_acc(BQ * D), delta(BQ);
     std::vector<E> p_tile(direct ? 0 : BQ * KC), p_pk(BQ * KC), ds_tile(BQ * KC), ds_pk(BQ * KC), qt(D * BQ),
-        dot(D * BQ), grad_tmp(D * Tp);  // p_tile: row-major P, only where oneDNN packs it (AMX)
+        dot(D * BQ);  // p_tile: row-major P, only where oneDNN packs it (AMX)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
       kv.transposed(k_p + sk.at(b, kh, 0), T, sk.t, kv.kt);
@@ -330,18 +359,21 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             for (int64_t r = 0; r < mp; r += 2) {
               __m512 vlse2[2], vdelta[2];
               bool valid[2];
+              // Past `live` (the pair's causal limit rounded up to a vector) P and dS are 0 for both rows.
+              const int64_t live = round_up(std::clamp<int64_t>(q0 + std::min(r + 1, m - 1) + 1 - k0, 0, kc), 16);
               for (int64_t i = 0; i < 2; ++i) {
                 valid[i] = r + i < m;
                 if (!valid[i]) continue;
-                mask_row(&s[(r + i) * KC], std::clamp<int64_t>(q0 + r + i + 1 - k0, 0, kc), kcp);
+                mask_row(&s[(r + i) * KC], std::clamp<int64_t>(q0 + r + i + 1 - k0, 0, kc), live);
                 vlse2[i] = _mm512_set1_ps(lse_a[b][h][q0 + r + i] * scaletrain::kLog2e);
                 vdelta[i] = _mm512_set1_ps(delta[r + i]);
               }
               for (int64_t c = 0; c < kcp; c += 16) {
                 __m512 p[2], ds[2];
                 for (int64_t i = 0; i < 2; ++i) {
-                  if (!valid[i]) {
+                  if (!valid[i] || c >= live) {
                     p[i] = ds[i] = _mm512_setzero_ps();
+                    if (valid[i]) store_rne(&ds_tile[(r + i) * KC + c], ds[i]);
                     continue;
                   }
                   p[i] = scaletrain::exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(&s[(r + i) * KC + c]), vscale2, vlse2[i]));
@@ -372,10 +404,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             for (int64_t d = 0; d < D; d += 16) store_rne(dqi + r * sdq.t + d, Vec::loadu(&dq_acc[r * D + d]));
         }
       }
-      at::vec::convert(dkt.data(), grad_tmp.data(), D * Tp);
-      transpose(grad_tmp.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
-      at::vec::convert(dvt.data(), grad_tmp.data(), D * Tp);
-      transpose(grad_tmp.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
+      store_transposed(dkt.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
+      store_transposed(dvt.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
     }
     blas::brgemm_release();
   });
