@@ -107,7 +107,7 @@ def _status(run_dir: Path) -> dict:
 
 
 def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, train_secs: float, log_path: Path,
-              startup_secs: float, save_delay: float = 0.04) -> dict:
+              startup_secs: float, save_delay: float) -> dict:
     ckpts = run_dir / "checkpoints"
     t0 = time.time()
     proc = start(ranks, overrides, log_path=log_path)

@@ -5,6 +5,7 @@
     python scripts/profile_step.py --kind peer --precision fp32
     python scripts/profile_step.py --no-compile --trace /tmp/trace.json   # + chrome trace of rank 0
     python scripts/profile_step.py --shapes             # one row per op and input shapes
+    python scripts/profile_step.py --kernels            # one row per inductor C++ kernel
 
 Prints rank 0's op table (self CPU time, sorted) for `--steps` steps after `--warmup` steps. The
 ranks are started exactly as `scaletrain bench` starts them (same setup, same builders).
