@@ -66,3 +66,36 @@ def test_chunked_loss_uses_the_kernel_and_equals_pytorch_ops(dtype, monkeypatch)
     assert ours.item() == pytest.approx(torch_path.item(), rel=tol)
     for a, b in zip(ours_grads, torch_grads):
         assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype,chunk", [(torch.bfloat16, 40), (torch.bfloat16, 96), (torch.float32, 40),
+                                         (torch.float32, 200)])
+def test_in_place_path_passes_and_chunks_equal_pytorch_ops(dtype, chunk, monkeypatch):
+    """The path where torch's matmul writes into one [chunk, vocab] buffer (bf16; fp32 where torch.mm serves
+    fp32, as on Intel CPUs), walked PASS_ROWS rows at a time: uneven passes and chunks, ignored rows, one
+    chunk (weight gradient from one GEMM) and several (accumulated in fp32) — against PyTorch's ops."""
+    from scaletrain.model import loss as loss_module
+
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(96, 32, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(300, 32, generator=g) * 0.3).to(dtype).requires_grad_()
+    t = torch.randint(0, 300, (96,), generator=g)
+    t[30:45] = IGNORE_INDEX
+    monkeypatch.setattr(loss_module, "PASS_ROWS", 16)
+    monkeypatch.setattr(loss_module, "preferred", lambda x: False)  # fp32 too takes the in-place path
+    calls = []
+    real = ce_kernel.softmax_cross_entropy_
+    monkeypatch.setattr(ce_kernel, "softmax_cross_entropy_", lambda g, *a: calls.append(len(g)) or real(g, *a))
+    ours = linear_cross_entropy(h, w, t, chunk)
+    ours_grads = torch.autograd.grad(ours, (h, w))
+    chunks = [min(chunk, 96 - s) for s in range(0, 96, chunk)]
+    assert calls == [min(16, c - a) for c in chunks for a in range(0, c, 16)]
+    monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", "torch")
+    torch_path = linear_cross_entropy(h, w, t, chunk)
+    torch_grads = torch.autograd.grad(torch_path, (h, w))
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert ours.item() == pytest.approx(torch_path.item(), rel=tol)
+    assert ours_grads[1].dtype == dtype and ours_grads[0][30:45].abs().max() == 0
+    for a, b in zip(ours_grads, torch_grads):
+        assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
