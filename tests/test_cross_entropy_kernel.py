@@ -14,6 +14,13 @@ from scaletrain.model.loss import linear_cross_entropy
 needs_kernel = pytest.mark.skipif(not ce_kernel.kernel_ready(), reason="needs an AVX-512 CPU and a C++ compiler")
 
 
+@pytest.fixture(autouse=True)
+def _bf16_needs_avx512_bf16(request):
+    dtype = getattr(request.node, "callspec", None) and request.node.callspec.params.get("dtype")
+    if dtype == torch.bfloat16 and not ce_kernel.kernel_ready(True):
+        pytest.skip("the bf16 kernel needs AVX-512-BF16")
+
+
 def reference(logits, targets, weight):
     logp = torch.log_softmax(logits.float(), dim=-1)
     grad = logp.exp()

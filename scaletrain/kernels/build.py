@@ -1,5 +1,6 @@
 """Build (once per machine, cached) and load scaletrain's C++ CPU kernels: the attention forward and
-backward (cpu_attention.cpp) and the row-wise softmax cross-entropy (cross_entropy.cpp).
+backward (cpu_attention.cpp), the row-wise softmax cross-entropy (cross_entropy.cpp) and SwiGLU's
+elementwise part (swiglu.cpp).
 
 They need an AVX-512 CPU (the attention kernel in bf16 also AVX-512-BF16, which every AMX CPU has) and
 a C++ compiler; `extension()` returns None
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 _HERE = Path(__file__).parent
-SOURCES = [_HERE / "bindings.cpp", _HERE / "cpu_attention.cpp", _HERE / "cross_entropy.cpp"]
+SOURCES = [_HERE / "bindings.cpp", _HERE / "cpu_attention.cpp", _HERE / "cross_entropy.cpp", _HERE / "swiglu.cpp"]
 _HEADERS = [_HERE / "vec_utils.h"]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
          "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",  # the vector headers' AVX-512 path
@@ -74,10 +75,10 @@ def extension():
     return _load()
 
 
-def attention_ready() -> bool:
-    """Whether the bf16 attention kernel can run: the kernels built, and the CPU has AVX512_BF16 (its
-    dot products or, where present, AMX tiles run oneDNN's brgemm under the kernel; the kernel rounds its
-    tiles with AVX512_BF16's conversion; every AMX CPU has AVX512_BF16)."""
+def bf16_ready() -> bool:
+    """Whether the bf16 kernels can run: the kernels built, and the CPU has AVX512_BF16 (they round with its
+    conversion instruction; the attention kernel's GEMMs run oneDNN's brgemm on its dot products or, where
+    present, AMX tiles; every AMX CPU has AVX512_BF16). Their fp32 versions need only AVX-512."""
     ext = extension()
     return ext is not None and torch.cpu._is_avx512_bf16_supported()
 
@@ -96,6 +97,6 @@ def status() -> str:
         return "not used (no AVX-512): PyTorch's kernels"
     if _load() is None:
         return "not used (the build failed): PyTorch's kernels"
-    if attention_ready():
-        return f"attention (fp32, bf16 on {bf16_engine()}) + cross-entropy"
-    return "attention (fp32; bf16 is PyTorch's: no AVX-512-BF16) + cross-entropy"
+    if bf16_ready():
+        return f"attention (fp32, bf16 on {bf16_engine()}) + cross-entropy + SwiGLU"
+    return "attention, cross-entropy, SwiGLU in fp32 (bf16 is PyTorch's: no AVX-512-BF16)"

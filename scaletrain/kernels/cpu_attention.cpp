@@ -34,7 +34,7 @@
 #include "vec_utils.h"
 
 // The bf16 kernel runs only on CPUs with AVX512_BF16 (build.py's attention_ready; every AMX CPU has it too),
-// so its tiles are rounded to bf16 by the one-instruction VCVTNEPS2BF16 instead of store16's eight. The
+// so its tiles are rounded to bf16 by the one-instruction VCVTNEPS2BF16 (vec_utils.h's store_rne). The
 // fp32 kernel executes no bf16 instruction and still runs on any AVX-512 CPU.
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
@@ -44,16 +44,11 @@ namespace {
 using at::BFloat16;
 using Vec = at::vec::Vectorized<float>;
 namespace blas = at::native::cpublas;
+using scaletrain::store_rne;
 
 // oneDNN's packing writes B in panels at most 64 columns wide (its `out_ld` must be 16/32/48/64), so every
 // packed operand is a row of 64-column panels, each [K/2][64][2], and sequences are padded to 64.
 constexpr int64_t kPanel = 64;
-
-// 16 fp32 lanes to memory in the kernel's element type, rounding to nearest even for bf16.
-inline void store_rne(BFloat16* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
-}
-inline void store_rne(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 

@@ -25,7 +25,7 @@ from scaletrain.kernels import build
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
 def kernel_ready() -> bool:
     """bf16: the kernels built and the CPU has AVX-512-BF16 (every AMX CPU has it)."""
-    return build.attention_ready()
+    return build.bf16_ready()
 
 
 @torch.compiler.assume_constant_result

@@ -18,12 +18,18 @@
 
 #include "vec_utils.h"
 
+// bf16 runs only where the CPU has AVX512_BF16 (kernels/cross_entropy.py checks), so gradients round to bf16
+// by the one-instruction VCVTNEPS2BF16 (vec_utils.h's store_rne); fp32 executes no bf16
+// instruction and runs on any AVX-512 CPU.
+#pragma GCC push_options
+#pragma GCC target("avx512bf16")
+
 namespace {
 
 using at::BFloat16;
 using Vec = at::vec::Vectorized<float>;
 using scaletrain::load16;
-using scaletrain::store16;
+using scaletrain::store_rne;
 
 // In place: row r of `logits` becomes its gradient. `e` is scratch for one row's exp(x - max), fp32.
 template <typename T>
@@ -49,13 +55,15 @@ void rows(T* logits, const int64_t* targets, const float* weight, float* loss, i
     const float w = weight[r], inv = w / sum;
     loss[r] = mx + std::log(sum) - static_cast<float>(x[t]);
     const Vec vinv(inv);
-    for (int64_t c = 0; c < Vv; c += 16) store16(x + c, Vec::loadu(e + c) * vinv);
+    for (int64_t c = 0; c < Vv; c += 16) store_rne(x + c, Vec::loadu(e + c) * vinv);
     for (int64_t c = Vv; c < V; ++c) x[c] = static_cast<T>(e[c] * inv);
     x[t] = static_cast<T>((e[t] / sum - 1.f) * w);
   }
 }
 
 }  // namespace
+
+#pragma GCC pop_options
 
 // Overwrites `logits` with the gradient (a fresh [chunk, vocab] buffer would cost its page faults each
 // time) and returns the per-row loss.
@@ -66,6 +74,8 @@ at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets,
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && weight.scalar_type() == at::kFloat &&
                   weight.is_contiguous(),
               "softmax_cross_entropy: int64 targets and fp32 weights, contiguous");
+  TORCH_CHECK(logits.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
+              "softmax_cross_entropy: bf16 needs a CPU with AVX512_BF16");
   const int64_t n = logits.size(0), V = logits.size(1);
   TORCH_CHECK(targets.numel() == n && weight.numel() == n, "softmax_cross_entropy: one target and weight per row");
   TORCH_CHECK(n == 0 || (targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < V),

@@ -2,8 +2,8 @@
 linear+CE of model/loss.py: each row of logits is read once and its gradient written once, instead of
 several passes of an fp32 copy of the chunk (measured in README, issue 6).
 
-It applies on CPU to bf16/fp32 logits when gradients are wanted and the kernels built (build.py); the
-caller keeps PyTorch's ops otherwise. A torch custom op: torch.compile keeps it as one opaque node.
+It applies on CPU to fp32 logits, and to bf16 ones where the CPU has AVX-512-BF16, when gradients are
+wanted and the kernels built (build.py); the caller keeps PyTorch's ops otherwise. A torch custom op: torch.compile keeps it as one opaque node.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from scaletrain.kernels import build
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
-def kernel_ready() -> bool:
-    return build.extension() is not None
+def kernel_ready(bf16: bool = False) -> bool:
+    return build.bf16_ready() if bf16 else build.extension() is not None
 
 
 def applies(h: torch.Tensor) -> bool:
-    return h.device.type == "cpu" and h.dtype in (torch.bfloat16, torch.float32) and kernel_ready()
+    return h.device.type == "cpu" and h.dtype in (torch.bfloat16, torch.float32) and kernel_ready(h.dtype == torch.bfloat16)
 
 
 @torch.library.custom_op("scaletrain::softmax_cross_entropy_", mutates_args=("logits",))

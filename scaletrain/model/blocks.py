@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scaletrain.kernels import cpu_matmul
+from scaletrain.kernels import cpu_matmul, swiglu
 from scaletrain.model.variants import rope_scaling_kind
 
 
@@ -70,7 +70,7 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(f, d, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu.silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 def relu2(x: torch.Tensor) -> torch.Tensor:
