@@ -143,3 +143,72 @@ def test_compiled_bf16_model_step_matches_pytorch_backward(monkeypatch):
     assert math.isclose(loss_a, loss_t, rel_tol=1e-3)
     for a, t in zip(grads_a, grads_t):
         assert rel_err(a, t) < 5e-2
+
+
+ROPE_SHAPES = [(2, 4, 2, 200, 64, "bthd"), (1, 2, 1, 130, 128, "bhtd"), (4, 4, 4, 512, 64, "bthd")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,h,kh,t,d,layout", ROPE_SHAPES)
+def test_rope_inside_the_kernel_matches_eager_on_rotated_inputs(b, h, kh, t, d, layout, dtype):
+    """q, k go in unrotated with the model's tables; out and the gradients w.r.t. the unrotated q, k, v equal
+    fp32 eager attention of apply_rope(q), apply_rope(k), v (autograd through the rotation)."""
+    if not (cpu_attention.kernel_ready() if dtype == torch.bfloat16 else cpu_attention.fp32_kernel_ready()):
+        pytest.skip("needs the kernel for this dtype")
+    from scaletrain.model.llama import apply_rope, rope_tables
+
+    q, k, v = qkv(b, h, kh, t, d, layout=layout, dtype=dtype, seed=3)
+    cos, sin = (x.to(dtype) for x in rope_tables(d, 10000.0, torch.arange(t)))
+    assert cpu_attention.rope_applies(q, cos)
+    dout = torch.randn(b, h, t, d, generator=torch.Generator().manual_seed(4))
+    ours = grads(lambda *x: cpu_attention.attention(*x, cos, sin), q, k, v, dout)
+    c, s = cos.float(), sin.float()
+    ref = grads(lambda q, k, v: eager_attention(apply_rope(q.float(), c, s), apply_rope(k.float(), c, s), v.float()),
+                q, k, v, dout)
+    tol = 1e-5 if dtype == torch.float32 else BF16_REL
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert rel_err(a, r) < tol, name
+
+
+@needs_fp32_kernel
+def test_outputs_come_in_the_projections_layout():
+    """out, dq, dk, dv are [B, T, H, D] memory seen as [B, H, T, D]: reshaping them for a linear layer is a view."""
+    q, k, v = qkv(1, 4, 2, 64, 64, dtype=torch.float32)
+    out, lse = cpu_attention._forward(q, k, v, None, None)
+    assert out.transpose(1, 2).is_contiguous()
+    grads = cpu_attention._backward(torch.ones_like(out), q, k, v, out, lse, None, None)
+    assert all(g.transpose(1, 2).is_contiguous() for g in grads)
+
+
+@needs_fp32_kernel
+@pytest.mark.parametrize("doc_ids", [False, True])
+def test_model_rotates_inside_the_kernel_only_where_it_can(doc_ids, monkeypatch):
+    """fp32 model, eager: with the kernel (RoPE inside it; per-document positions keep the model's rotation)
+    loss and gradients equal the model with PyTorch's kernels, and the model's own rope runs only where
+    the kernel cannot take it."""
+    from scaletrain.model.docmask import document_ids
+    from scaletrain.model.llama import Attention
+
+    shape = LlamaShape(vocab_size=256, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1,
+                       intermediate_size=256, max_seq_len=96)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape)
+    ids = torch.randint(1, 256, (2, 97))
+    ids[:, 40] = 0
+    docs = document_ids(ids[:, :-1], 0) if doc_ids else None
+    rotations = []
+    real_rope = Attention.rope
+    monkeypatch.setattr(Attention, "rope", lambda self, *a: rotations.append(1) or real_rope(self, *a))
+    results = []
+    for mode in ("ours", "torch"):
+        monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", mode)
+        rotations.clear()
+        model.zero_grad()
+        loss = model(ids[:, :-1], ids[:, 1:], doc_ids=docs)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()], len(rotations)))
+    (loss_a, grads_a, rot_a), (loss_t, grads_t, rot_t) = results
+    assert rot_t == 2 and rot_a == (2 if doc_ids else 0)
+    assert math.isclose(loss_a, loss_t, rel_tol=1e-6)
+    for a, t in zip(grads_a, grads_t):
+        assert rel_err(a, t) < 1e-4

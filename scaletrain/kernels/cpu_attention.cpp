@@ -101,6 +101,62 @@ float row_dot(const T* a, const T* b, int64_t n) {  // n % 16 == 0
   return _mm512_reduce_add_ps(acc);
 }
 
+// RoPE (rotate-half form) inside the kernel, so the model passes q and k before rotation and no rotated copy
+// of them goes through memory: x_rot[d] = x[d] c[d] - x[d + h] s[d], x_rot[d + h] = x[d + h] c[d + h] + x[d] s[d + h]
+// for d < h = D/2, with the model's tables c, s [T, D] (in the compute dtype, as the model multiplies them).
+// Its adjoint turns the gradient w.r.t. x_rot into the one w.r.t. x (in fp32, before rounding):
+//   dx[d] = g[d] c[d] + g[d + h] s[d + h]        dx[d + h] = g[d + h] c[d + h] - g[d] s[d]
+template <typename E>
+struct Rope {
+  const E* cos = nullptr;  // null: no rotation
+  const E* sin = nullptr;
+  int64_t D = 0;
+  bool on() const { return cos != nullptr; }
+  // n rows of x (row stride ld) starting at position t0, rotated into out (row stride D).
+  void rotate(const E* x, int64_t t0, int64_t n, int64_t ld, E* out) const {
+    const int64_t h = D / 2;
+    for (int64_t r = 0; r < n; ++r) {
+      const E *xr = x + r * ld, *c = cos + (t0 + r) * D, *s = sin + (t0 + r) * D;
+      E* o = out + r * D;
+      for (int64_t d = 0; d < h; d += 16) {
+        const __m512 x1 = scaletrain::load16(xr + d), x2 = scaletrain::load16(xr + d + h);
+        store_rne(o + d, _mm512_fmsub_ps(x1, scaletrain::load16(c + d), _mm512_mul_ps(x2, scaletrain::load16(s + d))));
+        store_rne(o + d + h, _mm512_fmadd_ps(x2, scaletrain::load16(c + d + h), _mm512_mul_ps(x1, scaletrain::load16(s + d + h))));
+      }
+    }
+  }
+  // The adjoint on one fp32 row g (position t), in place.
+  void unrotate(float* g, int64_t t) const {
+    const int64_t h = D / 2;
+    const E *c = cos + t * D, *s = sin + t * D;
+    for (int64_t d = 0; d < h; d += 16) {
+      const __m512 g1 = _mm512_loadu_ps(g + d), g2 = _mm512_loadu_ps(g + d + h);
+      _mm512_storeu_ps(g + d, _mm512_fmadd_ps(g1, scaletrain::load16(c + d), _mm512_mul_ps(g2, scaletrain::load16(s + d + h))));
+      _mm512_storeu_ps(g + d + h, _mm512_fmsub_ps(g2, scaletrain::load16(c + d + h), _mm512_mul_ps(g1, scaletrain::load16(s + d))));
+    }
+  }
+  // The adjoint on a transposed accumulator gt [D, ld] (column t = position t < T), in place; ct, st: the
+  // tables transposed to fp32 [D, T] once per call, so 16 positions load as one vector.
+  static void unrotate_transposed(float* gt, int64_t D, int64_t T, int64_t ld, const float* ct, const float* st) {
+    const int64_t h = D / 2;
+    for (int64_t d = 0; d < h; ++d) {
+      float *g1 = gt + d * ld, *g2 = gt + (d + h) * ld;
+      const float *c1 = ct + d * T, *c2 = ct + (d + h) * T, *s1 = st + d * T, *s2 = st + (d + h) * T;
+      int64_t t = 0;
+      for (; t + 16 <= T; t += 16) {
+        const __m512 a = _mm512_loadu_ps(g1 + t), b = _mm512_loadu_ps(g2 + t);
+        _mm512_storeu_ps(g1 + t, _mm512_fmadd_ps(a, _mm512_loadu_ps(c1 + t), _mm512_mul_ps(b, _mm512_loadu_ps(s2 + t))));
+        _mm512_storeu_ps(g2 + t, _mm512_fmsub_ps(b, _mm512_loadu_ps(c2 + t), _mm512_mul_ps(a, _mm512_loadu_ps(s1 + t))));
+      }
+      for (; t < T; ++t) {
+        const float a = g1[t], b = g2[t];
+        g1[t] = a * c1[t] + b * s2[t];
+        g2[t] = b * c2[t] - a * s1[t];
+      }
+    }
+  }
+};
+
 // One [k, 64] panel into VNNI order [k/2][64][2] (k even): row pairs interleaved, so each 32-bit word holds
 // the two bf16 that one dot-product lane multiplies. oneDNN's brgemm reads bf16 B this way on AVX-512-BF16
 // CPUs too, where PyTorch's `pack` refuses ("No need to pack") since it only packs for AMX.
@@ -241,8 +297,8 @@ void check_inputs(std::initializer_list<const at::Tensor*> xs, const at::Tensor&
 }
 
 template <typename E>
-void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::Tensor& out,
-                  at::Tensor& lse) {
+void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, const Rope<E>& rope,
+                  at::Tensor& out, at::Tensor& lse) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KH = k.size(1);
   const int64_t G = H / KH, Tp = round_up(T, kPanel), BQ = kPanel, KC = kChunk;
   const Strides sq(q), sk(k), sv(v), so(out);
@@ -254,21 +310,32 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     PackedKV<E> kv(D, Tp);
     std::vector<float> s(BQ * KC), o_acc(BQ * D), row_max(BQ), row_sum(BQ);
-    std::vector<E> p_tile(BQ * KC);
+    std::vector<E> p_tile(BQ * KC), k_rot(rope.on() ? T * D : 0), q_rot(rope.on() ? BQ * D : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
-      kv.transposed(k_p + sk.at(b, kh, 0), T, sk.t, kv.kt);
+      const E* kb = k_p + sk.at(b, kh, 0);
+      int64_t ldk = sk.t;
+      if (rope.on()) {
+        rope.rotate(kb, 0, T, ldk, k_rot.data());
+        kb = k_rot.data(), ldk = D;
+      }
+      kv.transposed(kb, T, ldk, kv.kt);
       kv.rows(v_p + sv.at(b, kh, 0), T, sv.t, kv.v);
       for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
         for (int64_t q0 = 0; q0 < T; q0 += BQ) {
           const int64_t m = std::min(BQ, T - q0), L = q0 + m;
           const E* qi = q_p + sq.at(b, h, q0);
+          int64_t ldq = sq.t;
+          if (rope.on()) {
+            rope.rotate(qi, q0, m, ldq, q_rot.data());
+            qi = q_rot.data(), ldq = D;
+          }
           std::fill(row_max.begin(), row_max.end(), neg_inf);
           std::fill(row_sum.begin(), row_sum.end(), 0.f);
           std::fill(o_acc.begin(), o_acc.end(), 0.f);
           for (int64_t k0 = 0; k0 < L; k0 += KC) {
             const int64_t kc = std::min(KC, L - k0), kcp = round_up(kc, kPanel);
-            gemm(m, kcp, D, qi, sq.t, kv.kt.data() + k0 * D, D, s.data(), KC, false);
+            gemm(m, kcp, D, qi, ldq, kv.kt.data() + k0 * D, D, s.data(), KC, false);
             for (int64_t r = 0; r < m; ++r) {
               float* srow = &s[r * KC];
               // Past `live` (the causal limit rounded up to a vector) every score is masked: P is 0 there.
@@ -309,8 +376,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 template <typename E>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const at::Tensor& out, const at::Tensor& lse, double scale, at::Tensor& dq, at::Tensor& dk,
-                   at::Tensor& dv) {
+                   const at::Tensor& out, const at::Tensor& lse, double scale, const Rope<E>& rope, at::Tensor& dq,
+                   at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KH = k.size(1);
   const int64_t G = H / KH, Tp = round_up(T, kPanel), BQ = kPanel, KC = kChunk;
   const Strides sq(q), sk(k), sv(v), so(out), sdo(dout), sdq(dq), sdk(dk);
@@ -321,33 +388,54 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const float fscale = static_cast<float>(scale);
   const bool direct = !std::is_same_v<E, BFloat16> || !blas::could_pack(at::kBFloat16);
   const __m512 vscale = _mm512_set1_ps(fscale), vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e);
+  std::vector<float> cos_t, sin_t;  // the rope tables transposed to fp32 [D, T], for dK^T's adjoint
+  if (rope.on()) {
+    std::vector<float> wide(T * D);
+    for (auto [table, out] : {std::pair{rope.cos, &cos_t}, std::pair{rope.sin, &sin_t}}) {
+      for (int64_t i = 0; i < T * D; i += 16) _mm512_storeu_ps(&wide[i], scaletrain::load16(table + i));
+      out->resize(D * T);
+      transpose(wide.data(), T, D, D, out->data(), T);
+    }
+  }
 
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     PackedKV<E> kv(D, Tp);
     std::vector<float> dkt(D * Tp), dvt(D * Tp), s(BQ * KC), dp(BQ * KC), dq_acc(BQ * D), delta(BQ);
     std::vector<E> p_tile(direct ? 0 : BQ * KC), p_pk(BQ * KC), ds_tile(BQ * KC), ds_pk(BQ * KC), qt(D * BQ),
-        dot(D * BQ);  // p_tile: row-major P, only where oneDNN packs it (AMX)
+        dot(D * BQ), k_rot(rope.on() ? T * D : 0), q_rot(rope.on() ? BQ * D : 0);  // p_tile: row-major P, only
+                                                                                // where oneDNN packs it (AMX)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / KH, kh = task % KH;
-      kv.transposed(k_p + sk.at(b, kh, 0), T, sk.t, kv.kt);
+      const E* kb = k_p + sk.at(b, kh, 0);
+      int64_t ldk = sk.t;
+      if (rope.on()) {
+        rope.rotate(kb, 0, T, ldk, k_rot.data());
+        kb = k_rot.data(), ldk = D;
+      }
+      kv.transposed(kb, T, ldk, kv.kt);
       kv.transposed(v_p + sv.at(b, kh, 0), T, sv.t, kv.vt);
-      kv.rows(k_p + sk.at(b, kh, 0), T, sk.t, kv.k);
+      kv.rows(kb, T, ldk, kv.k);
       std::fill(dkt.begin(), dkt.end(), 0.f);
       std::fill(dvt.begin(), dvt.end(), 0.f);
       for (int64_t h = kh * G; h < (kh + 1) * G; ++h) {
         for (int64_t q0 = 0; q0 < T; q0 += BQ) {
           const int64_t m = std::min(BQ, T - q0), mp = round_up(m, kPanel), L = q0 + m;
           const E* qi = q_p + sq.at(b, h, q0);
+          int64_t ldq = sq.t;
+          if (rope.on()) {
+            rope.rotate(qi, q0, m, ldq, q_rot.data());
+            qi = q_rot.data(), ldq = D;
+          }
           const E* doi = do_p + sdo.at(b, h, q0);
           const E* oi = o_p + so.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r) delta[r] = row_dot(doi + r * sdo.t, oi + r * so.t, D);
           std::fill(dot.begin(), dot.end(), E(0.f));
           std::fill(qt.begin(), qt.end(), E(0.f));
           transpose(doi, m, D, sdo.t, dot.data(), mp);
-          transpose(qi, m, D, sq.t, qt.data(), mp);
+          transpose(qi, m, D, ldq, qt.data(), mp);
           for (int64_t k0 = 0; k0 < L; k0 += KC) {
             const int64_t kc = std::min(KC, L - k0), kcp = round_up(kc, kPanel);
-            gemm(m, kcp, D, qi, sq.t, kv.kt.data() + k0 * D, D, s.data(), KC, false);
+            gemm(m, kcp, D, qi, ldq, kv.kt.data() + k0 * D, D, s.data(), KC, false);
             gemm(m, kcp, D, doi, sdo.t, kv.vt.data() + k0 * D, D, dp.data(), KC, false);
             // P and dS two rows at a time (rows past m are padding: zeros). dS row-major for the dQ GEMM; both
             // into the panels of the dV/dK GEMMs directly, unless oneDNN packs (AMX: its layout, its pack).
@@ -395,10 +483,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             gemm(D, kcp, mp, qt.data(), mp, ds_pk.data(), mp, dkt.data() + k0, Tp, true);
           }
           E* dqi = dq_p + sdq.at(b, h, q0);
-          for (int64_t r = 0; r < m; ++r)
+          for (int64_t r = 0; r < m; ++r) {
+            if (rope.on()) rope.unrotate(&dq_acc[r * D], q0 + r);
             for (int64_t d = 0; d < D; d += 16) store_rne(dqi + r * sdq.t + d, Vec::loadu(&dq_acc[r * D + d]));
+          }
         }
       }
+      if (rope.on()) Rope<E>::unrotate_transposed(dkt.data(), D, T, Tp, cos_t.data(), sin_t.data());
       store_transposed(dkt.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
       store_transposed(dvt.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
     }
@@ -410,30 +501,54 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
 #pragma GCC pop_options
 
+namespace {
+
+// The rope tables as the kernel reads them, or no rotation when absent.
+template <typename E>
+Rope<E> rope_tables(const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, const at::Tensor& q) {
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "cpu attention: rope needs both cos and sin");
+  if (!cos.has_value()) return {};
+  for (const auto* t : {&*cos, &*sin})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->dim() == 2 && t->size(0) == q.size(2) &&
+                    t->size(1) == q.size(3) && t->is_contiguous(),
+                "cpu attention: rope tables [T, D], contiguous, in q's dtype");
+  return {cos->data_ptr<E>(), sin->data_ptr<E>(), q.size(3)};
+}
+
+// [B, T, heads, D] memory seen as [B, heads, T, D]: the layout the projections read and write, so neither the
+// output nor the gradients of q, k, v need a transposing copy on their way to or from a linear layer.
+at::Tensor heads_view(const at::Tensor& like, int64_t heads) {
+  return at::empty({like.size(0), like.size(2), heads, like.size(3)}, like.options()).transpose(1, 2);
+}
+
+}  // namespace
+
+// cos/sin (optional, [T, D] in q's dtype): q and k are rotated inside (RoPE), and the gradients come back
+// w.r.t. the unrotated q and k.
 std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          double scale) {
+                                          double scale, const c10::optional<at::Tensor>& cos,
+                                          const c10::optional<at::Tensor>& sin) {
   check_inputs({&q, &k, &v}, q, k, v);
-  auto out = at::empty(q.sizes(), q.options());
+  auto out = heads_view(q, q.size(1));
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.scalar_type() == at::kBFloat16)
-    forward_impl<BFloat16>(q, k, v, scale, out, lse);
+    forward_impl<BFloat16>(q, k, v, scale, rope_tables<BFloat16>(cos, sin, q), out, lse);
   else
-    forward_impl<float>(q, k, v, scale, out, lse);
+    forward_impl<float>(q, k, v, scale, rope_tables<float>(cos, sin, q), out, lse);
   return {out, lse};
 }
 
 std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                            const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                                           double scale) {
+                                           double scale, const c10::optional<at::Tensor>& cos,
+                                           const c10::optional<at::Tensor>& sin) {
   check_inputs({&dout, &q, &k, &v, &out}, q, k, v);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "cpu attention backward: [B, H, T] float32 lse");
-  auto dq = at::empty(q.sizes(), q.options());
-  auto dk = at::empty(k.sizes(), k.options());
-  auto dv = at::empty(v.sizes(), v.options());
+  auto dq = heads_view(q, q.size(1)), dk = heads_view(k, k.size(1)), dv = heads_view(v, v.size(1));
   if (q.scalar_type() == at::kBFloat16)
-    backward_impl<BFloat16>(dout, q, k, v, out, lse, scale, dq, dk, dv);
+    backward_impl<BFloat16>(dout, q, k, v, out, lse, scale, rope_tables<BFloat16>(cos, sin, q), dq, dk, dv);
   else
-    backward_impl<float>(dout, q, k, v, out, lse, scale, dq, dk, dv);
+    backward_impl<float>(dout, q, k, v, out, lse, scale, rope_tables<float>(cos, sin, q), dq, dk, dv);
   return {dq, dk, dv};
 }
 

@@ -16,6 +16,7 @@ opaque node with its own backward.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -44,28 +45,38 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 @torch.library.custom_op("scaletrain::cpu_causal_attention", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = build.extension().attention_forward(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor],
+             sin: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = build.extension().attention_forward(q, k, v, 1.0 / math.sqrt(q.shape[-1]), cos, sin)
     return out, lse
 
 
+def _heads_view(like: torch.Tensor) -> torch.Tensor:
+    """[B, T, H, D] memory seen as [B, H, T, D], as the kernel allocates its outputs: the layout the
+    projections read and write, so no transposing copy on the way to or from a linear layer."""
+    b, h, t, d = like.shape
+    return like.new_empty((b, t, h, d)).transpose(1, 2)
+
+
 @_forward.register_fake
-def _(q, k, v):
+def _(q, k, v, cos, sin):
     b, h, t, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, h, t), dtype=torch.float32)
+    return _heads_view(q), q.new_empty((b, h, t), dtype=torch.float32)
 
 
 @torch.library.custom_op("scaletrain::cpu_causal_attention_backward", mutates_args=())
 def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              lse: torch.Tensor, cos: Optional[torch.Tensor],
+              sin: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     scale = 1.0 / math.sqrt(q.shape[-1])
-    dq, dk, dv = build.extension().attention_backward(dout.contiguous(), q, k, v, out, lse, scale)
+    dout = dout if dout.stride(-1) == 1 else dout.contiguous()
+    dq, dk, dv = build.extension().attention_backward(dout, q, k, v, out, lse, scale, cos, sin)
     return dq, dk, dv
 
 
 @_backward.register_fake
-def _(dout, q, k, v, out, lse):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _(dout, q, k, v, out, lse, cos, sin):
+    return _heads_view(q), _heads_view(k), _heads_view(v)
 
 
 def _setup(ctx, inputs, output):
@@ -73,13 +84,24 @@ def _setup(ctx, inputs, output):
 
 
 def _grad(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    return _backward(dout, q, k, v, out, lse)
+    q, k, v, cos, sin, out, lse = ctx.saved_tensors
+    return (*_backward(dout, q, k, v, out, lse, cos, sin), None, None)
 
 
 _forward.register_autograd(_grad, setup_context=_setup)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention, q: [B, H, T, D], k/v: [B, K, T, D] (GQA: H % K == 0); check `applies` first."""
-    return _forward(q, k, v)[0]
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[torch.Tensor] = None,
+              sin: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention, q: [B, H, T, D], k/v: [B, K, T, D] (GQA: H % K == 0); check `applies` first.
+    With `cos`/`sin` ([T, D], q's dtype) q and k are RoPE-rotated inside the kernel (rotate-half form, as
+    model/llama.py's apply_rope) and their gradients are w.r.t. the unrotated inputs. The output is
+    [B, T, H, D] memory seen as [B, H, T, D]."""
+    return _forward(q, k, v, cos, sin)[0]
+
+
+def rope_applies(q: torch.Tensor, cos: Optional[torch.Tensor]) -> bool:
+    """Whether `cos`/`sin` can go into the kernel: one [T, D] table for every row (not per-document
+    positions), contiguous, in q's dtype."""
+    return (cos is not None and cos.dim() == 2 and cos.shape == (q.shape[2], q.shape[3]) and cos.is_contiguous()
+            and cos.dtype == q.dtype)

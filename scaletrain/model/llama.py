@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from scaletrain.kernels import cpu_attention
 from scaletrain.model.attention import attention
 from scaletrain.model.blocks import NORMS, Linear, RMSNorm, make_ffn, make_norm, rope_inv_freq  # noqa: F401 (RMSNorm re-exported)
 from scaletrain.model.docmask import document_positions
@@ -111,6 +112,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.s.num_kv_heads, hd).transpose(1, 2)
+        if self._rope_in_kernel(q, k, v, cos, cache, mask):  # CPU training: no rotated copy of q, k in memory
+            out = cpu_attention.attention(q, k, v, cos, sin)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if cos is not None:  # model.position=rope; alibi lives in the mask, none has no positions
             q, k = self.rope(q, k, cos, sin)
         if cache is not None:  # [k, v] of earlier positions, extended in place
@@ -119,6 +123,12 @@ class Attention(nn.Module):
             cache[:] = [k, v]
         out = attention(q, k, v, self.s.attention, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _rope_in_kernel(self, q, k, v, cos, cache, mask) -> bool:
+        """Whether the CPU attention kernel takes the rotation too (kernels/cpu_attention.py): the sdpa
+        backend where it would run the kernel anyway, and one rope table for all rows (no documents)."""
+        return (self.s.attention == "sdpa" and cache is None and mask is None and type(self).rope is Attention.rope
+                and cpu_attention.rope_applies(q, cos) and cpu_attention.applies(q, k, v))
 
     def rope(self, q, k, cos, sin):
         """Rotate queries and keys (a fused kernel may take over: model/fused_ops.py)."""
