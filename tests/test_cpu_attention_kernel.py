@@ -171,13 +171,16 @@ def test_rope_inside_the_kernel_matches_eager_on_rotated_inputs(b, h, kh, t, d, 
 
 
 @needs_fp32_kernel
-def test_outputs_come_in_the_projections_layout():
-    """out, dq, dk, dv are [B, T, H, D] memory seen as [B, H, T, D]: reshaping them for a linear layer is a view."""
-    q, k, v = qkv(1, 4, 2, 64, 64, dtype=torch.float32)
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"])
+def test_outputs_come_in_their_inputs_layout(layout):
+    """The model's q, k, v are [B, T, H, D] memory seen as [B, H, T, D]: out, dq, dk, dv come the same way,
+    so reshaping them for a linear layer is a view; contiguous inputs get contiguous outputs."""
+    q, k, v = qkv(1, 4, 2, 64, 64, dtype=torch.float32, layout=layout)
     out, lse = cpu_attention._forward(q, k, v, None, None)
-    assert out.transpose(1, 2).is_contiguous()
     grads = cpu_attention._backward(torch.ones_like(out), q, k, v, out, lse, None, None)
-    assert all(g.transpose(1, 2).is_contiguous() for g in grads)
+    for x, y in zip((q, q, k, v), (out, *grads)):
+        assert y.stride() == x.stride()
+    assert out.transpose(1, 2).is_contiguous() == (layout == "bthd")
 
 
 @needs_fp32_kernel

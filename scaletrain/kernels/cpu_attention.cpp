@@ -515,12 +515,6 @@ Rope<E> rope_tables(const c10::optional<at::Tensor>& cos, const c10::optional<at
   return {cos->data_ptr<E>(), sin->data_ptr<E>(), q.size(3)};
 }
 
-// [B, T, heads, D] memory seen as [B, heads, T, D]: the layout the projections read and write, so neither the
-// output nor the gradients of q, k, v need a transposing copy on their way to or from a linear layer.
-at::Tensor heads_view(const at::Tensor& like, int64_t heads) {
-  return at::empty({like.size(0), like.size(2), heads, like.size(3)}, like.options()).transpose(1, 2);
-}
-
 }  // namespace
 
 // cos/sin (optional, [T, D] in q's dtype): q and k are rotated inside (RoPE), and the gradients come back
@@ -529,7 +523,10 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
                                           double scale, const c10::optional<at::Tensor>& cos,
                                           const c10::optional<at::Tensor>& sin) {
   check_inputs({&q, &k, &v}, q, k, v);
-  auto out = heads_view(q, q.size(1));
+  // Outputs and gradients in their inputs' layout (empty_like keeps a dense tensor's strides): the model's
+  // q, k, v are [B, T, heads, D] memory seen as [B, heads, T, D], so neither the output nor the gradients
+  // need a transposing copy on their way to or from a linear layer, and contiguous inputs get contiguous ones.
+  auto out = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   if (q.scalar_type() == at::kBFloat16)
     forward_impl<BFloat16>(q, k, v, scale, rope_tables<BFloat16>(cos, sin, q), out, lse);
@@ -544,7 +541,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
                                            const c10::optional<at::Tensor>& sin) {
   check_inputs({&dout, &q, &k, &v, &out}, q, k, v);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "cpu attention backward: [B, H, T] float32 lse");
-  auto dq = heads_view(q, q.size(1)), dk = heads_view(k, k.size(1)), dv = heads_view(v, v.size(1));
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   if (q.scalar_type() == at::kBFloat16)
     backward_impl<BFloat16>(dout, q, k, v, out, lse, scale, rope_tables<BFloat16>(cos, sin, q), dq, dk, dv);
   else

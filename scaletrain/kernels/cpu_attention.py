@@ -51,17 +51,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[to
     return out, lse
 
 
-def _heads_view(like: torch.Tensor) -> torch.Tensor:
-    """[B, T, H, D] memory seen as [B, H, T, D], as the kernel allocates its outputs: the layout the
-    projections read and write, so no transposing copy on the way to or from a linear layer."""
-    b, h, t, d = like.shape
-    return like.new_empty((b, t, h, d)).transpose(1, 2)
-
-
 @_forward.register_fake
 def _(q, k, v, cos, sin):
     b, h, t, _ = q.shape
-    return _heads_view(q), q.new_empty((b, h, t), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty((b, h, t), dtype=torch.float32)  # (like the kernel: q's layout)
 
 
 @torch.library.custom_op("scaletrain::cpu_causal_attention_backward", mutates_args=())
@@ -76,7 +69,7 @@ def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
 @_backward.register_fake
 def _(dout, q, k, v, out, lse, cos, sin):
-    return _heads_view(q), _heads_view(k), _heads_view(v)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
@@ -95,8 +88,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: Optional[t
               sin: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal attention, q: [B, H, T, D], k/v: [B, K, T, D] (GQA: H % K == 0); check `applies` first.
     With `cos`/`sin` ([T, D], q's dtype) q and k are RoPE-rotated inside the kernel (rotate-half form, as
-    model/llama.py's apply_rope) and their gradients are w.r.t. the unrotated inputs. The output is
-    [B, T, H, D] memory seen as [B, H, T, D]."""
+    model/llama.py's apply_rope) and their gradients are w.r.t. the unrotated inputs. The output and the
+    gradients come in their inputs' layout (the model's [B, T, H, D] memory seen as [B, H, T, D]: no
+    transposing copies between the projections and the kernel)."""
     return _forward(q, k, v, cos, sin)[0]
 
 
