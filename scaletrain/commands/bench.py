@@ -93,7 +93,8 @@ def add_parser(sub) -> None:
     o.add_argument("--attention", choices=("sdpa", "flash", "flex", "eager"), default="sdpa")
     o.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="train.compile (default on)")
     o.add_argument("--fused-ops", choices=("none", "liger"), default="none", help="model.fused_ops (liger: CUDA only)")
-    o.add_argument("--loss-chunk", type=int, default=1024, help="train.loss_chunk (default 1024; 0 = off)")
+    o.add_argument("--loss-chunk", type=int, default=2048,
+                   help="train.loss_chunk (default 2048: the reference shape's tokens per rank in one chunk; 0 = off)")
     m = p.add_argument_group("microbenchmarks (instead of the training comparison)")
     m.add_argument("--attention-only", action="store_true",
                    help="fwd+bwd of each attention backend vs eager at B4 H8 D64, T 1024 and 4096")

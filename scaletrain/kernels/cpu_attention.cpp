@@ -219,6 +219,52 @@ void gemm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b_p
     blas::brgemm(m, kPanel, k, lda, kPanel, ldc, add, a, b_packed + j * rows, c + j);
 }
 
+// The causal diagonal: where a full 64-row query block's key chunk ends with its diagonal 64 x 64 block, that
+// block's upper-right 32 x 32 quarter is all masked (key > query), so the GEMMs skip it: 5.6 % of the GEMM
+// work at T=512, 2.9 % at T=1024. Only in our own panel layouts (`own_layout`); oneDNN's AMX packing has its
+// own column order. `diagonal` says whether this chunk ends with such a block.
+constexpr int64_t kHalf = kPanel / 2;
+
+template <typename T>
+bool own_layout() {
+  return !std::is_same_v<T, BFloat16> || !blas::could_pack(at::kBFloat16);
+}
+
+// C[m, :n] = A B, columns = keys (S, dP); the diagonal block is the last 64 columns.
+template <typename T>
+void gemm_to_keys(bool diagonal, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b_packed,
+                  int64_t rows, float* c, int64_t ldc) {
+  if (!diagonal) return gemm(m, n, k, a, lda, b_packed, rows, c, ldc, false);
+  const int64_t d = n - kPanel;
+  gemm(m, d, k, a, lda, b_packed, rows, c, ldc, false);
+  blas::brgemm(kHalf, kHalf, k, lda, kPanel, ldc, false, a, b_packed + d * rows, c + d);
+  blas::brgemm(kHalf, kPanel, k, lda, kPanel, ldc, false, a + kHalf * lda, b_packed + d * rows, c + kHalf * ldc + d);
+}
+
+// C[m, :n] (+)= A B, summed over keys (O += P V, dQ += dS K): query rows < 32 skip the last 32 keys.
+template <typename T>
+void gemm_over_keys(bool diagonal, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b_packed,
+                    int64_t rows, float* c, int64_t ldc, bool add) {
+  if (!diagonal) return gemm(m, n, k, a, lda, b_packed, rows, c, ldc, add);
+  gemm(kHalf, n, k - kHalf, a, lda, b_packed, rows, c, ldc, add);
+  gemm(m - kHalf, n, k, a + kHalf * lda, lda, b_packed, rows, c + kHalf * ldc, ldc, add);
+}
+
+// C[m, :n] += A B, columns = keys, summed over the block's queries (dV^T += dO^T P, dK^T += Q^T dS): the
+// diagonal block's last 32 keys take only queries 32..63 (rows 32.. of B, columns 32.. of A).
+template <typename T>
+void gemm_keys_over_queries(bool diagonal, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+                            const T* b_packed, int64_t rows, float* c, int64_t ldc) {
+  if (!diagonal) return gemm(m, n, k, a, lda, b_packed, rows, c, ldc, true);
+  const int64_t d = n - kPanel;
+  constexpr int64_t per_column = 4 / sizeof(T);  // elements one panel column takes in a row (pair): bf16 2, fp32 1
+  const T* block = b_packed + d * rows;
+  gemm(m, d, k, a, lda, b_packed, rows, c, ldc, true);
+  blas::brgemm(m, kHalf, k, lda, kPanel, ldc, true, a, block, c + d);
+  blas::brgemm(m, kHalf, k - kHalf, lda, kPanel, ldc, true, a + kHalf, block + kHalf * kPanel + kHalf * per_column,
+               c + d + kHalf);
+}
+
 constexpr int64_t kChunk = 256;  // keys per chunk (KC); a multiple of kPanel and of the query block
 
 struct Strides {  // element strides of a [B, H, T, D] view whose D is contiguous
@@ -306,6 +352,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   E* o_p = out.data_ptr<E>();
   float* lse_p = lse.data_ptr<float>();
   const float fscale = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
+  const bool own = own_layout<E>();
 
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     PackedKV<E> kv(D, Tp);
@@ -335,7 +382,8 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           std::fill(o_acc.begin(), o_acc.end(), 0.f);
           for (int64_t k0 = 0; k0 < L; k0 += KC) {
             const int64_t kc = std::min(KC, L - k0), kcp = round_up(kc, kPanel);
-            gemm(m, kcp, D, qi, ldq, kv.kt.data() + k0 * D, D, s.data(), KC, false);
+            const bool diagonal = own && m == kPanel && q0 + kPanel == k0 + kcp;
+            gemm_to_keys(diagonal, m, kcp, D, qi, ldq, kv.kt.data() + k0 * D, D, s.data(), KC);
             for (int64_t r = 0; r < m; ++r) {
               float* srow = &s[r * KC];
               // Past `live` (the causal limit rounded up to a vector) every score is masked: P is 0 there.
@@ -359,7 +407,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               float* orow = &o_acc[r * D];
               for (int64_t d = 0; d < D; d += 16) (Vec::loadu(orow + d) * Vec(alpha)).store(orow + d);
             }
-            gemm(m, D, kcp, p_tile.data(), KC, kv.v.data() + k0 * kPanel, Tp, o_acc.data(), D, true);
+            gemm_over_keys(diagonal, m, D, kcp, p_tile.data(), KC, kv.v.data() + k0 * kPanel, Tp, o_acc.data(), D, true);
           }
           E* oi = o_p + so.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r) {
@@ -386,7 +434,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const E *o_p = out.data_ptr<E>(), *do_p = dout.data_ptr<E>();
   E *dq_p = dq.data_ptr<E>(), *dk_p = dk.data_ptr<E>(), *dv_p = dv.data_ptr<E>();
   const float fscale = static_cast<float>(scale);
-  const bool direct = !std::is_same_v<E, BFloat16> || !blas::could_pack(at::kBFloat16);
+  const bool direct = own_layout<E>();
   const __m512 vscale = _mm512_set1_ps(fscale), vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e);
   std::vector<float> cos_t, sin_t;  // the rope tables transposed to fp32 [D, T], for dK^T's adjoint
   if (rope.on()) {
@@ -435,8 +483,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           transpose(qi, m, D, ldq, qt.data(), mp);
           for (int64_t k0 = 0; k0 < L; k0 += KC) {
             const int64_t kc = std::min(KC, L - k0), kcp = round_up(kc, kPanel);
-            gemm(m, kcp, D, qi, ldq, kv.kt.data() + k0 * D, D, s.data(), KC, false);
-            gemm(m, kcp, D, doi, sdo.t, kv.vt.data() + k0 * D, D, dp.data(), KC, false);
+            const bool diagonal = direct && m == kPanel && q0 + kPanel == k0 + kcp;
+            gemm_to_keys(diagonal, m, kcp, D, qi, ldq, kv.kt.data() + k0 * D, D, s.data(), KC);
+            gemm_to_keys(diagonal, m, kcp, D, doi, sdo.t, kv.vt.data() + k0 * D, D, dp.data(), KC);
             // P and dS two rows at a time (rows past m are padding: zeros). dS row-major for the dQ GEMM; both
             // into the panels of the dV/dK GEMMs directly, unless oneDNN packs (AMX: its layout, its pack).
             for (int64_t r = 0; r < mp; r += 2) {
@@ -474,13 +523,13 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                 }
               }
             }
-            gemm(m, D, kcp, ds_tile.data(), KC, kv.k.data() + k0 * kPanel, Tp, dq_acc.data(), D, k0 > 0);
+            gemm_over_keys(diagonal, m, D, kcp, ds_tile.data(), KC, kv.k.data() + k0 * kPanel, Tp, dq_acc.data(), D, k0 > 0);
             if (!direct) {
               pack(p_tile.data(), mp, kcp, KC, p_pk.data());
               pack(ds_tile.data(), mp, kcp, KC, ds_pk.data());
             }
-            gemm(D, kcp, mp, dot.data(), mp, p_pk.data(), mp, dvt.data() + k0, Tp, true);
-            gemm(D, kcp, mp, qt.data(), mp, ds_pk.data(), mp, dkt.data() + k0, Tp, true);
+            gemm_keys_over_queries(diagonal, D, kcp, mp, dot.data(), mp, p_pk.data(), mp, dvt.data() + k0, Tp);
+            gemm_keys_over_queries(diagonal, D, kcp, mp, qt.data(), mp, ds_pk.data(), mp, dkt.data() + k0, Tp);
           }
           E* dqi = dq_p + sdq.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r) {
