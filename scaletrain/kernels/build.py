@@ -21,7 +21,7 @@ import torch
 
 _HERE = Path(__file__).parent
 SOURCES = [_HERE / "bindings.cpp", _HERE / "cpu_attention.cpp", _HERE / "cross_entropy.cpp", _HERE / "swiglu.cpp"]
-_HEADERS = [_HERE / "vec_utils.h"]
+_HEADERS = [_HERE / "vec_utils.h", _HERE / "attention_panels.h", _HERE / "attention_rope.h"]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
          "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",  # the vector headers' AVX-512 path
          "-fopenmp"]  # at::parallel_for is inline: without it the kernels run on one thread (torch's libgomp)
