@@ -8,7 +8,7 @@ states and the head weight right away (like Liger's fused linear-CE), so backwar
 nothing of size [tokens, vocab] ever exists. Peak extra memory is O(chunk x vocab).
 Where torch's matmul serves the dtype (bf16; fp32 unless oneDNN does fp32, kernels/cpu_matmul.py) the
 chunk's logits live in one reused buffer, walked in cache-sized passes, and the head's weight gradient
-is one GEMM per chunk (issue 6: the head's share of the bf16 step 3-5 % faster, measured side by side).
+is one GEMM per chunk (issue 6: head + loss at 2048 tokens x vocab 8192 bf16 68.2 -> 65.0 ms, README).
 Numerically it is the plain path (same fp32 log-softmax) up to summation order; tested.
 """
 
@@ -45,8 +45,8 @@ def _in_place_chunks(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tenso
     buffer = h.new_empty(min(chunk, n), weight.shape[0])
     grad_h = torch.empty_like(h)
     loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-    # Several chunks: an fp32 accumulator (bf16 would round once per chunk), added to by a mixed-dtype add_ (a
-    # bf16 -> fp32 .float() of the first chunk's [V, d] measured 5x slower than the add)
+    # Several chunks: an fp32 accumulator (bf16 would round once per chunk), added to by a mixed-dtype add_ (in
+    # the training step's profile a .float() of the first chunk's [V, d] took 1.6 ms, each add 0.33 ms)
     grad_w = None if n <= chunk else torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
