@@ -153,6 +153,12 @@ bool own_layout() {
   return !std::is_same_v<T, BFloat16> || !blas::could_pack(at::kBFloat16);
 }
 
+// `diagonal` for the GEMMs below: the key chunk [k0, k0 + kcp) of a query block at q0 (m rows) ends with
+// that block's diagonal, the block is full, and the panels are ours (`own`: own_layout, once per call).
+inline bool ends_on_diagonal(bool own, int64_t m, int64_t q0, int64_t k0, int64_t kcp) {
+  return own && m == kPanel && q0 + kPanel == k0 + kcp;
+}
+
 // C[m, :n] = A B, columns = keys (S, dP); the diagonal block is the last 64 columns.
 template <typename T>
 void gemm_to_keys(bool diagonal, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b_packed,

@@ -4,7 +4,9 @@
 
 #include <cstdint>
 #include <utility>
+#include <vector>
 
+#include "attention_panels.h"  // transpose
 #include "vec_utils.h"
 
 #pragma GCC push_options
@@ -51,6 +53,15 @@ struct Rope {
       const __m512 g1 = _mm512_loadu_ps(g + d), g2 = _mm512_loadu_ps(g + d + h);
       _mm512_storeu_ps(g + d, _mm512_fmadd_ps(g1, scaletrain::load16(c + d), _mm512_mul_ps(g2, scaletrain::load16(s + d + h))));
       _mm512_storeu_ps(g + d + h, _mm512_fmsub_ps(g2, scaletrain::load16(c + d + h), _mm512_mul_ps(g1, scaletrain::load16(s + d))));
+    }
+  }
+  // The tables in fp32, transposed to [D, T] for unrotate_transposed (done once per backward call).
+  void transposed_tables(int64_t T, std::vector<float>& cos_t, std::vector<float>& sin_t) const {
+    std::vector<float> wide(T * D);
+    for (auto [table, out] : {std::pair{cos, &cos_t}, std::pair{sin, &sin_t}}) {
+      for (int64_t i = 0; i < T * D; i += 16) _mm512_storeu_ps(&wide[i], scaletrain::load16(table + i));
+      out->resize(D * T);
+      transpose(wide.data(), T, D, D, out->data(), T);
     }
   }
   // The adjoint on a transposed accumulator gt [D, ld] (column t = position t < T), in place; ct, st: the

@@ -83,6 +83,13 @@ def bf16_ready() -> bool:
     return ext is not None and torch.cpu._is_avx512_bf16_supported()
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
+def ready(bf16: bool = False) -> bool:
+    """Whether the kernels that come in both dtypes (cross-entropy, SwiGLU) can run: bf16 needs
+    `bf16_ready`, fp32 only the build."""
+    return bf16_ready() if bf16 else extension() is not None
+
+
 def bf16_engine() -> str:
     """What the attention kernel's GEMMs run on here: "AMX" (oneDNN packs for tiles) or "AVX-512-BF16"."""
     ext = extension()

@@ -103,7 +103,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           std::fill(o_acc.begin(), o_acc.end(), 0.f);
           for (int64_t k0 = 0; k0 < L; k0 += KC) {
             const int64_t kc = std::min(KC, L - k0), kcp = round_up(kc, kPanel);
-            const bool diagonal = own && m == kPanel && q0 + kPanel == k0 + kcp;
+            const bool diagonal = ends_on_diagonal(own, m, q0, k0, kcp);
             gemm_to_keys(diagonal, m, kcp, D, qi, ldq, kv.kt.data() + k0 * D, D, s.data(), KC);
             for (int64_t r = 0; r < m; ++r) {
               float* srow = &s[r * KC];
@@ -155,22 +155,15 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   const E *o_p = out.data_ptr<E>(), *do_p = dout.data_ptr<E>();
   E *dq_p = dq.data_ptr<E>(), *dk_p = dk.data_ptr<E>(), *dv_p = dv.data_ptr<E>();
   const float fscale = static_cast<float>(scale);
-  const bool direct = own_layout<E>();
+  const bool own = own_layout<E>();  // our panel layouts: P and dS are written into them directly
   const __m512 vscale = _mm512_set1_ps(fscale), vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e);
   std::vector<float> cos_t, sin_t;  // the rope tables transposed to fp32 [D, T], for dK^T's adjoint
-  if (rope.on()) {
-    std::vector<float> wide(T * D);
-    for (auto [table, out] : {std::pair{rope.cos, &cos_t}, std::pair{rope.sin, &sin_t}}) {
-      for (int64_t i = 0; i < T * D; i += 16) _mm512_storeu_ps(&wide[i], scaletrain::load16(table + i));
-      out->resize(D * T);
-      transpose(wide.data(), T, D, D, out->data(), T);
-    }
-  }
+  if (rope.on()) rope.transposed_tables(T, cos_t, sin_t);
 
   at::parallel_for(0, B * KH, 1, [&](int64_t begin, int64_t end) {
     PackedKV<E> kv(D, Tp);
     std::vector<float> dkt(D * Tp), dvt(D * Tp), s(BQ * KC), dp(BQ * KC), dq_acc(BQ * D), delta(BQ);
-    std::vector<E> p_tile(direct ? 0 : BQ * KC), p_pk(BQ * KC), ds_tile(BQ * KC), ds_pk(BQ * KC), qt(D * BQ),
+    std::vector<E> p_tile(own ? 0 : BQ * KC), p_pk(BQ * KC), ds_tile(BQ * KC), ds_pk(BQ * KC), qt(D * BQ),
         dot(D * BQ), k_rot(rope.on() ? T * D : 0), q_rot(rope.on() ? BQ * D : 0);  // p_tile: row-major P, only
                                                                                 // where oneDNN packs it (AMX)
     for (int64_t task = begin; task < end; ++task) {
@@ -194,7 +187,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           transpose(qi, m, D, ldq, qt.data(), mp);
           for (int64_t k0 = 0; k0 < L; k0 += KC) {
             const int64_t kc = std::min(KC, L - k0), kcp = round_up(kc, kPanel);
-            const bool diagonal = direct && m == kPanel && q0 + kPanel == k0 + kcp;
+            const bool diagonal = ends_on_diagonal(own, m, q0, k0, kcp);
             gemm_to_keys(diagonal, m, kcp, D, qi, ldq, kv.kt.data() + k0 * D, D, s.data(), KC);
             gemm_to_keys(diagonal, m, kcp, D, doi, sdo.t, kv.vt.data() + k0 * D, D, dp.data(), KC);
             // P and dS two rows at a time (rows past m are padding: zeros). dS row-major for the dQ GEMM; both
@@ -223,7 +216,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                   ds[i] = _mm512_mul_ps(_mm512_mul_ps(p[i], _mm512_sub_ps(_mm512_loadu_ps(&dp[(r + i) * KC + c]), vdelta[i])), vscale);
                   store_rne(&ds_tile[(r + i) * KC + c], ds[i]);
                 }
-                if (direct) {
+                if (own) {
                   store_pair(p_pk.data(), mp, r, c, p[0], p[1]);
                   store_pair(ds_pk.data(), mp, r, c, ds[0], ds[1]);
                 } else {
@@ -235,7 +228,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
               }
             }
             gemm_over_keys(diagonal, m, D, kcp, ds_tile.data(), KC, kv.k.data() + k0 * kPanel, Tp, dq_acc.data(), D, k0 > 0);
-            if (!direct) {
+            if (!own) {
               pack(p_tile.data(), mp, kcp, KC, p_pk.data());
               pack(ds_tile.data(), mp, kcp, KC, ds_pk.data());
             }

@@ -13,9 +13,7 @@ import torch
 from scaletrain.kernels import build
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
-def kernel_ready(bf16: bool = False) -> bool:
-    return build.bf16_ready() if bf16 else build.extension() is not None
+kernel_ready = build.ready
 
 
 def applies(h: torch.Tensor) -> bool:

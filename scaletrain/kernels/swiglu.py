@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from scaletrain.kernels import build
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
-def _ready(bf16: bool) -> bool:
-    return build.bf16_ready() if bf16 else build.extension() is not None
+_ready = build.ready
 
 
 def applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
