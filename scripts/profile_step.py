@@ -57,7 +57,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rows", type=int, default=35)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--loss-chunk", type=int, default=0)
+    p.add_argument("--loss-chunk", type=int, default=2048, help="train.loss_chunk (default: the bench's)")
     p.add_argument("--attention", default="sdpa")
     p.add_argument("--trace", default=None, help="write rank 0's chrome trace here")
     p.add_argument("--shapes", action="store_true", help="one row per op and input shapes")

@@ -81,7 +81,7 @@ def test_two_rank_classification_finetune_learns_evaluates_exports(setup, tmp_pa
 
     rc, out, err = run_cli("eval", str(run), "--data", str(s["test"]), "--json")
     assert rc == 0, err[-2000:]
-    res = json.loads(out.strip().splitlines()[-1])
+    res = json.loads(out)  # stdout is the JSON alone
     print(f"held-out accuracy {res['accuracy']:.3f}, macro-F1 {res['f1']:.3f} on {res['examples']} lines")
     assert res["examples"] == 400 and res["accuracy"] >= 0.85  # chance: 0.5
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 from scaletrain.cpuinfo import cpuinfo_field
 
@@ -17,10 +18,17 @@ def _cpu_flags() -> set[str]:
     return set((cpuinfo_field("flags") or "").split())
 
 
+def _version(package: str) -> str | None:
+    # From the installed metadata, not by importing: `import deepspeed` probes for an accelerator and logs
+    # what it found to stdout, which would corrupt the JSON the bench prints there.
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def machine_info() -> dict:
-    import deepspeed
     import torch
-    import transformers
 
     flags = _cpu_flags()
     info = {
@@ -32,8 +40,8 @@ def machine_info() -> dict:
         "avx512_bf16": "avx512_bf16" in flags,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
-        "deepspeed": deepspeed.__version__,
-        "transformers": transformers.__version__,
+        "deepspeed": _version("deepspeed"),
+        "transformers": _version("transformers"),
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
