@@ -17,8 +17,8 @@ from scaletrain.kernels import build, cpu_attention
 from scaletrain.model.attention import attention, eager_attention
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 
-needs_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(), reason="needs AMX or AVX-512-BF16 and a C++ compiler")
-needs_fp32_kernel = pytest.mark.skipif(not cpu_attention.fp32_kernel_ready(), reason="needs AVX-512 and a C++ compiler")
+needs_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(bf16=True), reason="needs AMX or AVX-512-BF16 and a C++ compiler")
+needs_fp32_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(bf16=False), reason="needs AVX-512 and a C++ compiler")
 BF16_REL = 2e-2
 
 
@@ -153,7 +153,7 @@ ROPE_SHAPES = [(2, 4, 2, 200, 64, "bthd"), (1, 2, 1, 130, 128, "bhtd"), (4, 4, 4
 def test_rope_inside_the_kernel_matches_eager_on_rotated_inputs(b, h, kh, t, d, layout, dtype):
     """q, k go in unrotated with the model's tables; out and the gradients w.r.t. the unrotated q, k, v equal
     fp32 eager attention of apply_rope(q), apply_rope(k), v (autograd through the rotation)."""
-    if not (cpu_attention.kernel_ready() if dtype == torch.bfloat16 else cpu_attention.fp32_kernel_ready()):
+    if not cpu_attention.kernel_ready(bf16=dtype == torch.bfloat16):
         pytest.skip("needs the kernel for this dtype")
     from scaletrain.model.llama import apply_rope, rope_tables
 

@@ -13,7 +13,7 @@ STEPS = 16
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not cpu_attention.kernel_ready(), reason="needs AMX or AVX-512-BF16 and a C++ compiler")
+@pytest.mark.skipif(not cpu_attention.kernel_ready(bf16=True), reason="needs AMX or AVX-512-BF16 and a C++ compiler")
 def test_bf16_run_with_our_kernels_tracks_pytorch_kernels(tmp_path, monkeypatch):
     corpus = small_corpus(tmp_path / "corpus")
     base = [*TINY, "model.hidden_size=128", "model.num_heads=2", "model.num_kv_heads=1",  # head size 64

@@ -23,16 +23,7 @@ import torch
 from scaletrain.kernels import build
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
-def kernel_ready() -> bool:
-    """bf16: the kernels built and the CPU has AVX-512-BF16 (every AMX CPU has it)."""
-    return build.bf16_ready()
-
-
-@torch.compiler.assume_constant_result
-def fp32_kernel_ready() -> bool:
-    """fp32: the kernels built (AVX-512)."""
-    return build.extension() is not None
+kernel_ready = build.ready  # (bf16): the build and AVX-512-BF16 (every AMX CPU has it); fp32: the build
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -41,7 +32,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and v.dtype == q.dtype and q.shape[2] == k.shape[2] and q.shape[-1] % 64 == 0
             and q.shape[1] % k.shape[1] == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-            and (kernel_ready() if q.dtype == torch.bfloat16 else fp32_kernel_ready()))
+            and kernel_ready(q.dtype == torch.bfloat16))
 
 
 @torch.library.custom_op("scaletrain::cpu_causal_attention", mutates_args=())
