@@ -66,8 +66,7 @@ void check_inputs(std::initializer_list<const at::Tensor*> xs, const at::Tensor&
                 "cpu attention: bf16 or fp32 tensors, all of one dtype");
     TORCH_CHECK(x->dim() == 4 && x->stride(3) == 1, "cpu attention: [B, H, T, D] with contiguous D");
   }
-  TORCH_CHECK(q.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
-              "cpu attention: bf16 needs a CPU with AVX512_BF16");
+  scaletrain::check_bf16_cpu(q, "cpu attention");
   TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "cpu attention: causal self-attention only (Tq == Tk)");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) % kPanel == 0 && k.size(0) == q.size(0),
               "cpu attention: head count must divide by kv heads, head size must be a multiple of 64");

@@ -74,8 +74,7 @@ at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets,
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.is_contiguous() && weight.scalar_type() == at::kFloat &&
                   weight.is_contiguous(),
               "softmax_cross_entropy: int64 targets and fp32 weights, contiguous");
-  TORCH_CHECK(logits.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
-              "softmax_cross_entropy: bf16 needs a CPU with AVX512_BF16");
+  scaletrain::check_bf16_cpu(logits, "softmax_cross_entropy");
   const int64_t n = logits.size(0), V = logits.size(1);
   TORCH_CHECK(targets.numel() == n && weight.numel() == n, "softmax_cross_entropy: one target and weight per row");
   TORCH_CHECK(n == 0 || (targets.min().item<int64_t>() >= 0 && targets.max().item<int64_t>() < V),

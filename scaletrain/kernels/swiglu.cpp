@@ -76,6 +76,7 @@ void check(std::initializer_list<const at::Tensor*> xs) {
                 "swiglu: bf16 or fp32 tensors, all of one dtype");
     TORCH_CHECK(x->is_contiguous() && x->sizes() == first.sizes(), "swiglu: contiguous tensors of one shape");
   }
+  scaletrain::check_bf16_cpu(first, "swiglu");
 }
 
 constexpr int64_t kGrain = 1 << 14;
@@ -86,8 +87,6 @@ constexpr int64_t kGrain = 1 << 14;
 
 at::Tensor swiglu_forward(const at::Tensor& g, const at::Tensor& u) {
   check({&g, &u});
-  TORCH_CHECK(g.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
-              "swiglu: bf16 needs a CPU with AVX512_BF16");
   auto h = at::empty_like(g);
   at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
     if (g.scalar_type() == at::kBFloat16)
@@ -100,8 +99,6 @@ at::Tensor swiglu_forward(const at::Tensor& g, const at::Tensor& u) {
 
 std::vector<at::Tensor> swiglu_backward(const at::Tensor& dh, const at::Tensor& g, const at::Tensor& u) {
   check({&dh, &g, &u});
-  TORCH_CHECK(g.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"),
-              "swiglu: bf16 needs a CPU with AVX512_BF16");
   auto dg = at::empty_like(g), du = at::empty_like(u);
   at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
     if (g.scalar_type() == at::kBFloat16)

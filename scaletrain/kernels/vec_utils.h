@@ -1,6 +1,7 @@
 // 16-lane fp32 loads and stores from/to bf16 or fp32 memory (AVX-512), shared by the CPU kernels.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -25,6 +26,13 @@ inline void store_rne(c10::BFloat16* p, __m512 v) {
 }
 #pragma GCC pop_options
 inline void store_rne(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+// The guard for the line above: a kernel entry point calls it before any bf16 code runs (`op` names the
+// kernel in the error). fp32 tensors pass on any CPU.
+inline void check_bf16_cpu(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.scalar_type() != at::kBFloat16 || __builtin_cpu_supports("avx512bf16"), op,
+              ": bf16 needs a CPU with AVX512_BF16");
+}
 
 // 2^x in ~10 instructions (ATen's exp_u20 takes ~20, and the softmax loops are bound by it): 2^n * q(f)
 // with n = round(x), f = x - n in [-0.5, 0.5], q a degree-5 fit of 2^f (relative error 2.4e-7 in fp32).
