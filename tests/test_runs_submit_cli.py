@@ -163,6 +163,12 @@ def test_submit_bad_time_missing_tools_unreachable(tmp_path):
     one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=ping_ok)[::2], "SLURM not reachable")
     gres = _fake_bin(tmp_path, sbatch='echo "sbatch: error: Invalid generic resource (gres) specification" >&2; exit 1')
     one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=gres)[::2], "use --gpus-per-node 0")
+    assert not (tmp_path / "run").exists()   # refused by sbatch: no run dir left behind
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "submit.sbatch").write_text("the script of an earlier job\n")
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=gres)[::2], "use --gpus-per-node 0")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["submit.sbatch"]
+    assert (tmp_path / "run" / "submit.sbatch").read_text() == "the script of an earlier job\n"   # kept as it was
 
 
 def test_submit_prints_job_run_dir_and_tensorboard(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch_utils import TINY, run_training, small_corpus, signal_ranks, start_training, tb_scalars, wait_for
+from launch_utils import TINY, kill_group, run_training, small_corpus, signal_ranks, start_training, tb_scalars, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +93,32 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sig):
     assert sorted(got) == sorted(expected) == list(range(1, 41))
     assert [got[s] for s in got] == [expected[s] for s in got], "resumed curve differs from the uninterrupted one"
     assert json.loads((resumed / "status.json").read_text())["state"] == "finished"
+    if ranks == 1:  # the same command once more: nothing to train, and the finished run's record stays as it was
+        status, events = (resumed / "status.json").read_text(), sorted((resumed / "tb").rglob("*"))
+        proc = run_training(ranks, [*common, f"run.dir={resumed}"])
+        assert "has finished: step 40 of train.max_steps 40" in proc.stdout, proc.stdout[-2000:]
+        assert (resumed / "status.json").read_text() == status and sorted((resumed / "tb").rglob("*")) == events
+
+
+def test_second_trainer_on_a_live_run_dir_is_refused(base, tmp_path):
+    """The same command started again while the first still trains (a second terminal, a job submitted
+    twice): one line, exit 2, before it touches anything; the first trains on and its curve is whole."""
+    d = tmp_path / "live"
+    args = [*base, "train.max_steps=100000", "train.precision=fp32", "train.save_every=5", f"run.dir={d}"]
+    first = start_training(1, args)
+    try:
+        assert wait_for((d / "checkpoints" / "latest").exists, timeout=180)
+        second = run_training(1, args, check=False)
+        errors = [ln for ln in second.stdout.splitlines() if ln.startswith("error: ")]
+        assert second.returncode == 2 and "Traceback" not in second.stdout, second.stdout[-3000:]
+        assert len(errors) == 1 and f"run.dir {d} is in use by a running trainer (pid {first.pid} on " in errors[0]
+        signal_ranks(d, signal.SIGUSR1)
+        out, _ = first.communicate(timeout=180)
+    finally:
+        kill_group(first)
+    assert first.returncode == 0, out[-3000:]
+    stopped_at = json.loads((d / "status.json").read_text())["step"]
+    assert sorted(_curve(d)) == list(range(1, stopped_at + 1))  # train.log_every=1: every step, once
 
 
 def test_zero_offload_optimizer_trains_like_the_plain_optimizer(base, tmp_path):

@@ -189,6 +189,30 @@ def write_script(o: SubmitOptions, text: str) -> Path:
     return path
 
 
+def submit_keeping_previous(o: SubmitOptions, text: str) -> tuple[str, Path]:
+    """Write <run.dir>/submit.sbatch and sbatch it. When sbatch refuses (a partition, account or GPU request
+    the cluster does not have), the run dir is left as it was: the previous script back in place, or no
+    script and no run dir where there was none."""
+    run_dir = Path(o.run_dir)
+    created = not run_dir.exists()
+    script = run_dir / "submit.sbatch"
+    previous = script.with_name(".submit.sbatch.previous")
+    if script.exists():
+        script.replace(previous)
+    try:
+        path = write_script(o, text)
+        job = submit(path)
+    except BaseException:
+        script.unlink(missing_ok=True)
+        if previous.exists():
+            previous.replace(script)
+        elif created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    previous.unlink(missing_ok=True)
+    return job, path
+
+
 def _sbatch() -> str:
     exe = shutil.which("sbatch")
     if exe is None:
@@ -351,8 +375,7 @@ def submit_command(args: argparse.Namespace) -> int:
     check_tools(o.mode)       # fail before writing when SLURM is not installed or not answering,
     check_reachable()
     check_run_dir_free(o.run_dir)   # or when a live job already owns the run dir
-    path = write_script(o, text)
-    job = submit(path)
+    job, path = submit_keeping_previous(o, text)
     record_submission(o.run_dir, job, path)  # a second submit sees this job while it is still only queued
     ranks, _ = validate(o)
     print(f"submitted job {job}: {o.nodes} node(s) x {ranks} rank(s), {o.mode} mode, time limit {o.time}\n"

@@ -30,6 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_rank() -> int:
+    """This process's global rank as its launcher set it, before `setup` (0 without a launcher)."""
+    return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
+
+
 def setup(threads: int = 0) -> Dist:
     """Initialise torch.distributed through DeepSpeed (gloo + shared memory on CPU, nccl on CUDA).
 

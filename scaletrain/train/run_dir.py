@@ -9,11 +9,14 @@
     <run.dir>/pids/            rank<N>.pid of every rank (pids in that rank's host's namespace)
     <run.dir>/checkpoints/     see checkpoint.py
     <run.dir>/tb/              TensorBoard event files
+    <run.dir>/.trainer.lock    held (flock) by the running trainer's rank 0: "pid N on HOST"
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
 import socket
 import time
@@ -93,6 +96,8 @@ class RunDir:
 
     def write_status(self, **fields: Any) -> None:
         status = self.status()
+        # no NaN in the file (a run stopped before its first step has no loss): strict JSON readers refuse it
+        fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
         status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         write_text_atomic(self.path / "status.json", json.dumps(status, indent=1))
 
@@ -101,3 +106,41 @@ class RunDir:
             return json.loads((self.path / "status.json").read_text())
         except (OSError, json.JSONDecodeError):
             return {}
+
+
+class RunLock:
+    """One trainer per run dir. Two trainers on one run.dir (a second terminal, a job submitted twice) would
+    race each other's checkpoints and TensorBoard files; the second one stops at `acquire` instead. flock,
+    not a pid file: the kernel drops it when the holder dies, so a crash or a requeue never leaves it stale.
+    Only rank 0 takes it. On filesystems without locks (some network mounts) it is skipped."""
+
+    NAME = ".trainer.lock"
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(os.path.expanduser(str(run_dir))) / self.NAME
+        self.handle = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"run.dir {self.path.parent} is in use by a running trainer ({holder}); wait for it to "
+                            "end, stop it (kill -USR1 <pid>) or choose another run.dir") from None
+        except OSError:  # no lock support here: go on unguarded rather than refuse to train
+            handle.close()
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file drops the flock
+            self.handle = None

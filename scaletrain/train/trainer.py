@@ -30,13 +30,14 @@ from scaletrain.model import classify
 from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 from scaletrain.train import checkpoint, finetune, init_from
-from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, barrier, collectives_status, setup, shutdown
+from scaletrain.train.distributed import (Dist, all_reduce_sum, any_rank, barrier, collectives_status, launcher_rank,
+                                          setup, shutdown)
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
 from scaletrain.train.perf import compile_model
 from scaletrain.plan import check_fits
 from scaletrain.train import resume
 from scaletrain.train.guard import StepGuard
-from scaletrain.train.run_dir import RunDir, launch_info
+from scaletrain.train.run_dir import RunDir, RunLock, launch_info
 from scaletrain.train.run_lineage import weights_id
 from scaletrain.train.schedule import WarmupCosine, lr_at
 
@@ -88,7 +89,7 @@ def load_data(cfg: Config, dist: Dist):
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, lock: RunLock | None = None):
         self.stop = StopFlag()  # before any pid file exists: a USR1 during start-up is a stop request, not a kill
         cfg = init_from.resolve(cfg)  # fails fast on a shape mismatch; sets data.tokenizer from init.from
         self.cfg = cfg
@@ -99,6 +100,8 @@ class Trainer:
         # estimated memory per rank vs what a rank has (scaletrain plan), before anything is written; a growing
         # run is checked at its last (largest) stage
         check_fits(RunGrowth(cfg).config_at(len(cfg.growth.schedule)))
+        if lock is not None and launcher_rank() == 0:
+            lock.acquire()  # a second trainer on this run.dir stops here, before it reads or writes anything in it
         self.dist = setup(cfg.train.threads)
         self.growth = RunGrowth(cfg)
         tag = self._find_tag()
@@ -303,6 +306,10 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, t, d = self.cfg, self.cfg.train, self.dist
+        if self.step >= t.max_steps:  # the same command again after the end: leave status and TensorBoard as they are
+            self.log(f"run.dir {self.run.path} has finished: step {self.step} of train.max_steps {t.max_steps}, nothing "
+                     "to train (raise train.max_steps to train on, or use a new run.dir)")
+            return {"state": "finished", "step": self.step, "consumed_tokens": self.consumed * t.seq_len}
         n_params, fpt = self._sizes()
         tokens_per_step = self.global_batch * t.seq_len
         peak = all_reduce_sum([measure_peak_flops(DTYPES[t.precision], d.device)])[0]
@@ -381,10 +388,14 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict:
-    trainer = Trainer(cfg)
+    lock = RunLock(cfg.run.dir)
     try:
-        summary = trainer.fit()
+        trainer = Trainer(cfg, lock)
+        try:
+            summary = trainer.fit()
+        finally:
+            trainer.engine.destroy() if hasattr(trainer.engine, "destroy") else None
     finally:
-        trainer.engine.destroy() if hasattr(trainer.engine, "destroy") else None
+        lock.release()
     shutdown()  # reached by every rank of a run that ended normally (a failing rank raises instead)
     return summary
