@@ -172,14 +172,15 @@ def step_time(cfg: Config, ranks: int, total_peak_flops: float, device: str) -> 
 
 
 def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None, memory: Optional[float] = None,
-           peak_flops: Optional[float] = None) -> str:
-    """The text `scaletrain plan` prints. `gpus`: ranks per node; `memory`: bytes per rank (default: this
-    machine's, see device_memory); `peak_flops`: per rank (default: measured here)."""
+           peak_flops: Optional[float] = None, ranks: Optional[int] = None) -> str:
+    """The text `scaletrain plan` prints. `gpus`: ranks per node (the most on one node where a hostfile's hosts
+    differ); `ranks`: all of them (default gpus x nodes); `memory`: bytes per rank (default: this machine's,
+    see device_memory); `peak_flops`: per GPU or per CPU machine (default: measured here)."""
     import torch
 
     from scaletrain.train.metrics import measure_peak_flops
 
-    ranks = gpus * nodes
+    ranks = ranks or gpus * nodes
     here = "cuda" if torch.cuda.is_available() else "cpu"
     device = device or here
     P, fpt = num_params(cfg), flops_per_token(cfg)
@@ -223,7 +224,8 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
     else:
         source = "given with --peak-tflops"
     if peak_flops:
-        best, typical = step_time(cfg, ranks, peak_flops * (nodes if device == "cpu" else ranks), device)
+        # CPU: a machine's ranks share its peak, and the busiest machine sets the pace of every step
+        best, typical = step_time(cfg, ranks, peak_flops * (ranks / gpus if device == "cpu" else ranks), device)
         lines.append(f"step time    >= {best:.3g} s at 100% of {peak_flops / 1e12:.2f} TFLOP/s per {'machine' if device == 'cpu' else 'GPU'} ({source}); "
                      f"~{typical:.3g} s at {TYPICAL_MFU.get(device, 0.4):.0%} MFU -> {typical * t.max_steps / 3600:.2f} h for {t.max_steps} steps")
     else:

@@ -160,8 +160,22 @@ def c_hostfile_missing(tmp, base):
     return _plan_hostfile(tmp, None), ("hostfile", "not found")
 
 
-def c_hostfile_uneven_slots(tmp, base):
-    return _plan_hostfile(tmp, "worker-0 slots=8\nworker-1 slots=4\n"), ("different slots", "--gpus")
+def c_hostfile_more_ranks_than_slots(tmp, base):
+    return _plan_hostfile(tmp, "worker-0 slots=8\nworker-1 slots=4\n") + ["--gpus", "6"], ("--gpus 6", "worker-1=4")
+
+
+def c_hostfile_more_nodes_than_hosts(tmp, base):
+    return _plan_hostfile(tmp, "worker-0 slots=8\nworker-1 slots=4\n") + ["--nodes", "3"], ("--nodes 3", "2 host(s)")
+
+
+def c_hostfile_gpus_with_include(tmp, base):
+    argv = _plan_hostfile(tmp, "worker-0 slots=4\nworker-1 slots=4\n") + ["--gpus", "2", "--include", "worker-0"]
+    return argv, ("--gpus/--nodes and --include/--exclude", "use one")
+
+
+def c_hostfile_include_no_slot(tmp, base):
+    argv = _plan_hostfile(tmp, "worker-0 slots=4\nworker-1 slots=4\n") + ["--include", "worker-1:"]
+    return argv, ("--include", "no slot", "worker-1:0,1")
 
 
 def c_hostfile_include_unknown_host(tmp, base):

@@ -110,6 +110,30 @@ def test_plan_report_lines():
     assert " *2 " in text and "80.00 GB per rank" in text and "fits" in text and "step time" in text
 
 
+@pytest.mark.parametrize("flags,ranks,per_node", [
+    ([], 16, 8),                                   # hostfile.example: 2 hosts x 8 slots
+    (["--include", "worker-0@worker-1:0,2"], 10, 8),  # the README's filters: hosts left with different slots
+    (["--exclude", "worker-1:0"], 15, 8),
+    (["--nodes", "1"], 8, 8),                      # as deepspeed --num_nodes / --num_gpus: first hosts, first slots
+    (["--gpus", "2"], 4, 2),
+])
+def test_plan_counts_the_ranks_deepspeed_would_start_from_a_hostfile(flags, ranks, per_node, capsys):
+    from scaletrain.cli import main
+
+    argv = ["plan", "--config", TINY_YAML, "--hostfile", str(REPO / "hostfile.example"), "--device", "cpu",
+            "--memory-gb", "64", "--peak-tflops", "1", *flags]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert f"batch        {ranks} rank(s) x " in text
+    # the busiest machine's ranks share its 1 TFLOP/s: the step takes as long as `per_node` ranks' work on one
+    cfg = load_config(TINY_YAML)
+    from scaletrain.plan import flops_per_token
+
+    tokens = cfg.global_batch_windows(ranks) * cfg.train.seq_len
+    best = float(text.split("step time    >= ")[1].split(" s")[0])
+    assert best == pytest.approx(tokens * flops_per_token(cfg) / (1e12 * ranks / per_node), rel=2e-3)
+
+
 # ---- NaN guard --------------------------------------------------------------------------------------------
 
 class _Sched:

@@ -88,9 +88,11 @@ def _parse_filter(spec: str, hosts: "dict[str, int]", flag: str) -> "OrderedDict
         if not part:
             raise UserError(f"{flag} {spec!r} has an empty entry; separate hosts with a single '@', "
                             f"e.g. worker-0@worker-1:0,2")
-        host, _, slot_text = part.partition(":")
+        host, colon, slot_text = part.partition(":")
         if host not in hosts:
             raise UserError(f"{flag}: unknown host {host!r}; the hostfile has {', '.join(hosts)}")
+        if colon and not slot_text.strip():  # DeepSpeed's parser raises a ValueError traceback on `host:`
+            raise UserError(f"{flag}: {part!r} has ':' but no slot; write {host}:0,1 for slots or {host} for the whole host")
         slots: list[int] = []
         if slot_text:
             for s in slot_text.split(","):
