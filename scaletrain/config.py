@@ -9,21 +9,34 @@ import copy
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from scaletrain.errors import UserError
+
+
+_E_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _whole_numbers_in_e_notation(cls, value: Any, info: ValidationInfo) -> Any:
+        """PyYAML reads `5e7` (no dot) as a string: where a whole number is expected, it is one."""
+        if isinstance(value, str) and _E_NUMBER.fullmatch(value.strip()):
+            if cls.model_fields[info.field_name].annotation in (int, Optional[int]) and float(value).is_integer():
+                return int(float(value))
+        return value
+
 
 class RunConfig(_Section):
-    dir: str = "runs/tiny"
+    dir: str = Field("runs/tiny", min_length=1)
 
 
 class ModelConfig(_Section):
@@ -140,6 +153,26 @@ class GrowthConfig(_Section):
     seed: int = 0
 
 
+# ds_config entries generated from scaletrain's own settings (deepspeed_config below), and those settings
+DEEPSPEED_OWNED = {
+    "train_batch_size": "train.micro_batch_size x train.grad_accum x ranks",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum",
+    "gradient_clipping": "train.grad_clip",
+    "bf16.enabled": "train.precision",
+    "fp16.enabled": "train.precision",
+    "optimizer": "train.lr, train.beta1, train.beta2 and train.weight_decay (scaletrain builds the AdamW)",
+    "scheduler": "train.warmup_steps and train.min_lr (scaletrain's warmup + cosine schedule)",
+    "zero_optimization.stage": "zero.stage",
+    "zero_optimization.offload_optimizer.device": "zero.offload_optimizer",
+    "zero_optimization.offload_param.device": "zero.offload_param",
+    "zero_optimization.contiguous_gradients": "zero.contiguous_gradients",
+    "zero_optimization.overlap_comm": "zero.overlap_comm",
+    "zero_optimization.reduce_bucket_size": "zero.reduce_bucket_size",
+}
+_ABSENT = object()
+
+
 class Config(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -149,6 +182,18 @@ class Config(_Section):
     init: InitConfig = InitConfig()
     growth: GrowthConfig = GrowthConfig()
     deepspeed: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_deepspeed(self) -> "Config":
+        """The `deepspeed:` mapping may add anything DeepSpeed reads, but not a value scaletrain sets from its own
+        keys: checkpoints, resharding, the memory plan and the lr schedule read those, and would disagree."""
+        for path, ours in DEEPSPEED_OWNED.items():
+            node: Any = self.deepspeed
+            for part in path.split("."):
+                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+            if node is not _ABSENT:
+                raise ValueError(f"deepspeed.{path} is set by scaletrain from {ours}; set that instead")
+        return self
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "Config":

@@ -89,8 +89,24 @@ def test_overrides_win_over_file_and_later_wins(tmp_path):
 def test_nested_override_into_deepspeed_mapping():
     tree = parse_overrides(["deepspeed.zero_optimization.stage=3", "deepspeed.steps_per_print=7", "model.num_layers=2"])
     assert tree == {"deepspeed": {"zero_optimization": {"stage": 3}, "steps_per_print": 7}, "model": {"num_layers": 2}}
-    cfg = load_config(None, ["deepspeed.zero_optimization.stage=3", "deepspeed.flops_profiler.enabled=true"])
-    assert cfg.deepspeed == {"zero_optimization": {"stage": 3}, "flops_profiler": {"enabled": True}}
+    cfg = load_config(None, ["deepspeed.zero_optimization.round_robin_gradients=true", "deepspeed.flops_profiler.enabled=true"])
+    assert cfg.deepspeed == {"zero_optimization": {"round_robin_gradients": True}, "flops_profiler": {"enabled": True}}
+
+
+@pytest.mark.parametrize("override,owned,ours", [
+    ("deepspeed.zero_optimization.stage=1", "zero_optimization.stage", "zero.stage"),
+    ("deepspeed.train_micro_batch_size_per_gpu=4", "train_micro_batch_size_per_gpu", "train.micro_batch_size"),
+    ("deepspeed.bf16.enabled=false", "bf16.enabled", "train.precision"),
+    ("deepspeed.zero_optimization.offload_optimizer.device=cpu", "zero_optimization.offload_optimizer.device",
+     "zero.offload_optimizer"),
+    ("deepspeed.optimizer.type=Adam", "optimizer", "train.lr"),
+])
+def test_deepspeed_mapping_cannot_contradict_scaletrain_keys(override, owned, ours):
+    """The manifest records zero.stage and resharding reads it: a ds_config saying otherwise is refused."""
+    with pytest.raises(UserError) as exc:
+        load_config(None, [override])
+    msg = str(exc.value)
+    assert "\n" not in msg and f"deepspeed.{owned} is set by scaletrain from {ours}" in msg
 
 
 @pytest.mark.parametrize("bad", ["train.lr", "=3", "model..num_layers=2", ".x=1"])
@@ -243,17 +259,28 @@ def test_ds_user_mapping_merged_last(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text(
         "train:\n  precision: bf16\n  micro_batch_size: 4\nzero:\n  stage: 2\n"
-        "deepspeed:\n  zero_optimization:\n    stage: 3\n    stage3_max_live_parameters: 1000\n"
-        "  bf16:\n    enabled: false\n  steps_per_print: 5\n  wall_clock_breakdown: true\n"
+        "deepspeed:\n  zero_optimization:\n    round_robin_gradients: true\n    allgather_bucket_size: 1000\n"
+        "  bf16:\n    immediate_grad_update: true\n  steps_per_print: 5\n  wall_clock_breakdown: true\n"
     )
-    cfg = load_config(f, ["deepspeed.train_micro_batch_size_per_gpu=4"])
+    cfg = load_config(f, ["deepspeed.zero_optimization.allgather_bucket_size=2000"])
     ds = deepspeed_config(cfg, 2)
     z = ds["zero_optimization"]
-    assert z["stage"] == 3 and z["stage3_max_live_parameters"] == 1000  # user wins, key added
+    assert z["stage"] == 2 and z["allgather_bucket_size"] == 2000 and z["round_robin_gradients"] is True  # keys added
     assert z["contiguous_gradients"] is True and "reduce_bucket_size" in z  # generated keys kept (deep merge)
-    assert ds["bf16"] == {"enabled": False}
-    assert ds["steps_per_print"] == 5 and ds["wall_clock_breakdown"] is True
+    assert ds["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert ds["steps_per_print"] == 5 and ds["wall_clock_breakdown"] is True  # user wins where scaletrain has no key
     assert ds["train_batch_size"] == 8
     # The config object itself is not mutated by generating ds_config.
-    assert cfg.deepspeed["zero_optimization"] == {"stage": 3, "stage3_max_live_parameters": 1000}
+    assert cfg.deepspeed["zero_optimization"] == {"round_robin_gradients": True, "allgather_bucket_size": 2000}
     assert deepspeed_config(cfg, 2) == ds
+
+
+def test_whole_numbers_in_e_notation_and_an_empty_run_dir():
+    """PyYAML reads 5e7 as a string; where the key is a whole number it is 50,000,000 (as the README writes
+    it). 5.5e0 is not whole: refused. An empty run.dir (an unset shell variable) would train into the cwd."""
+    cfg = load_config(None, ["zero.reduce_bucket_size=5e7", "train.max_steps=1e3", "model.attention_window=1E2"])
+    assert (cfg.zero.reduce_bucket_size, cfg.train.max_steps, cfg.model.attention_window) == (50_000_000, 1000, 100)
+    for bad, needle in [("zero.reduce_bucket_size=5.5e0", "zero.reduce_bucket_size"), ("run.dir=", "run.dir")]:
+        with pytest.raises(UserError) as exc:
+            load_config(None, [bad])
+        assert needle in str(exc.value) and "\n" not in str(exc.value)
