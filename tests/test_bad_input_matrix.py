@@ -51,6 +51,17 @@ def c_ckpt_tampered_checksum(tmp, base):
     return train(tmp), (OPTIM_FILE, "sha256")
 
 
+def c_export_tampered_tag_named_directly(tmp, base):
+    """A tag given by its path gets the same sha256 check as a run dir's newest tag (it used to export
+    whatever the damaged file held)."""
+    tag = _run(tmp, base)
+    f = tag / OPTIM_FILE
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return ["export-hf", str(tag), "--out", str(tmp / "hf")], (str(tag), "sha256", "give its run dir")
+
+
 def c_ckpt_missing_shard(tmp, base):
     (_run(tmp, base) / OPTIM_FILE).unlink()
     return train(tmp), (OPTIM_FILE, "missing")

@@ -9,7 +9,7 @@
     <run.dir>/pids/            rank<N>.pid of every rank (pids in that rank's host's namespace)
     <run.dir>/checkpoints/     see checkpoint.py
     <run.dir>/tb/              TensorBoard event files
-    <run.dir>/.trainer.lock    held (flock) by the running trainer's rank 0: "pid N on HOST"
+    <run.dir>/.trainer.lock    empty; held (flock) by the running trainer's rank 0
 """
 
 from __future__ import annotations
@@ -126,19 +126,15 @@ class RunLock:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
             handle.close()
+            status = RunDir(self.path.parent).status()  # the holder's, once it has started training
+            holder = f"pid {status['pid']} on {status['host']}" if status.get("state") == "running" else "starting"
             raise UserError(f"run.dir {self.path.parent} is in use by a running trainer ({holder}); wait for it to "
                             "end, stop it (kill -USR1 <pid>) or choose another run.dir") from None
         except OSError:  # no lock support here: go on unguarded rather than refuse to train
             handle.close()
             return
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        self.handle = handle
+        self.handle = handle  # the file stays empty: a failed start leaves the run dir byte for byte as it was
 
     def release(self) -> None:
         if self.handle is not None:

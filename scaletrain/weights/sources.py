@@ -169,6 +169,11 @@ def open_weights(path: str | Path) -> WeightSource:
         src.path = d
         return src
     if any(d.glob("*model_states.pt")):
+        from scaletrain.train.checkpoint import verify
+
+        damaged = verify(d)  # what resuming checks for every tag; named directly, a tag gets no fallback
+        if damaged:
+            raise UserError(f"checkpoint {d} is not usable: {damaged}; give its run dir to use the newest good checkpoint")
         run = d.parent.parent if d.parent.name == "checkpoints" else None
         return _open_tag(d, run, "deepspeed")
     if (d / CONFIG_YAML).is_file():
