@@ -152,6 +152,14 @@ def c_run_dir_other_model(tmp):
     return train(tmp), "different model"
 
 
+def c_run_dir_cannot_be_created(tmp):
+    return train(tmp, "run.dir=/proc/scaletrain-run"), ("run.dir", "/proc/scaletrain-run")
+
+
+def c_flash_attention_without_cuda(tmp):
+    return train(tmp, "model.attention=flash"), "model.attention=flash"
+
+
 def c_run_dir_damaged_config(tmp):
     _write(tmp / "run" / "config.yaml", "model: {hidden_size: [\n")
     return train(tmp), "config.yaml"

@@ -121,8 +121,11 @@ class RunLock:
         self.handle = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        try:  # the first write of a run: where the preflight's permission probe was not enough (root, /proc, ...)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")
+        except OSError as e:
+            raise UserError(f"run.dir {self.path.parent} cannot be written ({e.strerror}); choose another run.dir") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

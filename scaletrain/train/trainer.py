@@ -97,6 +97,8 @@ class Trainer:
         self.run.preflight(cfg)
         resolve_source(cfg.data.source, cfg.data.text_field)  # missing/empty data fails before DeepSpeed starts
         check_fused_ops(cfg.model.fused_ops, cuda=torch.cuda.is_available())
+        check_backend(cfg.model.attention, torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=True,
+                      doc_mask=cfg.data.doc_mask, shape=cfg.model)  # flash without CUDA, flex's CPU backward, ...
         # estimated memory per rank vs what a rank has (scaletrain plan), before anything is written; a growing
         # run is checked at its last (largest) stage
         check_fits(RunGrowth(cfg).config_at(len(cfg.growth.schedule)))
