@@ -214,6 +214,26 @@ def c_plan_gpus_zero(tmp, base):
     return ["plan", "--config", TINY_YAML, "--gpus", "0"], ("--gpus", "at least 1")
 
 
+def c_eval_batch_size_zero(tmp, base):
+    return ["eval", str(tmp / "run"), "--batch-size", "0"], ("--batch-size", "at least 1")
+
+
+def c_grow_negative_check_windows(tmp, base):
+    return ["grow", str(tmp / "run"), "--out", str(tmp / "child"), "--set", "model.num_layers=2",
+            "--check-windows", "-1"], ("--check-windows", "at least 0")
+
+
+def c_export_grow_out_under_a_file(tmp, base):
+    _write(tmp / "parent.log", "a log, not a directory")
+    return ["grow", str(base / "run"), "--out", str(tmp / "parent.log" / "child"), "--set", "model.num_layers=2"], \
+        ("--out", "parent.log is a file")
+
+
+def c_export_grow_out_cannot_be_created(tmp, base):
+    return ["grow", str(base / "run"), "--out", "/proc/scaletrain-child", "--set", "model.num_layers=2"], \
+        ("--out", "/proc/scaletrain-child")
+
+
 def c_set_without_value(tmp, base):
     return ["train", "--config", TINY_YAML, "--set"], "--set"
 

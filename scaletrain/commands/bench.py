@@ -11,14 +11,9 @@ import argparse
 import json
 import sys
 
+from scaletrain.commands.common import non_negative_int, positive_int
+
 PRECISIONS = ("bf16", "fp32", "fp16")
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def spec_from_args(a: argparse.Namespace) -> dict:
@@ -68,23 +63,23 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmark our training step against HF-Llama + DeepSpeed (JSON)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("shape (defaults: the reference shape)")
-    g.add_argument("--hidden", type=_positive, default=256)
-    g.add_argument("--layers", type=_positive, default=4)
-    g.add_argument("--heads", type=_positive, default=4)
-    g.add_argument("--kv-heads", type=_positive, default=None, help="default: --heads")
-    g.add_argument("--intermediate", type=_positive, default=688)
-    g.add_argument("--vocab", type=_positive, default=8192)
-    g.add_argument("--seq", type=_positive, default=512)
-    g.add_argument("--micro-batch", type=_positive, default=4)
+    g.add_argument("--hidden", type=positive_int, default=256)
+    g.add_argument("--layers", type=positive_int, default=4)
+    g.add_argument("--heads", type=positive_int, default=4)
+    g.add_argument("--kv-heads", type=positive_int, default=None, help="default: --heads")
+    g.add_argument("--intermediate", type=positive_int, default=688)
+    g.add_argument("--vocab", type=positive_int, default=8192)
+    g.add_argument("--seq", type=positive_int, default=512)
+    g.add_argument("--micro-batch", type=positive_int, default=4)
     r = p.add_argument_group("run")
-    r.add_argument("--ranks", type=_positive, default=2)
+    r.add_argument("--ranks", type=positive_int, default=2)
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     r.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=2, help="ZeRO stage")
     r.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["bf16", "fp32"])
-    r.add_argument("--steps", type=_positive, default=20, help="timed steps per model and precision")
-    r.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    r.add_argument("--per-round", type=_positive, default=2, help="steps per turn when alternating ours/peer")
-    r.add_argument("--threads", type=int, default=0, help="threads per rank (0 = cores / ranks, as in training)")
+    r.add_argument("--steps", type=positive_int, default=20, help="timed steps per model and precision")
+    r.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps first (compilation happens here)")
+    r.add_argument("--per-round", type=positive_int, default=2, help="steps per turn when alternating ours/peer")
+    r.add_argument("--threads", type=non_negative_int, default=0, help="threads per rank (0 = cores / ranks, as in training)")
     r.add_argument("--only", choices=("ours", "peer"), default=None,
                    help="time one contestant alone (MFU at shapes where both do not fit in memory at once)")
     r.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -93,12 +88,12 @@ def add_parser(sub) -> None:
     o.add_argument("--attention", choices=("sdpa", "flash", "flex", "eager"), default="sdpa")
     o.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="train.compile (default on)")
     o.add_argument("--fused-ops", choices=("none", "liger"), default="none", help="model.fused_ops (liger: CUDA only)")
-    o.add_argument("--loss-chunk", type=int, default=2048,
+    o.add_argument("--loss-chunk", type=non_negative_int, default=2048,
                    help="train.loss_chunk (default 2048: the reference shape's tokens per rank in one chunk; 0 = off)")
     m = p.add_argument_group("microbenchmarks (instead of the training comparison)")
     m.add_argument("--attention-only", action="store_true",
                    help="fwd+bwd of each attention backend vs eager at B4 H8 D64, T 1024 and 4096")
-    m.add_argument("--attention-seqs", type=_positive, nargs="+", default=[1024, 4096], metavar="T",
+    m.add_argument("--attention-seqs", type=positive_int, nargs="+", default=[1024, 4096], metavar="T",
                    help="sequence lengths for --attention-only")
     m.add_argument("--loss-memory", action="store_true",
                    help="peak memory of head+loss with/without --loss-chunk at vocab 32k and 128k")

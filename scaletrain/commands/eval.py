@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from scaletrain.commands.common import positive_int
+
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
@@ -55,7 +57,7 @@ def add_parser(sub) -> None:
     p.add_argument("source", metavar="CKPT_OR_RUN_DIR", help="run dir, checkpoint dir, checkpoint tag or HF dir")
     p.add_argument("--data", default=None, metavar="PATH", help=".txt/.jsonl/.parquet file, dir or glob (prompt/completion jsonl: completion tokens only)")
     p.add_argument("--json", action="store_true", help='print {"loss": ..., "ppl": ..., "tokens": ...}')
-    p.add_argument("--seq-len", type=int, default=0, help="tokens per window (default: the run's train.seq_len)")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default: the run's train.seq_len)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
     p.add_argument("--text-field", default="text", help="jsonl/parquet field holding the text")
     p.set_defaults(func=run)

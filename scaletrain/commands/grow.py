@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scaletrain.commands.common import non_negative_int, positive_int
+
 
 def _insert(text: str):
     from scaletrain.errors import UserError
@@ -37,9 +39,10 @@ def run(args: argparse.Namespace) -> int:
     from scaletrain.config import parse_overrides
     from scaletrain.errors import UserError
     from scaletrain.growth.check import sample_windows
-    from scaletrain.growth.offline import check_out, child_model_config, grow_checkpoint
+    from scaletrain.growth.offline import child_model_config, grow_checkpoint
     from scaletrain.growth.parent import open_parent
     from scaletrain.growth.plan import GrowthSpec
+    from scaletrain.weights.checkpoint_dir import check_out
     from scaletrain.weights.writer import parse_size
 
     tree = parse_overrides(args.overrides)
@@ -97,6 +100,6 @@ def add_parser(sub) -> None:
                    help="grow: also write the Adam moments transformed like their weights (DeepSpeed parents)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-shard-size", default="2GB", help="safetensors shard size (default 2GB)")
-    p.add_argument("--check-windows", type=int, default=4, help="val windows for the parent-vs-child check (0: skip)")
-    p.add_argument("--check-seq-len", type=int, default=256, help="tokens per check window")
+    p.add_argument("--check-windows", type=non_negative_int, default=4, help="val windows for the parent-vs-child check (0: skip)")
+    p.add_argument("--check-seq-len", type=positive_int, default=256, help="tokens per check window")
     p.set_defaults(func=run)

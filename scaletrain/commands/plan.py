@@ -5,17 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from scaletrain.commands.common import add_config_args
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+from scaletrain.commands.common import add_config_args, positive_int
 
 
 def _positive_float(text: str) -> float:
@@ -76,9 +66,9 @@ def run(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="parameters, FLOPs, memory per rank by ZeRO stage and step time of a config")
     add_config_args(p)
-    p.add_argument("--gpus", type=_positive, default=None, metavar="N",
+    p.add_argument("--gpus", type=positive_int, default=None, metavar="N",
                    help="ranks per node: GPUs, or CPU processes without GPUs (default 1; with --hostfile: its slots)")
-    p.add_argument("--nodes", type=_positive, default=None, metavar="K",
+    p.add_argument("--nodes", type=positive_int, default=None, metavar="K",
                    help="nodes (default 1; with --hostfile: its first K hosts, as deepspeed --num_nodes)")
     p.add_argument("--hostfile", default=None, metavar="FILE",
                    help="a DeepSpeed hostfile: nodes = its hosts, ranks on each = its slots (hosts may differ)")

@@ -12,8 +12,6 @@ Everything is written to a temp dir next to CHILD and renamed at the end: a fail
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,8 +28,9 @@ from scaletrain.growth.optimizer_state import moment_tensors
 from scaletrain.growth.parent import FileReader, Parent
 from scaletrain.growth.plan import WIDTH_DIMS, GrowthPlan, GrowthSpec
 from scaletrain.model.llama import LlamaShape
+from scaletrain.weights.checkpoint_dir import check_out, copy_tokenizer, staged
 from scaletrain.weights.files import weight_files
-from scaletrain.weights.sources import HF_TOKENIZER_FILES, expected_shapes
+from scaletrain.weights.sources import expected_shapes
 from scaletrain.weights.writer import write_safetensors
 
 GROWABLE = (*WIDTH_DIMS, "num_layers")
@@ -52,23 +51,6 @@ def child_model_config(parent: ModelConfig, overrides: dict[str, Any]) -> ModelC
     if m.hidden_size % m.num_heads == 0 and m.head_dim % 2:
         raise UserError(f"child head size hidden_size/num_heads = {m.head_dim} must be even for RoPE")
     return m
-
-
-def check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"--out {out} already exists; choose a new directory (nothing is overwritten)")
-
-
-def _copy_tokenizer(tok: Optional[Path], dest: Path) -> None:
-    if tok is None:
-        return
-    dest.mkdir()
-    if tok.is_file():
-        shutil.copyfile(tok, dest / "tokenizer.model")
-        return
-    for name in HF_TOKENIZER_FILES:
-        if (tok / name).is_file():
-            shutil.copyfile(tok / name, dest / name)
 
 
 def _child_config(parent: Parent, child: ModelConfig) -> dict:
@@ -107,17 +89,14 @@ def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthS
     shapes = expected_shapes(child)
     recipes = list(plan.child_tensors())
     specs = [(n, shapes[n], parent.dtypes.get(r.sources[0], torch.float32)) for n, r in recipes]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     t0 = time.time()
-    try:
+    with staged(out) as tmp:  # renamed to `out` when all is written; deleted on any error
         written = write_safetensors(tmp, specs, ((n, r(parent.reader.read)) for n, r in recipes), max_shard_bytes,
                                     progress=progress)
         if optimizer == "grow":
             _write_moments(plan, parent, shapes, tmp / "optimizer", max_shard_bytes, progress)
-        _copy_tokenizer(parent.src.tokenizer, tmp / "tokenizer")
+        if parent.src.tokenizer is not None:
+            copy_tokenizer(parent.src.tokenizer, tmp / "tokenizer")
         child_tree = _child_config(parent, child)
         (tmp / "config.yaml").write_text(yaml.safe_dump(child_tree, sort_keys=False))
         check = None
@@ -136,12 +115,6 @@ def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthS
             grow={**describe(plan, spec), "optimizer": optimizer, "check": check, "seconds": round(time.time() - t0, 1)},
         )
         lineage.write(tmp, record)
-        if out.exists():  # an empty dir the user made
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

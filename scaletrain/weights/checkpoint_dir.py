@@ -23,9 +23,12 @@ DEFAULT_SHARD = "2GB"
 
 def check_out(out: Path) -> None:
     """--out must be new or an empty directory; we never overwrite."""
+    out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new directory (nothing was written)")
     probe = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("/"))
+    if not probe.is_dir():
+        raise UserError(f"--out {out}: {probe} is a file, not a directory; choose another --out")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: {probe} is not writable")
 
@@ -33,11 +36,15 @@ def check_out(out: Path) -> None:
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """Yield a temp dir next to `out`; on success it becomes `out`, on any error it is deleted."""
+    out = Path(out)
     check_out(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:  # where the permission probe was not enough (root, /proc, a read-only mount)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
     try:
         yield tmp
         if out.exists():
