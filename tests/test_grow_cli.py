@@ -172,3 +172,38 @@ def test_existing_out_is_refused(cli, parents, tmp_path):
     rc, _, stderr = cli("grow", str(parents[("mha", True)]), "--out", str(out), "--set", "model.num_layers=4")
     assert rc == 2 and "already exists" in stderr and len(stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_a_child_grown_with_its_moments_grows_again_with_them(parents, tmp_path):
+    """`--optimizer grow` from a grown child: the moments it carries (optimizer/) are read like a DeepSpeed
+    parent's. Depth growth keeps every existing tensor's moments (scale 1) and starts new blocks at zero."""
+    from safetensors.torch import load_file, save_file
+
+    child = tmp_path / "child"
+    grow_checkpoint(open_parent(parents[("mha", True)]), child, child_model_config(open_parent(parents[("mha", True)]).model,
+                    {"num_layers": 3}), GrowthSpec(), progress=False)
+    weights = {}
+    for f in child.glob("model*.safetensors"):
+        weights.update(load_file(f))
+    torch.manual_seed(3)
+    for kind in ("exp_avg", "exp_avg_sq"):  # stand-ins for the moments `--optimizer grow` would have written
+        (child / "optimizer" / kind).mkdir(parents=True)
+        save_file({n: torch.rand_like(t, dtype=torch.float32) for n, t in weights.items()},
+                  child / "optimizer" / kind / "model.safetensors")
+    (child / "optimizer" / "state.json").write_text(json.dumps({"adam_step": 11}))
+
+    parent = open_parent(child)
+    assert parent.moments is not None and parent.moments.adam_step == 11
+    grandchild = tmp_path / "grandchild"
+    grow_checkpoint(parent, grandchild, child_model_config(parent.model, {"num_layers": 5}), GrowthSpec(),
+                    optimizer="grow", progress=False)
+    assert json.loads((grandchild / "optimizer" / "state.json").read_text()) == {"adam_step": 11}
+    for kind in ("exp_avg", "exp_avg_sq"):
+        before = load_file(child / "optimizer" / kind / "model.safetensors")
+        after = {}
+        for f in (grandchild / "optimizer" / kind).glob("*.safetensors"):
+            after.update(load_file(f))
+        for name, value in before.items():
+            assert torch.equal(after[name], value), name
+        new = [n for n in after if n.startswith(("model.layers.3.", "model.layers.4."))]
+        assert new and all(not after[n].any() for n in new)

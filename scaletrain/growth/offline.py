@@ -25,6 +25,7 @@ from scaletrain.config import ModelConfig, TrainConfig, _closest, build_config
 from scaletrain.errors import UserError
 from scaletrain.growth.check import compare
 from scaletrain.growth.optimizer_state import moment_tensors
+from scaletrain.growth.engine_state import MOMENT_KINDS
 from scaletrain.growth.parent import FileReader, Parent
 from scaletrain.growth.plan import WIDTH_DIMS, GrowthPlan, GrowthSpec
 from scaletrain.model.llama import LlamaShape
@@ -34,7 +35,6 @@ from scaletrain.weights.sources import expected_shapes
 from scaletrain.weights.writer import write_safetensors
 
 GROWABLE = (*WIDTH_DIMS, "num_layers")
-MOMENT_KINDS = ("exp_avg", "exp_avg_sq")
 
 
 def child_model_config(parent: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
@@ -84,8 +84,8 @@ def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthS
     pshape, cshape = LlamaShape.from_config(parent.model), LlamaShape.from_config(child)
     plan = GrowthPlan(pshape, cshape, spec)
     if optimizer == "grow" and parent.moments is None:
-        raise UserError(f"--optimizer grow needs a parent saved with optimizer state (a run dir or DeepSpeed "
-                        f"checkpoint); {parent.src.path} has none. Use --optimizer reset")
+        raise UserError(f"--optimizer grow needs a parent saved with optimizer state (a run dir, a DeepSpeed "
+                        f"checkpoint or a child grown with --optimizer grow); {parent.src.path} has none. Use --optimizer reset")
     shapes = expected_shapes(child)
     recipes = list(plan.child_tensors())
     specs = [(n, shapes[n], parent.dtypes.get(r.sources[0], torch.float32)) for n, r in recipes]

@@ -9,6 +9,7 @@ holds the Adam moments `--optimizer grow` transforms.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -17,6 +18,7 @@ import torch
 
 from scaletrain.errors import UserError
 from scaletrain.growth.ds_reader import DeepSpeedReader
+from scaletrain.growth.engine_state import MOMENT_KINDS
 from scaletrain.weights.files import IGNORED_SUFFIXES, _load_bin, _safe_open, weight_files
 from scaletrain.weights.sources import HEAD, WeightSource, expected_shapes, open_weights, shape_problems, summarise
 
@@ -48,19 +50,41 @@ class FileReader:
         return self._bins[path][name].clone()
 
 
+class SavedMoments:
+    """The Adam moments a grown checkpoint dir carries (`grow --optimizer grow`: optimizer/exp_avg/,
+    optimizer/exp_avg_sq/, optimizer/state.json), read like DeepSpeedReader's: a grown child grows again."""
+
+    KINDS = MOMENT_KINDS
+
+    def __init__(self, optimizer_dir: Path, tied: bool):
+        self._files = {k: FileReader(weight_files(optimizer_dir / k), tied) for k in self.KINDS}
+        self.adam_step = int(json.loads((optimizer_dir / "state.json").read_text())["adam_step"])
+
+    @staticmethod
+    def present(weights_dir: Path) -> bool:
+        return (weights_dir / "optimizer" / "state.json").is_file()
+
+    def moment(self, name: str, kind: str) -> torch.Tensor:
+        return self._files[kind].read(name).float()
+
+
 @dataclass
 class Parent:
     src: WeightSource
     reader: object  # .read(name) -> tensor
     dtypes: dict[str, torch.dtype]
+    saved_moments: Optional[SavedMoments] = None
 
     @property
     def model(self):
         return self.src.model
 
     @property
-    def moments(self) -> Optional[DeepSpeedReader]:
-        return self.reader if isinstance(self.reader, DeepSpeedReader) and self.reader.has_moments() else None
+    def moments(self) -> Optional[DeepSpeedReader | SavedMoments]:
+        """.moment(name, kind) and .adam_step: a DeepSpeed parent's optimizer state, or a grown child's."""
+        if isinstance(self.reader, DeepSpeedReader) and self.reader.has_moments():
+            return self.reader
+        return self.saved_moments
 
     @property
     def id(self) -> str:
@@ -98,5 +122,7 @@ def open_parent(path: str | Path) -> Parent:
         reader: object = DeepSpeedReader(Path(src.weights_at), tied)
     else:
         reader = FileReader(weight_files(Path(src.weights_at)), tied)
+    saved = Path(src.weights_at) / "optimizer"
+    moments = SavedMoments(saved, tied) if src.kind == "checkpoint" and SavedMoments.present(Path(src.weights_at)) else None
     dtypes = {n: dt for n, _, dt in src.specs()}
-    return Parent(src, reader, dtypes)
+    return Parent(src, reader, dtypes, moments)
