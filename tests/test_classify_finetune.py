@@ -112,7 +112,9 @@ def test_two_rank_classification_finetune_learns_evaluates_exports(setup, tmp_pa
     ids = [tok.encode(t) for t in texts]
     width = max(map(len, ids))
     x = torch.tensor([i + [2] * (width - len(i)) for i in ids])  # right-padded with the pad id (EOS)
-    assert AutoTokenizer.from_pretrained(str(hf_dir))(texts[0])["input_ids"] == ids[0]
+    hf_tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    assert hf_tok(texts[0])["input_ids"] == ids[0]
+    assert hf_tok.pad_token_id == 2 and hf_tok(texts, padding=True)["input_ids"] == x.tolist()  # HF batches as we do
     with torch.no_grad():
         diff = (ours(x) - hf(input_ids=x).logits).abs().max().item()
     print(f"classifier export parity: max |dlogits| = {diff:.2e}")
@@ -167,3 +169,25 @@ def test_classifier_pools_the_last_non_pad_token_and_metrics():
     assert m["accuracy"] == 0.75 and abs(m["f1"] - (1 + 2 / 3 + 2 / 3) / 3) < 1e-9
     stop = finetune.EarlyStop(load_config("configs/tiny.yaml", ["train.early_stop_patience=2"]))
     assert [stop.update({"val/loss": v}) for v in (3.0, 2.0, 2.5, 2.1, 1.0)] == [False, False, False, True, False]
+
+
+def test_exported_classifier_tokenizer_pads_with_eos_when_copied_from_hf(tmp_path):
+    """A classifier fine-tuned from an imported HF model ships that model's tokenizer files: the export adds
+    pad_token = eos_token where they had none (and keeps one they had)."""
+    import json
+
+    from scaletrain.hf.tokenizer_files import write_hf_tokenizer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for pad, want in [(None, "</s>"), ("<pad>", "<pad>")]:
+        (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": pad}))
+        out = tmp_path / f"out-{pad}"
+        out.mkdir()
+        write_hf_tokenizer(src, out, 128, pad_with_eos=True)
+        assert json.loads((out / "tokenizer_config.json").read_text())["pad_token"] == want
+    plain = tmp_path / "lm"
+    plain.mkdir()
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    write_hf_tokenizer(src, plain, 128)  # a language model: its tokenizer as it was
+    assert "pad_token" not in json.loads((plain / "tokenizer_config.json").read_text())

@@ -73,7 +73,7 @@ def export_hf(source: str, out: str, dtype: Optional[str] = None, max_shard_size
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         gen = {"bos_token_id": bos, "eos_token_id": ours.eos_id, "do_sample": False, "transformers_version": cfg["transformers_version"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        write_hf_tokenizer(src.tokenizer, tmp, src.model.max_seq_len)
+        write_hf_tokenizer(src.tokenizer, tmp, src.model.max_seq_len, pad_with_eos=pad is not None)
         check_same_ids(tmp, ours)
         parent = src.lineage or {}
         stored = sorted({TO_ST[dt] for _, _, dt in src.specs()})

@@ -66,18 +66,27 @@ def sentencepiece_tokenizer_json(model_file: Path) -> tuple[str, dict]:
     return tok.to_str(), special
 
 
-def write_hf_tokenizer(tokenizer: Path, out: Path, max_len: int) -> None:
-    """Write the tokenizer files into `out` (the export dir): converted sentencepiece, or HF files copied."""
+def write_hf_tokenizer(tokenizer: Path, out: Path, max_len: int, pad_with_eos: bool = False) -> None:
+    """Write the tokenizer files into `out` (the export dir): converted sentencepiece, or HF files copied.
+    `pad_with_eos` (classifiers, which pool at the last non-pad token): the tokenizer pads with EOS, the model
+    config's pad_token_id, so `tokenizer(texts, padding=True)` batches the way the model reads them."""
     if tokenizer.is_dir():
         copied = [f for f in HF_FILES if (tokenizer / f).is_file()]
         if not copied:
             raise UserError(f"{tokenizer} holds no tokenizer files")
         for f in copied:
             shutil.copyfile(tokenizer / f, out / f)
+        config = out / "tokenizer_config.json"
+        if pad_with_eos and config.is_file():
+            settings = json.loads(config.read_text())
+            if settings.get("pad_token") is None and settings.get("eos_token") is not None:
+                config.write_text(json.dumps({**settings, "pad_token": settings["eos_token"]}, indent=2))
         return
     text, special = sentencepiece_tokenizer_json(tokenizer)
     (out / "tokenizer.json").write_text(text)
     shutil.copyfile(tokenizer, out / "tokenizer.model")
+    if pad_with_eos:
+        special["pad"] = special["eos"]
     names = {f"{k}_token": v for k, v in special.items() if v is not None}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **names, "add_bos_token": False, "add_eos_token": False,
               "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": max_len}
