@@ -65,11 +65,11 @@ def test_zero2_bf16_two_ranks_learns_and_logs(base, tmp_path):
     assert (d / "config.yaml").is_file() and json.loads((d / "ds_config.json").read_text())["train_batch_size"] == 4
 
 
-@pytest.mark.parametrize("ranks,stage,sig", [(1, 0, signal.SIGTERM), (2, 3, signal.SIGUSR1)],
-                         ids=["1rank-zero0-SIGTERM", "2ranks-zero3-SIGUSR1"])
+@pytest.mark.parametrize("ranks,stage,sig", [(1, 0, signal.SIGTERM), (2, 3, signal.SIGUSR1), (1, 2, signal.SIGINT)],
+                         ids=["1rank-zero0-SIGTERM", "2ranks-zero3-SIGUSR1", "1rank-zero2-Ctrl-C"])
 def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sig):
-    """Interrupt with SIGUSR1 (what SLURM sends before preemption) or SIGTERM (plain `scancel`, a node
-    drain), re-run the same command, and the loss at every step equals an uninterrupted run's, bit for bit
+    """Interrupt with SIGUSR1 (what SLURM sends before preemption), SIGTERM (plain `scancel`, a node
+    drain) or SIGINT (Ctrl-C), re-run the same command, and the loss at every step equals an uninterrupted run's, bit for bit
     (CPU, fp32)."""
     common = [*base, "train.max_steps=40", "train.precision=fp32", f"zero.stage={stage}", "train.save_every=4"]
     straight = tmp_path / "straight"
@@ -93,7 +93,7 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sig):
     assert sorted(got) == sorted(expected) == list(range(1, 41))
     assert [got[s] for s in got] == [expected[s] for s in got], "resumed curve differs from the uninterrupted one"
     assert json.loads((resumed / "status.json").read_text())["state"] == "finished"
-    if ranks == 1:  # the same command once more: nothing to train, and the finished run's record stays as it was
+    if sig == signal.SIGTERM:  # the same command once more: nothing to train, and the finished run's record stays as it was
         status, events = (resumed / "status.json").read_text(), sorted((resumed / "tb").rglob("*"))
         proc = run_training(ranks, [*common, f"run.dir={resumed}"])
         assert "has finished: step 40 of train.max_steps 40" in proc.stdout, proc.stdout[-2000:]
