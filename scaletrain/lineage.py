@@ -73,6 +73,12 @@ def read(path: str | Path) -> Optional[dict]:
     return data if isinstance(data, dict) and "kind" in data else None
 
 
+def _why_unread(path: Path) -> str:
+    """Why `read(path)` gave None: the file is missing, or there but not a lineage record."""
+    p = path / LINEAGE if path.is_dir() else path
+    return f"damaged {LINEAGE}" if p.is_file() else f"no {LINEAGE}"
+
+
 def write(directory: Path, record: dict) -> None:
     from scaletrain.train.checkpoint import write_text_atomic
 
@@ -117,7 +123,7 @@ def tree_lines(path: str | Path, max_depth: int = 32) -> list[str]:
         child_prefix = prefix + ("" if depth == 0 else ("    " if last else "│   "))
         if rec is None:
             where = ref.get("path") or "?"
-            state = "not found" if not Path(where).exists() else "no lineage.json"
+            state = "not found" if not Path(where).exists() else _why_unread(Path(where))
             lines.append(f"{prefix}{branch}{ref.get('kind') or '?'} {(ref.get('id') or '-')[:16]}  {where}  ({state})")
             return
         lines.append(f"{prefix}{branch}{rec.get('kind')} {(rec.get('id') or '-')[:16]}  {rec.get('path') or ref.get('path')}  {(rec.get('date') or '')[:16]}")
@@ -142,6 +148,9 @@ def tree_lines(path: str | Path, max_depth: int = 32) -> list[str]:
     if rec is None:
         from scaletrain.errors import UserError
 
+        if _why_unread(root) != f"no {LINEAGE}":
+            raise UserError(f"{root / LINEAGE if root.is_dir() else root} is damaged (not a lineage record); restore it "
+                            "from a copy, or give another checkpoint")
         raise UserError(f"{root} has no lineage.json (give a checkpoint dir, run dir, checkpoint tag or export made by scaletrain)")
     node(rec, {"path": str(root)}, "", True, 0, set())
     return lines

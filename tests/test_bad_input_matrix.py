@@ -234,6 +234,20 @@ def c_export_grow_out_cannot_be_created(tmp, base):
         ("--out", "/proc/scaletrain-child")
 
 
+def c_lineage_damaged(tmp, base):
+    _write(tmp / "ckpt" / "lineage.json", '{"kind": "grow", "id": ')
+    return ["lineage", str(tmp / "ckpt")], ("lineage.json is damaged",)
+
+
+def c_lineage_missing(tmp, base):
+    (tmp / "ckpt").mkdir()
+    return ["lineage", str(tmp / "ckpt")], ("has no lineage.json",)
+
+
+def c_init_from_missing(tmp, base):
+    return train(tmp, f"init.from={tmp / 'nowhere'}"), ("init.from", "does not exist", "run dir")
+
+
 def c_set_without_value(tmp, base):
     return ["train", "--config", TINY_YAML, "--set"], "--set"
 

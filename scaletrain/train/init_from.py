@@ -27,7 +27,10 @@ def resolve(cfg: Config, warn=lambda msg: print(msg, file=sys.stderr)) -> Config
         return cfg
     from scaletrain.weights import open_weights
 
-    src = open_weights(cfg.init.from_)
+    try:
+        src = open_weights(cfg.init.from_)
+    except UserError as e:
+        raise UserError(f"init.from: {e}") from None
     diffs = [f"model.{k}: checkpoint {getattr(src.model, k)}, config {getattr(cfg.model, k)}"
              for k in SHAPE_KEYS if getattr(src.model, k) != getattr(cfg.model, k)]
     if diffs:

@@ -152,7 +152,7 @@ def open_weights(path: str | Path) -> WeightSource:
     """A run dir (its newest verified checkpoint), a DeepSpeed tag dir, a scaletrain checkpoint dir or an HF dir."""
     d = Path(path).expanduser()
     if not d.exists():
-        raise UserError(f"{d} does not exist")
+        raise UserError(f"{d} does not exist; give a run dir, a checkpoint dir or a Hugging Face model dir")
     if not d.is_dir():
         raise UserError(f"{d} is not a directory; give a checkpoint, run or Hugging Face model directory")
     if (d / CONFIG_YAML).is_file() and not (d / "checkpoints").is_dir() and any(d.glob("*.safetensors")):
