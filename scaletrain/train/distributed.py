@@ -101,6 +101,8 @@ def collectives_status() -> str:
     """What the default process group runs collectives on (start-up line, bench JSON)."""
     if not dist.is_initialized():
         return "none"
+    if dist.get_world_size() == 1:
+        return "none needed (1 rank)"
     from scaletrain.train.shm_collectives import ShmProcessGroup
 
     if isinstance(dist.group.WORLD, ShmProcessGroup):
