@@ -82,7 +82,9 @@ def test_bench_flag_mistakes_are_one_line(cli):
     rc, _, err = cli("bench", "--fused-ops", "liger")
     assert rc == 2 and "needs --device cuda" in err and err.count("\n") == 1
     rc, _, err = cli("bench", "--seq", "0")
-    assert rc == 2 and "must be > 0" in err
+    assert rc == 2 and "--seq: must be at least 1, got 0" in err and err.count("\n") == 1
+    rc, _, err = cli("bench", "--warmup", "-1")
+    assert rc == 2 and "--warmup: must be at least 0" in err
     rc, _, err = cli("bench", "--heads", "3")
     assert rc == 2 and "divisible" in err
 

@@ -78,6 +78,7 @@ def runs_root(tmp_path_factory) -> Path:
     os.utime(remote / "status.json", (old, old))
     _run(root, "proj/slurm", {"state": "preempted", "step": 40, "max_steps": 100, "loss": 5.0, "host": "node7",
                               "slurm_job_id": "77", "slurm_restart_count": 2}, tag="global_step40")
+    _run(root, "proj/nan", {"state": "preempted", "step": 0, "max_steps": 9, "loss": float("nan")})  # older versions wrote NaN
     hostfile_only = _run(root, "proj/multinode", {"state": "finished", "step": 9, "max_steps": 9})
     (hostfile_only / "slurm-123.hostfile").write_text("n1 slots=1\n")
     (root / "proj" / "not-a-run").mkdir()
@@ -91,8 +92,10 @@ def runs_root(tmp_path_factory) -> Path:
 def test_runs_json_states(runs_root):
     rc, out, err = cli("runs", str(runs_root), "--json")
     assert rc == 0, err
-    info = {Path(i["run"]).relative_to(runs_root).as_posix(): i for i in json.loads(out)}
-    assert sorted(info) == ["dead", "done", "live", "proj/multinode", "proj/queued", "proj/slurm", "remote"]
+    strict = json.loads(out, parse_constant=lambda c: pytest.fail(f"runs --json wrote {c}, which is not JSON"))
+    info = {Path(i["run"]).relative_to(runs_root).as_posix(): i for i in strict}
+    assert sorted(info) == ["dead", "done", "live", "proj/multinode", "proj/nan", "proj/queued", "proj/slurm", "remote"]
+    assert info["proj/nan"]["loss"] is None
     assert (info["proj/queued"]["state"], info["proj/queued"]["slurm_job_id"]) == ("submitted", "88")
     d = info["done"]
     assert (d["state"], d["step"], d["max_steps"], d["loss"], d["checkpoint"]) == ("finished", 20, 20, 4.5, "global_step20")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -240,7 +241,9 @@ def run(args: argparse.Namespace) -> int:
     queue = squeue_states(sorted(set(jobs)))
     infos = [run_info(r, queue) for r in runs]
     if args.json:
-        print(json.dumps(infos, indent=1))
+        # strict JSON: a NaN loss (status files of older versions) is null
+        finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in i.items()} for i in infos]
+        print(json.dumps(finite, indent=1, allow_nan=False))
         return 0
     header = ["RUN", "STATE", "STEP", "LOSS", "TOK/S", "CHECKPOINT", "SLURM", "UPDATED"]
     rows = [header] + [_fmt_row(i, root) for i in infos]
