@@ -93,7 +93,7 @@ class TrainConfig(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where matmuls run natively (train/precision.py)
     seed: int = 1234
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, ge=0)

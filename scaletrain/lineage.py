@@ -79,10 +79,14 @@ def _why_unread(path: Path) -> str:
     return f"damaged {LINEAGE}" if p.is_file() else f"no {LINEAGE}"
 
 
+def dumps(record: dict) -> str:
+    return json.dumps(record, indent=1, default=str)
+
+
 def write(directory: Path, record: dict) -> None:
     from scaletrain.train.checkpoint import write_text_atomic
 
-    write_text_atomic(Path(directory) / LINEAGE, json.dumps(record, indent=1, default=str))
+    write_text_atomic(Path(directory) / LINEAGE, dumps(record))
 
 
 # ---- the family tree -----------------------------------------------------------------------------

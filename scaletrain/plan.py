@@ -180,9 +180,12 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
 
     from scaletrain.train.metrics import measure_peak_flops
 
+    from scaletrain.train.precision import planned
+
     ranks = ranks or gpus * nodes
     here = "cuda" if torch.cuda.is_available() else "cpu"
     device = device or here
+    cfg = planned(cfg, device)  # train.precision auto: what a run on `device` would use
     P, fpt = num_params(cfg), flops_per_token(cfg)
     t, z = cfg.train, cfg.zero
     tokens_step = cfg.global_batch_windows(ranks) * t.seq_len

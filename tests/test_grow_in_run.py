@@ -63,6 +63,9 @@ def test_growth_boundaries_are_exact_and_logged(straight):
     stage2 = json.loads((straight / "growth" / "stage2" / "lineage.json").read_text())
     b2 = json.loads((straight / "checkpoints" / f"global_step{B2}" / "lineage.json").read_text())
     assert stage2["parents"][0]["id"] == b2["id"] and b2["parents"][0]["kind"] == "grow"
+    b2_files = json.loads((straight / "checkpoints" / f"global_step{B2}" / "manifest.json").read_text())["files"]
+    assert "lineage.json" in b2_files  # the tag's lineage is checked like its weights
+    assert json.loads((straight / "checkpoints" / f"global_step{STEPS}" / "lineage.json").read_text()) == final
     from launch_utils import run_cli
 
     rc, tree, err = run_cli("lineage", str(straight))

@@ -33,6 +33,9 @@ def test_truncation_and_examples_without_targets():
     assert x.tolist() == [[30, 31, 2]] and y.tolist() == [[31, 2, IGNORE_INDEX]]
     with pytest.raises(UserError, match="raise train.seq_len"):
         ExampleStream(tokens, index[:1], seq_len=3, seed=0, pad_id=2)
+    # `scaletrain eval` reads its windows with --seq-len: the message names the flag the user passed
+    with pytest.raises(UserError, match="raise --seq-len"):
+        ExampleStream(tokens, index[:1], seq_len=3, seed=0, pad_id=2, split="eval")
 
 
 def test_prepare_prompt_completion_cache(tmp_path):

@@ -37,6 +37,14 @@ def test_prune_keeps_newest_milestones_and_the_tag_just_written(tmp_path):
     assert not (tmp_path / ".tmp-global_step11").exists()
 
 
+def test_prune_keeps_growth_boundaries(tmp_path):
+    """A grown run's boundary checkpoints are the parents its family tree names: never pruned."""
+    for s in range(1, 8):
+        _tag(tmp_path, s)
+    checkpoint.prune(tmp_path, keep_last=1, keep_steps=(2, 5))
+    assert sorted(s for s, _ in checkpoint.tags_by_step(tmp_path)) == [2, 5, 7]
+
+
 class _Engine:
     """Enough of a DeepSpeed engine for checkpoint.save's disk check; saving would be a failure here."""
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from scaletrain.data.sampler import WindowStream
+from scaletrain.data.sampler import WindowStream, seq_len_name
 from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, iter_rows
 from scaletrain.data.split import split_key
 from scaletrain.data.worker_pool import worker_pool
@@ -99,7 +99,7 @@ class ExampleStream(WindowStream):
         self.index = index[usable]
         self.dropped = int((~usable).sum())
         if len(self.index) == 0:
-            raise UserError(f"the {split} split has no example whose completion starts within train.seq_len={seq_len} tokens; raise train.seq_len")
+            raise UserError(f"the {split} split has no example whose completion starts within {seq_len_name(split)}={seq_len} tokens; raise {seq_len_name(split)}")
         self.tokens, self.seq_len, self.seed, self.pad_id = tokens, seq_len, seed, pad_id
         self.num_windows = len(self.index)
         self._perm_epoch, self._perm = -1, None

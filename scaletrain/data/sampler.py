@@ -14,6 +14,11 @@ import torch
 from scaletrain.errors import UserError
 
 
+def seq_len_name(split: str) -> str:
+    """The knob a user turns to change the window length: `scaletrain eval` reads windows of --seq-len."""
+    return "--seq-len" if split == "eval" else "train.seq_len"
+
+
 class WindowStream:
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, split: str = "train"):
         self.tokens = tokens
@@ -22,8 +27,8 @@ class WindowStream:
         self.num_windows = (len(tokens) - 1) // seq_len
         if self.num_windows < 1:
             raise UserError(
-                f"the {split} split has {len(tokens)} tokens, fewer than train.seq_len+1 = {seq_len + 1}; "
-                "lower train.seq_len or add data"
+                f"the {split} split has {len(tokens)} tokens, fewer than {seq_len_name(split)}+1 = {seq_len + 1}; "
+                f"lower {seq_len_name(split)} or add data"
             )
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None

@@ -12,6 +12,7 @@ UserError up front instead of a traceback deep inside a step.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -27,12 +28,22 @@ class FlexAttention:
     _compiled = None  # one compiled flex_attention for the whole process
 
     @classmethod
-    def kernel(cls):
-        if cls._compiled is None:
-            from torch.nn.attention.flex_attention import flex_attention
+    def kernel(cls, device_type: str = "cuda"):
+        from torch.nn.attention.flex_attention import flex_attention
 
+        if device_type == "cpu" and not cpu_kernel_trusted():
+            return flex_attention  # torch's unfused reference path: correct, slower
+        if cls._compiled is None:
             cls._compiled = torch.compile(flex_attention, dynamic=False)
         return cls._compiled
+
+
+def cpu_kernel_trusted() -> bool:
+    """Whether the compiled CPU flex kernel gives right answers here. On a CPU without AVX-512 (inductor's
+    AVX2 code) torch 2.13's kernel returned garbage rows, NaN among them, for some lengths that are multiples
+    of 8 but not of 16 (8, 24, 40, 56; not every time: it reads memory it never wrote) against SDPA — measured
+    on an AVX2 AMD EPYC, 2026-12-06. The uncompiled flex_attention matched at every length."""
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
 
@@ -40,7 +51,10 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         raise UserError(CPU_NO_BACKWARD.format(ver=torch.__version__))
     # GQA natively: K/V heads are indexed, never repeated.
-    return FlexAttention.kernel()(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    kernel = FlexAttention.kernel(q.device.type)
+    with warnings.catch_warnings():  # the uncompiled path on purpose (cpu_kernel_trusted): no advice to compile
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return kernel(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 @functools.lru_cache(maxsize=16)

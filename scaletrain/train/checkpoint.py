@@ -57,6 +57,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def tag_name(step: int) -> str:
+    return f"global_step{step}"
+
+
 def write_manifest(tag_dir: Path, meta: dict) -> None:
     files = {}
     for p in sorted(tag_dir.rglob("*")):
@@ -126,12 +130,15 @@ def find_resumable(root: Path, log=print) -> Optional[str]:
 
 
 def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_last: int, meta: dict,
-         keep_every: int = 0, log=print) -> Optional[Path]:
+         keep_every: int = 0, log=print, extra_files: Optional[dict[str, str]] = None,
+         keep_steps: tuple[int, ...] = ()) -> Optional[Path]:
     """Collective: every rank must call it. Returns the final tag dir, or None when the disk is too full to
-    hold another checkpoint (then nothing is written, the previous checkpoints stay, training goes on)."""
+    hold another checkpoint (then nothing is written, the previous checkpoints stay, training goes on).
+    `extra_files` (name -> text, main rank) are written into the tag before its manifest lists them;
+    `keep_steps` are never pruned (growth boundaries: the parents in a grown run's family tree)."""
     from scaletrain.train.distributed import any_rank
 
-    tag = f"global_step{step}"
+    tag = tag_name(step)
     final, tmp = root / tag, root / f".tmp-{tag}"
     problem = check_before_save(engine, root, step, previous_checkpoint_bytes(root))  # every rank: node-local disks too
     if any_rank(problem is not None):
@@ -146,6 +153,8 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
     torch.save(rng.capture(), tmp / f"rng_rank{dist.rank}.pt")
     barrier()
     if dist.is_main:
+        for name, text in (extra_files or {}).items():
+            write_text_atomic(tmp / name, text)
         write_manifest(tmp, {"format": FORMAT, "step": step, "world_size": dist.world,
                              "global_batch": client_state.get("global_batch"), **meta})
         old = root / f".old-{tag}"
@@ -155,17 +164,18 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
         os.rename(tmp, final)
         _fsync_dir(root)
         write_text_atomic(root / "latest", tag)
-        prune(root, keep_last, keep_every, protect=tag)
+        prune(root, keep_last, keep_every, protect=tag, keep_steps=keep_steps)
     barrier()
     return final
 
 
-def prune(root: Path, keep_last: int, keep_every: int = 0, protect: Optional[str] = None) -> None:
+def prune(root: Path, keep_last: int, keep_every: int = 0, protect: Optional[str] = None,
+          keep_steps: tuple[int, ...] = ()) -> None:
     """Delete all but the newest `keep_last` complete tags (and stale temp dirs); milestones (steps that are
-    multiples of `keep_every`) and `protect` (the tag just written) stay."""
+    multiples of `keep_every`), `keep_steps` and `protect` (the tag just written) stay."""
     complete = [(s, t) for s, t in tags_by_step(root) if (root / t / MANIFEST).is_file()]
     for step, tag in complete[keep_last:]:
-        if (keep_every and step % keep_every == 0) or tag == protect:
+        if (keep_every and step % keep_every == 0) or step in keep_steps or tag == protect:
             continue
         shutil.rmtree(root / tag, ignore_errors=True)
     for p in [*root.glob(".tmp-global_step*"), *root.glob(".old-global_step*")]:

@@ -36,14 +36,35 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 0, 
     """Achievable dense matmul FLOP/s for this process in `dtype` (what MFU is measured against).
     2048-square products saturate a CPU; a GPU needs 8192 to come near its peak. On CPU the faster of
     PyTorch's `mm` and oneDNN's matmul counts: for fp32 on AMD CPUs `mm` (MKL) reaches half of what the
-    machine can do (kernels/cpu_matmul.py), and a peak below what training reaches would be no peak."""
+    machine can do (kernels/cpu_matmul.py), and a peak below what training reaches would be no peak.
+    Where the dtype runs in software (bf16 on a CPU without AVX-512: ~1.5 GFLOP/s a core, one 2048-square
+    product ~11 s) a small probe first shrinks the product so the measurement still takes ~`seconds`."""
     size = size or (8192 if device.type == "cuda" else 2048)
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
     products = [torch.mm]
     if device.type == "cpu" and cpu_matmul.onednn_available():
         products.append(cpu_matmul.mm_nt)
-    return max(_rate(mm, a, b, seconds / len(products), device) for mm in products)
+    rates = []
+    for mm in products:
+        try:
+            n = size if device.type == "cuda" else _affordable_size(mm, dtype, device, size, seconds / len(products))
+            a = torch.randn(n, n, device=device).to(dtype)
+            b = torch.randn(n, n, device=device).to(dtype)
+            rates.append(_rate(mm, a, b, seconds / len(products), device))
+        except RuntimeError:  # oneDNN has no kernel for this dtype on this CPU (bf16 without AVX-512)
+            continue
+    if not rates:
+        raise RuntimeError(f"no matmul runs in {dtype} on {device}")
+    return max(rates)
+
+
+def _affordable_size(mm, dtype: torch.dtype, device: torch.device, size: int, seconds: float) -> int:
+    """`size`, or a smaller multiple of 128 so that one product takes at most a quarter of `seconds`."""
+    probe = torch.randn(256, 256, device=device).to(dtype)
+    t0 = time.perf_counter()
+    mm(probe, probe)
+    rate = 2.0 * 256**3 / max(time.perf_counter() - t0, 1e-9)  # pessimistic: cold, one call
+    fits = int((rate * seconds / 4 / 2) ** (1 / 3)) // 128 * 128
+    return max(128, min(size, fits))
 
 
 def _rate(mm, a: torch.Tensor, b: torch.Tensor, seconds: float, device: torch.device) -> float:

@@ -1,8 +1,8 @@
 """What a training run records for later use: its tokenizer and its lineage (main rank only).
 
 At start the tokenizer the data was tokenised with is copied into `<run.dir>/tokenizer/`, so export, eval
-and generate find it even after the data cache is gone. At every save `lineage.json` is written into the
-checkpoint tag and the run dir, its id the hash of the weights being trained (`weights_id`), computed the
+and generate find it even after the data cache is gone. At every save `lineage.json` goes into the
+checkpoint tag (before its manifest, so it is checked like the weights) and the run dir, its id the hash of the weights being trained (`weights_id`), computed the
 way exports and checkpoint dirs compute theirs (weights/writer.py).
 """
 
@@ -79,11 +79,10 @@ class RunLineage:
             shutil.copyfile(tok, tmp / "tokenizer.model")
         tmp.rename(dest)
 
-    def on_save(self, tag_dir: Path, content_id: str, step: int, tokens: int, val_loss: Optional[float]) -> None:
-        rec = lineage.make(
+    def record(self, tag_dir: Path, content_id: str, step: int, tokens: int, val_loss: Optional[float]) -> dict:
+        """The lineage record of the checkpoint about to be saved at `tag_dir` (its final path)."""
+        return lineage.make(
             "fine-tune" if self.cfg.init.from_ else "pre-train", content_id, self.parents,
             self.cfg.model.model_dump(mode="json"), self.diff, steps=step, tokens=tokens, data=self.data,
             val_loss=val_loss, path=tag_dir,
         )
-        lineage.write(tag_dir, rec)
-        lineage.write(self.run, rec)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from scaletrain import __version__
+from scaletrain import __version__, lineage
 from scaletrain.config import Config, deepspeed_config
 from scaletrain.data.prepare import find_cache, open_cache, prepare_data
 from scaletrain.data.sampler import eval_window_count, eval_window_ids, micro_batch_ids
@@ -29,7 +29,7 @@ from scaletrain.model.docmask import document_ids
 from scaletrain.model import classify
 from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
-from scaletrain.train import checkpoint, finetune, init_from
+from scaletrain.train import checkpoint, finetune, init_from, precision
 from scaletrain.train.distributed import (Dist, all_reduce_sum, any_rank, barrier, collectives_status, launcher_rank,
                                           setup, shutdown)
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
@@ -100,6 +100,8 @@ class Trainer:
     def __init__(self, cfg: Config, lock: RunLock | None = None):
         self.stop = StopFlag()  # before any pid file exists: a USR1 during start-up is a stop request, not a kill
         cfg = init_from.resolve(cfg)  # fails fast on a shape mismatch; sets data.tokenizer from init.from
+        # train.precision auto -> bf16 / fp32 / fp16 for this hardware (every rank decides the same way)
+        cfg, self.precision_note = precision.resolve(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = cfg
         self.run = RunDir(cfg.run.dir)
         self.run.preflight(cfg)
@@ -297,15 +299,22 @@ class Trainer:
         meta = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision,
                 "model": self.cfg.model.model_dump(mode="json")}  # a restart builds this shape before loading
         t = self.cfg.train
-        path = checkpoint.save(self.engine, self.run.checkpoints, self.step, client, self.dist, t.keep_last, meta, t.keep_every, self.log)
+        # lineage.json goes into the tag before its manifest (checked with the weights); its id hashes the
+        # weights being saved (collective under ZeRO-3)
+        content_id, record = weights_id(self.engine.module, self.dist.is_main), None
+        if self.dist.is_main:
+            tag_dir = self.run.checkpoints / checkpoint.tag_name(self.step)
+            record = self.lineage.record(tag_dir, content_id, self.step, client["consumed_tokens"], self.last_val_loss)
+        extra = {lineage.LINEAGE: lineage.dumps(record)} if record else None
+        path = checkpoint.save(self.engine, self.run.checkpoints, self.step, client, self.dist, t.keep_last, meta,
+                               t.keep_every, self.log, extra_files=extra, keep_steps=self.growth.bounds)
         if path is None:  # not enough disk space: said so, nothing written, training goes on
             return None
         self.saved_step = self.step
         if self.dist.is_main and self.stage and self.run.saved_config().model != self.cfg.model:
             self.run.write_start(self.cfg, self.ds_config)  # grown: config.yaml names the model of the checkpoints
-        content_id = weights_id(self.engine.module, self.dist.is_main)  # collective under ZeRO-3
-        if self.dist.is_main:
-            self.lineage.on_save(path, content_id, self.step, client["consumed_tokens"], self.last_val_loss)
+        if record:
+            lineage.write(self.run.path, record)
         return path
 
     def _sizes(self) -> tuple[int, float]:
@@ -327,6 +336,8 @@ class Trainer:
             f"scaletrain {__version__} | {d.world} rank(s) on {d.device.type} | {n_params / 1e6:.2f}M params | "
             f"ZeRO-{cfg.zero.stage} {t.precision} | {tokens_per_step:,} tokens/step | run.dir {self.run.path}"
         )
+        if self.precision_note:
+            self.log(self.precision_note)
         self.log(f"TensorBoard: tensorboard --logdir {self.run.path.parent}")
         if d.device.type == "cpu":  # every rank loads them here (built once, under a lock), not mid-step
             self.log(f"CPU kernels: {cpu_matmul.kernels_status()} | collectives: {collectives_status()}")

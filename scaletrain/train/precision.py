@@ -1,0 +1,62 @@
+"""`train.precision: auto`: bf16 where the hardware multiplies bf16 natively, fp32 where it would not.
+
+A CPU without AVX-512 has no bf16 matmul kernels: PyTorch converts and multiplies in scalar code (measured on a
+2-core AVX2 AMD EPYC, 2026-12-06: a bf16 `mm` at 1.5-1.7 GFLOP/s a core against fp32's ~34), so a bf16 run
+there is ~20x slower than the same run in fp32, and oneDNN refuses bf16 matmuls outright. AVX-512 CPUs keep
+bf16 (oneDNN has bf16 kernels for them; with AVX-512-BF16 or AMX they beat fp32: 450 against 232 GFLOP/s a core
+on the Zen 5 EPYC) and so does a CUDA card that has it; the others get fp32 (CPU) or fp16 with DeepSpeed's
+loss scaling (CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from scaletrain.config import Config
+
+# torch.backends.cpu.get_cpu_capability() values where oneDNN has bf16 matmul kernels
+BF16_CPU_CAPABILITIES = ("AVX512", "AVX512_BF16", "AMX")
+
+
+def cpu_bf16_matmuls() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in BF16_CPU_CAPABILITIES
+
+
+def choose(device: torch.device) -> tuple[str, str]:
+    """(precision, why) that `auto` means on `device`."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", f"{torch.cuda.get_device_name(device)} has bf16"
+        return "fp16", f"{torch.cuda.get_device_name(device)} has no bf16"
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cpu_bf16_matmuls():
+        return "bf16", f"this CPU multiplies bf16 natively ({cap})"
+    return "fp32", f"this CPU has no bf16 matmul kernels ({cap}, no AVX-512): bf16 would run ~20x slower"
+
+
+def resolve(cfg: Config, device: torch.device) -> tuple[Config, str | None]:
+    """`cfg` with a concrete train.precision, and a line for the log: what auto chose, or a warning when
+    bf16 was asked for on a CPU that runs it in software (None when there is nothing to say)."""
+    asked = cfg.train.precision
+    if asked == "auto":
+        chosen, why = choose(device)
+        tree = cfg.to_dict()
+        tree["train"]["precision"] = chosen
+        return type(cfg).model_validate(tree), f"train.precision auto -> {chosen} ({why})"
+    if asked == "bf16" and device.type == "cpu" and not cpu_bf16_matmuls():
+        cap = torch.backends.cpu.get_cpu_capability()
+        return cfg, (f"warning: train.precision bf16 on a CPU without bf16 matmul kernels ({cap}): ~20x slower than "
+                     "fp32 here; use train.precision=fp32 or auto")
+    return cfg, None
+
+
+def planned(cfg: Config, device_type: str) -> Config:
+    """`cfg` with the precision a run would use on `device_type` (scaletrain plan): a CUDA card that is not
+    here is assumed to have bf16."""
+    if cfg.train.precision != "auto":
+        return cfg
+    if device_type == "cuda" and not torch.cuda.is_available():
+        tree = cfg.to_dict()
+        tree["train"]["precision"] = "bf16"
+        return type(cfg).model_validate(tree)
+    return resolve(cfg, torch.device(device_type))[0]

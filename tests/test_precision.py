@@ -1,0 +1,69 @@
+"""train.precision auto: bf16 where the CPU (or GPU) multiplies bf16 natively, fp32 on CPUs that would run bf16
+in software (~20x slower); an explicit bf16 there gets a warning. The matmul peak probe sizes itself to what the
+dtype costs here and skips a library that refuses the dtype."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from scaletrain.config import load_config
+from scaletrain.train import metrics, precision
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("capability, want", [("AVX2", "fp32"), ("DEFAULT", "fp32"), ("AVX512", "bf16"),
+                                              ("AVX512_BF16", "bf16"), ("AMX", "bf16")])
+def test_auto_follows_the_cpu(monkeypatch, capability, want):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    cfg, note = precision.resolve(load_config(None, ["train.precision=auto"]), CPU)
+    assert cfg.train.precision == want
+    assert note.startswith(f"train.precision auto -> {want} (") and capability in note
+
+
+def test_explicit_precisions_are_kept_and_bf16_in_software_is_warned_about(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cfg, note = precision.resolve(load_config(None, ["train.precision=bf16"]), CPU)
+    assert cfg.train.precision == "bf16" and note.startswith("warning: train.precision bf16") and "fp32" in note
+    cfg, note = precision.resolve(load_config(None, ["train.precision=fp32"]), CPU)
+    assert cfg.train.precision == "fp32" and note is None
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512_BF16")
+    assert precision.resolve(load_config(None, ["train.precision=bf16"]), CPU)[1] is None
+
+
+def test_auto_is_the_default_and_the_tiny_config_uses_it():
+    from launch_utils import REPO
+
+    assert load_config(None, []).train.precision == "auto"
+    assert load_config(str(REPO / "configs" / "tiny.yaml"), []).train.precision == "auto"
+
+
+def test_plan_resolves_auto_for_its_device(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    cfg = load_config(None, ["train.precision=auto"])
+    assert precision.planned(cfg, "cpu").train.precision == "fp32"
+    if not torch.cuda.is_available():
+        assert precision.planned(cfg, "cuda").train.precision == "bf16"
+
+
+def test_peak_probe_shrinks_a_slow_product_and_skips_a_refusing_one(monkeypatch):
+    sizes = []
+
+    def slow_mm(a, b):  # ~1 GFLOP/s: a 2048-square product would take 17 s
+        sizes.append(a.shape[0])
+        time.sleep(2.0 * a.shape[0] ** 3 / 1e9)
+        return a
+
+    def refusing_mm(a, b):
+        raise RuntimeError("could not create a primitive descriptor")
+
+    monkeypatch.setattr(torch, "mm", slow_mm)
+    monkeypatch.setattr(metrics.cpu_matmul, "onednn_available", lambda: True)
+    monkeypatch.setattr(metrics.cpu_matmul, "mm_nt", refusing_mm)
+    t0 = time.perf_counter()
+    rate = metrics.measure_peak_flops(torch.float32, CPU, seconds=0.4)
+    assert time.perf_counter() - t0 < 3.0
+    assert max(sizes) < 2048 and 0.3e9 < rate < 1.2e9
