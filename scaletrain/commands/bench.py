@@ -34,6 +34,12 @@ def run(a: argparse.Namespace) -> int:
     if a.device == "cpu" and a.fused_ops != "none":
         raise UserError(f"--fused-ops {a.fused_ops} needs --device cuda (its kernels are Triton)")
     report: dict = {"machine": machine_info()}
+    if a.device == "cpu" and "bf16" in a.precision:
+        from scaletrain.train.precision import cpu_bf16_matmuls
+
+        if not cpu_bf16_matmuls():  # stderr: stdout is the JSON
+            print("note: this CPU has no bf16 matmul kernels (no AVX-512): the bf16 runs multiply in software, "
+                  "~20x slower than fp32; --precision fp32 to skip them", file=sys.stderr)
     if a.attention_only:
         from scaletrain.bench.attention import attention_bench
 
