@@ -39,7 +39,7 @@ def run(a: argparse.Namespace) -> int:
 
         if not cpu_bf16_matmuls():  # stderr: stdout is the JSON
             print("note: this CPU has no bf16 matmul kernels (no AVX-512): the bf16 runs multiply in software, "
-                  "~20x slower than fp32; --precision fp32 to skip them", file=sys.stderr)
+                  "~10x slower than fp32; --precision fp32 to skip them", file=sys.stderr)
     if a.attention_only:
         from scaletrain.bench.attention import attention_bench
 

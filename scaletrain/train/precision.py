@@ -2,10 +2,10 @@
 
 A CPU without AVX-512 has no bf16 matmul kernels: PyTorch converts and multiplies in scalar code (measured on a
 2-core AVX2 AMD EPYC, 2026-12-06: a bf16 `mm` at 1.5-1.7 GFLOP/s a core against fp32's ~34), so a bf16 run
-there is ~20x slower than the same run in fp32, and oneDNN refuses bf16 matmuls outright. AVX-512 CPUs keep
-bf16 (oneDNN has bf16 kernels for them; with AVX-512-BF16 or AMX they beat fp32: 450 against 232 GFLOP/s a core
-on the Zen 5 EPYC) and so does a CUDA card that has it; the others get fp32 (CPU) or fp16 with DeepSpeed's
-loss scaling (CUDA).
+there multiplies ~20x slower than in fp32 (the tiny config's 2-rank step: 150-180 against 1,600 tokens/s,
+~10x), and oneDNN refuses bf16 matmuls outright. AVX-512 CPUs keep bf16 (oneDNN has bf16 kernels for them;
+with AVX-512-BF16 or AMX they beat fp32: 450 against 232 GFLOP/s a core on the Zen 5 EPYC) and so does a CUDA
+card that has it; the others get fp32 (CPU) or fp16 with DeepSpeed's loss scaling (CUDA).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def choose(device: torch.device) -> tuple[str, str]:
     cap = torch.backends.cpu.get_cpu_capability()
     if cpu_bf16_matmuls():
         return "bf16", f"this CPU multiplies bf16 natively ({cap})"
-    return "fp32", f"this CPU has no bf16 matmul kernels ({cap}, no AVX-512): bf16 would run ~20x slower"
+    return "fp32", f"this CPU has no bf16 matmul kernels ({cap}, no AVX-512): bf16 would train ~10x slower"
 
 
 def resolve(cfg: Config, device: torch.device) -> tuple[Config, str | None]:
@@ -45,8 +45,8 @@ def resolve(cfg: Config, device: torch.device) -> tuple[Config, str | None]:
         return type(cfg).model_validate(tree), f"train.precision auto -> {chosen} ({why})"
     if asked == "bf16" and device.type == "cpu" and not cpu_bf16_matmuls():
         cap = torch.backends.cpu.get_cpu_capability()
-        return cfg, (f"warning: train.precision bf16 on a CPU without bf16 matmul kernels ({cap}): ~20x slower than "
-                     "fp32 here; use train.precision=fp32 or auto")
+        return cfg, (f"warning: train.precision bf16 on a CPU without bf16 matmul kernels ({cap}): training runs "
+                     "~10x slower than in fp32 here; use train.precision=fp32 or auto")
     return cfg, None
 
 
