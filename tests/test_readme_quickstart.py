@@ -35,6 +35,7 @@ def test_readme_quickstart_trains(tmp_path):
     proc = subprocess.run(argv, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 rank(s)" in proc.stdout
+    assert "train.precision auto -> " in proc.stdout  # the config asks for auto; the log says what it chose here
     loss = tb_scalars(tmp_path / "run", "train/loss")
     assert sorted(loss) == [1, 4, 8, 12] and loss[12] < loss[1]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
