@@ -179,7 +179,6 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
     import torch
 
     from scaletrain.train.metrics import measure_peak_flops
-
     from scaletrain.train.precision import planned
 
     ranks = ranks or gpus * nodes

@@ -113,9 +113,10 @@ def _grow_files(trainer, parent_cfg: Config, child_cfg: Config, out: Path, stage
     from scaletrain.growth.ds_reader import DeepSpeedReader
     from scaletrain.growth.offline import grow_checkpoint
     from scaletrain.growth.parent import Parent
+    from scaletrain.train.checkpoint import tag_name
     from scaletrain.weights.sources import WeightSource, checkpoint_tokenizer
 
-    tag = trainer.run.checkpoints / f"global_step{trainer.step}"
+    tag = trainer.run.checkpoints / tag_name(trainer.step)
     reader = DeepSpeedReader(tag, parent_cfg.model.tie_word_embeddings)
     src = WeightSource(tag, "run", parent_cfg.model, parent_cfg, checkpoint_tokenizer(trainer.run.path), lineage.read(tag), tag)
     parent = Parent(src, reader, {n: torch.float32 for n in reader.names()})

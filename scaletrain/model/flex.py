@@ -43,7 +43,9 @@ def cpu_kernel_trusted() -> bool:
     AVX2 code) torch 2.13's kernel returned garbage rows, NaN among them, for some lengths that are multiples
     of 8 but not of 16 (8, 24, 40, 56; not every time: it reads memory it never wrote) against SDPA — measured
     on an AVX2 AMD EPYC, 2026-12-06. The uncompiled flex_attention matched at every length."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    from scaletrain.kernels.build import cpu_has_avx512
+
+    return cpu_has_avx512()
 
 
 

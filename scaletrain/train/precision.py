@@ -13,13 +13,18 @@ from __future__ import annotations
 import torch
 
 from scaletrain.config import Config
-
-# torch.backends.cpu.get_cpu_capability() values where oneDNN has bf16 matmul kernels
-BF16_CPU_CAPABILITIES = ("AVX512", "AVX512_BF16", "AMX")
+from scaletrain.kernels.build import cpu_has_avx512
 
 
 def cpu_bf16_matmuls() -> bool:
-    return torch.backends.cpu.get_cpu_capability() in BF16_CPU_CAPABILITIES
+    """oneDNN has bf16 matmul kernels for every AVX-512 CPU (and none below it)."""
+    return cpu_has_avx512()
+
+
+def _with_precision(cfg: Config, precision: str) -> Config:
+    tree = cfg.to_dict()
+    tree["train"]["precision"] = precision
+    return type(cfg).model_validate(tree)
 
 
 def choose(device: torch.device) -> tuple[str, str]:
@@ -40,9 +45,7 @@ def resolve(cfg: Config, device: torch.device) -> tuple[Config, str | None]:
     asked = cfg.train.precision
     if asked == "auto":
         chosen, why = choose(device)
-        tree = cfg.to_dict()
-        tree["train"]["precision"] = chosen
-        return type(cfg).model_validate(tree), f"train.precision auto -> {chosen} ({why})"
+        return _with_precision(cfg, chosen), f"train.precision auto -> {chosen} ({why})"
     if asked == "bf16" and device.type == "cpu" and not cpu_bf16_matmuls():
         cap = torch.backends.cpu.get_cpu_capability()
         return cfg, (f"warning: train.precision bf16 on a CPU without bf16 matmul kernels ({cap}): training runs "
@@ -56,7 +59,5 @@ def planned(cfg: Config, device_type: str) -> Config:
     if cfg.train.precision != "auto":
         return cfg
     if device_type == "cuda" and not torch.cuda.is_available():
-        tree = cfg.to_dict()
-        tree["train"]["precision"] = "bf16"
-        return type(cfg).model_validate(tree)
+        return _with_precision(cfg, "bf16")
     return resolve(cfg, torch.device(device_type))[0]

@@ -2,8 +2,9 @@
 
 At start the tokenizer the data was tokenised with is copied into `<run.dir>/tokenizer/`, so export, eval
 and generate find it even after the data cache is gone. At every save `lineage.json` goes into the
-checkpoint tag (before its manifest, so it is checked like the weights) and the run dir, its id the hash of the weights being trained (`weights_id`), computed the
-way exports and checkpoint dirs compute theirs (weights/writer.py).
+checkpoint tag (before its manifest, so it is checked like the weights) and the run dir, its id the hash of
+the weights being trained (`weights_id`), computed the way exports and checkpoint dirs compute theirs
+(weights/writer.py).
 """
 
 from __future__ import annotations
