@@ -11,7 +11,10 @@ from scaletrain.train.extensions_dir import STALE_LOCK_S, use_private_extensions
 
 
 def test_private_dir_per_venv_and_stale_locks_removed(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    # setenv first so monkeypatch records the real value (or its absence) and restores it: delenv of an unset
+    # variable records nothing, and the directory set below leaked into every later test's subprocesses
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "")
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
     root = use_private_extensions_dir()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == str(root) and root.is_relative_to(tmp_path)

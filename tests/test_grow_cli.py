@@ -109,7 +109,7 @@ def test_child_logits_equal_parent_in_transformers(parents, tmp_path, arch, tied
 
 
 def _tensor(ckpt: Path, name: str) -> torch.Tensor:
-    from scaletrain.growth.parent import FileReader
+    from scaletrain.weights.files import FileReader
     from scaletrain.weights.files import weight_files
 
     return FileReader(weight_files(ckpt), False).read(name)

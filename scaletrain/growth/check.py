@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 from scaletrain.model.blocks import make_norm
 from scaletrain.model.llama import DecoderLayer, LlamaShape, layer_inputs
-
-EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+from scaletrain.weights.files import EMBED, HEAD
 
 
 @torch.no_grad()

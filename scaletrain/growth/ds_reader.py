@@ -16,10 +16,8 @@ from typing import Optional
 import torch
 
 from scaletrain.errors import UserError
+from scaletrain.weights.files import EMBED, HEAD
 from scaletrain.weights.zero import RELEASE_BYTES, ZeroTag, _read_range, load_restricted
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
-HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
 
 
 class DeepSpeedReader:

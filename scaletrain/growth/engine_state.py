@@ -17,8 +17,6 @@ from typing import Callable, Optional
 
 import torch
 
-MOMENT_KINDS = ("exp_avg", "exp_avg_sq")
-
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
     opt = engine.optimizer
@@ -80,8 +78,7 @@ def install(engine, source: Path, precision: str, grad_accum: int) -> None:
     bf16/fp16 runs put its exact fp32 weights into the optimizer's masters (the module's low-precision copy lost
     bits); when `source` carries grown Adam moments (`scaletrain grow --optimizer grow`, growth.optimizer
     grow: optimizer/exp_avg, optimizer/exp_avg_sq, optimizer/state.json), install them and Adam's step."""
-    from scaletrain.growth.parent import FileReader
-    from scaletrain.weights.files import weight_files
+    from scaletrain.weights.files import MOMENT_KINDS, FileReader, weight_files
 
     moments = Path(source) / "optimizer"
     has_moments = (moments / "state.json").is_file()

@@ -25,12 +25,11 @@ from scaletrain.config import ModelConfig, TrainConfig, _closest, build_config
 from scaletrain.errors import UserError
 from scaletrain.growth.check import compare
 from scaletrain.growth.optimizer_state import moment_tensors
-from scaletrain.growth.engine_state import MOMENT_KINDS
-from scaletrain.growth.parent import FileReader, Parent
+from scaletrain.growth.parent import Parent
 from scaletrain.growth.plan import WIDTH_DIMS, GrowthPlan, GrowthSpec
 from scaletrain.model.llama import LlamaShape
 from scaletrain.weights.checkpoint_dir import check_out, copy_tokenizer, staged
-from scaletrain.weights.files import weight_files
+from scaletrain.weights.files import MOMENT_KINDS, FileReader, weight_files
 from scaletrain.weights.sources import expected_shapes
 from scaletrain.weights.writer import write_safetensors
 

@@ -18,36 +18,8 @@ import torch
 
 from scaletrain.errors import UserError
 from scaletrain.growth.ds_reader import DeepSpeedReader
-from scaletrain.growth.engine_state import MOMENT_KINDS
-from scaletrain.weights.files import IGNORED_SUFFIXES, _load_bin, _safe_open, weight_files
-from scaletrain.weights.sources import HEAD, WeightSource, expected_shapes, open_weights, shape_problems, summarise
-
-EMBED = "model.embed_tokens.weight"
-
-
-class FileReader:
-    """Random access to the tensors of safetensors / .bin weight files (HF key names)."""
-
-    def __init__(self, files: list[Path], tied: bool):
-        self.tied, self._where, self._bins = tied, {}, {}
-        for path in files:
-            if path.suffix == ".safetensors":
-                with _safe_open(path) as f:
-                    names = list(f.keys())
-            else:
-                names = list(_load_bin(path))
-            self._where.update({n: path for n in names if not n.endswith(IGNORED_SUFFIXES)})
-
-    def read(self, name: str) -> torch.Tensor:
-        if self.tied and name == HEAD and HEAD not in self._where:
-            name = EMBED
-        path = self._where[name]
-        if path.suffix == ".safetensors":
-            with _safe_open(path) as f:  # one map per read: nothing stays resident after the caller drops it
-                return f.get_tensor(name)
-        if path not in self._bins:
-            self._bins = {path: _load_bin(path)}  # keep one mapped .bin at a time
-        return self._bins[path][name].clone()
+from scaletrain.weights.files import MOMENT_KINDS, FileReader, weight_files
+from scaletrain.weights.sources import WeightSource, expected_shapes, open_weights, shape_problems, summarise
 
 
 class SavedMoments:

@@ -35,10 +35,10 @@ import torch
 from scaletrain.errors import UserError
 from scaletrain.growth import depth, width
 from scaletrain.model.llama import DecoderLayer, LlamaForCausalLM, LlamaShape
+from scaletrain.weights.files import EMBED, FINAL_NORM, HEAD
 
 WIDTH_METHODS = ("zero", "copy", "strict")
 WIDTH_DIMS = ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size")
-EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 FINAL_BIAS = "model.norm.bias"  # LayerNorm with model.bias
 
 

@@ -2,21 +2,16 @@
 
 Stage 0 is the config's `model` section; stage k applies the `set` of schedule entries 1..k on top. The run
 dir records the stage of every checkpoint (manifest "growth_stage"), so a restart builds the right shape
-before loading. Imports no torch unless a schedule is validated.
+before loading. Imports no torch unless a schedule is validated, and nothing of `scaletrain.config` (whose
+validation calls `validate_schedule`): `cfg` is always a `Config`, its `model` a `ModelConfig`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from scaletrain.config import Config, ModelConfig
-    from scaletrain.growth.plan import GrowthSpec
-
 GROWABLE = ("hidden_size", "num_heads", "num_kv_heads", "intermediate_size", "num_layers")
 
 
-def stage_models(cfg: "Config") -> list["ModelConfig"]:
+def stage_models(cfg) -> list:
     """[stage 0 model, stage 1 model, ...]; entry k is the shape after k growth boundaries."""
     models = [cfg.model]
     for stage in cfg.growth.schedule:
@@ -25,11 +20,11 @@ def stage_models(cfg: "Config") -> list["ModelConfig"]:
     return models
 
 
-def boundaries(cfg: "Config") -> tuple[int, ...]:
+def boundaries(cfg) -> tuple[int, ...]:
     return tuple(s.at_step for s in cfg.growth.schedule)
 
 
-def stage_spec(cfg: "Config", k: int, seed: int) -> "GrowthSpec":
+def stage_spec(cfg, k: int, seed: int):
     """How to grow into schedule entry k (0-based; its own settings override the section's)."""
     from scaletrain.growth.plan import GrowthSpec
 
@@ -40,7 +35,7 @@ def stage_spec(cfg: "Config", k: int, seed: int) -> "GrowthSpec":
                       width_method=g.width_method, noise_std=g.noise if s.noise is None else s.noise, seed=seed)
 
 
-def advance(cfg: "Config", n: int = 1) -> "Config":
+def advance(cfg, n: int = 1):
     """The config of the run after `n` more boundaries: the grown model, the rest of the schedule. This is
     what a run dir's config.yaml holds, and it validates on its own."""
     tree = cfg.to_dict()
@@ -49,7 +44,7 @@ def advance(cfg: "Config", n: int = 1) -> "Config":
     return type(cfg).model_validate(tree)
 
 
-def validate_schedule(cfg: "Config") -> None:
+def validate_schedule(cfg) -> None:
     """ValueError (one line, naming the entry) for a schedule that cannot run; config validation calls it."""
     sched = cfg.growth.schedule
     if not sched:

@@ -2,15 +2,11 @@
 `parallel_block`, `bias`) and fine-tuning keys: which combinations are valid, checked once at config time.
 
 Every rejected combination is a one-line ValueError naming it (the config loader turns it into a UserError).
-Imports nothing heavy: config validation runs before torch is loaded.
+Imports nothing heavy (config validation runs before torch is loaded) and nothing of `scaletrain.config`,
+whose validation calls this: `cfg` is a `Config`, `m` its `ModelConfig`.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from scaletrain.config import Config, ModelConfig
 
 # HF's rope_parameters types we compute; "default" is plain RoPE. Keys each one needs (all numbers).
 ROPE_TYPES = {
@@ -27,7 +23,7 @@ def rope_scaling_kind(scaling: dict | None) -> str:
     return str(scaling.get("rope_type", scaling.get("type", "?")))
 
 
-def check_model(m: "ModelConfig") -> None:
+def check_model(m) -> None:
     """ValueError for a model section whose switches do not go together."""
     kind = rope_scaling_kind(m.rope_scaling)
     if kind != "default":
@@ -46,7 +42,7 @@ def check_model(m: "ModelConfig") -> None:
                          "a block mask, not an additive bias); use model.attention=sdpa, eager or flash")
 
 
-def check_task(cfg: "Config") -> None:
+def check_task(cfg) -> None:
     t, d, m = cfg.train, cfg.data, cfg.model
     classify = t.task == "classify"
     if classify != (d.format == "classification"):
@@ -88,6 +84,6 @@ def parse_freeze_item(item: str, num_layers: int) -> tuple[str, range | None]:
     raise ValueError(f"train.freeze '{item}' is not one of: {FREEZE_NAMES}")
 
 
-def validate_variants(cfg: "Config") -> None:
+def validate_variants(cfg) -> None:
     check_model(cfg.model)
     check_task(cfg)

@@ -128,7 +128,8 @@ def load(engine, plan: ResumePlan, cfg: Config, dist: Dist) -> dict:
 
 def _reshard(engine, plan: ResumePlan, cfg: Config, dist: Dist) -> dict:
     from scaletrain.growth.ds_reader import DeepSpeedReader
-    from scaletrain.growth.engine_state import MOMENT_KINDS, _base_optimizer, _materialise_adam_state, _setter
+    from scaletrain.growth.engine_state import _base_optimizer, _materialise_adam_state, _setter
+    from scaletrain.weights.files import MOMENT_KINDS
     from scaletrain.weights.zero import load_restricted
 
     reader = DeepSpeedReader(plan.tag_dir, cfg.model.tie_word_embeddings)  # every rank reads what it needs

@@ -18,6 +18,10 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 # Buffers some exporters include; they are recomputed, never trained.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# HF names of the tensors outside the layers (a tied model stores no HEAD: it is EMBED).
+EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+# The Adam moments a checkpoint can carry; a grown checkpoint stores each as weight files (optimizer/<kind>/).
+MOMENT_KINDS = ("exp_avg", "exp_avg_sq")
 
 
 def weight_files(d: Path) -> list[Path]:
@@ -109,3 +113,28 @@ def file_tensors(files: list[Path], skip: frozenset = frozenset()) -> Iterator[t
                 yield name, t
                 del t
             del sd
+
+
+class FileReader:
+    """Random access to the tensors of safetensors / .bin weight files (HF key names)."""
+
+    def __init__(self, files: list[Path], tied: bool):
+        self.tied, self._where, self._bins = tied, {}, {}
+        for path in files:
+            if path.suffix == ".safetensors":
+                with _safe_open(path) as f:
+                    names = list(f.keys())
+            else:
+                names = list(_load_bin(path))
+            self._where.update({n: path for n in names if not n.endswith(IGNORED_SUFFIXES)})
+
+    def read(self, name: str) -> torch.Tensor:
+        if self.tied and name == HEAD and HEAD not in self._where:
+            name = EMBED
+        path = self._where[name]
+        if path.suffix == ".safetensors":
+            with _safe_open(path) as f:  # one map per read: nothing stays resident after the caller drops it
+                return f.get_tensor(name)
+        if path not in self._bins:
+            self._bins = {path: _load_bin(path)}  # keep one mapped .bin at a time
+        return self._bins[path][name].clone()

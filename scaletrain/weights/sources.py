@@ -14,12 +14,12 @@ import yaml
 from scaletrain.config import Config, ModelConfig, build_config
 from scaletrain.errors import UserError
 from scaletrain.weights import files as wfiles
+from scaletrain.weights.files import HEAD
 from scaletrain.weights.zero import ZeroTag
 
 CONFIG_YAML = "config.yaml"
 LINEAGE = "lineage.json"
 TOKENIZER_DIR = "tokenizer"
-HEAD = "lm_head.weight"
 
 
 @dataclass
