@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from scaletrain.kernels import cpu_matmul
+from scaletrain.kernels import build, cpu_matmul
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 from scaletrain.train.metrics import measure_peak_flops
 
@@ -48,9 +48,13 @@ def test_mm_nt_takes_transposed_views():
     assert rel_err(cpu_matmul.mm_nt(a.t(), b.t()), a.t() @ b) < 1e-6  # [48, 64] @ [64, 32]
 
 
-def test_routing_is_fp32_cpu_on_amd_only_and_switchable(monkeypatch):
+def test_routing_is_fp32_cpu_on_amd_with_avx512_only_and_switchable(monkeypatch):
     x = torch.randn(4, 8)
     amd = cpu_matmul._cpu_vendor() == "AuthenticAMD" and cpu_matmul.onednn_available()
+    assert cpu_matmul.preferred(x) == (amd and build.cpu_has_avx512())
+    monkeypatch.setattr(build, "cpu_has_avx512", lambda: False)  # AVX2 only: MKL is as fast (docstring)
+    assert not cpu_matmul.preferred(x)
+    monkeypatch.setattr(build, "cpu_has_avx512", lambda: True)
     assert cpu_matmul.preferred(x) == amd
     assert not cpu_matmul.preferred(x.to(torch.bfloat16))  # bf16 matmuls already run in oneDNN
     monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", "torch")
@@ -80,12 +84,12 @@ def test_model_linears_and_chunked_loss_go_through_onednn_when_routed(monkeypatc
                        intermediate_size=128, max_seq_len=16)
     model = LlamaForCausalLM(shape, loss_chunk=8)
     ids = torch.randint(0, 256, (1, 16))
-    monkeypatch.setattr(cpu_matmul, "_cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(cpu_matmul, "_onednn_faster", lambda: True)
     with OpNames() as seen:
         model(ids[:, :-1], ids[:, 1:]).backward()
     assert {"scaletrain.onednn_linear", "scaletrain.onednn_mm_nt"} <= seen.names
     assert "aten.mm" not in seen.names  # every fp32 matmul of the step went to oneDNN
-    monkeypatch.setattr(cpu_matmul, "_cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(cpu_matmul, "_onednn_faster", lambda: False)
     with OpNames() as seen:
         model(ids[:, :-1], ids[:, 1:]).backward()
     assert "scaletrain.onednn_linear" not in seen.names and "aten.mm" in seen.names
@@ -98,7 +102,7 @@ def test_compiled_model_step_is_the_same_with_onednn_linears(monkeypatch):
     torch.manual_seed(0)
     model = LlamaForCausalLM(shape, loss_chunk=64)
     ids = torch.randint(0, 256, (2, 96))
-    monkeypatch.setattr(cpu_matmul, "_cpu_vendor", lambda: "AuthenticAMD")  # route to oneDNN on any CPU
+    monkeypatch.setattr(cpu_matmul, "_onednn_faster", lambda: True)  # route to oneDNN on any CPU
     results = []
     for mode in ("ours", "torch"):
         monkeypatch.setenv("SCALETRAIN_CPU_KERNELS", mode)
