@@ -2,7 +2,7 @@
 
 The oracle is autograd through eager attention in fp32 on the same bf16 inputs; the tolerance is stated
 relative to the largest gradient (bf16 has 8 bits of mantissa: PyTorch's own bf16 kernel lands at ~1e-2).
-In bf16 the kernel needs AMX or AVX-512-BF16, in fp32 AVX-512; those tests skip elsewhere, the routing tests
+In bf16 the kernel needs AMX or AVX-512-BF16, in fp32 AVX-512 or AVX2; those tests skip elsewhere, the routing tests
 run everywhere.
 """
 
@@ -18,7 +18,7 @@ from scaletrain.model.attention import attention, eager_attention
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(bf16=True), reason="needs AMX or AVX-512-BF16 and a C++ compiler")
-needs_fp32_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(bf16=False), reason="needs AVX-512 and a C++ compiler")
+needs_fp32_kernel = pytest.mark.skipif(not cpu_attention.kernel_ready(bf16=False), reason="needs AVX2 or AVX-512 and a C++ compiler")
 BF16_REL = 2e-2
 
 

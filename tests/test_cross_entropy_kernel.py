@@ -1,5 +1,5 @@
 """The row-wise softmax cross-entropy kernel (scaletrain/kernels/cross_entropy.cpp) against PyTorch's
-fp32 log-softmax, and the chunked linear+CE routing through it. Needs an AVX-512 CPU and a compiler
+fp32 log-softmax, and the chunked linear+CE routing through it. Needs an AVX2 or AVX-512 CPU and a compiler
 (skips elsewhere, where the chunked loss keeps PyTorch's ops)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from scaletrain.kernels import cross_entropy as ce_kernel
 from scaletrain.model.llama import IGNORE_INDEX
 from scaletrain.model.loss import linear_cross_entropy
 
-needs_kernel = pytest.mark.skipif(not ce_kernel.kernel_ready(), reason="needs an AVX-512 CPU and a C++ compiler")
+needs_kernel = pytest.mark.skipif(not ce_kernel.kernel_ready(), reason="needs an AVX2 or AVX-512 CPU and a C++ compiler")
 
 
 @pytest.fixture(autouse=True)

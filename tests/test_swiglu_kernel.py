@@ -1,5 +1,5 @@
 """SwiGLU's elementwise kernel (scaletrain/kernels/swiglu.cpp): silu(gate) * up and its gradients against
-PyTorch's fp32 autograd, in the model's FFN and under torch.compile. Needs an AVX-512 CPU and a compiler
+PyTorch's fp32 autograd, in the model's FFN and under torch.compile. Needs an AVX2 or AVX-512 CPU and a compiler
 (bf16 also AVX-512-BF16); skips elsewhere, where the FFN keeps F.silu(gate) * up."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from scaletrain.kernels import swiglu
 
-needs_fp32 = pytest.mark.skipif(not swiglu._ready(False), reason="needs an AVX-512 CPU and a C++ compiler")
+needs_fp32 = pytest.mark.skipif(not swiglu._ready(False), reason="needs an AVX2 or AVX-512 CPU and a C++ compiler")
 
 
 def _skip_unless(dtype):

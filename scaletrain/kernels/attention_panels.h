@@ -1,8 +1,8 @@
 // The CPU attention kernel's operands and GEMMs (cpu_attention.cpp): matrices packed once into 64-column
 // panels in the layout oneDNN's brgemm micro-kernels read (bf16: VNNI row pairs, [K/2][64][2]; fp32: plain
 // rows), the transposes that fill them, and the brgemm calls over them, including the causal diagonal's
-// skipped quarter. Included by cpu_attention.cpp only; compiled for avx512bf16 like it (its bf16 path runs
-// only where the CPU has AVX512_BF16).
+// skipped quarter. Included by cpu_attention.cpp only; compiled for avx512bf16 like it in the AVX-512 build
+// (its bf16 path runs only where the CPU has AVX512_BF16); the AVX2 build has the fp32 path only.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,14 +16,15 @@
 
 #include "vec_utils.h"
 
+#if SCALETRAIN_BF16
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
+#endif
 
 namespace scaletrain::attention {
 
 using at::BFloat16;
 namespace blas = at::native::cpublas;
-using scaletrain::store_rne;
 
 // oneDNN's packing writes B in panels at most 64 columns wide (its `out_ld` must be 16/32/48/64), so every
 // packed operand is a row of 64-column panels, each [K/2][64][2], and sequences are padded to 64.
@@ -31,8 +32,8 @@ constexpr int64_t kPanel = 64;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// out[c * ld_out + r] = in[r * ld_in + c] for r < rows, c < cols: AVX-512 16 x 16 tiles (the 32 x 32 kernel
-// spilled its 64 registers and was 2x slower per element), masked tiles at the edges.
+// out[c * ld_out + r] = in[r * ld_in + c] for r < rows, c < cols: 16 x 16 tiles (AVX-512; four 8 x 8 ones on
+// AVX2; the 32 x 32 kernel spilled its 64 registers and was 2x slower per element), masked tiles at the edges.
 template <typename T>
 void transpose(const T* in, int64_t rows, int64_t cols, int64_t ld_in, T* out, int64_t ld_out) {
   for (int64_t r = 0; r < rows; r += 16)
@@ -63,10 +64,10 @@ void store_transposed(const float* in, int64_t rows, int64_t cols, int64_t ld_in
       for (int64_t j = 0; j < nc; ++j) {
         E* to = out + (c + j) * ld_out + r;
         if (nr == 16) {
-          store_rne(to, _mm512_load_ps(tile + j * 16));
+          for (int64_t l = 0; l < 16; l += kLanes) store_rne(to + l, vload(tile + j * 16 + l));
         } else {
           alignas(64) E row[16];
-          store_rne(row, _mm512_load_ps(tile + j * 16));
+          for (int64_t l = 0; l < 16; l += kLanes) store_rne(row + l, vload(tile + j * 16 + l));
           std::memcpy(to, row, nr * sizeof(E));
         }
       }
@@ -74,12 +75,13 @@ void store_transposed(const float* in, int64_t rows, int64_t cols, int64_t ld_in
 }
 
 template <typename T>
-float row_dot(const T* a, const T* b, int64_t n) {  // n % 16 == 0
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) acc = _mm512_fmadd_ps(scaletrain::load16(a + i), scaletrain::load16(b + i), acc);
-  return _mm512_reduce_add_ps(acc);
+float row_dot(const T* a, const T* b, int64_t n) {  // n % kLanes == 0
+  VF acc = vzero();
+  for (int64_t i = 0; i < n; i += kLanes) acc = vfmadd(vload(a + i), vload(b + i), acc);
+  return vsum(acc);
 }
 
+#if SCALETRAIN_BF16
 // One [k, 64] panel into VNNI order [k/2][64][2] (k even): row pairs interleaved, so each 32-bit word holds
 // the two bf16 that one dot-product lane multiplies. oneDNN's brgemm reads bf16 B this way on AVX-512-BF16
 // CPUs too, where PyTorch's `pack` refuses ("No need to pack") since it only packs for AMX.
@@ -95,6 +97,7 @@ inline void vnni_panel(const BFloat16* in, int64_t k, int64_t ld, BFloat16* out)
       _mm512_storeu_si512(out + r * kPanel + 2 * c + 32, _mm512_permutex2var_epi64(a, second, b));
     }
 }
+#endif  // SCALETRAIN_BF16
 
 // fp32: a [k, 64] panel is plain rows (brgemm reads fp32 B row-major).
 inline void plain_panel(const float* in, int64_t k, int64_t ld, float* out) {
@@ -105,6 +108,7 @@ inline void pack(const float* in, int64_t k, int64_t n, int64_t ld, float* out) 
   for (int64_t j = 0; j < n; j += kPanel) plain_panel(in + j, k, ld, out + j * k);
 }
 
+#if SCALETRAIN_BF16
 // Row-major [k, n] (leading dimension ld) -> n / 64 VNNI panels; panel j starts at out + j * k * 64.
 // On AMX CPUs oneDNN's own packing (the layout its tiles want); elsewhere ours.
 inline void pack(const BFloat16* in, int64_t k, int64_t n, int64_t ld, BFloat16* out,
@@ -117,8 +121,8 @@ inline void pack(const BFloat16* in, int64_t k, int64_t n, int64_t ld, BFloat16*
   }
 }
 
-// Rows r, r + 1 (r even), columns c..c+15 of a [k, n] operand, straight into the panels `pack` would make
-// (bf16: a VNNI word per column holds the two rows, as in vnni_panel; fp32: two plain rows).
+// Rows r, r + 1 (r even), columns c..c+kLanes-1 of a [k, n] operand, straight into the panels `pack` would
+// make (bf16: a VNNI word per column holds the two rows, as in vnni_panel; fp32: two plain rows).
 inline void store_pair(BFloat16* out, int64_t k, int64_t r, int64_t c, __m512 row0, __m512 row1) {
   alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                         8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
@@ -126,10 +130,12 @@ inline void store_pair(BFloat16* out, int64_t k, int64_t r, int64_t c, __m512 ro
   _mm512_storeu_si512(out + (c / kPanel) * k * kPanel + r * kPanel + 2 * (c % kPanel),
                       _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), both));
 }
-inline void store_pair(float* out, int64_t k, int64_t r, int64_t c, __m512 row0, __m512 row1) {
+#endif  // SCALETRAIN_BF16
+
+inline void store_pair(float* out, int64_t k, int64_t r, int64_t c, VF row0, VF row1) {
   float* at = out + (c / kPanel) * k * kPanel + r * kPanel + c % kPanel;
-  _mm512_storeu_ps(at, row0);
-  _mm512_storeu_ps(at + kPanel, row1);
+  store_rne(at, row0);
+  store_rne(at + kPanel, row1);
 }
 
 // C[m, :n] (+)= A[m, :k] B[:k, :n] with B inside operands packed by `pack` from a matrix of `rows` rows:
@@ -245,4 +251,6 @@ struct PackedKV {
 
 }  // namespace scaletrain::attention
 
+#if SCALETRAIN_BF16
 #pragma GCC pop_options
+#endif

@@ -1,5 +1,5 @@
 // RoPE inside the CPU attention kernel (cpu_attention.cpp): the rotation of q and k on their way into the
-// GEMMs, and its adjoint on the gradients. Compiled for avx512bf16 like the kernel.
+// GEMMs, and its adjoint on the gradients. Compiled for avx512bf16 like the kernel (in the AVX-512 build).
 #pragma once
 
 #include <cstdint>
@@ -9,8 +9,10 @@
 #include "attention_panels.h"  // transpose
 #include "vec_utils.h"
 
+#if SCALETRAIN_BF16
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
+#endif
 
 namespace scaletrain::attention {
 
@@ -38,10 +40,10 @@ struct Rope {
     for (int64_t r = 0; r < n; ++r) {
       const E *xr = x + r * ld, *c = cos + (t0 + r) * D, *s = sin + (t0 + r) * D;
       E* o = out + r * D;
-      for (int64_t d = 0; d < h; d += 16) {
-        const __m512 x1 = scaletrain::load16(xr + d), x2 = scaletrain::load16(xr + d + h);
-        store_rne(o + d, _mm512_fmsub_ps(x1, scaletrain::load16(c + d), _mm512_mul_ps(x2, scaletrain::load16(s + d))));
-        store_rne(o + d + h, _mm512_fmadd_ps(x2, scaletrain::load16(c + d + h), _mm512_mul_ps(x1, scaletrain::load16(s + d + h))));
+      for (int64_t d = 0; d < h; d += kLanes) {
+        const VF x1 = vload(xr + d), x2 = vload(xr + d + h);
+        store_rne(o + d, vfmsub(x1, vload(c + d), vmul(x2, vload(s + d))));
+        store_rne(o + d + h, vfmadd(x2, vload(c + d + h), vmul(x1, vload(s + d + h))));
       }
     }
   }
@@ -49,33 +51,33 @@ struct Rope {
   void unrotate(float* g, int64_t t) const {
     const int64_t h = D / 2;
     const E *c = cos + t * D, *s = sin + t * D;
-    for (int64_t d = 0; d < h; d += 16) {
-      const __m512 g1 = _mm512_loadu_ps(g + d), g2 = _mm512_loadu_ps(g + d + h);
-      _mm512_storeu_ps(g + d, _mm512_fmadd_ps(g1, scaletrain::load16(c + d), _mm512_mul_ps(g2, scaletrain::load16(s + d + h))));
-      _mm512_storeu_ps(g + d + h, _mm512_fmsub_ps(g2, scaletrain::load16(c + d + h), _mm512_mul_ps(g1, scaletrain::load16(s + d))));
+    for (int64_t d = 0; d < h; d += kLanes) {
+      const VF g1 = vload(g + d), g2 = vload(g + d + h);
+      store_rne(g + d, vfmadd(g1, vload(c + d), vmul(g2, vload(s + d + h))));
+      store_rne(g + d + h, vfmsub(g2, vload(c + d + h), vmul(g1, vload(s + d))));
     }
   }
   // The tables in fp32, transposed to [D, T] for unrotate_transposed (done once per backward call).
   void transposed_tables(int64_t T, std::vector<float>& cos_t, std::vector<float>& sin_t) const {
     std::vector<float> wide(T * D);
     for (auto [table, out] : {std::pair{cos, &cos_t}, std::pair{sin, &sin_t}}) {
-      for (int64_t i = 0; i < T * D; i += 16) _mm512_storeu_ps(&wide[i], scaletrain::load16(table + i));
+      for (int64_t i = 0; i < T * D; i += kLanes) store_rne(&wide[i], vload(table + i));
       out->resize(D * T);
       transpose(wide.data(), T, D, D, out->data(), T);
     }
   }
   // The adjoint on a transposed accumulator gt [D, ld] (column t = position t < T), in place; ct, st: the
-  // tables transposed to fp32 [D, T] once per call, so 16 positions load as one vector.
+  // tables transposed to fp32 [D, T] once per call, so kLanes positions load as one vector.
   static void unrotate_transposed(float* gt, int64_t D, int64_t T, int64_t ld, const float* ct, const float* st) {
     const int64_t h = D / 2;
     for (int64_t d = 0; d < h; ++d) {
       float *g1 = gt + d * ld, *g2 = gt + (d + h) * ld;
       const float *c1 = ct + d * T, *c2 = ct + (d + h) * T, *s1 = st + d * T, *s2 = st + (d + h) * T;
       int64_t t = 0;
-      for (; t + 16 <= T; t += 16) {
-        const __m512 a = _mm512_loadu_ps(g1 + t), b = _mm512_loadu_ps(g2 + t);
-        _mm512_storeu_ps(g1 + t, _mm512_fmadd_ps(a, _mm512_loadu_ps(c1 + t), _mm512_mul_ps(b, _mm512_loadu_ps(s2 + t))));
-        _mm512_storeu_ps(g2 + t, _mm512_fmsub_ps(b, _mm512_loadu_ps(c2 + t), _mm512_mul_ps(a, _mm512_loadu_ps(s1 + t))));
+      for (; t + kLanes <= T; t += kLanes) {
+        const VF a = vload(g1 + t), b = vload(g2 + t);
+        store_rne(g1 + t, vfmadd(a, vload(c1 + t), vmul(b, vload(s2 + t))));
+        store_rne(g2 + t, vfmsub(b, vload(c2 + t), vmul(a, vload(s1 + t))));
       }
       for (; t < T; ++t) {
         const float a = g1[t], b = g2[t];
@@ -88,4 +90,6 @@ struct Rope {
 
 }  // namespace scaletrain::attention
 
+#if SCALETRAIN_BF16
 #pragma GCC pop_options
+#endif

@@ -2,10 +2,12 @@
 backward (cpu_attention.cpp), the row-wise softmax cross-entropy (cross_entropy.cpp) and SwiGLU's
 elementwise part (swiglu.cpp).
 
-They need an AVX-512 CPU (the attention kernel in bf16 also AVX-512-BF16, which every AMX CPU has) and
-a C++ compiler; `extension()` returns None
-where either is missing or the build fails (a one-line warning says why), and callers use PyTorch's
-kernels instead. `SCALETRAIN_CPU_KERNELS=torch` turns them all off (A/B runs, or to rule them out).
+Two builds of the same sources (vec_utils.h is the only place that knows the vector width): on AVX-512
+CPUs 16 lanes, fp32 and bf16 (bf16 also needs AVX-512-BF16, which every AMX CPU has); on AVX2 + FMA CPUs
+8 lanes and fp32 only (there oneDNN has no bf16 matmuls either, and `train.precision: auto` picks fp32).
+Both need a C++ compiler; `extension()` returns None where the CPU has neither ISA, or the compiler is
+missing or the build fails (a one-line warning says why), and callers use PyTorch's kernels instead.
+`SCALETRAIN_CPU_KERNELS=torch` turns them all off (A/B runs, or to rule them out).
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import torch
 _HERE = Path(__file__).parent
 SOURCES = [_HERE / "bindings.cpp", _HERE / "cpu_attention.cpp", _HERE / "cross_entropy.cpp", _HERE / "swiglu.cpp"]
 _HEADERS = [_HERE / "vec_utils.h", _HERE / "attention_panels.h", _HERE / "attention_rope.h"]
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-         "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",  # the vector headers' AVX-512 path
-         "-fopenmp"]  # at::parallel_for is inline: without it the kernels run on one thread (torch's libgomp)
+_COMMON = ["-O3", "-fopenmp"]  # at::parallel_for is inline: without -fopenmp the kernels run on one thread
+ISA_FLAGS = {  # -DCPU_CAPABILITY*: which path of ATen's vector headers (at::vec) the sources see
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-DSCALETRAIN_AVX2"],
+}
 
 
 def enabled() -> bool:
@@ -35,19 +40,30 @@ def cpu_has_avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
-def build_dir() -> Path:
+def isa() -> str | None:
+    """Which build runs here: "avx512", "avx2" (AVX2 + FMA, as PyTorch's own AVX2 kernels need), or None."""
+    if cpu_has_avx512():
+        return "avx512"
+    return "avx2" if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
+
+
+def flags(which: str) -> list[str]:
+    return _COMMON + ISA_FLAGS[which]
+
+
+def build_dir(which: str) -> Path:
     digest = hashlib.sha256()
     for part in SOURCES + _HEADERS:
         digest.update(part.read_bytes())
-    digest.update(" ".join(FLAGS + [torch.__version__, sys.version]).encode())
-    return Path.home() / ".cache" / "scaletrain" / "kernels" / f"cpu-{digest.hexdigest()[:12]}"
+    digest.update(" ".join(flags(which) + [torch.__version__, sys.version]).encode())
+    return Path.home() / ".cache" / "scaletrain" / "kernels" / f"cpu-{which}-{digest.hexdigest()[:12]}"
 
 
 @functools.cache
-def _load():
+def _load(which: str):
     from torch.utils.cpp_extension import load
 
-    where = build_dir()
+    where = build_dir(which)
     where.mkdir(parents=True, exist_ok=True)
     # One builder at a time across ranks and runs. flock dies with its holder, unlike torch's own `lock`
     # file, which a killed build leaves behind (every later load would wait on it forever): holding the
@@ -59,7 +75,7 @@ def _load():
             print(f"building scaletrain's CPU kernels in {where} (once per machine, ~1 min)", file=sys.stderr,
                   flush=True)
         try:
-            return load(f"scaletrain_cpu_{where.name[-12:]}", [str(s) for s in SOURCES], extra_cflags=FLAGS,
+            return load(f"scaletrain_cpu_{which}_{where.name[-12:]}", [str(s) for s in SOURCES], extra_cflags=flags(which),
                         extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
             why = next((line for line in str(e).splitlines() if "error" in line), str(e)[-300:]).strip()
@@ -69,18 +85,18 @@ def _load():
 
 
 def extension():
-    """The compiled module, or None where the kernels cannot run here."""
-    if not (enabled() and cpu_has_avx512()):
+    """The compiled module for this CPU's ISA, or None where the kernels cannot run here."""
+    which = isa()
+    if not (enabled() and which):
         return None
-    return _load()
+    return _load(which)
 
 
 def bf16_ready() -> bool:
     """Whether the bf16 kernels can run: the kernels built, and the CPU has AVX512_BF16 (they round with its
     conversion instruction; the attention kernel's GEMMs run oneDNN's brgemm on its dot products or, where
-    present, AMX tiles; every AMX CPU has AVX512_BF16). Their fp32 versions need only AVX-512."""
-    ext = extension()
-    return ext is not None and torch.cpu._is_avx512_bf16_supported()
+    present, AMX tiles; every AMX CPU has AVX512_BF16). Their fp32 versions need only AVX-512 or AVX2."""
+    return isa() == "avx512" and extension() is not None and torch.cpu._is_avx512_bf16_supported()
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
@@ -100,10 +116,13 @@ def status() -> str:
     """Which of the kernels run here, in words (for `scaletrain bench`'s JSON)."""
     if not enabled():
         return "off (SCALETRAIN_CPU_KERNELS=torch)"
-    if not cpu_has_avx512():
-        return "not used (no AVX-512): PyTorch's kernels"
-    if _load() is None:
+    which = isa()
+    if which is None:
+        return "not used (no AVX2 or AVX-512): PyTorch's kernels"
+    if _load(which) is None:
         return "not used (the build failed): PyTorch's kernels"
     if bf16_ready():
         return f"attention (fp32, bf16 on {bf16_engine()}) + cross-entropy + SwiGLU"
+    if which == "avx2":
+        return "attention, cross-entropy, SwiGLU in fp32 (AVX2 build; no bf16 kernels without AVX-512)"
     return "attention, cross-entropy, SwiGLU in fp32 (bf16 is PyTorch's: no AVX-512-BF16)"

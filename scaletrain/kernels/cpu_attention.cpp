@@ -1,6 +1,7 @@
-// Causal attention forward and backward on AVX-512 CPUs, bf16 (AMX or AVX-512-BF16) and fp32, written as
-// small GEMMs through PyTorch's batch-reduce GEMM (at::native::cpublas::brgemm: oneDNN's AMX, AVX-512-BF16
-// or AVX-512 fp32 micro-kernels) plus AVX-512 softmax code.
+// Causal attention forward and backward on CPU, bf16 (AMX or AVX-512-BF16) and fp32 (AVX-512, or AVX2 in the
+// build for CPUs without it), written as small GEMMs through PyTorch's batch-reduce GEMM
+// (at::native::cpublas::brgemm: oneDNN's AMX, AVX-512-BF16, AVX-512 or AVX2 fp32 micro-kernels) plus vector
+// softmax code (vec_utils.h: 16 lanes on AVX-512, 8 on AVX2).
 //
 // Why: PyTorch's CPU flash-attention does its GEMMs through a generic bf16 GEMM that uses neither AMX nor
 // AVX-512-BF16 dot products; at the bench's shape its backward ran at ~95 GFLOP/s on an AMX Xeon (a quarter
@@ -37,14 +38,16 @@
 
 // The bf16 kernel runs only on CPUs with AVX512_BF16 (build.py's bf16_ready; every AMX CPU has it too),
 // so its tiles are rounded to bf16 by the one-instruction VCVTNEPS2BF16 (vec_utils.h's store_rne). The
-// fp32 kernel executes no bf16 instruction and still runs on any AVX-512 CPU.
+// fp32 kernel executes no bf16 instruction and still runs on any AVX-512 CPU (or AVX2 CPU, in that build).
+#if SCALETRAIN_BF16
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
+#endif
 
 namespace {
 
+using namespace scaletrain;
 using namespace scaletrain::attention;
-using Vec = at::vec::Vectorized<float>;
 
 constexpr int64_t kChunk = 256;  // keys per chunk (KC); a multiple of kPanel and of the query block
 
@@ -107,32 +110,31 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             for (int64_t r = 0; r < m; ++r) {
               float* srow = &s[r * KC];
               // Past `live` (the causal limit rounded up to a vector) every score is masked: P is 0 there.
-              const int64_t valid = std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), live = round_up(valid, 16);
+              const int64_t valid = std::clamp<int64_t>(q0 + r + 1 - k0, 0, kc), live = round_up(valid, kLanes);
               mask_row(srow, valid, live);
-              Vec vmax(neg_inf);
-              for (int64_t c = 0; c < live; c += 16) vmax = _mm512_max_ps(vmax, Vec::loadu(srow + c));
-              const float mx = std::max(row_max[r], _mm512_reduce_max_ps(vmax) * fscale);
+              VF lanes_max = vset(neg_inf);
+              for (int64_t c = 0; c < live; c += kLanes) lanes_max = vmax(lanes_max, vload(srow + c));
+              const float mx = std::max(row_max[r], vmaxall(lanes_max) * fscale);
               const float alpha = row_max[r] == neg_inf ? 0.f : std::exp(row_max[r] - mx);
-              const __m512 vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e),
-                           vmx2 = _mm512_set1_ps(mx * scaletrain::kLog2e);
-              Vec vsum(0.f);
-              for (int64_t c = 0; c < live; c += 16) {  // exp(s * scale - mx) = 2^(s * scale log2e - mx log2e)
-                const Vec p = scaletrain::exp2_fast(_mm512_fmsub_ps(Vec::loadu(srow + c), vscale2, vmx2));
-                vsum = vsum + p;
+              const VF vscale2 = vset(fscale * kLog2e), vmx2 = vset(mx * kLog2e);
+              VF lanes_sum = vzero();
+              for (int64_t c = 0; c < live; c += kLanes) {  // exp(s * scale - mx) = 2^(s * scale log2e - mx log2e)
+                const VF p = exp2_fast(vfmsub(vload(srow + c), vscale2, vmx2));
+                lanes_sum = vadd(lanes_sum, p);
                 store_rne(&p_tile[r * KC + c], p);
               }
-              for (int64_t c = live; c < kcp; c += 16) store_rne(&p_tile[r * KC + c], _mm512_setzero_ps());
-              row_sum[r] = row_sum[r] * alpha + _mm512_reduce_add_ps(vsum);
+              for (int64_t c = live; c < kcp; c += kLanes) store_rne(&p_tile[r * KC + c], vzero());
+              row_sum[r] = row_sum[r] * alpha + vsum(lanes_sum);
               row_max[r] = mx;
               float* orow = &o_acc[r * D];
-              for (int64_t d = 0; d < D; d += 16) (Vec::loadu(orow + d) * Vec(alpha)).store(orow + d);
+              for (int64_t d = 0; d < D; d += kLanes) store_rne(orow + d, vmul(vload(orow + d), vset(alpha)));
             }
             gemm_over_keys(diagonal, m, D, kcp, p_tile.data(), KC, kv.v.data() + k0 * kPanel, Tp, o_acc.data(), D, true);
           }
           E* oi = o_p + so.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r) {
-            const Vec inv(1.f / row_sum[r]);
-            for (int64_t d = 0; d < D; d += 16) store_rne(oi + r * so.t + d, Vec::loadu(&o_acc[r * D + d]) * inv);
+            const VF inv = vset(1.f / row_sum[r]);
+            for (int64_t d = 0; d < D; d += kLanes) store_rne(oi + r * so.t + d, vmul(vload(&o_acc[r * D + d]), inv));
             lse_p[(b * H + h) * T + q0 + r] = row_max[r] + std::log(row_sum[r]);
           }
         }
@@ -155,7 +157,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
   E *dq_p = dq.data_ptr<E>(), *dk_p = dk.data_ptr<E>(), *dv_p = dv.data_ptr<E>();
   const float fscale = static_cast<float>(scale);
   const bool own = own_layout<E>();  // our panel layouts: P and dS are written into them directly
-  const __m512 vscale = _mm512_set1_ps(fscale), vscale2 = _mm512_set1_ps(fscale * scaletrain::kLog2e);
+  const VF vscale = vset(fscale), vscale2 = vset(fscale * kLog2e);
   std::vector<float> cos_t, sin_t;  // the rope tables transposed to fp32 [D, T], for dK^T's adjoint
   if (rope.on()) rope.transposed_tables(T, cos_t, sin_t);
 
@@ -192,27 +194,27 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             // P and dS two rows at a time (rows past m are padding: zeros). dS row-major for the dQ GEMM; both
             // into the panels of the dV/dK GEMMs directly, unless oneDNN packs (AMX: its layout, its pack).
             for (int64_t r = 0; r < mp; r += 2) {
-              __m512 vlse2[2], vdelta[2];
+              VF vlse2[2], vdelta[2];
               bool valid[2];
               // Past `live` (the pair's causal limit rounded up to a vector) P and dS are 0 for both rows.
-              const int64_t live = round_up(std::clamp<int64_t>(q0 + std::min(r + 1, m - 1) + 1 - k0, 0, kc), 16);
+              const int64_t live = round_up(std::clamp<int64_t>(q0 + std::min(r + 1, m - 1) + 1 - k0, 0, kc), kLanes);
               for (int64_t i = 0; i < 2; ++i) {
                 valid[i] = r + i < m;
                 if (!valid[i]) continue;
                 mask_row(&s[(r + i) * KC], std::clamp<int64_t>(q0 + r + i + 1 - k0, 0, kc), live);
-                vlse2[i] = _mm512_set1_ps(lse_a[b][h][q0 + r + i] * scaletrain::kLog2e);
-                vdelta[i] = _mm512_set1_ps(delta[r + i]);
+                vlse2[i] = vset(lse_a[b][h][q0 + r + i] * kLog2e);
+                vdelta[i] = vset(delta[r + i]);
               }
-              for (int64_t c = 0; c < kcp; c += 16) {
-                __m512 p[2], ds[2];
+              for (int64_t c = 0; c < kcp; c += kLanes) {
+                VF p[2], ds[2];
                 for (int64_t i = 0; i < 2; ++i) {
                   if (!valid[i] || c >= live) {
-                    p[i] = ds[i] = _mm512_setzero_ps();
+                    p[i] = ds[i] = vzero();
                     if (valid[i]) store_rne(&ds_tile[(r + i) * KC + c], ds[i]);
                     continue;
                   }
-                  p[i] = scaletrain::exp2_fast(_mm512_fmsub_ps(_mm512_loadu_ps(&s[(r + i) * KC + c]), vscale2, vlse2[i]));
-                  ds[i] = _mm512_mul_ps(_mm512_mul_ps(p[i], _mm512_sub_ps(_mm512_loadu_ps(&dp[(r + i) * KC + c]), vdelta[i])), vscale);
+                  p[i] = exp2_fast(vfmsub(vload(&s[(r + i) * KC + c]), vscale2, vlse2[i]));
+                  ds[i] = vmul(vmul(p[i], vsub(vload(&dp[(r + i) * KC + c]), vdelta[i])), vscale);
                   store_rne(&ds_tile[(r + i) * KC + c], ds[i]);
                 }
                 if (own) {
@@ -237,7 +239,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           E* dqi = dq_p + sdq.at(b, h, q0);
           for (int64_t r = 0; r < m; ++r) {
             if (rope.on()) rope.unrotate(&dq_acc[r * D], q0 + r);
-            for (int64_t d = 0; d < D; d += 16) store_rne(dqi + r * sdq.t + d, Vec::loadu(&dq_acc[r * D + d]));
+            for (int64_t d = 0; d < D; d += kLanes) store_rne(dqi + r * sdq.t + d, vload(&dq_acc[r * D + d]));
           }
         }
       }
@@ -251,7 +253,9 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
 
 }  // namespace
 
+#if SCALETRAIN_BF16
 #pragma GCC pop_options
+#endif
 
 namespace {
 
@@ -280,10 +284,13 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   // need a transposing copy on their way to or from a linear layer, and contiguous inputs get contiguous ones.
   auto out = at::empty_like(q);
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
-  if (q.scalar_type() == at::kBFloat16)
+#if SCALETRAIN_BF16
+  if (q.scalar_type() == at::kBFloat16) {
     forward_impl<BFloat16>(q, k, v, scale, rope_tables<BFloat16>(cos, sin, q), out, lse);
-  else
-    forward_impl<float>(q, k, v, scale, rope_tables<float>(cos, sin, q), out, lse);
+    return {out, lse};
+  }
+#endif
+  forward_impl<float>(q, k, v, scale, rope_tables<float>(cos, sin, q), out, lse);
   return {out, lse};
 }
 
@@ -294,10 +301,13 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
   check_inputs({&dout, &q, &k, &v, &out}, q, k, v);
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3, "cpu attention backward: [B, H, T] float32 lse");
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  if (q.scalar_type() == at::kBFloat16)
+#if SCALETRAIN_BF16
+  if (q.scalar_type() == at::kBFloat16) {
     backward_impl<BFloat16>(dout, q, k, v, out, lse, scale, rope_tables<BFloat16>(cos, sin, q), dq, dk, dv);
-  else
-    backward_impl<float>(dout, q, k, v, out, lse, scale, rope_tables<float>(cos, sin, q), dq, dk, dv);
+    return {dq, dk, dv};
+  }
+#endif
+  backward_impl<float>(dout, q, k, v, out, lse, scale, rope_tables<float>(cos, sin, q), dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -306,7 +316,10 @@ at::Tensor pack_panels(const at::Tensor& x, bool onednn) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous() && x.size(0) % 2 == 0 &&
               x.size(1) % kPanel == 0, "pack_panels: contiguous bf16 [k, n], k even, n a multiple of 64");
   TORCH_CHECK(!onednn || blas::could_pack(at::kBFloat16), "pack_panels: oneDNN packs only on AMX CPUs");
+  TORCH_CHECK(SCALETRAIN_BF16, "pack_panels: the AVX2 build has no bf16 kernels");
   auto out = at::empty_like(x);
+#if SCALETRAIN_BF16
   pack(x.data_ptr<BFloat16>(), x.size(0), x.size(1), x.size(1), out.data_ptr<BFloat16>(), onednn);
+#endif
   return out;
 }

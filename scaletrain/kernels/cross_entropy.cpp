@@ -20,42 +20,42 @@
 
 // bf16 runs only where the CPU has AVX512_BF16 (kernels/cross_entropy.py checks), so gradients round to bf16
 // by the one-instruction VCVTNEPS2BF16 (vec_utils.h's store_rne); fp32 executes no bf16
-// instruction and runs on any AVX-512 CPU.
+// instruction and runs on any CPU of the build's ISA (AVX-512, or AVX2 in the build without bf16).
+#if SCALETRAIN_BF16
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
+#endif
 
 namespace {
 
 using at::BFloat16;
-using Vec = at::vec::Vectorized<float>;
-using scaletrain::load16;
-using scaletrain::store_rne;
+using namespace scaletrain;  // the vector layer (vec_utils.h)
 
 // In place: row r of `logits` becomes its gradient. `e` is scratch for one row's exp(x - max), fp32.
 template <typename T>
 void rows(T* logits, const int64_t* targets, const float* weight, float* loss, int64_t begin, int64_t end,
           int64_t V, float* e) {
-  const int64_t Vv = V / 16 * 16;
+  const int64_t Vv = V / kLanes * kLanes;
   for (int64_t r = begin; r < end; ++r) {
     T* x = logits + r * V;
-    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t c = 0; c < Vv; c += 16) vmax = _mm512_max_ps(vmax, load16(x + c));
-    float mx = _mm512_reduce_max_ps(vmax);
+    VF lanes_max = vset(-std::numeric_limits<float>::infinity());
+    for (int64_t c = 0; c < Vv; c += kLanes) lanes_max = vmax(lanes_max, vload(x + c));
+    float mx = vmaxall(lanes_max);
     for (int64_t c = Vv; c < V; ++c) mx = std::max(mx, static_cast<float>(x[c]));
-    const __m512 vlog2e = _mm512_set1_ps(scaletrain::kLog2e), vmx2 = _mm512_set1_ps(mx * scaletrain::kLog2e);
-    Vec vsum(0.f);
-    for (int64_t c = 0; c < Vv; c += 16) {  // exp(x - mx) = 2^(x log2e - mx log2e)
-      const Vec p = scaletrain::exp2_fast(_mm512_fmsub_ps(load16(x + c), vlog2e, vmx2));
-      p.store(e + c);
-      vsum = vsum + p;
+    const VF vlog2e = vset(kLog2e), vmx2 = vset(mx * kLog2e);
+    VF lanes_sum = vzero();
+    for (int64_t c = 0; c < Vv; c += kLanes) {  // exp(x - mx) = 2^(x log2e - mx log2e)
+      const VF p = exp2_fast(vfmsub(vload(x + c), vlog2e, vmx2));
+      store_rne(e + c, p);
+      lanes_sum = vadd(lanes_sum, p);
     }
-    float sum = _mm512_reduce_add_ps(vsum);
+    float sum = vsum(lanes_sum);
     for (int64_t c = Vv; c < V; ++c) sum += (e[c] = std::exp(static_cast<float>(x[c]) - mx));
     const int64_t t = targets[r];
     const float w = weight[r], inv = w / sum;
     loss[r] = mx + std::log(sum) - static_cast<float>(x[t]);
-    const Vec vinv(inv);
-    for (int64_t c = 0; c < Vv; c += 16) store_rne(x + c, Vec::loadu(e + c) * vinv);
+    const VF vinv = vset(inv);
+    for (int64_t c = 0; c < Vv; c += kLanes) store_rne(x + c, vmul(vload(e + c), vinv));
     for (int64_t c = Vv; c < V; ++c) x[c] = static_cast<T>(e[c] * inv);
     x[t] = static_cast<T>((e[t] / sum - 1.f) * w);
   }
@@ -63,7 +63,9 @@ void rows(T* logits, const int64_t* targets, const float* weight, float* loss, i
 
 }  // namespace
 
+#if SCALETRAIN_BF16
 #pragma GCC pop_options
+#endif
 
 // Overwrites `logits` with the gradient (a fresh [chunk, vocab] buffer would cost its page faults each
 // time) and returns the per-row loss.
@@ -84,10 +86,11 @@ at::Tensor softmax_cross_entropy_(at::Tensor& logits, const at::Tensor& targets,
   const float* w = weight.data_ptr<float>();
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> e(V);
+#if SCALETRAIN_BF16
     if (logits.scalar_type() == at::kBFloat16)
-      rows(logits.data_ptr<BFloat16>(), t, w, loss.data_ptr<float>(), begin, end, V, e.data());
-    else
-      rows(logits.data_ptr<float>(), t, w, loss.data_ptr<float>(), begin, end, V, e.data());
+      return rows(logits.data_ptr<BFloat16>(), t, w, loss.data_ptr<float>(), begin, end, V, e.data());
+#endif
+    rows(logits.data_ptr<float>(), t, w, loss.data_ptr<float>(), begin, end, V, e.data());
   });
   return loss;
 }

@@ -1,4 +1,4 @@
-// SwiGLU's elementwise part on AVX-512 CPUs, forward and backward, bf16 or fp32:
+// SwiGLU's elementwise part on CPU (AVX-512: bf16 or fp32; AVX2: fp32), forward and backward:
 //   forward   s = sigmoid(g)    h = g s u
 //   backward  dg = dh u s (1 + g (1 - s))    du = dh g s
 //
@@ -14,24 +14,24 @@
 #include "vec_utils.h"
 
 // bf16 runs only where the CPU has AVX512_BF16 (kernels/swiglu.py checks), so results round to bf16 by the
-// one-instruction VCVTNEPS2BF16 (vec_utils.h's store_rne); the fp32 path executes no bf16 instruction and runs on any AVX-512 CPU.
+// one-instruction VCVTNEPS2BF16 (vec_utils.h's store_rne); the fp32 path executes no bf16 instruction and runs on any
+// CPU of the build's ISA (AVX-512, or AVX2 in the build without bf16).
+#if SCALETRAIN_BF16
 #pragma GCC push_options
 #pragma GCC target("avx512bf16")
+#endif
 
 namespace {
 
 using at::BFloat16;
-using scaletrain::load16;
-using scaletrain::store_rne;
+using namespace scaletrain;  // the vector layer (vec_utils.h)
 
-// 1 / (1 + e^-g) to ~1 ulp of fp32 in spirit: exp2_fast is within 2.4e-7, rcp14 + Newton within ~1e-8.
+// 1 / (1 + e^-g) to ~1 ulp of fp32 in spirit: exp2_fast is within 2.4e-7, vrecip within ~1e-8.
 // The exponent is clamped at 126 so 1 + 2^x stays finite (g < -87 gives ~1e-38 instead of ~e^g: below
 // any bf16 or normal fp32 gradient that matters).
-inline __m512 sigmoid(__m512 g) {
-  const __m512 x = _mm512_min_ps(_mm512_mul_ps(g, _mm512_set1_ps(-scaletrain::kLog2e)), _mm512_set1_ps(126.f));
-  const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), scaletrain::exp2_fast(x));
-  const __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));  // r (2 - d r)
+inline VF sigmoid(VF g) {
+  const VF x = vmin(vmul(g, vset(-kLog2e)), vset(126.f));
+  return vrecip(vadd(vset(1.f), exp2_fast(x)));
 }
 
 inline float sigmoid(float g) { return 1.f / (1.f + std::exp(-g)); }
@@ -39,9 +39,9 @@ inline float sigmoid(float g) { return 1.f / (1.f + std::exp(-g)); }
 template <typename T>
 void forward_range(const T* g, const T* u, T* h, int64_t begin, int64_t end) {
   int64_t i = begin;
-  for (; i + 16 <= end; i += 16) {
-    const __m512 gv = load16(g + i);
-    store_rne(h + i, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid(gv)), load16(u + i)));
+  for (; i + kLanes <= end; i += kLanes) {
+    const VF gv = vload(g + i);
+    store_rne(h + i, vmul(vmul(gv, sigmoid(gv)), vload(u + i)));
   }
   for (; i < end; ++i) {
     const float gf = static_cast<float>(g[i]);
@@ -51,15 +51,15 @@ void forward_range(const T* g, const T* u, T* h, int64_t begin, int64_t end) {
 
 template <typename T>
 void backward_range(const T* dh, const T* g, const T* u, T* dg, T* du, int64_t begin, int64_t end) {
-  const __m512 one = _mm512_set1_ps(1.f);
+  const VF one = vset(1.f);
   int64_t i = begin;
-  for (; i + 16 <= end; i += 16) {
-    const __m512 gv = load16(g + i), dhv = load16(dh + i), s = sigmoid(gv);
-    const __m512 dh_s = _mm512_mul_ps(dhv, s);
-    store_rne(du + i, _mm512_mul_ps(dh_s, gv));
+  for (; i + kLanes <= end; i += kLanes) {
+    const VF gv = vload(g + i), dhv = vload(dh + i), s = sigmoid(gv);
+    const VF dh_s = vmul(dhv, s);
+    store_rne(du + i, vmul(dh_s, gv));
     // 1 + g (1 - s) = g - g s + 1
-    const __m512 slope = _mm512_fnmadd_ps(gv, s, _mm512_add_ps(gv, one));
-    store_rne(dg + i, _mm512_mul_ps(_mm512_mul_ps(dh_s, load16(u + i)), slope));
+    const VF slope = vfnmadd(gv, s, vadd(gv, one));
+    store_rne(dg + i, vmul(vmul(dh_s, vload(u + i)), slope));
   }
   for (; i < end; ++i) {
     const float gf = static_cast<float>(g[i]), s = sigmoid(gf), dh_s = static_cast<float>(dh[i]) * s;
@@ -83,16 +83,19 @@ constexpr int64_t kGrain = 1 << 14;
 
 }  // namespace
 
+#if SCALETRAIN_BF16
 #pragma GCC pop_options
+#endif
 
 at::Tensor swiglu_forward(const at::Tensor& g, const at::Tensor& u) {
   check({&g, &u});
   auto h = at::empty_like(g);
   at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
+#if SCALETRAIN_BF16
     if (g.scalar_type() == at::kBFloat16)
-      forward_range(g.data_ptr<BFloat16>(), u.data_ptr<BFloat16>(), h.data_ptr<BFloat16>(), begin, end);
-    else
-      forward_range(g.data_ptr<float>(), u.data_ptr<float>(), h.data_ptr<float>(), begin, end);
+      return forward_range(g.data_ptr<BFloat16>(), u.data_ptr<BFloat16>(), h.data_ptr<BFloat16>(), begin, end);
+#endif
+    forward_range(g.data_ptr<float>(), u.data_ptr<float>(), h.data_ptr<float>(), begin, end);
   });
   return h;
 }
@@ -101,12 +104,13 @@ std::vector<at::Tensor> swiglu_backward(const at::Tensor& dh, const at::Tensor& 
   check({&dh, &g, &u});
   auto dg = at::empty_like(g), du = at::empty_like(u);
   at::parallel_for(0, g.numel(), kGrain, [&](int64_t begin, int64_t end) {
+#if SCALETRAIN_BF16
     if (g.scalar_type() == at::kBFloat16)
-      backward_range(dh.data_ptr<BFloat16>(), g.data_ptr<BFloat16>(), u.data_ptr<BFloat16>(),
-                     dg.data_ptr<BFloat16>(), du.data_ptr<BFloat16>(), begin, end);
-    else
-      backward_range(dh.data_ptr<float>(), g.data_ptr<float>(), u.data_ptr<float>(), dg.data_ptr<float>(),
-                     du.data_ptr<float>(), begin, end);
+      return backward_range(dh.data_ptr<BFloat16>(), g.data_ptr<BFloat16>(), u.data_ptr<BFloat16>(),
+                            dg.data_ptr<BFloat16>(), du.data_ptr<BFloat16>(), begin, end);
+#endif
+    backward_range(dh.data_ptr<float>(), g.data_ptr<float>(), u.data_ptr<float>(), dg.data_ptr<float>(),
+                   du.data_ptr<float>(), begin, end);
   });
   return {dg, du};
 }
