@@ -39,3 +39,17 @@ def test_each_isa_builds_apart_and_the_cpu_picks_one(monkeypatch):
         assert build.isa() == want
     assert build.extension() is None  # no vector ISA: PyTorch's kernels
     assert not build.bf16_ready()
+
+
+def test_the_build_runs_the_ninja_beside_python(tmp_path, monkeypatch):
+    """Two ninja versions (the venv's, the system's) read each other's build log as stale: a process whose
+    PATH found the other one rebuilt the kernels every time. The build puts this Python's dir first."""
+    (tmp_path / "ninja").write_text("")
+    monkeypatch.setattr(build.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    with build._ninja_beside_python():
+        assert build.os.environ["PATH"] == f"{tmp_path}:/usr/bin:/bin"
+    assert build.os.environ["PATH"] == "/usr/bin:/bin"
+    (tmp_path / "ninja").unlink()  # no ninja there: PATH as it is
+    with build._ninja_beside_python():
+        assert build.os.environ["PATH"] == "/usr/bin:/bin"

@@ -12,6 +12,7 @@ missing or the build fails (a one-line warning says why), and callers use PyTorc
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -59,6 +60,24 @@ def build_dir(which: str) -> Path:
     return Path.home() / ".cache" / "scaletrain" / "kernels" / f"cpu-{which}-{digest.hexdigest()[:12]}"
 
 
+@contextlib.contextmanager
+def _ninja_beside_python():
+    """torch's loader runs whichever `ninja` PATH finds first, and two versions of it (pip's, installed in the
+    venv with DeepSpeed, and the system's) take each other's build log for stale: every process whose PATH
+    found the other one rebuilt the kernels (~45 s here; a job started with a bare PATH, e.g. by SLURM, did
+    it every time). So the build uses the ninja beside this Python where there is one."""
+    here = str(Path(sys.executable).parent)
+    before = os.environ.get("PATH", "")
+    if not (Path(here) / "ninja").is_file() or before.split(os.pathsep)[0] == here:
+        yield
+        return
+    os.environ["PATH"] = here + os.pathsep + before
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
 @functools.cache
 def _load(which: str):
     from torch.utils.cpp_extension import load
@@ -75,8 +94,10 @@ def _load(which: str):
             print(f"building scaletrain's CPU kernels in {where} (once per machine, ~1 min)", file=sys.stderr,
                   flush=True)
         try:
-            return load(f"scaletrain_cpu_{which}_{where.name[-12:]}", [str(s) for s in SOURCES], extra_cflags=flags(which),
-                        extra_ldflags=["-fopenmp"], build_directory=str(where), verbose=False)
+            with _ninja_beside_python():
+                return load(f"scaletrain_cpu_{which}_{where.name[-12:]}", [str(s) for s in SOURCES],
+                            extra_cflags=flags(which), extra_ldflags=["-fopenmp"], build_directory=str(where),
+                            verbose=False)
         except Exception as e:  # noqa: BLE001 - any build failure means: use PyTorch's kernels
             why = next((line for line in str(e).splitlines() if "error" in line), str(e)[-300:]).strip()
             print(f"warning: scaletrain's CPU kernels did not build ({why}); using PyTorch's", file=sys.stderr,
