@@ -56,7 +56,9 @@ def build_dir(which: str) -> Path:
     digest = hashlib.sha256()
     for part in SOURCES + _HEADERS:
         digest.update(part.read_bytes())
-    digest.update(" ".join(flags(which) + [torch.__version__, sys.version]).encode())
+    # and where the sources are: torch's build file names them by path, so two checkouts sharing one dir
+    # would rebuild each other's objects on every switch
+    digest.update(" ".join(flags(which) + [torch.__version__, sys.version, str(_HERE)]).encode())
     return Path.home() / ".cache" / "scaletrain" / "kernels" / f"cpu-{which}-{digest.hexdigest()[:12]}"
 
 
