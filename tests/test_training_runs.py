@@ -47,7 +47,7 @@ def test_data_parallel_parity_zero_0_to_3(base, tmp_path):
 def test_zero2_bf16_two_ranks_learns_and_logs(base, tmp_path):
     d = tmp_path / "bf16"
     proc = run_training(2, [*base, "train.max_steps=30", "train.precision=bf16", "zero.stage=2",
-                            "train.eval_every=15", "train.save_every=15", f"run.dir={d}"])
+                            "train.eval_every=15", "train.save_every=15", f"run.dir={d}"], launcher="deepspeed")
     assert "TensorBoard: tensorboard --logdir" in proc.stdout
     loss = _curve(d)
     assert set(loss) == set(range(1, 31))
@@ -76,8 +76,8 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sig):
     run_training(ranks, [*common, f"run.dir={straight}"])
     expected = _curve(straight)
 
-    resumed = tmp_path / "resumed"
-    proc = start_training(ranks, [*common, f"run.dir={resumed}"])
+    resumed = tmp_path / "resumed"  # under the real `deepspeed` launcher: the preemption a user's job sees
+    proc = start_training(ranks, [*common, f"run.dir={resumed}"], launcher="deepspeed")
     first_ckpt = resumed / "checkpoints" / "latest"
     assert wait_for(first_ckpt.exists, timeout=180), proc.communicate()[0][-3000:]
     signal_ranks(resumed, sig)
@@ -87,7 +87,7 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sig):
     assert status["state"] == "preempted" and 4 <= status["step"] < 40, status
     stopped_at = status["step"]
 
-    proc = run_training(ranks, [*common, f"run.dir={resumed}"])
+    proc = run_training(ranks, [*common, f"run.dir={resumed}"], launcher="deepspeed")
     assert f"resumed from {resumed / 'checkpoints' / f'global_step{stopped_at}'}" in proc.stdout
     got = _curve(resumed)
     assert sorted(got) == sorted(expected) == list(range(1, 41))

@@ -1,0 +1,72 @@
+"""Start N ranks of a training script on this machine as `deepspeed --num_gpus N` does, for the tests.
+
+Why: the `deepspeed` launcher is two Python start-ups (its runner, then `deepspeed.launcher.launch`)
+that each import torch, plus a 1 s polling loop at exit: ~7 s of every multi-rank test run on a 2-core
+machine. The ranks get the same environment and `--local_rank` argument from this ~0.05 s launcher,
+and it keeps the launcher's contract: a rank that fails takes the others down (SIGTERM, then SIGKILL)
+and its exit code is the launcher's; SIGINT/SIGTERM to the launcher reach every rank.
+The real launcher is still what the README quick-start test and the cluster tests run.
+
+    python tests/local_ranks.py N script.py [args ...]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+GRACE_S = 30  # as DeepSpeed's launcher: SIGTERM, then SIGKILL whatever is left after this long
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(ranks: list[subprocess.Popen], sig: int) -> None:
+    for p in ranks:
+        if p.poll() is None:
+            p.send_signal(sig)
+    deadline = time.time() + GRACE_S
+    for p in ranks:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or not argv[0].isdigit():
+        print("usage: python tests/local_ranks.py N script.py [args ...]", file=sys.stderr)
+        return 2
+    n, script, args = int(argv[0]), argv[1], argv[2:]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(n),
+               LOCAL_SIZE=str(n), CROSS_RANK="0", CROSS_SIZE="1")
+    ranks = [subprocess.Popen([sys.executable, "-u", script, f"--local_rank={r}", *args],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(n)]
+
+    def forward(signum, _frame):
+        stop(ranks, signum)
+        sys.exit(1)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    while True:
+        codes = [p.poll() for p in ranks]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed:
+            stop(ranks, signal.SIGTERM)
+            return failed[0]
+        if all(c == 0 for c in codes):
+            return 0
+        time.sleep(0.05)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,39 @@
+"""The tests' rank launcher (tests/local_ranks.py) keeps the `deepspeed` launcher's contract."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from launch_utils import REPO
+
+LAUNCHER = str(REPO / "tests" / "local_ranks.py")
+
+# Rank 1 fails at once; rank 0 would sleep for a minute unless the launcher stops it.
+SCRIPT = """
+import os, sys, time
+print("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"], "local", os.environ["LOCAL_RANK"], sys.argv[1:], flush=True)
+if os.environ["RANK"] == "1":
+    sys.exit(7)
+time.sleep(60)
+"""
+
+
+def test_ranks_get_the_launcher_environment_and_one_failure_stops_all(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(SCRIPT)
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, LAUNCHER, "2", str(script), "--x", "1"], capture_output=True, text=True,
+                          timeout=50)
+    assert proc.returncode == 7, proc.stderr
+    assert time.time() - t0 < 30, "the sleeping rank was not stopped"
+    lines = sorted(proc.stdout.splitlines())
+    assert lines == ["rank 0 of 2 local 0 ['--local_rank=0', '--x', '1']",
+                     "rank 1 of 2 local 1 ['--local_rank=1', '--x', '1']"]
+
+
+def test_all_ranks_succeeding_is_success(tmp_path):
+    script = tmp_path / "ok.py"
+    script.write_text("import os\nassert os.environ['MASTER_ADDR'] and int(os.environ['MASTER_PORT']) > 0\n")
+    assert subprocess.run([sys.executable, LAUNCHER, "3", str(script)], timeout=50).returncode == 0
