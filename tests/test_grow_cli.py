@@ -8,11 +8,13 @@ from `transformers.LlamaForCausalLM`, so our model code is not the judge of our 
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
+from launch_utils import run_cli
 from scaletrain.growth.check import sample_windows
 from scaletrain.growth.offline import child_model_config, grow_checkpoint
 from scaletrain.growth.parent import open_parent
@@ -146,7 +148,7 @@ def test_cli_streams_shards_and_writes_lineage(cli, parents, tmp_path):
     assert not list(tmp_path.glob(".child.tmp-*"))
 
 
-@pytest.mark.parametrize("args,message", [
+BAD_INPUT = [
     (["--set", "model.hidden_size=32"], "cannot shrink hidden_size"),
     (["--set", "model.num_heads=5"], "must divide"),
     (["--set", "model.hidden_size=128", "model.num_heads=6", "model.num_kv_heads=6"], "must divide"),
@@ -156,13 +158,30 @@ def test_cli_streams_shards_and_writes_lineage(cli, parents, tmp_path):
     (["--set", "model.num_layerz=4"], "did you mean 'model.num_layers'"),
     (["--set", "train.lr=1"], "model.KEY=VALUE"),
     (["--set", "model.num_layers=4", "--optimizer", "grow"], "optimizer state"),
-])
-def test_bad_input_is_one_line_exit_2_nothing_written(cli, parents, tmp_path, args, message):
-    out = tmp_path / "child"
-    rc, stdout, stderr = cli("grow", str(parents[("mha", True)]), "--out", str(out), *args)
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(parents, tmp_path_factory) -> list:
+    """Every bad-input case, four CLI processes at a time (each is mostly interpreter and torch start-up):
+    futures of (exit code, stderr, what its otherwise empty dir holds afterwards)."""
+    roots = [tmp_path_factory.mktemp(f"bad{i}") for i in range(len(BAD_INPUT))]
+
+    def one(root: Path, args: list[str]) -> tuple:
+        rc, _, stderr = run_cli("grow", str(parents[("mha", True)]), "--out", str(root / "child"), *args)
+        return rc, stderr, sorted(p.name for p in root.iterdir())
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return [pool.submit(one, root, args) for root, (args, _) in zip(roots, BAD_INPUT)]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[m for _, m in BAD_INPUT])
+def test_bad_input_is_one_line_exit_2_nothing_written(bad_input_runs, case):
+    rc, stderr, left = bad_input_runs[case].result()
+    message = BAD_INPUT[case][1]
     assert rc == 2, stderr
     assert message in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert left == []
 
 
 def test_existing_out_is_refused(cli, parents, tmp_path):
