@@ -53,3 +53,52 @@ def test_the_build_runs_the_ninja_beside_python(tmp_path, monkeypatch):
     (tmp_path / "ninja").unlink()  # no ninja there: PATH as it is
     with build._ninja_beside_python():
         assert build.os.environ["PATH"] == "/usr/bin:/bin"
+
+
+def test_constant_mark_is_torchs_and_dynamo_honours_it():
+    """`constant_while_compiling` sets what `torch.compiler.assume_constant_result` sets (a torch upgrade that
+    changes the mark fails here), and a compiled caller runs the marked function outside its graph: file I/O
+    inside it would otherwise break a fullgraph compile."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from scaletrain.kernels import build
+
+def theirs(): return 1
+def ours(): return 1
+build.constant_while_compiling(ours)
+assert 'torch._dynamo' not in sys.modules, 'marking imported dynamo'
+torch.compiler.assume_constant_result(theirs)
+assert vars(ours) == vars(theirs) and vars(ours), (vars(ours), vars(theirs))
+
+@build.constant_while_compiling
+def flag():
+    with open(build.__file__) as f:
+        return bool(f.read(1))
+
+f = torch.compile(lambda x: x + 1 if flag() else x - 1, fullgraph=True, backend="eager")
+assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_shapes_only_models_do_not_import_dynamo():
+    """A model built on the meta device (CLI commands check checkpoints' shapes that way) skips initialisers:
+    torch's meta normal_ / pow import dynamo, ~1.7 s of every such command."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from scaletrain.config import ModelConfig
+from scaletrain.weights.sources import expected_shapes
+shapes = expected_shapes(ModelConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
+                                     vocab_size=128, max_seq_len=32))
+assert shapes['model.embed_tokens.weight'] == (128, 64), shapes
+assert 'torch._dynamo' not in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -122,7 +122,16 @@ def bf16_ready() -> bool:
     return isa() == "avx512" and extension() is not None and torch.cpu._is_avx512_bf16_supported()
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing, not inside the graph
+def constant_while_compiling(fn):
+    """`torch.compiler.assume_constant_result` (torch.compile calls `fn` once while tracing, not inside the
+    graph) without its import of dynamo (~1.7 s) in the processes that never compile: CLI commands and every
+    error path. The decorator only sets this mark, which dynamo reads when it traces a call;
+    tests/test_kernel_build.py checks that it is still exactly what torch's decorator does."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_while_compiling
 def ready(bf16: bool = False) -> bool:
     """Whether the kernels that come in both dtypes (cross-entropy, SwiGLU) can run: bf16 needs
     `bf16_ready`, fp32 only the build."""

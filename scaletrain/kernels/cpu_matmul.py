@@ -41,7 +41,7 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-@torch.compiler.assume_constant_result
+@build.constant_while_compiling
 def onednn_fp32_ready() -> bool:
     """Whether fp32 CPU matmuls go to oneDNN here (AMD CPU with AVX-512, oneDNN present, not switched off)."""
     return build.enabled() and _onednn_faster() and onednn_available()

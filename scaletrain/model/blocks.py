@@ -57,6 +57,16 @@ class Linear(nn.Linear):
         return cpu_matmul.linear(x, self.weight, self.bias)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its initialiser on the meta device (a model built for its shapes only):
+    torch's meta `normal_` imports dynamo, ~1.7 s in a process (a CLI command, an error path) that never
+    compiles. On real devices it draws exactly what nn.Embedding draws."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 def make_norm(s, dim: int) -> nn.Module:
     """`s`: a LlamaShape. LayerNorm carries a bias exactly when the model's linears do (GPT-2 / MPT convention)."""
     return LayerNorm(dim, s.norm_eps, s.bias) if s.norm == "layernorm" else RMSNorm(dim, s.norm_eps)

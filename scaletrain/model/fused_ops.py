@@ -31,16 +31,19 @@ def check_fused_ops(name: str, cuda: bool) -> None:
         raise UserError("model.fused_ops=liger needs the liger-kernel package: pip install -e '.[gpu]' "
                         "(or set model.fused_ops=none)") from None
     _ops.update(rms_norm=LigerRMSNormFunction, rope=LigerRopeFunction, silu_mul=LigerSiLUMulFunction)
+    global _call
+    # Measured on an H100 (torch 2.11, liger 0.8.5): Liger's autograd Functions traced by torch.compile give
+    # wrong gradients (loss 10.24 instead of 8.05 after one step of a 4-layer model; NaN at 1B). Kept out of
+    # the graph, they match the reference; the rest of each compiled block still fuses around them. Wrapped
+    # here, not at import: `torch.compiler.disable` imports dynamo (~1.7 s), which no other process needs.
+    _call = torch.compiler.disable(_apply)
 
 
-def _call(name: str, *args):
+def _apply(name: str, *args):
     return _ops[name].apply(*args)
 
 
-# Measured on an H100 (torch 2.11, liger 0.8.5): Liger's autograd Functions traced by torch.compile give wrong
-# gradients (loss 10.24 instead of 8.05 after one step of a 4-layer model; NaN at 1B). Kept out of the graph,
-# they match the reference; the rest of each compiled block still fuses around them.
-_call = torch.compiler.disable(_call)
+_call = _apply  # the Liger modules below only run after check_fused_ops loaded Liger (and set this)
 
 
 class LigerRMSNorm(RMSNorm):

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from scaletrain.kernels import cpu_attention
 from scaletrain.model.attention import attention
-from scaletrain.model.blocks import NORMS, Linear, RMSNorm, make_ffn, make_norm, rope_inv_freq  # noqa: F401 (RMSNorm re-exported)
+from scaletrain.model.blocks import NORMS, Embedding, Linear, RMSNorm, make_ffn, make_norm, rope_inv_freq  # noqa: F401 (RMSNorm re-exported)
 from scaletrain.model.docmask import document_positions
 from scaletrain.model.masks import attention_mask
 from scaletrain.model.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX re-exported)
@@ -158,7 +158,7 @@ class LlamaBody(nn.Module):
 
     def __init__(self, s: LlamaShape):
         super().__init__()
-        self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
+        self.embed_tokens = Embedding(s.vocab_size, s.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = make_norm(s, s.hidden_size)
         if s.position == "rope":  # not in checkpoints (persistent=False); cast with the model like weights
@@ -175,7 +175,10 @@ def rope_cache(s: LlamaShape) -> tuple[torch.Tensor, torch.Tensor]:
     in a whole-model torch.compile, inductor fused cos/sin of the positions into every layer's RoPE kernels
     (transcendentals per element, per layer, forward and backward: 25 of 230 ms of a one-process CPU step
     at the bench's shape). The trainer compiles block by block (train/perf.py) and was not affected."""
-    return rope_tables(s.head_dim, s.rope_theta, torch.arange(min(s.max_seq_len, ROPE_CACHE_MAX)), s.rope_scaling)
+    n = min(s.max_seq_len, ROPE_CACHE_MAX)
+    if torch.get_default_device().type == "meta":  # shapes only: torch's meta pow/cos import dynamo (~1.7 s)
+        return torch.empty(n, s.head_dim), torch.empty(n, s.head_dim)
+    return rope_tables(s.head_dim, s.rope_theta, torch.arange(n), s.rope_scaling)
 
 
 def layer_inputs(s: LlamaShape, t: int, start_pos: int, doc_ids: Optional[torch.Tensor], device, dtype,
@@ -221,6 +224,8 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.model.embed_tokens.weight.is_meta:
+            return  # built for its shapes only (see blocks.Embedding)
         std = self.shape.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
