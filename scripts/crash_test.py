@@ -6,9 +6,9 @@ run's, bit for bit (CPU, fp32).
     PYTHONPATH=. python scripts/crash_test.py --kills 20            # the README figure
     PYTHONPATH=. python scripts/crash_test.py --kills 5 --steps 30  # what the test suite runs
 
-Ranks are started the way srun starts them (one process each, RANK/WORLD_SIZE/MASTER_* in the env) inside a
-process group of their own, and the whole group is SIGKILLed: no handler, no flush, no cleanup runs. Kill
-moments, drawn from --seed:
+Ranks are started by scripts/local_ranks.py (one process each, RANK/WORLD_SIZE/MASTER_* in the env, as a
+launcher or srun sets them) inside a process group of their own, and the whole group is SIGKILLed: no
+handler, no flush, no cleanup runs. Kill moments, drawn from --seed:
   save    as soon as a `.tmp-global_step*` dir appears (a checkpoint is being written), plus 0-40 ms
           (0-5 ms until one kill has landed inside a save: the test's tiny model can write a checkpoint in
           less than 40 ms, and a kill after the rename tears nothing);
@@ -41,31 +41,12 @@ TINY = [
 ]
 
 
-# Runs as the group's leader: starts the ranks, then returns the first exit status that is not 0 (or 0 when all
-# succeed), as a launcher would. os.wait() reaps whichever child ends first; bash's `wait -n`, used before,
-# returned 127 when two ranks ended at the same moment (a race measured at 16 % with two 50 ms sleepers).
-_SUPERVISOR = """
-import os, subprocess, sys
-procs = [subprocess.Popen(sys.argv[2:], env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r)))
-         for r in range(int(sys.argv[1]))]
-for _ in procs:
-    _, status = os.wait()
-    rc = os.waitstatus_to_exitcode(status)
-    if rc != 0:
-        sys.exit(rc if rc > 0 else 128 - rc)
-"""
-
-
 def start(ranks: int, overrides: list[str], env_extra: dict | None = None, log_path: Path | None = None) -> subprocess.Popen:
-    """All ranks under one supervisor in a new session: one process group to kill."""
-    from scaletrain.train.distributed import free_port
-
-    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
-               WORLD_SIZE=str(ranks), LOCAL_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               **(env_extra or {}))
+    """All ranks under one launcher (scripts/local_ranks.py) in a new session: one process group to kill."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", **(env_extra or {}))
     out = open(log_path, "a") if log_path else subprocess.DEVNULL
-    train = [sys.executable, "launch/train.py", "--config", "configs/tiny.yaml", "--set", *overrides]
-    return subprocess.Popen([sys.executable, "-c", _SUPERVISOR, str(ranks), *train],
+    train = ["launch/train.py", "--config", "configs/tiny.yaml", "--set", *overrides]
+    return subprocess.Popen([sys.executable, str(REPO / "scripts" / "local_ranks.py"), str(ranks), *train],
                             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 

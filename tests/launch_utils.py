@@ -37,12 +37,12 @@ def env() -> dict:
 
 def train_cmd(ranks: int, overrides: list[str], config: str = "configs/tiny.yaml", launcher: str = "local") -> list[str]:
     """1 rank: plain python. N ranks: `launcher="deepspeed"` is the real `deepspeed --num_gpus N`;
-    "local" (tests/local_ranks.py) gives the ranks the same environment ~7 s sooner."""
+    "local" (scripts/local_ranks.py) gives the ranks the same environment ~7 s sooner."""
     args = ["launch/train.py", "--config", config, "--set", *overrides]
     if ranks == 1:
         return [sys.executable, *args]
     if launcher == "local":
-        return [sys.executable, str(REPO / "tests" / "local_ranks.py"), str(ranks), *args]
+        return [sys.executable, str(REPO / "scripts" / "local_ranks.py"), str(ranks), *args]
     assert launcher == "deepspeed", launcher
     port = str(random.randint(20000, 40000))
     return [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", port, *args]

@@ -1,4 +1,4 @@
-"""The tests' rank launcher (tests/local_ranks.py) keeps the `deepspeed` launcher's contract."""
+"""scripts/local_ranks.py (the tests' rank launcher) keeps the `deepspeed` launcher's contract."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 from launch_utils import REPO
 
-LAUNCHER = str(REPO / "tests" / "local_ranks.py")
+LAUNCHER = str(REPO / "scripts" / "local_ranks.py")
 
 # Rank 1 fails at once; rank 0 would sleep for a minute unless the launcher stops it.
 SCRIPT = """

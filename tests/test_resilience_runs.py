@@ -1,8 +1,8 @@
 """Crash-proof training, end to end on CPU ranks (fp32): the kill test (K=5), resume at another world size
 and ZeRO stage, milestone retention, and the NaN/Inf guard with an injected fault.
 
-Ranks are started as srun would (scripts/crash_test.py: env RANK/WORLD_SIZE, one process group) -- the
-deepspeed launcher adds two interpreter start-ups per run and nothing these tests look at.
+Ranks are started by scripts/local_ranks.py (through scripts/crash_test.py: env RANK/WORLD_SIZE, one process
+group) -- the deepspeed launcher adds two interpreter start-ups per run and nothing these tests look at.
 """
 
 from __future__ import annotations

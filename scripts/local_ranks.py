@@ -1,13 +1,15 @@
-"""Start N ranks of a training script on this machine as `deepspeed --num_gpus N` does, for the tests.
+#!/usr/bin/env python
+"""Start N ranks of a training script on this machine as `deepspeed --num_gpus N` does, without its cost.
 
-Why: the `deepspeed` launcher is two Python start-ups (its runner, then `deepspeed.launcher.launch`)
-that each import torch, plus a 1 s polling loop at exit: ~7 s of every multi-rank test run on a 2-core
-machine. The ranks get the same environment and `--local_rank` argument from this ~0.05 s launcher,
-and it keeps the launcher's contract: a rank that fails takes the others down (SIGTERM, then SIGKILL)
-and its exit code is the launcher's; SIGINT/SIGTERM to the launcher reach every rank.
-The real launcher is still what the README quick-start test and the cluster tests run.
+The `deepspeed` launcher is two Python start-ups (its runner, then `deepspeed.launcher.launch`) that each
+import torch, plus a 1 s polling loop at exit: ~7 s of every multi-rank run on a 2-core machine, most of a
+test's short run. This one takes ~0.05 s and keeps the launcher's contract: each rank gets RANK, LOCAL_RANK,
+WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR/PORT and `--local_rank=r`; a rank that fails takes the others down
+(SIGTERM, then SIGKILL) and its exit code is the launcher's; SIGINT/SIGTERM to the launcher reach every rank.
+The test suite and scripts/crash_test.py start their ranks with it; the README quick-start test, the
+preemption test and the cluster tests run the real `deepspeed` launcher.
 
-    python tests/local_ranks.py N script.py [args ...]
+    python scripts/local_ranks.py N launch/train.py --config configs/tiny.yaml [--set ...]
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def stop(ranks: list[subprocess.Popen], sig: int) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or not argv[0].isdigit():
-        print("usage: python tests/local_ranks.py N script.py [args ...]", file=sys.stderr)
+        print("usage: python scripts/local_ranks.py N script.py [args ...]", file=sys.stderr)
         return 2
     n, script, args = int(argv[0]), argv[1], argv[2:]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(n),
@@ -62,7 +64,7 @@ def main(argv: list[str]) -> int:
         failed = [c for c in codes if c not in (None, 0)]
         if failed:
             stop(ranks, signal.SIGTERM)
-            return failed[0]
+            return failed[0] if failed[0] > 0 else 128 - failed[0]  # killed by signal N: 128 + N, as a shell says
         if all(c == 0 for c in codes):
             return 0
         time.sleep(0.05)
