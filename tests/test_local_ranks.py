@@ -13,7 +13,8 @@ LAUNCHER = str(REPO / "scripts" / "local_ranks.py")
 # Rank 1 fails at once; rank 0 would sleep for a minute unless the launcher stops it.
 SCRIPT = """
 import os, sys, time
-print("rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"], "local", os.environ["LOCAL_RANK"], sys.argv[1:], flush=True)
+# one write per line: ranks run with `python -u` and share the pipe (print's pieces would interleave)
+sys.stdout.write(f"rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} local {os.environ['LOCAL_RANK']} {sys.argv[1:]}\\n")
 if os.environ["RANK"] == "1":
     sys.exit(7)
 time.sleep(60)
