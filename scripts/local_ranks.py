@@ -24,7 +24,7 @@ import time
 GRACE_S = 30  # as DeepSpeed's launcher: SIGTERM, then SIGKILL whatever is left after this long
 
 
-def free_port() -> int:
+def free_port() -> int:  # scaletrain.train.distributed has one too; importing it would import torch (~2 s)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
