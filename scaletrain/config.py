@@ -94,7 +94,7 @@ class TrainConfig(_Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where matmuls run natively (train/precision.py)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, ge=0)
     eval_batches: int = Field(8, gt=0)
@@ -169,7 +169,12 @@ DEEPSPEED_OWNED = {
     "zero_optimization.contiguous_gradients": "zero.contiguous_gradients",
     "zero_optimization.overlap_comm": "zero.overlap_comm",
     "zero_optimization.reduce_bucket_size": "zero.reduce_bucket_size",
+    # DeepSpeed's older spellings of the same settings
+    "bfloat16": "train.precision",
+    "zero_optimization.cpu_offload": "zero.offload_optimizer",
+    "zero_optimization.cpu_offload_param": "zero.offload_param",
 }
+_DEEPSPEED_SECTIONS = ("zero_optimization", "bf16", "fp16", "bfloat16")  # mappings in DeepSpeed's config
 _ABSENT = object()
 
 
@@ -183,6 +188,19 @@ class Config(_Section):
     growth: GrowthConfig = GrowthConfig()
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("deepspeed", mode="before")
+    @classmethod
+    def _numbers_in_deepspeed(cls, value: Any) -> Any:
+        """`5e7` in YAML is a string: DeepSpeed's own config refuses it where a number belongs."""
+        if isinstance(value, dict):
+            return {k: cls._numbers_in_deepspeed(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [cls._numbers_in_deepspeed(v) for v in value]
+        if isinstance(value, str) and _E_NUMBER.fullmatch(value.strip()):
+            number = float(value)
+            return int(number) if number.is_integer() else number
+        return value
+
     @model_validator(mode="after")
     def _check_deepspeed(self) -> "Config":
         """The `deepspeed:` mapping may add anything DeepSpeed reads, but not a value scaletrain sets from its own
@@ -193,6 +211,10 @@ class Config(_Section):
                 node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
             if node is not _ABSENT:
                 raise ValueError(f"deepspeed.{path} is set by scaletrain from {ours}; set that instead")
+        for section in _DEEPSPEED_SECTIONS:
+            if section in self.deepspeed and not isinstance(self.deepspeed[section], dict):
+                raise ValueError(f"deepspeed.{section} must be a mapping of DeepSpeed settings, not "
+                                 f"{self.deepspeed[section]!r} (e.g. deepspeed.{section}.KEY=VALUE)")
         return self
 
     @model_validator(mode="after")

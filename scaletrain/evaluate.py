@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from scaletrain.errors import UserError
-
-IGNORE_INDEX = -100
+from scaletrain.model.loss import IGNORE_INDEX
 
 
 def _is_prompt_completion(path: Path) -> bool:

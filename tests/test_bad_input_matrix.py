@@ -89,6 +89,26 @@ def c_ckpt_bad_manifest(tmp, base):
     return train(tmp), ("manifest", "none passes verification")
 
 
+def c_ckpt_manifest_entry_without_size(tmp, base):
+    tag = _run(tmp, base)
+    m = json.loads((tag / "manifest.json").read_text())
+    del next(iter(m["files"].values()))["bytes"]
+    (tag / "manifest.json").write_text(json.dumps(m))
+    return train(tmp), ("manifest", "none passes verification")
+
+
+def c_ckpt_other_global_batch(tmp, base):
+    """Refused before config.yaml is rewritten (the snapshot would show it) or DeepSpeed starts."""
+    _run(tmp, base)
+    return train(tmp, "train.micro_batch_size=2"), ("1 sequences per step", "this run has 2", "micro_batch_size x grad_accum")
+
+
+def c_ckpt_run_config_not_text(tmp, base):
+    _run(tmp, base)
+    _write(tmp / "run" / "config.yaml", b"\xff\xfe\x00binary")
+    return train(tmp), ("config.yaml is damaged", "not UTF-8")
+
+
 def c_ckpt_malicious_pickle(tmp, base):
     """The optimizer shard runs `touch MARKER` when unpickled; the marker would show in the snapshot."""
     tag = _run(tmp, base)
@@ -148,7 +168,7 @@ def c_untrusted_import_hf_bin(tmp, base):
 
 # ---- hostfiles (`scaletrain plan --hostfile`) ---------------------------------------------------------
 
-def _plan_hostfile(tmp, text: str | None):
+def _plan_hostfile(tmp, text: str | bytes | None):
     hf = tmp / "hostfile"
     if text is not None:
         _write(hf, text)
@@ -157,6 +177,14 @@ def _plan_hostfile(tmp, text: str | None):
 
 def c_hostfile_bad_line(tmp, base):
     return _plan_hostfile(tmp, "worker-0 slots=4\nworker-1 slots 4\n"), ("hostfile:2", "slots=N")
+
+
+def c_hostfile_plus_sign(tmp, base):
+    return _plan_hostfile(tmp, "worker-0 slots=+4\n"), ("hostfile:1", "slots=4", "'+'")
+
+
+def c_hostfile_not_text(tmp, base):
+    return _plan_hostfile(tmp, b"worker-0 slots=4\n\xff\xfe\n"), ("hostfile", "not UTF-8")
 
 
 def c_hostfile_zero_slots(tmp, base):
@@ -242,6 +270,14 @@ def c_lineage_damaged(tmp, base):
 def c_lineage_missing(tmp, base):
     (tmp / "ckpt").mkdir()
     return ["lineage", str(tmp / "ckpt")], ("has no lineage.json",)
+
+
+def c_weights_dir_as_run_dir(tmp, base):
+    """`init.from=X run.dir=X` would have rewritten the checkpoint's config.yaml and lineage.json."""
+    ckpt = tmp / "ckpt"
+    _write(ckpt / "config.yaml", "model:\n  hidden_size: 64\n")
+    _write(ckpt / "model.safetensors", b"weights")
+    return train(tmp, f"run.dir={ckpt}"), ("run.dir", "holds a model's weights", f"init.from={ckpt}")
 
 
 def c_init_from_missing(tmp, base):

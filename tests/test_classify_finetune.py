@@ -191,3 +191,21 @@ def test_exported_classifier_tokenizer_pads_with_eos_when_copied_from_hf(tmp_pat
     (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     write_hf_tokenizer(src, plain, 128)  # a language model: its tokenizer as it was
     assert "pad_token" not in json.loads((plain / "tokenizer_config.json").read_text())
+
+
+def test_eval_data_with_a_label_the_classifier_lacks_is_one_line(tmp_path):
+    """`scaletrain eval --data` checks labels against model.num_labels (cross_entropy raised IndexError)."""
+    from scaletrain.data.classification import file_stream
+    from scaletrain.errors import UserError
+
+    class Chars:
+        eos_id = 2
+
+        def encode(self, text):
+            return [3 + ord(c) % 50 for c in text]
+
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in [("good", 1), ("bad", 0), ("odd", 5)]))
+    assert file_stream(data, Chars(), 16).num_windows == 3  # (without a model to check against)
+    with pytest.raises(UserError, match=r"label 5 is outside 0\.\.1 \(the model has model.num_labels=2\)"):
+        file_stream(data, Chars(), 16, num_labels=2)

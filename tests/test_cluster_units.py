@@ -146,7 +146,9 @@ def test_render_gpus_and_scheduling_flags():
     for want in ["--gpus-per-node=8", "--partition=gpu", "--account=proj1", "--qos=high", "--signal=B:USR1@600"]:
         assert want in d
     assert "--exclusive" not in d
+    assert "--cpus-per-task=8" in d   # shared nodes: one CPU per rank at least (SLURM's default is one per task)
     assert "RANKS_PER_NODE=8" in s
+    assert "--cpus-per-task=16" in directives(render_sbatch(opts(ranks_per_node=2, exclusive=False, cpus_per_node=16)))
 
 
 def test_ranks_per_node_on_cpu_and_default_grace():
@@ -169,6 +171,9 @@ def test_ranks_per_node_on_cpu_and_default_grace():
     ({"run_dir": "/runs/my run"}, "run.dir"),
     ({"overrides": ["data.source=$(rm -rf /)"]}, "--set"),
     ({"overrides": ["novalue"]}, "--set"),
+    ({"run_dir": "/runs/r%x"}, "contains '%'"),
+    ({"cpus_per_node": 4}, "only with --no-exclusive"),
+    ({"exclusive": False, "ranks_per_node": 4, "cpus_per_node": 2}, "at least one CPU per rank"),
 ])
 def test_render_rejects(kw, needle):
     with pytest.raises(UserError, match=re.escape(needle)):
@@ -239,6 +244,28 @@ def test_batch_script_checks_its_hostfile(tmp_path, mode):
     hostfile.write_text("n1 slots=2\nn2 slots=2\n")
     p = _bash(block + "echo started\n", tmp_path, **env)
     assert p.returncode == 0 and p.stdout == "started\n", p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("state, latest, requeued, rc", [
+    ("preempted", "global_step20", True, 0),    # checkpointed on USR1: walk on
+    ("failed", "global_step20", True, 0),       # the last save failed, but an earlier one of this start landed
+    ("preempted", "global_step10", False, 1),   # nothing new since the start (saves fail): requeueing would loop
+    ("unknown", None, False, 1),                # never got to train, no checkpoint at all
+    ("finished", "global_step20", False, 0),
+])
+def test_requeue_only_after_progress(tmp_path, state, latest, requeued, rc):
+    """After USR1 the job requeues itself only when this start wrote a newer checkpoint than it resumed from."""
+    s = render_sbatch(opts())
+    assert "LATEST_AT_START=$(cat" in s
+    stubs = (f'log() {{ echo "LOG $*"; }}\nrun_state() {{ echo {state}; }}\nscontrol() {{ echo "SCONTROL $*"; }}\n'
+             f'LATEST={tmp_path}/latest\nLATEST_AT_START={"global_step10" if latest else ""}\nREQUEUE=1 TERMINATING=0\n')
+    if latest:
+        (tmp_path / "latest").write_text(latest)
+    p = _bash(stubs + _snippet(s, "finish() {", "}") + "finish 0\n", tmp_path, SLURM_JOB_ID="5")
+    assert p.returncode == rc, p.stdout + p.stderr
+    assert ("SCONTROL requeue 5" in p.stdout) == requeued, p.stdout
+    if not requeued and state != "finished":
+        assert "not requeueing: no new checkpoint since this start" in p.stdout
 
 
 def test_signal_command_targets_launcher_children_only():

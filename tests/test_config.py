@@ -91,6 +91,11 @@ def test_nested_override_into_deepspeed_mapping():
     assert tree == {"deepspeed": {"zero_optimization": {"stage": 3}, "steps_per_print": 7}, "model": {"num_layers": 2}}
     cfg = load_config(None, ["deepspeed.zero_optimization.round_robin_gradients=true", "deepspeed.flops_profiler.enabled=true"])
     assert cfg.deepspeed == {"zero_optimization": {"round_robin_gradients": True}, "flops_profiler": {"enabled": True}}
+    # PyYAML reads 5e7 (no dot) as a string; DeepSpeed's pydantic config would refuse it deep inside initialize
+    cfg = load_config(None, ["deepspeed.zero_optimization.stage3_prefetch_bucket_size=5e7", "deepspeed.x=[2.5e-1]"])
+    assert cfg.deepspeed == {"zero_optimization": {"stage3_prefetch_bucket_size": 50_000_000}, "x": [0.25]}
+    with pytest.raises(UserError, match="deepspeed.zero_optimization must be a mapping"):
+        load_config(None, ["deepspeed.zero_optimization=3"])
 
 
 @pytest.mark.parametrize("override,owned,ours", [
@@ -100,6 +105,8 @@ def test_nested_override_into_deepspeed_mapping():
     ("deepspeed.zero_optimization.offload_optimizer.device=cpu", "zero_optimization.offload_optimizer.device",
      "zero.offload_optimizer"),
     ("deepspeed.optimizer.type=Adam", "optimizer", "train.lr"),
+    ("deepspeed.bfloat16.enabled=true", "bfloat16", "train.precision"),  # DeepSpeed's older spellings
+    ("deepspeed.zero_optimization.cpu_offload=true", "zero_optimization.cpu_offload", "zero.offload_optimizer"),
 ])
 def test_deepspeed_mapping_cannot_contradict_scaletrain_keys(override, owned, ours):
     """The manifest records zero.stage and resharding reads it: a ds_config saying otherwise is refused."""

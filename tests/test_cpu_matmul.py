@@ -64,8 +64,11 @@ def test_routing_is_fp32_cpu_on_amd_with_avx512_only_and_switchable(monkeypatch)
 def test_peak_is_at_least_what_torch_mm_reaches():
     """The bench's MFU denominator takes the faster of mm and oneDNN: it can never be below mm's."""
     torch.manual_seed(0)
+    before = torch.get_rng_state()
     peak = measure_peak_flops(torch.float32, torch.device("cpu"), size=256, seconds=0.2)
     assert peak > 1e9
+    # measured after a resume restored the RNG: it must not draw from the global stream
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 class OpNames(TorchDispatchMode):

@@ -324,6 +324,29 @@ def test_existing_sentencepiece_model_is_used(cache, corpus, data_cache_dir, tmp
         prepare_data(cfg_for(corpus, data_cache_dir, f"data.tokenizer={model}", "model.vocab_size=256"), progress=False)
 
 
+def test_a_model_dir_as_tokenizer_contributes_only_its_tokenizer_files(tmp_path, corpus, data_cache_dir):
+    """data.tokenizer (or init.from) may name an HF *model* dir: its weights are neither hashed into the cache key
+    nor copied into the cache or the run dir, only the tokenizer files are."""
+    from scaletrain.data.hf_tokenizer import copy_tokenizer_files, tokenizer_files
+
+    hf = tmp_path / "hf-model"
+    hf.mkdir()
+    (hf / "tokenizer.json").write_text('{"version": "1.0"}')
+    (hf / "tokenizer_config.json").write_text("{}")
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"weights" * 1000)
+    assert [f.name for f in tokenizer_files(hf)] == ["tokenizer.json", "tokenizer_config.json"]
+    cfg = cfg_for(corpus, data_cache_dir, f"data.tokenizer={hf}")
+    src = resolve_source(str(corpus))
+    before = prepare_mod.cache_fingerprint(cfg, src)
+    (hf / "model.safetensors").write_bytes(b"other weights")
+    assert prepare_mod.cache_fingerprint(cfg, src) == before
+    (hf / "tokenizer.json").write_text('{"version": "1.1"}')
+    assert prepare_mod.cache_fingerprint(cfg, src) != before
+    copy_tokenizer_files(hf, tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+
+
 def test_stdlib_source_end_to_end(data_cache_dir):
     """The default source, fully: every readable stdlib module is one EOS-terminated document."""
     src = resolve_source("stdlib")

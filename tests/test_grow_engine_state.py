@@ -13,15 +13,17 @@ import textwrap
 from launch_utils import REPO
 
 SCRIPT = textwrap.dedent('''
-    import json, os, sys, tempfile
+    import dataclasses, json, os, sys, tempfile
     from pathlib import Path
     import torch
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from scaletrain.config import Config, save_config
     from scaletrain.growth.engine_state import install, release_engine
+    from scaletrain.model.classify import LlamaForSequenceClassification
     from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
     from scaletrain.train.distributed import setup
+    from scaletrain.train.schedule import WarmupCosine
     from scaletrain.train.trainer import build_optimizer
     from scaletrain.weights.writer import write_safetensors
 
@@ -65,8 +67,12 @@ SCRIPT = textwrap.dedent('''
                   "steps_per_print": 10**9, "gradient_clipping": 1.0}
             if precision == "bf16":
                 ds["bf16"] = {"enabled": True}
-            engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
+            engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds,
+                                              lr_scheduler=lambda opt: WarmupCosine(opt, 1e-3, 1e-4, 5, 100))
             install(engine, src, precision, grad_accum=2)
+            # the lr-0 step that creates Adam's state is not a training step: schedule and counters stay at 0
+            assert engine.lr_scheduler.steps_done == 0 and engine.global_steps == 0, (stage, precision)
+            assert engine.global_samples == 0 and engine.skipped_steps == 0, (stage, precision)
             for n, p in engine.module.named_parameters():
                 for kind, want in ((None, ref[n]), ("exp_avg", moments["exp_avg"][n]), ("exp_avg_sq", moments["exp_avg_sq"][n])):
                     got = getter(engine, n, p, kind).float().reshape(want.shape)
@@ -79,6 +85,19 @@ SCRIPT = textwrap.dedent('''
             del engine, model, base, p, _  # (_ holds the optimizer deepspeed.initialize returned)
             assert freed(), ("old engine still referenced", stage, precision)
             print("ok", stage, precision, flush=True)
+
+    # A classifier started from a grown LM dir: the moments are the LM head's, so the optimizer starts fresh; the
+    # lr-0 step (also run when a classifier run is resharded) feeds it one label per sequence.
+    from scaletrain.growth.engine_state import _base_optimizer, _materialise_adam_state
+    model = LlamaForSequenceClassification(dataclasses.replace(shape, num_labels=3))
+    ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
+          "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds)
+    install(engine, src, "fp32", grad_accum=1)
+    assert not _base_optimizer(engine).state
+    _materialise_adam_state(engine, 1)
+    assert len(_base_optimizer(engine).state) > 0
+    print("ok classifier", flush=True)
 ''')
 
 
@@ -89,4 +108,4 @@ def test_install_masters_and_moments_every_zero_stage_and_free_engine():
     env = {**os.environ, **env}
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok ") == 8, proc.stdout
+    assert proc.stdout.count("ok ") == 9, proc.stdout

@@ -83,6 +83,35 @@ def test_exported_tokenizer_gives_training_ids_on_stdlib(tmp_path, sp_model):
     assert hf.eos_token_id == sp.eos_id and hf.decode(sp.encode(texts[5])) == texts[5]
 
 
+def test_exported_tokenizer_keeps_user_defined_symbols(tmp_path):
+    """A sentencepiece model trained with user-defined symbols (always one token in text) exports them as added
+    tokens, and the export's id check probes them: without that they came out as their characters' pieces."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from scaletrain.data.tokenizer import Tokenizer
+    from scaletrain.hf.tokenizer_files import check_same_ids, write_hf_tokenizer
+
+    lines = [f.read_text(errors="replace") for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter("\n".join(lines).splitlines()), model_writer=buf, vocab_size=400, model_type="bpe",
+        byte_fallback=True, add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, user_defined_symbols=["<tool>", "<|end|>"], minloglevel=2)
+    model = tmp_path / "sp.model"
+    model.write_bytes(buf.getvalue())
+    out = tmp_path / "hf"
+    out.mkdir()
+    write_hf_tokenizer(model, out, 128)
+    sp, hf = Tokenizer(model), AutoTokenizer.from_pretrained(str(out))
+    text = "call <tool> then x<|end|>y"
+    assert sp.sp.piece_to_id("<tool>") in sp.encode(text)
+    assert hf(text)["input_ids"] == sp.encode(text)
+    check_same_ids(out, sp)
+
+
 # ---- import round trip ----------------------------------------------------------------------------------
 
 
@@ -227,3 +256,19 @@ def test_init_from_shape_mismatch_is_a_one_line_diff(tmp_path, imported):
     assert rc == 2 and len(lines) == 1, err[-2000:]
     assert "model.num_layers: checkpoint 3, config 4" in lines[0] and "model.intermediate_size: checkpoint 200, config 688" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_generate_prints_the_continuation_as_decoded_after_the_prompt():
+    """Llama-style decoders drop the leading space of a sequence's first piece: decoding the new ids alone
+    glued 'Hello' and 'world' together."""
+    from scaletrain.commands.generate import continuation
+
+    class MetaspaceLike:
+        pieces = {0: "Hello", 1: "▁world", 2: "!"}
+
+        def decode(self, ids):
+            return "".join(self.pieces[i] for i in ids).replace("▁", " ").removeprefix(" ")
+
+    tok = MetaspaceLike()
+    assert tok.decode([1]) == "world"
+    assert "Hello" + continuation(tok, [0], [1, 2]) == "Hello world!"

@@ -195,6 +195,13 @@ def test_guard_skips_a_non_finite_update_and_aborts_after_max_skipped(monkeypatc
     with pytest.raises(UserError, match="train.max_skipped=2"):
         step(math.nan, math.nan)
     assert g.total == 3 and eng.lr_scheduler.steps_done == 5  # skipped steps keep their lr-schedule slot
+    # fp16: a finite loss with an overflowing gradient is the loss scaler's routine, never divergence
+    eng.fp16_enabled = lambda: True
+    g.consecutive = 0
+    for _ in range(5):
+        assert step(1.0, math.inf) is True
+    assert g.consecutive == 0 and g.total == 8
+    assert step(math.nan, 0.5) is True and g.consecutive == 1  # a non-finite loss still counts
 
 
 def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
@@ -215,3 +222,32 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     rng.restore(torch.load(tmp_path / "rng_rank0.pt", weights_only=True))
     assert (random.random(), np.random.normal(), float(torch.rand(1))) == want
     rng.restore({"torch": torch.get_rng_state()})  # a checkpoint from before python/numpy states were saved
+
+
+def test_damaged_manifest_and_latest_are_reasons_not_exceptions(tmp_path):
+    """A manifest entry without its size, a manifest that is not a mapping, a `latest` that is not text: each
+    checkpoint is skipped with a reason and the newest good one is found (a traceback would hang the other ranks)."""
+    import json
+
+    good, no_size, listed = _tag(tmp_path, 1), _tag(tmp_path, 2), _tag(tmp_path, 3)
+    m = json.loads((no_size / checkpoint.MANIFEST).read_text())
+    del m["files"]["w.pt"]["bytes"]
+    (no_size / checkpoint.MANIFEST).write_text(json.dumps(m))
+    (listed / checkpoint.MANIFEST).write_text("[1, 2]")
+    (tmp_path / "latest").write_bytes(b"\xff\xfeglobal_step3")
+    said = []
+    assert checkpoint.find_resumable(tmp_path, log=said.append) == good.name
+    assert len(said) == 2 and all("not a valid manifest" in line for line in said), said
+
+
+
+def test_growth_boundary_without_room_for_the_parent_checkpoint_is_one_line():
+    """The child is grown from the parent's checkpoint files: when the disk check skipped that save, the boundary
+    stops with the reason instead of opening a checkpoint that does not exist."""
+    from types import SimpleNamespace
+
+    from scaletrain.growth import in_run
+
+    trainer = SimpleNamespace(step=40, saved_step=20, dist=None, save=lambda: None, log=print)
+    with pytest.raises(UserError, match="could not be written.*resumes from step 20"):
+        in_run.grow(trainer, metrics=None)

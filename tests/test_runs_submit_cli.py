@@ -89,8 +89,14 @@ def runs_root(tmp_path_factory) -> Path:
     return root
 
 
-def test_runs_json_states(runs_root):
-    rc, out, err = cli("runs", str(runs_root), "--json")
+def _no_controller(tmp: Path) -> str:
+    """PATH whose squeue cannot reach a controller (as where SLURM is installed but not running)."""
+    fake = _fake_bin(tmp, squeue='echo "slurm_load_jobs error: Unable to contact slurm controller" >&2; exit 1')
+    return fake + ":" + os.environ["PATH"]
+
+
+def test_runs_json_states(runs_root, tmp_path):
+    rc, out, err = cli("runs", str(runs_root), "--json", path=_no_controller(tmp_path))
     assert rc == 0, err
     strict = json.loads(out, parse_constant=lambda c: pytest.fail(f"runs --json wrote {c}, which is not JSON"))
     info = {Path(i["run"]).relative_to(runs_root).as_posix(): i for i in strict}
@@ -109,8 +115,8 @@ def test_runs_json_states(runs_root):
     assert info["proj/multinode"]["slurm_job_id"] == "123"   # from the batch script's hostfile
 
 
-def test_runs_table_and_single_run_dir(runs_root):
-    rc, out, err = cli("runs", str(runs_root))
+def test_runs_table_and_single_run_dir(runs_root, tmp_path):
+    rc, out, err = cli("runs", str(runs_root), path=_no_controller(tmp_path))
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["RUN", "STATE", "STEP", "LOSS", "TOK/S", "CHECKPOINT", "SLURM", "UPDATED"]
@@ -120,6 +126,29 @@ def test_runs_table_and_single_run_dir(runs_root):
     assert row["dead"][1] == "crashed"
     rc, out, _ = cli("runs", str(runs_root / "done"))
     assert rc == 0 and len(out.splitlines()) == 2 and "finished" in out
+
+
+def test_runs_asks_squeue_about_every_job_it_shows(tmp_path):
+    """The queue decides what a stale status cannot: a job SLURM requeued by itself waits (not crashed), a new
+    submission of an ended run is queued, and a submission SLURM no longer lists never started."""
+    here = socket.gethostname()
+    root = tmp_path / "runs"
+    _run(root, "requeued", {"state": "running", "step": 5, "max_steps": 9, "host": here, "slurm_job_id": "55"},
+         pids={0: _dead_pid()})
+    again = _run(root, "again", {"state": "finished", "step": 9, "max_steps": 9, "host": here, "slurm_job_id": "60"})
+    old = time.time() - 60
+    os.utime(again / "status.json", (old, old))
+    (again / "submitted.json").write_text(json.dumps({"job": "66"}))  # newer than status.json: not started yet
+    gone = _run(root, "gone", None)
+    (gone / "submitted.json").write_text(json.dumps({"job": "88"}))
+    squeue = _fake_bin(tmp_path, squeue='echo "$3" > "$(dirname "$0")/asked"; echo "55 PENDING"; echo "66 PENDING"')
+    rc, out, err = cli("runs", str(root), "--json", path=squeue + ":" + os.environ["PATH"])
+    assert rc == 0, err
+    info = {Path(i["run"]).name: i for i in json.loads(out)}
+    assert (tmp_path / "bin" / "asked").read_text().split() == ["55,66,88"]
+    assert (info["requeued"]["state"], info["requeued"]["slurm_state"]) == ("requeued", "PENDING")
+    assert (info["again"]["state"], info["again"]["slurm_job_id"], info["again"]["slurm_state"]) == ("submitted", "66", "PENDING")
+    assert (info["gone"]["state"], info["gone"]["slurm_job_id"]) == ("dropped", "88")
 
 
 def test_runs_bad_and_empty_dirs(tmp_path):

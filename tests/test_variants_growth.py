@@ -78,6 +78,10 @@ def test_alibi_grows_in_depth_and_ffn_only():
     assert logits_diff(p, shape(64, 4, 4, 512, 4, **sw)) < 1e-4
     with pytest.raises(UserError, match="alibi"):
         GrowthPlan(p, shape(128, 8, 8, 512, 2, **sw))
+    # More KV heads with the same query heads reorders the query heads, and each ALiBi slope sits on its index.
+    gqa = shape(64, 8, 2, 256, 2, **sw)
+    with pytest.raises(UserError, match="num_kv_heads"):
+        GrowthPlan(gqa, shape(64, 8, 4, 256, 2, **sw))
 
 
 def test_refusals_are_one_line():

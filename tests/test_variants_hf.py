@@ -230,3 +230,19 @@ def test_export_hf_of_a_variant_checkpoint_loads_with_auto_class(case, tmp_path,
     x = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family, tied", [("Starcoder2", True), ("SmolLM3", True), ("Llama", False)])
+def test_config_without_tie_flag_takes_the_family_default(family, tied):
+    """transformers leaves a value equal to its config class's default out of config.json (4.x): a Starcoder2 or
+    SmolLM3 file without tie_word_embeddings is tied, as transformers would load it."""
+    import transformers
+
+    from scaletrain.hf.arch_config import model_values
+
+    cls = getattr(transformers, f"{family}Config")
+    cfg = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=128, **({"hidden_act": "gelu"} if family == "Starcoder2" else {})).to_dict()
+    cfg.pop("tie_word_embeddings")
+    assert cls.from_dict(cfg).tie_word_embeddings is tied
+    assert model_values(family, cfg, "config.json", lambda name: True)["tie_word_embeddings"] is tied

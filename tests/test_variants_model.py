@@ -133,6 +133,7 @@ def test_flex_forward_matches_eager_on_cpu(name):
     (["train.task=classify"], "data.format=classification"),
     (["train.freeze=[layers.9]"], "layers run 0..3"),
     (["train.freeze=[encoder]"], "not one of"),
+    (["train.freeze=[head]"], "'head' is the embedding matrix"),  # tied (tiny.yaml): freezing it froze nothing
 ])
 def test_bad_combinations_are_one_line(overrides, word):
     with pytest.raises(UserError) as e:

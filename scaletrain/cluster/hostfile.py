@@ -47,6 +47,8 @@ def parse_hostfile(text: str, source: str = "hostfile") -> "OrderedDict[str, int
         if m is None:
             raise UserError(f"{source}:{lineno}: cannot parse {line!r}; {FIX}")
         host, slots = m["host"], int(m["slots"])
+        if m["slots"].startswith("+"):  # DeepSpeed's own parser refuses a sign
+            raise UserError(f"{source}:{lineno}: write slots={slots}, without the '+' (deepspeed --hostfile refuses it)")
         if slots < 1:
             raise UserError(f"{source}:{lineno}: host {host} has slots={slots}; slots must be >= 1 "
                             f"(remove the line to leave the host out)")
@@ -68,6 +70,8 @@ def read_hostfile(path: str | Path) -> "OrderedDict[str, int]":
         raise UserError(f"hostfile {p} not found; create it (see hostfile.example)") from None
     except OSError as e:
         raise UserError(f"cannot read hostfile {p}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"hostfile {p} is not UTF-8 text; {FIX}") from None
     return parse_hostfile(text, source=str(p))
 
 

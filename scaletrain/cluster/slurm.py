@@ -62,6 +62,7 @@ class SubmitOptions:
     python: str = sys.executable     # interpreter (or venv dir) with torch + deepspeed, same path on every node
     workdir: str = field(default_factory=os.getcwd)   # job's cwd: relative paths in the config resolve here
     exclusive: bool = True           # whole nodes: training wants every core/GPU and no neighbours
+    cpus_per_node: Optional[int] = None   # shared nodes only: CPUs to ask for (default: one per rank)
     job_name: Optional[str] = None
 
 
@@ -112,6 +113,9 @@ def validate(o: SubmitOptions) -> tuple[int, int]:
     if o.gpus_per_node and ranks > o.gpus_per_node:
         raise UserError(f"--ranks-per-node {ranks} exceeds --gpus-per-node {o.gpus_per_node}; "
                         "use one rank per GPU (or --gpus-per-node 0 for CPU ranks)")
+    if o.cpus_per_node is not None and (o.exclusive or o.cpus_per_node < ranks):
+        raise UserError(f"--cpus-per-node {o.cpus_per_node}: " + ("only with --no-exclusive (whole nodes get every CPU)"
+                        if o.exclusive else f"need at least one CPU per rank ({ranks})"))
     limit = time_limit_seconds(o.time)
     grace = o.grace if o.grace is not None else min(DEFAULT_GRACE_S, limit // 2)
     if not 0 < grace <= MAX_GRACE_S:
@@ -124,9 +128,12 @@ def validate(o: SubmitOptions) -> tuple[int, int]:
     # Paths and overrides end up in #SBATCH lines and, in deepspeed mode, in a pdsh command line that the
     # remote shell re-splits: keep them free of spaces and shell characters rather than half-quote them.
     for what, value in (("run.dir", o.run_dir), ("config path", o.config), ("working directory", o.workdir),
-                        ("python path", o.python)):
+                        ("python path", o.python), ("scaletrain checkout", str(REPO_ROOT))):
         if _SHELL_UNSAFE.search(value):
             raise UserError(f"{what} {value!r} contains spaces or shell characters; use a plain path")
+    for what, value in (("run.dir", o.run_dir), ("working directory", o.workdir)):
+        if "%" in value:  # --output/--chdir: SLURM would expand %j, %x, ... and write elsewhere
+            raise UserError(f"{what} {value!r} contains '%', which SLURM expands in #SBATCH paths; use a plain path")
     for kv in o.overrides:
         if "=" not in kv or _SHELL_UNSAFE.search(kv.replace("=", "", 1)):
             raise UserError(f"--set {kv!r} cannot travel through the job's shells; use KEY=VALUE without spaces "
@@ -149,6 +156,8 @@ def sbatch_directives(o: SubmitOptions, ranks: int, grace: int) -> list[str]:
     ]
     if o.exclusive:
         lines.append("--exclusive")
+    else:  # shared nodes: without a CPU request SLURM gives the one task (which starts every rank) a single CPU
+        lines.append(f"--cpus-per-task={o.cpus_per_node or ranks}")
     if o.gpus_per_node > 0:   # no GPU line at all otherwise: a CPU cluster without GRES rejects any
         lines.append(f"--gpus-per-node={o.gpus_per_node}")
     for flag, value in (("partition", o.partition), ("account", o.account), ("qos", o.qos)):
@@ -183,9 +192,12 @@ def render_sbatch(o: SubmitOptions) -> str:
 
 def write_script(o: SubmitOptions, text: str) -> Path:
     path = Path(o.run_dir) / "submit.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o755)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        path.chmod(0o755)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; choose a run.dir you can write to") from None
     return path
 
 
@@ -344,6 +356,8 @@ def add_submit_args(p: argparse.ArgumentParser) -> None:
                    help="python interpreter or venv dir with torch+deepspeed, same path on all nodes (default: this one)")
     p.add_argument("--no-exclusive", dest="exclusive", action="store_false",
                    help="share nodes with other jobs (default: whole nodes)")
+    p.add_argument("--cpus-per-node", type=int, default=None,
+                   help="with --no-exclusive: CPUs to request per node (default: one per rank)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the script that would be saved as <run.dir>/submit.sbatch; write nothing, do not submit")
 
@@ -359,13 +373,14 @@ def options_from_args(args: argparse.Namespace) -> SubmitOptions:
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, ranks_per_node=args.ranks_per_node,
         time=args.time, partition=args.partition, account=args.account, qos=args.qos, mode=args.mode,
         grace=args.grace, python=resolve_python(args.python), workdir=os.getcwd(), exclusive=args.exclusive,
+        cpus_per_node=args.cpus_per_node,
     )
 
 
 def submit_command(args: argparse.Namespace) -> int:
     """`scaletrain submit --config X [--set K=V ...] --nodes N --gpus-per-node G [--ranks-per-node R]
     --time T [--partition P] [--account A] [--qos Q] [--mode deepspeed|srun] [--grace S] [--python P]
-    [--no-exclusive] [--dry-run]`: write <run.dir>/submit.sbatch, then sbatch it (--dry-run: only print it)."""
+    [--no-exclusive [--cpus-per-node C]] [--dry-run]`: write <run.dir>/submit.sbatch, then sbatch it (--dry-run: only print it)."""
     o = options_from_args(args)
     text = render_sbatch(o)   # validate everything before touching the run dir
     if args.dry_run:          # only print: nothing is written, nothing submitted

@@ -40,7 +40,8 @@ def _classifier(args, model, tok, src, seq_len: int) -> int:
     from scaletrain.evaluate import _stream_windows, evaluate_classifier, val_batches
 
     if args.data:
-        batches = _stream_windows(file_stream(Path(args.data), tok, seq_len, args.text_field), args.batch_size)
+        stream = file_stream(Path(args.data), tok, seq_len, args.text_field, src.model.num_labels)
+        batches = _stream_windows(stream, args.batch_size)
     else:
         batches = val_batches(src, seq_len, args.batch_size)
     res = evaluate_classifier(model, batches, src.model.num_labels)

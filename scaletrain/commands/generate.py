@@ -22,8 +22,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"prompt_ids": prompt_ids, "ids": ids, "text": tok.decode(ids)}))
     else:
-        sys.stdout.write(args.prompt + tok.decode([i for i in ids if i != tok.eos_id]) + "\n")
+        sys.stdout.write(args.prompt + continuation(tok, prompt_ids, [i for i in ids if i != tok.eos_id]) + "\n")
     return 0
+
+
+def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text the new ids add after the prompt. Decoded together with the prompt: a Llama-style decoder drops
+    the leading space of a sequence's first piece (decode(["▁world"]) is "world", not " world")."""
+    prompt_text, full = tok.decode(prompt_ids), tok.decode(prompt_ids + new_ids)
+    return full[len(prompt_text):] if full.startswith(prompt_text) else tok.decode(new_ids)
 
 
 def add_parser(sub) -> None:

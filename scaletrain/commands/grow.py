@@ -85,7 +85,7 @@ def add_parser(sub) -> None:
                        description="PARENT: a run dir (newest verified checkpoint), a DeepSpeed checkpoint tag dir, "
                                    "a scaletrain checkpoint dir or a Hugging Face Llama dir.")
     p.add_argument("parent", metavar="PARENT")
-    p.add_argument("--out", required=True, metavar="CHILD", help="new checkpoint dir (must not exist)")
+    p.add_argument("--out", required=True, metavar="CHILD", help="new checkpoint dir (must not exist, or be empty)")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="model.KEY=VALUE",
                    help="the child's shape, e.g. --set model.hidden_size=512 model.num_heads=8 model.num_layers=8")
     p.add_argument("--depth-method", choices=("identity", "stack", "interleave"), default="identity",

@@ -8,7 +8,11 @@ State is what the trainer last wrote, checked against reality:
   stale      the same, but nothing was written for 10 minutes or more
   finished / preempted / failed / early_stopped   as the trainer wrote it (preempted: checkpointed and
              exited on USR1/TERM; a requeued SLURM job shows its queue state next to it)
-  submitted  `scaletrain submit` sent it to SLURM (submitted.json) and no rank has started yet
+  submitted  `scaletrain submit` sent it to SLURM (submitted.json, newer than status.json) and no rank has
+             started yet
+  requeued   says "running", its ranks are gone, and SLURM holds the job in the queue again (requeued)
+  dropped    submitted, but SLURM no longer lists the job and no rank ever started (cancelled while queued,
+             or the batch script stopped before training: see slurm-<job>.out)
 """
 
 from __future__ import annotations
@@ -63,11 +67,14 @@ def find_runs(root: Path, max_depth: int = 3) -> list[Path]:
 def _read_status(run: Path) -> tuple[dict, Optional[float]]:
     p = run / "status.json"
     try:
-        return json.loads(p.read_text()), p.stat().st_mtime
+        status = json.loads(p.read_text())
+        if isinstance(status, dict):
+            return status, p.stat().st_mtime
     except FileNotFoundError:
         return {}, None
     except (OSError, ValueError):
-        return {"state": "unreadable"}, p.stat().st_mtime if p.exists() else None
+        pass
+    return {"state": "unreadable"}, p.stat().st_mtime if p.exists() else None
 
 
 def tb_last(tb_dir: Path, tags: tuple[str, ...] = ("train/loss", "train/tokens_per_sec")) -> dict[str, tuple[int, float, float]]:
@@ -146,16 +153,42 @@ def slurm_job(run: Path, status: dict) -> tuple[Optional[str], Optional[int]]:
     return hostfile_job(run), None
 
 
-def squeue_states(jobs: list[str], timeout: float = 5) -> dict[str, str]:
-    """job id -> SLURM state (PENDING, RUNNING, ...) for jobs still known to the controller; {} when SLURM
+def pending_submission(run: Path, status_mtime: Optional[float]) -> Optional[str]:
+    """The job `scaletrain submit` sent after status.json was last written (none of its ranks has started:
+    they write status.json first), e.g. a new submission of a finished run; None otherwise."""
+    job = submitted_job(run)
+    if job is None or status_mtime is None:
+        return job
+    try:
+        return job if (run / SUBMITTED).stat().st_mtime > status_mtime else None
+    except OSError:
+        return None
+
+
+def current_job(run: Path) -> tuple[Optional[str], Optional[int], bool]:
+    """(job id, restart count, only submitted) of the run's newest SLURM job."""
+    status, status_mtime = _read_status(run)
+    pending = pending_submission(run, status_mtime)
+    if pending:
+        return pending, None, True
+    return (*slurm_job(run, status), False)
+
+
+_QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING")  # SLURM states of a job waiting to (re)start
+
+
+def squeue_states(jobs: list[str], timeout: float = 5) -> Optional[dict[str, str]]:
+    """job id -> SLURM state (PENDING, RUNNING, ...) for jobs still known to the controller; None when SLURM
     is not installed or not answering (the listing never waits on it for long)."""
     exe = shutil.which("squeue")
     if not jobs or exe is None:
-        return {}
+        return None
     try:
         proc = subprocess.run([exe, "-h", "-j", ",".join(jobs), "-o", "%i %T"], capture_output=True, text=True, timeout=timeout)
     except (subprocess.TimeoutExpired, OSError):
-        return {}
+        return None
+    if proc.returncode != 0 and "invalid job id" not in proc.stderr.lower():
+        return None  # controller not answering (an unknown id is not an error: the job has left the queue)
     states = {}
     for line in proc.stdout.splitlines():
         parts = line.split()
@@ -176,20 +209,22 @@ def run_info(run: Path, queue: Optional[dict[str, str]] = None, now: Optional[fl
             and (status_mtime is None or tb["train/loss"][2] >= status_mtime - 1):
         step, loss = tb["train/loss"][0], tb["train/loss"][1]
     tps = tb.get("train/tokens_per_sec", (None, None, None))[1]
-    job, restarts = slurm_job(run, status)
-    submitted = submitted_job(run) if status_mtime is None else None
+    job, restarts, submitted = current_job(run)
     if submitted:  # queued by `scaletrain submit`, no rank started yet
-        job, written = submitted, "submitted"
-    queue_state = (queue or {}).get(job) if job else None
+        written = "submitted"
+    queue_state = queue.get(job) if queue is not None and job else None
     last_write = max([t for t in (status_mtime, *(v[2] for v in tb.values())) if t is not None], default=None)
 
     state = written
+    if submitted and queue is not None and queue_state is None:
+        state = "dropped"
     if written == "running":
         host = status.get("host")
+        gone = "requeued" if queue_state in _QUEUED else "crashed"  # SLURM requeued it (node failure, preemption)
         if host is None or host == socket.gethostname():
-            state = "running" if local_ranks_alive(run, status) else "crashed"
+            state = "running" if local_ranks_alive(run, status) else gone
         elif queue_state is not None:
-            state = "running" if queue_state in ("RUNNING", "COMPLETING") else "crashed"
+            state = "running" if queue_state in ("RUNNING", "COMPLETING") else gone
         else:
             state = "running?" if last_write is not None and now - last_write < STALE_AFTER_S else "stale"
     return {
@@ -233,12 +268,8 @@ def run(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs under {root} (a run dir holds status.json, written when training starts)")
         return 0
-    jobs = []
-    for r in runs:
-        job = slurm_job(r, _read_status(r)[0])[0]
-        if job:
-            jobs.append(job)
-    queue = squeue_states(sorted(set(jobs)))
+    jobs = {job for r in runs if (job := current_job(r)[0])}
+    queue = squeue_states(sorted(jobs))
     infos = [run_info(r, queue) for r in runs]
     if args.json:
         # strict JSON: a NaN loss (status files of older versions) is null

@@ -90,12 +90,16 @@ class ClassificationStream(WindowStream):
         return torch.from_numpy(x), torch.from_numpy(y)
 
 
-def file_stream(path: Path, tok, seq_len: int, text_field: str = "text") -> ClassificationStream:
-    """A jsonl/parquet file of text/label rows as one stream (for `scaletrain eval --data`)."""
+def file_stream(path: Path, tok, seq_len: int, text_field: str = "text", num_labels: int = 0) -> ClassificationStream:
+    """A jsonl/parquet file of text/label rows as one stream (for `scaletrain eval --data`); labels are checked
+    against the classifier's `num_labels` when given."""
     from scaletrain.data.sources import resolve_source
 
     toks, rows, at = [], [], 0
     for text, label in iter_labelled(resolve_source(str(path), text_field)):
+        if num_labels and not 0 <= label < num_labels:
+            raise UserError(f"{path}: label {label} is outside 0..{num_labels - 1} (the model has model.num_labels="
+                            f"{num_labels}); evaluate with data labelled as the model was trained")
         ids = [i for i in tok.encode(text) if i != tok.eos_id]
         if ids:
             toks.append(np.asarray(ids, dtype=np.int64))

@@ -9,9 +9,29 @@ the ids used in training are the ids users get from the published tokenizer.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from scaletrain.errors import UserError
+
+# What a tokenizer *directory* is to us: these files only. An HF model dir given as the tokenizer also holds
+# gigabytes of weights, which must never be hashed into a cache key or copied along with the tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_files(path: Path) -> list[Path]:
+    """The files that make up the tokenizer at `path`: a sentencepiece file itself, or a directory's HF files."""
+    if not path.is_dir():
+        return [path]
+    return [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
+
+
+def copy_tokenizer_files(src_dir: Path, dest: Path) -> None:
+    """An HF tokenizer directory's files (and nothing else) into a new directory `dest`."""
+    dest.mkdir()
+    for f in tokenizer_files(src_dir):
+        shutil.copyfile(f, dest / f.name)
 
 
 class HFTokenizer:

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from scaletrain.config import Config
+from scaletrain.data.hf_tokenizer import copy_tokenizer_files, tokenizer_files
 from scaletrain.data.sampler import WindowStream
 from scaletrain.data.sources import Source, iter_documents, resolve_source
 from scaletrain.data.split import split_key
@@ -74,6 +75,9 @@ class DataCache:
         return np.memmap(path, dtype=self.meta["dtype"], mode="r")
 
 
+TOKENIZER_SAMPLE_SEED = 1234
+
+
 def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size < 2**16 else "uint32"
 
@@ -85,7 +89,7 @@ def cache_fingerprint(cfg: Config, src: Source) -> str:
         p = Path(os.path.expanduser(d.tokenizer))
         if not p.exists():
             raise UserError(f"data.tokenizer {p} does not exist; give a sentencepiece .model file, an HF tokenizer directory, or leave it unset to train one")
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        files = sorted(tokenizer_files(p))  # (a model dir's weights are not the tokenizer)
         tok = hashlib.sha256(b"".join(q.name.encode() + hashlib.sha256(q.read_bytes()).digest() for q in files)).hexdigest()
     key = {
         "format": CACHE_FORMAT, "source": src.fingerprint(), "vocab_size": cfg.model.vocab_size,
@@ -168,13 +172,14 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
     if cfg.data.tokenizer and Path(os.path.expanduser(cfg.data.tokenizer)).is_dir():  # an HF tokenizer, kept as is
         load_tokenizer(os.path.expanduser(cfg.data.tokenizer))  # a bad dir's error names it, not our temp copy
         tok_path = out / "tokenizer"
-        shutil.copytree(os.path.expanduser(cfg.data.tokenizer), tok_path)
+        copy_tokenizer_files(Path(os.path.expanduser(cfg.data.tokenizer)), tok_path)
     elif cfg.data.tokenizer:
         Tokenizer(os.path.expanduser(cfg.data.tokenizer))  # a bad file's error names it, not our temp copy
         shutil.copyfile(os.path.expanduser(cfg.data.tokenizer), tok_path)
     else:
         docs = (text for _, text in tqdm(iter_documents(src), desc="tokenizer sample", unit="doc", disable=None if progress else True, total=len(src.files) if src.kind == "stdlib" else None))
-        train_tokenizer(docs, vocab, tok_path, cfg.data.tokenizer_sample_lines, seed=cfg.train.seed)
+        # A fixed seed: the cache key does not hold train.seed, so the sample must not depend on it (1234 = its default)
+        train_tokenizer(docs, vocab, tok_path, cfg.data.tokenizer_sample_lines, seed=TOKENIZER_SAMPLE_SEED)
     tok = load_tokenizer(tok_path)
     if tok.vocab_size > vocab:
         raise UserError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is {vocab}; raise model.vocab_size")

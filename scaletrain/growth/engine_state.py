@@ -53,18 +53,26 @@ def _setter(engine) -> Callable[[torch.nn.Parameter, torch.Tensor, Optional[str]
 
 
 def _materialise_adam_state(engine, grad_accum: int) -> None:
-    """One optimizer step with zero gradients at lr 0, so every Adam state tensor exists (collective)."""
+    """One optimizer step with zero gradients at lr 0, so every Adam state tensor exists (collective). The
+    engine's counters and lr schedule are left as they were: the step is bookkeeping, not training."""
     opt = _base_optimizer(engine)
     lrs = [g["lr"] for g in opt.param_groups]
     for g in opt.param_groups:
         g["lr"] = 0.0
+    sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
+    counters = (engine.global_steps, engine.global_samples, engine.skipped_steps)
     ids = torch.zeros(1, 2, dtype=torch.long, device=next(engine.module.parameters()).device)
+    classifier = getattr(getattr(engine.module, "shape", None), "num_labels", 0) > 0
+    targets = ids[:, 0] if classifier else ids  # a classifier's target is one label per sequence
     for _ in range(grad_accum):
-        loss = engine(ids, ids)
+        loss = engine(ids, targets)
         engine.backward(loss * 0.0)
         engine.step()
     for g, lr in zip(opt.param_groups, lrs):
         g["lr"] = lr
+    if sched is not None:
+        engine.lr_scheduler.load_state_dict(sched)
+    engine.global_steps, engine.global_samples, engine.skipped_steps = counters
     zero = engine.optimizer
     if hasattr(zero, "_hp_optimizer_states_linked"):
         # ZeRO-1/2 (DeepSpeed 0.19) links the state fragments after stepping its first param group, before the
@@ -81,7 +89,10 @@ def install(engine, source: Path, precision: str, grad_accum: int) -> None:
     from scaletrain.weights.files import MOMENT_KINDS, FileReader, weight_files
 
     moments = Path(source) / "optimizer"
-    has_moments = (moments / "state.json").is_file()
+    # Grown moments belong to a language model's parameters; a classifier started from one has a `score` head
+    # instead of the LM head, so it starts with a fresh optimizer (as init.from does everywhere else).
+    classifier = getattr(getattr(engine.module, "shape", None), "num_labels", 0) > 0
+    has_moments = (moments / "state.json").is_file() and not classifier
     if precision == "fp32" and not has_moments:
         return  # the module's fp32 weights are the masters already
     tied = getattr(getattr(engine.module, "shape", None), "tie_word_embeddings", False)

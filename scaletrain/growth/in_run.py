@@ -78,7 +78,12 @@ def grow(trainer, metrics) -> None:
 
     t0, step, d = time.time(), trainer.step, trainer.dist
     if trainer.saved_step != step:
-        trainer.log(f"saved checkpoint {trainer.save()} (growth boundary)")
+        path = trainer.save()
+        if path is None:  # the child is built from the parent's checkpoint files (the disk check said so above)
+            resume_at = f"step {trainer.saved_step}" if trainer.saved_step is not None else "the start"
+            raise UserError(f"growth at step {step} needs a checkpoint of the parent, which could not be written; free "
+                            f"disk space and run the same command again (it resumes from {resume_at})")
+        trainer.log(f"saved checkpoint {path} (growth boundary)")
     stage, parent_cfg = trainer.stage, trainer.cfg
     child_cfg = advance(parent_cfg)
     out = trainer.run.path / "growth" / f"stage{stage + 1}"

@@ -83,9 +83,11 @@ def validate(parent: LlamaShape, child: LlamaShape, spec: GrowthSpec) -> None:
     if parent.norm == "layernorm" and child.hidden_size % parent.hidden_size:
         raise UserError(f"model.norm=layernorm grows exactly only by an integer hidden factor (duplication keeps "
                         f"mean and variance; zero coordinates do not): {parent.hidden_size} -> {child.hidden_size}")
-    if parent.position == "alibi" and child.num_heads != parent.num_heads:
-        raise UserError("model.position=alibi: the slopes depend on num_heads, so growth keeps num_heads "
-                        f"({parent.num_heads}) and hidden_size; grow num_layers or intermediate_size")
+    # ALiBi's slope is fixed by a head's position; growing KV heads reorders the query heads (head_maps).
+    if parent.position == "alibi" and (child.num_heads, child.num_kv_heads) != (parent.num_heads, parent.num_kv_heads):
+        raise UserError("model.position=alibi: each head's slope depends on its index, so growth keeps num_heads "
+                        f"({parent.num_heads}), num_kv_heads ({parent.num_kv_heads}) and hidden_size; "
+                        "grow num_layers or intermediate_size")
     if spec.depth_method not in depth.DEPTH_METHODS:
         raise UserError(f"unknown depth method '{spec.depth_method}' (valid: {', '.join(depth.DEPTH_METHODS)})")
     if spec.width_method not in WIDTH_METHODS:

@@ -103,6 +103,11 @@ def _rope_scaling_from_hf(fam: str, cfg: dict, where: str) -> tuple[float, Optio
     return theta, {"rope_type": kind, **{k: merged[k] for k in ROPE_TYPES[kind] if k in merged}}, "rope"
 
 
+# Families whose transformers config class defaults tie_word_embeddings to True: config.json files saved by
+# transformers leave a value out when it equals the default.
+TIED_BY_DEFAULT = ("Starcoder2", "SmolLM3")
+
+
 def _get(cfg: dict, key: str, default):
     value = cfg.get(key)
     return default if value is None else value
@@ -142,7 +147,7 @@ def model_values(fam: str, cfg: dict, where: str, peek: Callable[[str], Optional
     values = dict(hidden_size=cfg.get("hidden_size", 4096), num_layers=cfg.get("num_hidden_layers", 32), num_heads=heads,
                   num_kv_heads=_get(cfg, "num_key_value_heads", heads), intermediate_size=cfg.get("intermediate_size", 11008),
                   vocab_size=cfg.get("vocab_size", 32000), max_seq_len=_get(cfg, "max_position_embeddings", 2048),
-                  tie_word_embeddings=_get(cfg, "tie_word_embeddings", False))
+                  tie_word_embeddings=_get(cfg, "tie_word_embeddings", fam in TIED_BY_DEFAULT))
     values["rope_theta"], values["rope_scaling"], values["position"] = _rope_scaling_from_hf(fam, cfg, where)
     head_dim = cfg.get("head_dim")
     if head_dim is not None and head_dim * heads != values["hidden_size"]:

@@ -15,11 +15,10 @@ import json
 import shutil
 from pathlib import Path
 
+from scaletrain.data.hf_tokenizer import tokenizer_files
 from scaletrain.errors import UserError
 
-NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
-HF_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-            "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 # Exercises whitespace runs, tabs, digits, bytes (emoji, CJK), and special-token look-alikes.
 PROBE = "def f(x):\n\tif x  >= 10_000:  # <s> </s> <unk>\n        return 'héllo wörld 你好 🙂'\n\n\n    return [1, 22, 333]\r\n"
 
@@ -63,6 +62,8 @@ def sentencepiece_tokenizer_json(model_file: Path) -> tuple[str, dict]:
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.add_special_tokens([AddedToken(p.piece, special=True, normalized=False) for p in m.pieces if p.type in (CONTROL, UNKNOWN)])
+    # sentencepiece's user-defined symbols are always one token wherever they appear in text: added tokens
+    tok.add_tokens([AddedToken(p.piece, special=False, normalized=False) for p in m.pieces if p.type == USER_DEFINED])
     return tok.to_str(), special
 
 
@@ -71,11 +72,11 @@ def write_hf_tokenizer(tokenizer: Path, out: Path, max_len: int, pad_with_eos: b
     `pad_with_eos` (classifiers, which pool at the last non-pad token): the tokenizer pads with EOS, the model
     config's pad_token_id, so `tokenizer(texts, padding=True)` batches the way the model reads them."""
     if tokenizer.is_dir():
-        copied = [f for f in HF_FILES if (tokenizer / f).is_file()]
+        copied = tokenizer_files(tokenizer)
         if not copied:
             raise UserError(f"{tokenizer} holds no tokenizer files")
         for f in copied:
-            shutil.copyfile(tokenizer / f, out / f)
+            shutil.copyfile(f, out / f.name)
         config = out / "tokenizer_config.json"
         if pad_with_eos and config.is_file():
             settings = json.loads(config.read_text())
@@ -99,6 +100,11 @@ def check_same_ids(out: Path, ours) -> None:
     from scaletrain.data.hf_tokenizer import HFTokenizer
 
     theirs = HFTokenizer(out)
-    a, b = ours.encode(PROBE), theirs.encode(PROBE)
+    sentencepiece = getattr(ours, "sp", None) is not None  # then its user-defined symbols go into the probe too
+    symbols = [p.piece for p in _proto(ours.path).pieces if p.type == USER_DEFINED] if sentencepiece else []
+    probe = PROBE + "".join(f" x{s}y" for s in symbols)
+    a, b = ours.encode(probe), theirs.encode(probe)
     if a != b:
-        raise RuntimeError(f"exported tokenizer disagrees with the training tokenizer: {a[:12]} vs {b[:12]}")
+        first = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise UserError(f"the exported tokenizer does not reproduce the training tokenizer's ids (from token {first}: "
+                        f"{a[first:first + 6]} vs {b[first:first + 6]}); the export was not written")

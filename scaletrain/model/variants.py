@@ -66,6 +66,9 @@ def check_task(cfg) -> None:
         raise ValueError("train.early_stop_patience needs validation: set train.eval_every > 0")
     for item in t.freeze:
         parse_freeze_item(item, m.num_layers)
+        if str(item).strip() == "head" and m.tie_word_embeddings and not m.num_labels:  # (nothing would be frozen)
+            raise ValueError("train.freeze: 'head' is the embedding matrix when model.tie_word_embeddings is true; "
+                             "freeze 'embeddings' (which freezes the head with it) or untie the embeddings")
 
 
 def parse_freeze_item(item: str, num_layers: int) -> tuple[str, range | None]:

@@ -78,15 +78,15 @@ def verify(tag_dir: Path) -> Optional[str]:
     if not mpath.is_file():
         return f"{tag_dir.name} has no {MANIFEST} (incomplete save)"
     try:
-        manifest = json.loads(mpath.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        files = json.loads(mpath.read_text())["files"]
+        entries = [(str(rel), int(info["bytes"]), str(info["sha256"])) for rel, info in files.items()]
+    except (ValueError, KeyError, TypeError, AttributeError):  # (JSON and Unicode errors are ValueErrors)
         return f"{mpath} is not a valid manifest"
-    for rel, info in files.items():
+    for rel, size, digest in entries:
         p = tag_dir / rel
         if not p.is_file():
             return f"{p} is missing"
-        if p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
+        if p.stat().st_size != size or _sha256(p) != digest:
             return f"{p} does not match its sha256 in the manifest (corrupted or tampered)"
     return None
 
@@ -117,7 +117,7 @@ def find_resumable(root: Path, log=print) -> Optional[str]:
     candidates = [tag for _, tag in tags_by_step(root)]
     latest = root / "latest"
     if latest.is_file():
-        named = latest.read_text().strip()
+        named = latest.read_text(errors="replace").strip()  # a garbled `latest` names no tag: the newest wins
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)

@@ -13,6 +13,9 @@ Why the checks live where they do:
   as they were (the test compares checkpoints before and after a skipped step).
 - A skipped step still consumes its data and its slot of the lr schedule (as Megatron counts skipped
   iterations): the schedule is stepped here when DeepSpeed's overflow path did not.
+In fp16 a finite loss with an inf/NaN gradient norm is a loss-scale overflow: DeepSpeed's dynamic loss scaler
+skips that step and lowers the scale (routinely at the start, and after each scale-up), so it is counted in
+`train/skipped_steps` but not towards divergence.
 After `train.max_skipped` consecutive skipped steps the run stops with `TrainingDiverged` (exit code 1,
 status "failed"). Skipped steps change no weights, so any checkpoint saved during a bad streak holds the
 last good weights, and nothing is saved after the abort.
@@ -42,6 +45,11 @@ class TrainingDiverged(UserError):
 
 def _finite(x: Optional[float]) -> bool:
     return x is None or math.isfinite(float(x))
+
+
+def _fp16(engine) -> bool:
+    enabled = getattr(engine, "fp16_enabled", None)
+    return bool(enabled()) if callable(enabled) else False
 
 
 def _base_optimizer(engine) -> torch.optim.Optimizer:
@@ -106,6 +114,7 @@ class StepGuard:
         norm = engine.get_global_grad_norm()
         norm = self.norm_fallback() if norm is None else norm
         skipped = not (self._loss_ok and _finite(norm))
+        overflow = skipped and self._loss_ok and _fp16(engine)  # the loss scaler's business, not divergence
         self._loss_ok = True
         if not skipped:
             self.consecutive = 0
@@ -113,6 +122,10 @@ class StepGuard:
         if not getattr(engine, "_step_applied", True) and engine.lr_scheduler is not None:
             engine.lr_scheduler.step()  # DeepSpeed's overflow path left the schedule behind our step counter
         self.total += 1
+        if overflow:
+            self.log(f"step {step} skipped: fp16 gradient overflow (DeepSpeed lowers the loss scale); {self.total} "
+                     "skipped in this run")
+            return True
         self.consecutive += 1
         self.log(f"warning: step {step} skipped: loss {loss:.4g}, grad norm {float(norm) if norm is not None else float('nan'):.4g} "
                  f"(not finite); weights and optimizer unchanged ({self.consecutive} in a row, {self.total} in this run)")

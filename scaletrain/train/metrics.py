@@ -44,11 +44,12 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 0, 
     if device.type == "cpu" and cpu_matmul.onednn_available():
         products.append(cpu_matmul.mm_nt)
     rates = []
+    gen = torch.Generator(device=device).manual_seed(0)  # not the global stream: a resumed run's restored RNG stays as saved
     for mm in products:
         try:
             n = size if device.type == "cuda" else _affordable_size(mm, dtype, device, size, seconds / len(products))
-            a = torch.randn(n, n, device=device).to(dtype)
-            b = torch.randn(n, n, device=device).to(dtype)
+            a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+            b = torch.randn(n, n, device=device, generator=gen).to(dtype)
             rates.append(_rate(mm, a, b, seconds / len(products), device))
         except RuntimeError:  # oneDNN has no kernel for this dtype on this CPU (bf16 without AVX-512)
             continue
@@ -59,7 +60,7 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 0, 
 
 def _affordable_size(mm, dtype: torch.dtype, device: torch.device, size: int, seconds: float) -> int:
     """`size`, or a smaller multiple of 128 so that one product takes at most a quarter of `seconds`."""
-    probe = torch.randn(256, 256, device=device).to(dtype)
+    probe = torch.ones(256, 256, device=device).to(dtype)
     t0 = time.perf_counter()
     mm(probe, probe)
     rate = 2.0 * 256**3 / max(time.perf_counter() - t0, 1e-9)  # pessimistic: cold, one call

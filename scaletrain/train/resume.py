@@ -50,6 +50,19 @@ def _manifest(tag_dir: Path) -> dict:
     return m
 
 
+STREAM_KEYS = ("train.seq_len", "train.seed", "data.source")  # what the data position (a window count) depends on
+
+
+def _stream_value(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name, None)
+
+
+def data_stream(cfg: Config) -> dict:
+    """Recorded in each checkpoint's manifest; a resume with other values gets a warning."""
+    return {k: _stream_value(cfg, k) for k in STREAM_KEYS}
+
+
 def inspect(root: Path, tag: Optional[str], cfg: Config, world: int, log=print) -> tuple[Optional[ResumePlan], Config]:
     """Rank 0's checks; returns the plan and the config to train with (grad_accum possibly adjusted)."""
     from scaletrain.train.safe_load import check_tag
@@ -91,6 +104,16 @@ def inspect(root: Path, tag: Optional[str], cfg: Config, world: int, log=print) 
                 f"{gb // per_accum} keeps the global batch at {gb} sequences (and the data position exact)")
             cfg = cfg.model_copy(deep=True)
             cfg.train.grad_accum = gb // per_accum
+    gb = saved["global_batch"]
+    if gb and gb != cfg.global_batch_windows(world):  # before config.yaml is rewritten or the engine built
+        raise UserError(f"checkpoint {tag} was trained with {gb} sequences per step, this run has "
+                        f"{cfg.global_batch_windows(world)}; keep micro_batch_size x grad_accum x ranks equal when resuming")
+    stream = m.get("data_stream")
+    for key in STREAM_KEYS if isinstance(stream, dict) else ():
+        was, now_value = stream.get(key), _stream_value(cfg, key)
+        if was is not None and was != now_value:
+            log(f"warning: {key} was {was!r} when checkpoint {tag} was saved, now {now_value!r}: the data position (a "
+                "count of windows) is carried over, so this run does not see the data an uninterrupted run would")
     if reshard:
         log(f"checkpoint {tag} was saved by {saved['world_size']} rank(s), ZeRO-{saved['zero_stage']} {saved['precision']}; "
             f"this run is {world} rank(s), ZeRO-{cfg.zero.stage} {cfg.train.precision}: resharding it")

@@ -64,6 +64,10 @@ class RunDir:
         probe = p if p.exists() else next((q for q in p.parents if q.exists()), Path("/"))
         if not os.access(probe, os.W_OK | os.X_OK):
             raise UserError(f"run.dir {p} is not writable ({probe} denies writes); choose a writable run.dir")
+        if p.is_dir() and not (p / "checkpoints").is_dir() and (
+                (p / "config.json").is_file() or any(p.glob("*.safetensors")) or any(p.glob("*model_states.pt"))):
+            raise UserError(f"run.dir {p} holds a model's weights (a checkpoint or Hugging Face dir), not a run; training "
+                            f"there would overwrite its files: use a new run.dir (init.from={p} starts from its weights)")
         previous = self.saved_config()
         # a growing run records its current (grown) model: any stage of the schedule is the same run
         if previous is not None and previous.model not in stage_models(cfg):
@@ -82,6 +86,8 @@ class RunDir:
             return None
         try:
             return build_config(yaml.safe_load(self.config_path.read_text()) or {})
+        except UnicodeDecodeError:
+            raise UserError(f"{self.config_path} is damaged (not UTF-8 text); restore it or use a new run.dir") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -103,9 +109,10 @@ class RunDir:
 
     def status(self) -> dict:
         try:
-            return json.loads((self.path / "status.json").read_text())
-        except (OSError, json.JSONDecodeError):
+            status = json.loads((self.path / "status.json").read_text())
+        except (OSError, ValueError):  # missing, garbled or not UTF-8: the next write replaces it
             return {}
+        return status if isinstance(status, dict) else {}
 
 
 class RunLock:

@@ -15,6 +15,7 @@ from typing import Optional
 
 from scaletrain import lineage
 from scaletrain.config import Config
+from scaletrain.data.hf_tokenizer import copy_tokenizer_files
 from scaletrain.weights.writer import combine_digests, tensor_digest
 
 
@@ -74,7 +75,7 @@ class RunLineage:
         tmp = self.run / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if tok.is_dir():
-            shutil.copytree(tok, tmp)
+            copy_tokenizer_files(tok, tmp)
         else:
             tmp.mkdir()
             shutil.copyfile(tok, tmp / "tokenizer.model")

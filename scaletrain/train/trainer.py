@@ -29,6 +29,7 @@ from scaletrain.model.docmask import document_ids
 from scaletrain.model import classify
 from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
+from scaletrain.model.loss import IGNORE_INDEX
 from scaletrain.train import checkpoint, finetune, init_from, precision
 from scaletrain.train.distributed import (Dist, all_reduce_sum, any_rank, barrier, collectives_status, launcher_rank,
                                           setup, shutdown)
@@ -273,16 +274,20 @@ class Trainer:
         for i in range(0, len(ids), t.micro_batch_size):
             chunk = ids[i : i + t.micro_batch_size]
             x, y = self.val_stream.batch(chunk)
-            if conf is None:
-                loss_sum += self._loss(x, y).item() * len(chunk)
+            if conf is None:  # mean over counted tokens (prompt/completion windows count different numbers)
+                counted = int((y != IGNORE_INDEX).sum())
+                loss = self._loss(x, y).item()
+                loss_sum, n = (loss_sum + loss * counted, n + counted) if counted else (loss_sum, n)
             else:
                 logits = self.engine(x.to(self.dist.device)).float()
                 loss_sum += torch.nn.functional.cross_entropy(logits, y.to(logits.device), reduction="sum").item()
                 finetune.confusion_update(conf, logits, y)
-            n += len(chunk)
+                n += len(chunk)
         self.engine.train()
         sums = all_reduce_sum([loss_sum, float(n)] + (conf.flatten().tolist() if conf is not None else []))
         loss_sum, n = sums[:2]
+        if n == 0:  # no window of this val set has a target token
+            return None
         self.last_val_loss = loss_sum / n
         self.val_metrics = {"val/loss": loss_sum / n, "val/ppl": math.exp(min(loss_sum / n, 50))}
         if conf is not None:
@@ -297,6 +302,7 @@ class Trainer:
             "scaletrain_version": __version__, "early_stop": self.early_stop.state(), "skipped_steps": self.guard.total,
         }
         meta = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision,
+                "data_stream": resume.data_stream(self.cfg),
                 "model": self.cfg.model.model_dump(mode="json")}  # a restart builds this shape before loading
         t = self.cfg.train
         # lineage.json goes into the tag before its manifest (checked with the weights); its id hashes the
@@ -382,13 +388,15 @@ class Trainer:
                         metrics.scalars(self.step, self.val_metrics)
                         early = self.early_stop.update(self.val_metrics)  # same metrics on every rank: same decision
                 stopping = any_rank(self.stop.requested)
+                path = None
                 if stopping or early or self.step == t.max_steps or (t.save_every and self.step % t.save_every == 0):
                     path = self.save()
                     if path is not None:
                         self.log(f"saved checkpoint {path}")
-                if stopping:
+                if stopping and self.step < t.max_steps:  # (a stop at the last step ends the run as finished)
                     state = "preempted"
-                    self.log(f"stop requested by signal: checkpointed at step {self.step}, exiting cleanly")
+                    saved = f"{'checkpointed' if path is not None else 'could not checkpoint (see above)'} at step {self.step}"
+                    self.log(f"stop requested by signal: {saved}, exiting cleanly")
                     break
                 if early:
                     state = "early_stopped"

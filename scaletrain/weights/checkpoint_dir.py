@@ -15,7 +15,8 @@ import yaml
 from scaletrain import lineage
 from scaletrain.config import Config
 from scaletrain.errors import UserError
-from scaletrain.weights.sources import CONFIG_YAML, HF_TOKENIZER_FILES, TOKENIZER_DIR, WeightSource
+from scaletrain.data.hf_tokenizer import copy_tokenizer_files
+from scaletrain.weights.sources import CONFIG_YAML, TOKENIZER_DIR, WeightSource
 from scaletrain.weights.writer import write_safetensors
 
 DEFAULT_SHARD = "2GB"
@@ -56,12 +57,10 @@ def staged(out: Path) -> Iterator[Path]:
 
 def copy_tokenizer(tokenizer: Path, dest: Path) -> None:
     """Into `dest` (a checkpoint's tokenizer/ dir): our sentencepiece file, or an HF tokenizer's files as is."""
-    dest.mkdir()
     if tokenizer.is_dir():
-        for f in HF_TOKENIZER_FILES:
-            if (tokenizer / f).is_file():
-                shutil.copyfile(tokenizer / f, dest / f)
+        copy_tokenizer_files(tokenizer, dest)
     else:
+        dest.mkdir()
         shutil.copyfile(tokenizer, dest / "tokenizer.model")
 
 

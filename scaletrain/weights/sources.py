@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from scaletrain.config import Config, ModelConfig, build_config
+from scaletrain.data.hf_tokenizer import tokenizer_files
 from scaletrain.errors import UserError
 from scaletrain.weights import files as wfiles
 from scaletrain.weights.files import HEAD
@@ -109,8 +110,6 @@ def _open_checkpoint_dir(d: Path) -> WeightSource:
     return WeightSource(d, "checkpoint", cfg.model, cfg, checkpoint_tokenizer(d), read_lineage(d), d, wfiles.weight_files(d))
 
 
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                      "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 
 
 def _open_hf_dir(d: Path) -> WeightSource:
@@ -118,7 +117,7 @@ def _open_hf_dir(d: Path) -> WeightSource:
     from scaletrain.hf.config_map import read_hf_config
 
     m, adapter = import_plan(read_hf_config(d), str(d), peeker(d))  # Llama, Qwen3, Starcoder2, ... (names mapped)
-    has_tok = any((d / f).is_file() for f in HF_TOKENIZER_FILES)
+    has_tok = bool(tokenizer_files(d))
     return WeightSource(d, "hf", m, None, d if has_tok else None, read_lineage(d), d, wfiles.weight_files(d), adapter=adapter)
 
 
