@@ -8,6 +8,7 @@ that already has checkpoints resumes from them instead (what a requeued job need
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -45,11 +46,35 @@ def resolve(cfg: Config, warn=lambda msg: print(msg, file=sys.stderr)) -> Config
     return cfg
 
 
-def load_weights(model: torch.nn.Module, cfg: Config) -> None:
-    """Copy init.from's weights into `model` (before DeepSpeed wraps it); mismatching keys -> one line."""
+def pinned_source(cfg: Config, dist) -> Path:
+    """Collective: init.from as one directory for every rank. A run dir may still be training (saving new tags,
+    pruning old ones) while the ranks read it: it becomes the tag rank 0 finds newest, so all ranks load the
+    same checkpoint."""
+    out: list = [None]
+    if dist.is_main:
+        from scaletrain.weights import open_weights
+
+        try:
+            src = open_weights(cfg.init.from_)
+            out[0] = ("ok", str(src.weights_at if src.kind == "run" else cfg.init.from_))
+        except UserError as e:
+            out[0] = ("error", f"init.from: {e}")
+    if dist.world > 1:
+        import torch.distributed as tdist
+
+        tdist.broadcast_object_list(out, src=0)
+    kind, value = out[0]
+    if kind == "error":
+        raise UserError(value)
+    return Path(value)
+
+
+def load_weights(model: torch.nn.Module, source: Path) -> None:
+    """Copy the weights in `source` (init.from, pinned) into `model` (before DeepSpeed wraps it); mismatching
+    keys -> one line."""
     from scaletrain.weights import load_into, open_weights
 
-    src = open_weights(cfg.init.from_)
+    src = open_weights(source)
     if getattr(model, "score", None) is not None and not src.model.num_labels:  # classifier from a language model
         from scaletrain.train.finetune import load_body
 

@@ -166,8 +166,9 @@ class Trainer:
 
             load_into(model, open_weights(weights_from), "grown weights")
         elif self.cfg.init.from_ and not checkpoint.tags_by_step(self.run.checkpoints):  # resuming beats init.from
-            init_from.load_weights(model, self.cfg)  # weights only: the optimizer below starts fresh
-            weights_from = Path(self.cfg.init.from_)  # (unless `scaletrain grow --optimizer grow` wrote moments)
+            weights_from = init_from.pinned_source(self.cfg, self.dist)  # a live run dir: one tag for all ranks
+            init_from.load_weights(model, weights_from)  # weights only: the optimizer below starts fresh
+            # (unless `scaletrain grow --optimizer grow` wrote moments: install() below)
         if self.cfg.train.freeze:
             finetune.freeze(model, self.cfg)
         optimizer = build_optimizer(model, self.cfg)
