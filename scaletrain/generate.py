@@ -62,7 +62,7 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature
     while len(out) < max_new_tokens:
         nxt = _pick(logits, temperature, top_k, top_p, gen)
         out.append(nxt)
-        if nxt == eos_id or pos >= limit:
+        if nxt == eos_id or pos + 1 >= limit:  # it sits at index pos: prompt + output stay within the context
             break
         logits = model(torch.tensor([[nxt]]), caches=caches, start_pos=pos)[0, -1]
         pos += 1

@@ -87,6 +87,19 @@ def _status(run_dir: Path) -> dict:
         return {}
 
 
+def _saving_since(ckpts: Path, t0: float) -> list[str]:
+    """Temp dirs of a save this start began (a torn save of an earlier start leaves one behind until the next
+    save completes: by name alone the kill would land mid-training and be counted as one during a save)."""
+    found = []
+    for p in ckpts.glob(".tmp-global_step*"):
+        try:
+            if p.stat().st_mtime >= t0:
+                found.append(p.name)
+        except OSError:  # removed meanwhile
+            pass
+    return found
+
+
 def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, train_secs: float, log_path: Path,
               startup_secs: float, save_delay: float) -> dict:
     ckpts = run_dir / "checkpoints"
@@ -106,10 +119,10 @@ def _one_kill(ranks, overrides, run_dir: Path, mode: str, rng: random.Random, tr
             if mode == "train":
                 time.sleep(rng.uniform(0, train_secs))
             else:
-                while proc.poll() is None and not any(ckpts.glob(".tmp-global_step*")):
+                while proc.poll() is None and not _saving_since(ckpts, t0):
                     time.sleep(0.002)
                 time.sleep(rng.uniform(0, save_delay))
-                event["saving"] = [p.name for p in ckpts.glob(".tmp-global_step*")]
+                event["saving"] = _saving_since(ckpts, t0)
         event["killed"] = proc.poll() is None
     finally:
         kill_group(proc)

@@ -15,6 +15,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
+FAILED=0
 
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, record rc and time
     local name=$1 limit=$2 start rc
@@ -24,6 +25,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.
     echo "== $name: $*"
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
+    (( rc == 0 )) || FAILED=$((FAILED + 1))
     echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$SUMMARY"
     tail -n 4 "$OUT/$name.log"
     return $rc
@@ -49,6 +51,10 @@ M125=(--hidden 768 --layers 12 --heads 12 --kv-heads 4 --intermediate 2048 --voc
 stage vs_peer_125m 120 "${ST[@]}" bench --device cuda --ranks 1 --zero 2 --precision bf16 "${M125[@]}" \
     --micro-batch 8 --steps 8 --warmup 3 --no-memory
 
-stage train_tiny 100 "$PY" launch/train.py --config configs/tiny.yaml --set run.dir="${TMPDIR:-/tmp}/scaletrain-gpu-tiny" \
+TINY_RUN="${TMPDIR:-/tmp}/scaletrain-gpu-tiny"
+rm -rf "$TINY_RUN"  # a fresh run: the same dir again would resume a finished run and train nothing
+stage train_tiny 100 "$PY" launch/train.py --config configs/tiny.yaml --set run.dir="$TINY_RUN" \
     train.max_steps=40 train.eval_every=20 train.save_every=20 train.log_every=10 data.tokenizer_sample_lines=200000
 cat "$SUMMARY"
+echo "$FAILED stage(s) failed"
+exit $(( FAILED > 0 ))

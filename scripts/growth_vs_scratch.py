@@ -65,7 +65,14 @@ def step_flops(dims: dict, args) -> float:
 
 
 def train(name: str, run_dir: Path, overrides: list[str], log: Path) -> float:
-    """One run in its own process (resumes if interrupted); returns wall seconds."""
+    """One run in its own process (resumes if interrupted); returns wall seconds. A run dir left by other
+    settings (--steps, --lr, --grow-at, ...) is refused: resuming it would report the old run as the new one."""
+    record = run_dir / "growth_vs_scratch_request.json"
+    if record.is_file() and json.loads(record.read_text()) != overrides:
+        raise SystemExit(f"error: {run_dir} holds a run made with other settings; delete it (or use another --out) "
+                         "to run these")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(overrides, indent=1))
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
     with open(log, "w") as fh:

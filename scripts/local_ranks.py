@@ -5,7 +5,8 @@ The `deepspeed` launcher is two Python start-ups (its runner, then `deepspeed.la
 import torch, plus a 1 s polling loop at exit: ~7 s of every multi-rank run on a 2-core machine, most of a
 test's short run. This one takes ~0.05 s and keeps the launcher's contract: each rank gets RANK, LOCAL_RANK,
 WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR/PORT and `--local_rank=r`; a rank that fails takes the others down
-(SIGTERM, then SIGKILL) and its exit code is the launcher's; SIGINT/SIGTERM to the launcher reach every rank.
+(SIGTERM, then SIGKILL) and its exit code is the launcher's; SIGINT/SIGTERM to the launcher become SIGTERM for
+every rank (exit code 1), as there.
 The test suite and scripts/crash_test.py start their ranks with it; the README quick-start test, the
 preemption test and the cluster tests run the real `deepspeed` launcher.
 
@@ -53,8 +54,10 @@ def main(argv: list[str]) -> int:
     ranks = [subprocess.Popen([sys.executable, "-u", script, f"--local_rank={r}", *args],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(n)]
 
-    def forward(signum, _frame):
-        stop(ranks, signum)
+    def forward(_signum, _frame):
+        # SIGTERM, as DeepSpeed's launcher sends: a terminal's Ctrl-C has reached the ranks already (one process
+        # group), and a second SIGINT would make the trainer abort instead of checkpointing.
+        stop(ranks, signal.SIGTERM)
         sys.exit(1)
 
     signal.signal(signal.SIGINT, forward)

@@ -66,8 +66,10 @@ def test_attention_only_bench_reports_every_backend():
     rc, stdout, stderr = run_cli("bench", "--attention-only", "--attention-seqs", "128", "--precision", "fp32",
                                  "--steps", "3", timeout=600)
     assert rc == 0, stderr[-3000:]
-    rows = _json(stdout)["attention"]["results"]
+    report = _json(stdout)["attention"]
+    rows = report["results"]
     assert len(rows) == 1 and rows[0]["T"] == 128
+    assert report["cpu_kernels"].startswith(("attention", "off", "not used"))  # says which sdpa ran
     row = rows[0]
     assert row["sdpa"]["speedup_vs_eager"] > 0 and row["sdpa"]["max_abs_diff_vs_eager"] <= 1e-5
     assert "needs an NVIDIA GPU" in row["flash"]["skipped"]  # on this CPU-only suite

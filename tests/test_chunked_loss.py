@@ -59,6 +59,17 @@ def test_ignored_tokens_get_no_gradient_and_whole_ignored_chunks_work():
     assert rel(gc[1], gp[1]) <= 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_call_without_targets_gives_zero_gradients_as_the_plain_path(dtype):
+    """No counted token at all: both losses are NaN (a mean over nothing), but the gradients are zero, not NaN
+    (NaN gradients would reach the weights under DeepSpeed's bf16 optimizer)."""
+    h, w, t = inputs(n=12, dtype=dtype, ignore=range(12))
+    plain, chunked, gp, gc = both(h, w, t, chunk=8)
+    assert plain.isnan() and chunked.isnan()
+    for a, b in zip(gp, gc):
+        assert not a.isnan().any() and torch.equal(b, torch.zeros_like(b))
+
+
 def test_upstream_gradient_scale_is_applied():
     """DeepSpeed backpropagates loss / grad_accum: the saved gradients must be scaled by it."""
     h, w, t = inputs()

@@ -272,3 +272,16 @@ def test_generate_prints_the_continuation_as_decoded_after_the_prompt():
     tok = MetaspaceLike()
     assert tok.decode([1]) == "world"
     assert "Hello" + continuation(tok, [0], [1, 2]) == "Hello world!"
+
+
+def test_generate_stays_within_the_context():
+    """Prompt + output never exceed max_seq_len (the last token used to land one past it)."""
+    from scaletrain.generate import generate
+    from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaShape(32, 1, 4, 2, 64, 50, max_seq_len=8)).eval()
+    with torch.no_grad():
+        out = generate(model, [3, 4, 5, 6, 7], max_new_tokens=10, temperature=0.0)
+    assert len(out) == 3
+

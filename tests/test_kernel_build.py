@@ -30,6 +30,15 @@ def test_failed_build_warns_in_one_line_and_returns_none(tmp_path, monkeypatch, 
     assert len(warning) == 1
 
 
+def test_a_home_without_room_for_the_build_means_pytorchs_kernels(tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.write_text("a file where the home dir should be")  # mkdir under it fails as on a read-only home
+    monkeypatch.setattr(Path, "home", lambda: home)
+    assert build._load.__wrapped__("avx2") is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be built" in err and "using PyTorch's" in err
+
+
 def test_each_isa_builds_apart_and_the_cpu_picks_one(monkeypatch):
     """The AVX-512 and AVX2 builds differ in flags, so in cache dir; the CPU's capability picks the build."""
     assert build.build_dir("avx512") != build.build_dir("avx2")

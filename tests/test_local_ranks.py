@@ -38,3 +38,20 @@ def test_all_ranks_succeeding_is_success(tmp_path):
     script = tmp_path / "ok.py"
     script.write_text("import os\nassert os.environ['MASTER_ADDR'] and int(os.environ['MASTER_PORT']) > 0\n")
     assert subprocess.run([sys.executable, LAUNCHER, "3", str(script)], timeout=50).returncode == 0
+
+
+def test_sigint_to_the_launcher_reaches_the_ranks_as_sigterm(tmp_path):
+    """Ctrl-C in a terminal reaches the ranks and the launcher alike: the launcher passes on SIGTERM (as DeepSpeed's
+    does), which the trainer takes as the same stop request, not a second Ctrl-C that aborts its checkpoint."""
+    import signal
+
+    script = tmp_path / "rank.py"
+    script.write_text("import signal, sys, time\n"
+                      "signal.signal(signal.SIGTERM, lambda s, f: (sys.stdout.write('TERM\\n'), sys.exit(0)))\n"
+                      "signal.signal(signal.SIGINT, lambda s, f: (sys.stdout.write('INT\\n'), sys.exit(0)))\n"
+                      "sys.stdout.write('ready\\n')\ntime.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, LAUNCHER, "2", str(script)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n" and proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=40)
+    assert proc.returncode == 1 and out.split() == ["TERM", "TERM"], out

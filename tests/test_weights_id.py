@@ -12,6 +12,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from launch_utils import REPO
 
 SCRIPT = textwrap.dedent('''
@@ -70,3 +72,13 @@ def test_training_checkpoint_id_hashes_the_weights_at_every_zero_stage():
     proc = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok ") == 6, proc.stdout
+
+
+def test_shard_sizes_parse_or_fail_in_one_line():
+    from scaletrain.errors import UserError
+    from scaletrain.weights.writer import parse_size
+
+    assert [parse_size(t) for t in ("2GB", "500MB", "1GiB", "3 kib", "7")] == [2 * 10**9, 5 * 10**8, 2**30, 3072, 7]
+    for bad in ("5i", "5IB", "2 GBs", "-1MB", "0"):
+        with pytest.raises(UserError, match="--max-shard-size"):
+            parse_size(bad)

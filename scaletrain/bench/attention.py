@@ -82,4 +82,9 @@ def attention_bench(device: str, precisions: list[str], reps: int = 5, threads: 
                                 "max_abs_diff_vs_eager": float((out.float() - ref.float()).abs().max())}
             results.append(row)
             q = k = v = grad = ref = None  # free this shape's tensors before the next
-    return {"shapes": "B,H,T,D causal, MHA (K=H)", "results": results}
+    out = {"shapes": "B,H,T,D causal, MHA (K=H)", "results": results}
+    if dev.type == "cpu":  # `sdpa` on CPU is scaletrain's kernel where it built, else PyTorch's: say which ran
+        from scaletrain.kernels.cpu_matmul import kernels_status
+
+        out["cpu_kernels"] = kernels_status()
+    return out

@@ -25,8 +25,10 @@ def _case(device: str, tokens: int, hidden: int, vocab: int, chunk: int, dtype_n
     torch.set_num_threads(1)
     dtype = getattr(torch, dtype_name)
     g = torch.Generator().manual_seed(0)
-    h = torch.randn(tokens, hidden, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    w = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device=device, dtype=dtype).requires_grad_()
+    # drawn in place in the final dtype: fp32 temporaries freed before the loss would leave headroom under the
+    # high-water mark (ru_maxrss), into which the loss could grow unseen (~0.5 GB at vocab 128k)
+    h = torch.empty(tokens, hidden, dtype=dtype).normal_(generator=g).to(device).requires_grad_()
+    w = torch.empty(vocab, hidden, dtype=dtype).normal_(0.0, 0.02, generator=g).to(device).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,), generator=g).to(device)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -56,7 +58,12 @@ def loss_memory_bench(device: str, chunk: int, dtype_name: str = "bfloat16", tok
             queue = ctx.Queue()
             proc = ctx.Process(target=_case, args=(device, tokens, hidden, vocab, c, dtype_name, queue))
             proc.start()
-            rows.append(queue.get())
+            try:
+                rows.append(queue.get(timeout=1800))
+            except Exception:  # noqa: BLE001 - queue.Empty: the case died (e.g. out of memory) before reporting
+                proc.join(timeout=60)
+                raise RuntimeError(f"the loss-memory case vocab {vocab}, loss_chunk {c} did not report "
+                                   f"(exit code {proc.exitcode})") from None
             proc.join()
     return {"tokens": tokens, "hidden": hidden, "dtype": dtype_name, "device": device,
             "measure": "peak RSS growth (CPU) / max_memory_allocated growth (CUDA) during fwd+bwd", "results": rows}

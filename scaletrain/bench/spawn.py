@@ -24,13 +24,13 @@ def _worker(local_rank: int, ranks: int, port: int, device: str, threads: int, j
     from scaletrain.train.distributed import barrier, setup, shutdown
 
     dist = setup(threads)
-    try:
-        result = job(dist, *args)
-        if dist.is_main:
-            Path(out).write_text(json.dumps(result))
-    finally:
-        barrier()
-        shutdown()
+    # No barrier on failure: the other ranks sit in another collective, so a failing rank would wait there
+    # until the process-group timeout; raising ends it, and mp.spawn then terminates the others.
+    result = job(dist, *args)
+    if dist.is_main:
+        Path(out).write_text(json.dumps(result))
+    barrier()
+    shutdown()
     # The result is on disk. Skip interpreter teardown: destructors of background threads (gloo,
     # inductor workers) intermittently abort a clean exit with "terminate called without an active
     # exception", which spawn() would report as a failed rank.

@@ -56,9 +56,9 @@ def build_dir(which: str) -> Path:
     digest = hashlib.sha256()
     for part in SOURCES + _HEADERS:
         digest.update(part.read_bytes())
-    # and where the sources are: torch's build file names them by path, so two checkouts sharing one dir
-    # would rebuild each other's objects on every switch
-    digest.update(" ".join(flags(which) + [torch.__version__, sys.version, str(_HERE)]).encode())
+    # and where the sources and torch's headers are: torch's build file names them by path, so two checkouts
+    # (or two environments) sharing one dir would rebuild each other's objects on every switch
+    digest.update(" ".join(flags(which) + [torch.__version__, sys.version, str(_HERE), sys.prefix]).encode())
     return Path.home() / ".cache" / "scaletrain" / "kernels" / f"cpu-{which}-{digest.hexdigest()[:12]}"
 
 
@@ -85,11 +85,17 @@ def _load(which: str):
     from torch.utils.cpp_extension import load
 
     where = build_dir(which)
-    where.mkdir(parents=True, exist_ok=True)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        held = open(where / "build.flock", "w")
+    except OSError as e:  # a read-only or missing home: train on, with PyTorch's kernels
+        print(f"warning: scaletrain's CPU kernels cannot be built in {where} ({e.strerror or e}); using PyTorch's",
+              file=sys.stderr, flush=True)
+        return None
     # One builder at a time across ranks and runs. flock dies with its holder, unlike torch's own `lock`
     # file, which a killed build leaves behind (every later load would wait on it forever): holding the
     # flock, any such file is stale and can go.
-    with open(where / "build.flock", "w") as held:
+    with held:
         fcntl.flock(held, fcntl.LOCK_EX)
         (where / "lock").unlink(missing_ok=True)
         if not any(where.glob("*.so")):

@@ -79,7 +79,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid = targets != IGNORE_INDEX
         count = valid.sum()
         safe_targets = targets.clamp(min=0)  # a gather index for ignored rows; their loss/grad are zeroed
-        row_weight = valid / count  # d(mean CE)/d(row's CE); zero for ignored rows
+        row_weight = valid / count.clamp(min=1)  # d(mean CE)/d(row's CE); zero for ignored rows (all: zero grads)
         fused = with_grad and ce_kernel.applies(h)
         if fused and not preferred(h):  # torch's matmul: it can write into our buffer
             loss_sum, grad_h, grad_w = _in_place_chunks(h, weight, safe_targets, valid, row_weight, chunk)

@@ -37,7 +37,8 @@ def weights_id(module, is_main: bool) -> Optional[str]:
 
 
 class RunLineage:
-    def __init__(self, cfg: Config, run_dir: Path, cache):
+    def __init__(self, cfg: Config, run_dir: Path, cache, init_source: Optional[Path] = None):
+        """`init_source`: the checkpoint init.from's weights were loaded from (None when resuming)."""
         self.cfg, self.run = cfg, Path(run_dir)
         self.data = {"source": cfg.data.source, "fingerprint": cache.dir.name, "format": cfg.data.format}
         self._copy_tokenizer(Path(cache.tokenizer_path))
@@ -48,8 +49,10 @@ class RunLineage:
 
             from scaletrain.weights.checkpoint_dir import source_parent
 
-            src = open_weights(cfg.init.from_)
-            self.parents = [source_parent(src)]
+            src = open_weights(init_source or cfg.init.from_)
+            earlier = lineage.read(self.run)  # a resumed fine-tune keeps the parent it started from
+            resumed = init_source is None and earlier is not None and earlier.get("kind") == "fine-tune"
+            self.parents = earlier["parents"] if resumed and earlier.get("parents") else [source_parent(src)]
             parent_config = src.config.to_dict() if src.config is not None else {"model": src.model.model_dump(mode="json")}
         self.diff = lineage.config_diff(parent_config, cfg.to_dict())
 

@@ -123,6 +123,9 @@ class Trainer:
         # safe pickles, shapes, format; other world size / ZeRO stage: reshard (grad_accum keeps the global batch)
         self.resume_plan, self.cfg = resume.prepare(self.run.checkpoints, tag, cfg, self.dist)
         cfg = self.cfg
+        # init.from on a fresh run: one checkpoint, chosen by rank 0 (a run dir may still be training), gives every
+        # rank its weights and the lineage its parent; a resume loads its own checkpoint instead
+        self.init_source = init_from.pinned_source(cfg, self.dist) if cfg.init.from_ and tag is None else None
         self.log = print if self.dist.is_main else (lambda *a, **k: None)
         cache = load_data(cfg, self.dist)
         self.eos_id = int(cache.meta.get("eos_id", 2))  # document boundaries for data.doc_mask
@@ -137,7 +140,7 @@ class Trainer:
             self.run.write_start(cfg, self.ds_config)
             from scaletrain.train.run_lineage import RunLineage
 
-            self.lineage = RunLineage(cfg, self.run.path, cache)
+            self.lineage = RunLineage(cfg, self.run.path, cache, self.init_source)
             if self.stage:  # resumed after growth inside this run
                 self.lineage.grown(self.run.path / "growth" / f"stage{self.stage}", cfg)
             (self.run.path / "pids").mkdir(exist_ok=True)
@@ -165,8 +168,8 @@ class Trainer:
             from scaletrain.weights import load_into, open_weights
 
             load_into(model, open_weights(weights_from), "grown weights")
-        elif self.cfg.init.from_ and not checkpoint.tags_by_step(self.run.checkpoints):  # resuming beats init.from
-            weights_from = init_from.pinned_source(self.cfg, self.dist)  # a live run dir: one tag for all ranks
+        elif self.init_source is not None:  # init.from, not resuming
+            weights_from = self.init_source
             init_from.load_weights(model, weights_from)  # weights only: the optimizer below starts fresh
             # (unless `scaletrain grow --optimizer grow` wrote moments: install() below)
         if self.cfg.train.freeze:

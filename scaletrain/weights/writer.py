@@ -33,7 +33,7 @@ Spec = tuple[str, tuple, torch.dtype]
 
 def parse_size(text: str) -> int:
     """'2GB' -> 2e9 bytes (decimal units like Hugging Face; KiB/MiB/GiB are binary)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*((?:[KMGT]I?)?B?)\s*", text.upper())
     if not m:
         raise UserError(f"--max-shard-size '{text}' is not a size; use e.g. 2GB, 500MB or 1GiB")
     unit = m.group(2).rstrip("B")
