@@ -47,7 +47,8 @@ def run(a: argparse.Namespace) -> int:
     elif a.loss_memory:
         from scaletrain.bench.loss_memory import loss_memory_bench
 
-        report["loss_memory"] = loss_memory_bench(a.device, a.loss_chunk or 1024)
+        dtype = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[a.precision[0]]  # default bf16
+        report["loss_memory"] = loss_memory_bench(a.device, a.loss_chunk or 1024, dtype)
     else:
         from scaletrain.bench.run import training_bench
 
