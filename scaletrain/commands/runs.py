@@ -165,9 +165,8 @@ def pending_submission(run: Path, status_mtime: Optional[float]) -> Optional[str
         return None
 
 
-def current_job(run: Path) -> tuple[Optional[str], Optional[int], bool]:
-    """(job id, restart count, only submitted) of the run's newest SLURM job."""
-    status, status_mtime = _read_status(run)
+def current_job(run: Path, status: dict, status_mtime: Optional[float]) -> tuple[Optional[str], Optional[int], bool]:
+    """(job id, restart count, only submitted) of the run's newest SLURM job; `status` as `_read_status` gives it."""
     pending = pending_submission(run, status_mtime)
     if pending:
         return pending, None, True
@@ -209,7 +208,7 @@ def run_info(run: Path, queue: Optional[dict[str, str]] = None, now: Optional[fl
             and (status_mtime is None or tb["train/loss"][2] >= status_mtime - 1):
         step, loss = tb["train/loss"][0], tb["train/loss"][1]
     tps = tb.get("train/tokens_per_sec", (None, None, None))[1]
-    job, restarts, submitted = current_job(run)
+    job, restarts, submitted = current_job(run, status, status_mtime)
     if submitted:  # queued by `scaletrain submit`, no rank started yet
         written = "submitted"
     queue_state = queue.get(job) if queue is not None and job else None
@@ -268,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
     if not runs:
         print(f"no runs under {root} (a run dir holds status.json, written when training starts)")
         return 0
-    jobs = {job for r in runs if (job := current_job(r)[0])}
+    jobs = {job for r in runs if (job := current_job(r, *_read_status(r))[0])}
     queue = squeue_states(sorted(jobs))
     infos = [run_info(r, queue) for r in runs]
     if args.json:

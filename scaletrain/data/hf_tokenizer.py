@@ -27,11 +27,13 @@ def tokenizer_files(path: Path) -> list[Path]:
     return [path / f for f in TOKENIZER_FILES if (path / f).is_file()]
 
 
-def copy_tokenizer_files(src_dir: Path, dest: Path) -> None:
-    """An HF tokenizer directory's files (and nothing else) into a new directory `dest`."""
-    dest.mkdir()
-    for f in tokenizer_files(src_dir):
+def copy_tokenizer_files(src_dir: Path, dest: Path) -> list[Path]:
+    """An HF tokenizer directory's files (and nothing else) into the directory `dest`; returns the sources copied."""
+    dest.mkdir(exist_ok=True)
+    files = tokenizer_files(src_dir)
+    for f in files:
         shutil.copyfile(f, dest / f.name)
+    return files
 
 
 class HFTokenizer:

@@ -52,6 +52,10 @@ def _setter(engine) -> Callable[[torch.nn.Parameter, torch.Tensor, Optional[str]
     return zero
 
 
+def _is_classifier(engine) -> bool:
+    return getattr(getattr(engine.module, "shape", None), "num_labels", 0) > 0
+
+
 def _materialise_adam_state(engine, grad_accum: int) -> None:
     """One optimizer step with zero gradients at lr 0, so every Adam state tensor exists (collective). The
     engine's counters and lr schedule are left as they were: the step is bookkeeping, not training."""
@@ -62,8 +66,7 @@ def _materialise_adam_state(engine, grad_accum: int) -> None:
     sched = engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None
     counters = (engine.global_steps, engine.global_samples, engine.skipped_steps)
     ids = torch.zeros(1, 2, dtype=torch.long, device=next(engine.module.parameters()).device)
-    classifier = getattr(getattr(engine.module, "shape", None), "num_labels", 0) > 0
-    targets = ids[:, 0] if classifier else ids  # a classifier's target is one label per sequence
+    targets = ids[:, 0] if _is_classifier(engine) else ids  # a classifier's target is one label per sequence
     for _ in range(grad_accum):
         loss = engine(ids, targets)
         engine.backward(loss * 0.0)
@@ -91,8 +94,7 @@ def install(engine, source: Path, precision: str, grad_accum: int) -> None:
     moments = Path(source) / "optimizer"
     # Grown moments belong to a language model's parameters; a classifier started from one has a `score` head
     # instead of the LM head, so it starts with a fresh optimizer (as init.from does everywhere else).
-    classifier = getattr(getattr(engine.module, "shape", None), "num_labels", 0) > 0
-    has_moments = (moments / "state.json").is_file() and not classifier
+    has_moments = (moments / "state.json").is_file() and not _is_classifier(engine)
     if precision == "fp32" and not has_moments:
         return  # the module's fp32 weights are the masters already
     tied = getattr(getattr(engine.module, "shape", None), "tie_word_embeddings", False)

@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from scaletrain.data.hf_tokenizer import tokenizer_files
+from scaletrain.data.hf_tokenizer import copy_tokenizer_files
 from scaletrain.errors import UserError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
@@ -72,11 +72,8 @@ def write_hf_tokenizer(tokenizer: Path, out: Path, max_len: int, pad_with_eos: b
     `pad_with_eos` (classifiers, which pool at the last non-pad token): the tokenizer pads with EOS, the model
     config's pad_token_id, so `tokenizer(texts, padding=True)` batches the way the model reads them."""
     if tokenizer.is_dir():
-        copied = tokenizer_files(tokenizer)
-        if not copied:
+        if not copy_tokenizer_files(tokenizer, out):
             raise UserError(f"{tokenizer} holds no tokenizer files")
-        for f in copied:
-            shutil.copyfile(f, out / f.name)
         config = out / "tokenizer_config.json"
         if pad_with_eos and config.is_file():
             settings = json.loads(config.read_text())

@@ -15,7 +15,7 @@ from typing import Optional
 
 from scaletrain import lineage
 from scaletrain.config import Config
-from scaletrain.data.hf_tokenizer import copy_tokenizer_files
+from scaletrain.weights.checkpoint_dir import copy_tokenizer
 from scaletrain.weights.writer import combine_digests, tensor_digest
 
 
@@ -77,11 +77,7 @@ class RunLineage:
             return
         tmp = self.run / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        if tok.is_dir():
-            copy_tokenizer_files(tok, tmp)
-        else:
-            tmp.mkdir()
-            shutil.copyfile(tok, tmp / "tokenizer.model")
+        copy_tokenizer(tok, tmp)
         tmp.rename(dest)
 
     def record(self, tag_dir: Path, content_id: str, step: int, tokens: int, val_loss: Optional[float]) -> dict:

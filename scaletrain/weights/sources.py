@@ -110,8 +110,6 @@ def _open_checkpoint_dir(d: Path) -> WeightSource:
     return WeightSource(d, "checkpoint", cfg.model, cfg, checkpoint_tokenizer(d), read_lineage(d), d, wfiles.weight_files(d))
 
 
-
-
 def _open_hf_dir(d: Path) -> WeightSource:
     from scaletrain.hf.arch_map import import_plan, peeker
     from scaletrain.hf.config_map import read_hf_config
