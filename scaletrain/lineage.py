@@ -141,6 +141,9 @@ def tree_lines(path: str | Path, max_depth: int = 32) -> list[str]:
         # its parent's id (same tensors, same hash) yet is another node.
         key = (rec.get("id"), str(rec.get("path") or ref.get("path")))
         if key in seen or depth >= max_depth:
+            if rec.get("parents"):  # say why the walk stops here, so a cut tree does not read as the whole one
+                lines.append(detail + ("(loop: this record was already shown above; its parents are not repeated)"
+                                       if key in seen else f"(deeper than {max_depth} generations: parents not shown)"))
             return
         parents = rec.get("parents") or []
         for i, parent in enumerate(parents):

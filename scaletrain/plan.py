@@ -4,13 +4,15 @@ Shared by `scaletrain plan` (prints it) and the trainer (refuses, at start, a co
 fit the memory each rank has). Memory per rank, P parameters, D data-parallel ranks, e bytes per module
 element (2 in bf16/fp16, 4 in fp32):
 
-    params      P*e            (ZeRO-3: P*e/D + one gathered layer; zero.offload_param=cpu: in CPU memory)
+    params      P*e            (ZeRO-3: P*e/D + one gathered layer; zero.offload_param=cpu: the shards in CPU
+                               memory, the gathered layer still on the device)
     grads       P*e            (ZeRO-1/2/3: + their flat fp32 copy 4P/D for the step + the reduce bucket,
                                allocated whole: zero.reduce_bucket_size*e; ZeRO-2/3: P*e/D instead of P*e);
                                on CPU + 4P: the model is built in fp32 before DeepSpeed converts it, and
                                glibc keeps that memory (perf.tune_cpu_allocator)
     optimizer   12P            fp32 master copy (4P; none for ZeRO-0 fp32, whose weights are the masters)
-                               + Adam moments (8P); ZeRO-1/2/3: /D; zero.offload_optimizer=cpu: in CPU memory
+                               + Adam moments (8P); ZeRO-1/2/3: /D; zero.offload_optimizer=cpu: in CPU memory,
+                               with the flat fp32 gradient copy (4P/D) the CPU step reads
     activations what autograd keeps for one micro-batch: per layer and token about 12d + 4·kv + 4f elements
                 (norm inputs/outputs, q/k/v before and after RoPE, attention output, FFN gate/up/act/product),
                 heads·T scores per token and layer more with eager attention, fp32 logits (4 vocab-sized
@@ -103,12 +105,14 @@ def memory_per_rank(cfg: Config, ranks: int, device: str = "cpu") -> MemoryPlan:
     # (perf.tune_cpu_allocator): the peak keeps one fp32 copy. On GPU that copy lives in host memory.
     transient = 4 * P if device == "cpu" and not (z.stage == 0 and e == 4) else 0.0
     offloaded = 0.0
-    if z.offload_optimizer == "cpu":
-        offloaded += optimizer
+    if z.offload_optimizer == "cpu":  # the optimizer step runs on the CPU: its fp32 gradient partition lives there too
+        offloaded += optimizer + (4 * P / D if z.stage >= 1 else 0)
         optimizer = 0.0
-    if z.offload_param == "cpu":
-        offloaded += params
-        params = 0.0
+        grads -= 4 * P / D if z.stage >= 1 else 0
+    if z.offload_param == "cpu":  # the shards live in CPU memory; the layer being computed is still gathered here
+        gathered = (P / max(1, m.num_layers)) * e if z.stage == 3 else 0.0
+        offloaded += params - gathered
+        params = gathered
     return MemoryPlan(params, grads + transient, optimizer, activation_bytes(cfg),
                       RUNTIME_BYTES.get(device, RUNTIME_BYTES["cuda"]), offloaded)
 

@@ -155,4 +155,15 @@ def test_grow_cli_from_a_two_rank_zero3_run_dir(straight, cli, tmp_path):
                         "train.eval_every=0", "zero.stage=0", "growth.schedule=[]"], config=str(child / "config.yaml"))
     proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert json.loads((run / "lineage.json").read_text())["parents"][0]["kind"] == "grow"
+    parents = json.loads((run / "lineage.json").read_text())["parents"]
+    assert parents[0]["kind"] == "grow"
+    # the base model is deleted (a purged scratch dir): the same command, longer, resumes from the run's own
+    # checkpoint and tokenizer copy, with a warning, and the family tree keeps the parent it started from
+    shutil.rmtree(child)
+    cmd = train_cmd(1, [f"init.from={child}", f"run.dir={run}", "train.max_steps=3", "train.save_every=0",
+                        "train.eval_every=0", "zero.stage=0", "growth.schedule=[]"], config=str(run / "config.yaml"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "resuming" in proc.stderr and "from its own checkpoints" in proc.stderr, proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout and (run / "checkpoints" / "global_step3").is_dir()
+    assert json.loads((run / "lineage.json").read_text())["parents"] == parents

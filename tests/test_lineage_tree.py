@@ -27,6 +27,9 @@ def test_a_loop_of_records_ends(tmp_path):
     _write(b, "pre-train", "bbbb", [{"id": "aaaa", "kind": "pre-train", "path": str(a)}])
     lines = lineage.tree_lines(a)
     assert 2 <= sum(str(tmp_path) in ln for ln in lines) <= 3, lines
+    assert "(loop:" in lines[-1], lines
+    deep = lineage.tree_lines(a, max_depth=1)
+    assert "deeper than 1" in deep[-1] and "(loop:" not in "".join(deep), deep
 
 
 def test_a_parent_changed_since_is_flagged(tmp_path):

@@ -27,14 +27,26 @@ def _tag(root: Path, step: int, nbytes: int = 10) -> Path:
     return d
 
 
-def test_prune_keeps_newest_milestones_and_the_tag_just_written(tmp_path):
+def test_prune_keeps_newest_and_milestones(tmp_path):
     for s in range(1, 11):
         _tag(tmp_path, s)
     (tmp_path / ".tmp-global_step11").mkdir()
-    checkpoint.prune(tmp_path, keep_last=2, keep_every=4, protect="global_step3")
+    checkpoint.prune(tmp_path, keep_last=2, keep_every=4, protect="global_step10")
     left = sorted(s for s, _ in checkpoint.tags_by_step(tmp_path))
-    assert left == [3, 4, 8, 9, 10]
+    assert left == [4, 8, 9, 10]
     assert not (tmp_path / ".tmp-global_step11").exists()
+
+
+def test_prune_after_resuming_past_a_damaged_tag_keeps_the_good_one(tmp_path):
+    """Tag 300 failed to verify, so the run resumed from 200 and just saved 210: with keep_last=2 the tags kept
+    are 210 and 200 (a good fallback), not 210 and the damaged 300; 300 is left for step 300's save to replace."""
+    for s in (100, 200, 300):
+        _tag(tmp_path, s)
+    (tmp_path / "global_step300" / "w.pt").write_bytes(b"y" * 10)  # bit rot: the manifest no longer matches
+    _tag(tmp_path, 210)
+    checkpoint.prune(tmp_path, keep_last=2, protect="global_step210")
+    assert sorted(s for s, _ in checkpoint.tags_by_step(tmp_path)) == [200, 210, 300]
+    assert checkpoint.find_resumable(tmp_path, log=lambda m: None) == "global_step210"
 
 
 def test_prune_keeps_growth_boundaries(tmp_path):
@@ -93,8 +105,13 @@ def test_plan_counts_and_stage_arithmetic():
     assert p[3].params < p[2].params == p[1].params == 4 * P
     assert p[2].grads < p[1].grads
     assert p[0].activations == p[3].activations > 0
-    off = memory_per_rank(load_config(TINY_YAML, ["zero.stage=3", "zero.offload_optimizer=cpu", "zero.offload_param=cpu"]), 4, "cuda")
-    assert off.optimizer == 0 and off.params == 0 and off.offloaded > 0
+    off = memory_per_rank(load_config(TINY_YAML, ["train.precision=fp32", "zero.stage=3", "zero.offload_optimizer=cpu",
+                                                  "zero.offload_param=cpu"]), 4, "cuda")
+    # offloading moves bytes to CPU memory and loses none; the layer being computed is still gathered on the
+    # device, and the CPU optimizer step reads its fp32 gradient partition from CPU memory
+    assert off.optimizer == 0 and off.params == 4 * P / cfg.model.num_layers
+    assert off.grads == p[3].grads - 4 * P / 4
+    assert off.total + off.offloaded == pytest.approx(p[3].total)
 
 
 def test_training_refuses_a_config_that_cannot_fit(monkeypatch):
@@ -251,3 +268,24 @@ def test_growth_boundary_without_room_for_the_parent_checkpoint_is_one_line():
     trainer = SimpleNamespace(step=40, saved_step=20, dist=None, save=lambda: None, log=print)
     with pytest.raises(UserError, match="could not be written.*resumes from step 20"):
         in_run.grow(trainer, metrics=None)
+
+
+def test_verify_hashes_an_unchanged_tag_once_and_a_changed_one_again(tmp_path, monkeypatch):
+    """init.from is opened several times per start: a big checkpoint is hashed once per process. A file
+    rewritten since (new mtime) is hashed again and caught; a just-written tag is never remembered."""
+    import os
+
+    tag = _tag(tmp_path, 7)
+    hashed = []
+    real = checkpoint._sha256
+    monkeypatch.setattr(checkpoint, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    assert checkpoint.verify(tag) is None and checkpoint.verify(tag) is None
+    assert hashed == ["w.pt", "w.pt"], "files written within the last second are not remembered"
+    old = 1_000_000_000
+    for p in tag.iterdir():
+        os.utime(p, ns=(old, old))
+    hashed.clear()
+    assert checkpoint.verify(tag) is None and checkpoint.verify(tag) is None
+    assert hashed == ["w.pt"]
+    (tag / "w.pt").write_bytes(b"z" * 10)  # same size, new mtime
+    assert "does not match" in checkpoint.verify(tag)

@@ -64,6 +64,9 @@ SCRIPT = textwrap.dedent('''
             after = weights_id(engine.module, True)
             assert after != want, (precision, stage, "a step did not change the id")
             print("ok", precision, stage, got, after, flush=True)
+    import sys
+    # DeepSpeed's ZeRO check would import Muon, whose @torch.compile imports inductor (1.7 s a start): skipped
+    assert "torch._inductor.compile_fx" not in sys.modules, "a ZeRO engine for AdamW imported inductor"
 ''')
 
 
@@ -82,3 +85,22 @@ def test_shard_sizes_parse_or_fail_in_one_line():
     for bad in ("5i", "5IB", "2 GBs", "-1MB", "0"):
         with pytest.raises(UserError, match="--max-shard-size"):
             parse_size(bad)
+
+
+def test_writer_refuses_a_stream_that_disagrees_with_its_specs(tmp_path):
+    """The shards are planned from the specs before any tensor is read: a stream with a tensor the plan lacks
+    (or in another order) is an internal error, never a file that silently misses a weight."""
+    import torch
+
+    from scaletrain.weights.writer import write_safetensors
+
+    a, b = torch.ones(2, 3), torch.zeros(4)
+    specs = [("a", (2, 3), torch.float32)]
+    with pytest.raises(RuntimeError, match="after the last planned tensor"):
+        write_safetensors(tmp_path, specs, [("a", a), ("b", b)], 1 << 20, progress=False)
+    with pytest.raises(RuntimeError, match="out of order"):
+        write_safetensors(tmp_path, specs + [("b", (4,), torch.float32)], [("b", b), ("a", a)], 1 << 20, progress=False)
+    info = write_safetensors(tmp_path, specs, [("a", a)], 1 << 20, progress=False)
+    from safetensors.torch import load_file
+
+    assert info["files"] == ["model.safetensors"] and torch.equal(load_file(tmp_path / "model.safetensors")["a"], a)

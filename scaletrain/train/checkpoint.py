@@ -72,6 +72,15 @@ def write_manifest(tag_dir: Path, meta: dict) -> None:
     write_text_atomic(tag_dir / MANIFEST, json.dumps(body, indent=1))
 
 
+# tag dir -> stat signature of its manifest and files when they last verified. One start opens init.from several
+# times (config check, rank 0's pin, weights, lineage): a big checkpoint is hashed once per process, not each time.
+_VERIFIED: dict[Path, tuple] = {}
+
+
+def _signature(paths: list[Path]) -> tuple:
+    return tuple((str(p), st.st_size, st.st_mtime_ns, st.st_ino) for p in paths if (st := p.stat()))
+
+
 def verify(tag_dir: Path) -> Optional[str]:
     """None when every file matches the manifest, else a one-line reason."""
     mpath = tag_dir / MANIFEST
@@ -82,12 +91,21 @@ def verify(tag_dir: Path) -> Optional[str]:
         entries = [(str(rel), int(info["bytes"]), str(info["sha256"])) for rel, info in files.items()]
     except (ValueError, KeyError, TypeError, AttributeError):  # (JSON and Unicode errors are ValueErrors)
         return f"{mpath} is not a valid manifest"
+    missing = next((tag_dir / rel for rel, _, _ in entries if not (tag_dir / rel).is_file()), None)
+    if missing is not None:
+        return f"{missing} is missing"
+    key, signature = tag_dir.resolve(), _signature([mpath, *(tag_dir / rel for rel, _, _ in entries)])
+    if _VERIFIED.get(key) == signature:  # nothing was rewritten, replaced or resized since it verified
+        return None
+    started = time.time_ns()
     for rel, size, digest in entries:
         p = tag_dir / rel
-        if not p.is_file():
-            return f"{p} is missing"
         if p.stat().st_size != size or _sha256(p) != digest:
             return f"{p} does not match its sha256 in the manifest (corrupted or tampered)"
+    # remembered only when every file is older than a second: a rewrite within the file system's timestamp
+    # granularity could otherwise keep the same size and mtime ("racy git")
+    if max(mtime for _, _, mtime, _ in signature) < started - 1_000_000_000:
+        _VERIFIED[key] = signature
     return None
 
 
@@ -172,8 +190,14 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
 def prune(root: Path, keep_last: int, keep_every: int = 0, protect: Optional[str] = None,
           keep_steps: tuple[int, ...] = ()) -> None:
     """Delete all but the newest `keep_last` complete tags (and stale temp dirs); milestones (steps that are
-    multiples of `keep_every`), `keep_steps` and `protect` (the tag just written) stay."""
-    complete = [(s, t) for s, t in tags_by_step(root) if (root / t / MANIFEST).is_file()]
+    multiples of `keep_every`), `keep_steps` and `protect` (the tag just written) stay.
+    Tags newer than `protect` belong to a timeline this run abandoned (it resumed from an older tag because they
+    failed to verify, or `latest` never reached them): they neither count towards `keep_last` — a damaged newer
+    tag would otherwise push out the good one the run resumed from — nor are deleted; the run replaces each
+    when it reaches that step."""
+    newest = int(TAG_RE.match(protect).group(1)) if protect and TAG_RE.match(protect) else None
+    complete = [(s, t) for s, t in tags_by_step(root)
+                if (root / t / MANIFEST).is_file() and (newest is None or s <= newest)]
     for step, tag in complete[keep_last:]:
         if (keep_every and step % keep_every == 0) or step in keep_steps or tag == protect:
             continue

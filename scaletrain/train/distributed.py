@@ -69,11 +69,12 @@ def setup(threads: int = 0) -> Dist:
         from scaletrain.train.perf import tune_cpu_allocator
 
         tune_cpu_allocator()  # large activations were page-faulted afresh every step (see perf.py)
-    from scaletrain.train.extensions_dir import skip_cpu_shm_comm_op, use_private_extensions_dir
+    from scaletrain.train.extensions_dir import import_muon_lazily, skip_cpu_shm_comm_op, use_private_extensions_dir
 
     use_private_extensions_dir()  # before deepspeed JIT-builds any op
     import deepspeed
 
+    import_muon_lazily()
     if device.type == "cpu":
         skip_cpu_shm_comm_op()
 

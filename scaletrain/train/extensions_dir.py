@@ -1,5 +1,5 @@
-"""Where DeepSpeed JIT-builds its C++ ops (CPU Adam for optimizer offload), stale build locks, and the CPU
-comm op we skip.
+"""Where DeepSpeed JIT-builds its C++ ops (CPU Adam for optimizer offload), stale build locks, and the
+start-up costs of DeepSpeed we skip (its CPU comm op) or defer (compiling Muon).
 
 torch builds extensions under one directory per Python/torch version (`~/.cache/torch_extensions/py311_cpu`)
 whatever the venv. Two venvs then rebuild each other's op (the sources' paths differ) and wait on each other's
@@ -52,3 +52,47 @@ def skip_cpu_shm_comm_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # what DeepSpeed checks before building
+
+
+MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_lazily() -> None:
+    """Import DeepSpeed's Muon optimizer with its `@torch.compile` decorators deferred to the first call.
+
+    ZeRO imports Muon on every start (its optimizer check) and every gradient reduction (an isinstance test)
+    even for AdamW, and at import Muon's decorators import inductor: 1.7 s per process measured on the 2-core
+    dev machine, on each start of a run that compiles nothing. Imported here first, each decorated function
+    compiles when it is first called, as it would have on that call anyway."""
+    if MUON in sys.modules:
+        return
+    import functools
+    import importlib
+
+    try:
+        from deepspeed.runtime import compiler
+    except ImportError:
+        return
+    eager_compile = compiler.compile
+
+    def deferred_compile():
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                compiled = compiled or eager_compile()(fn)
+                return compiled(*args, **kwargs)
+
+            return call
+
+        return decorate
+
+    compiler.compile = deferred_compile
+    try:
+        importlib.import_module(MUON)
+    except ImportError:  # a DeepSpeed without Muon: nothing to defer
+        pass
+    finally:
+        compiler.compile = eager_compile

@@ -31,7 +31,9 @@ def resolve(cfg: Config, warn=lambda msg: print(msg, file=sys.stderr)) -> Config
     try:
         src = open_weights(cfg.init.from_)
     except UserError as e:
-        raise UserError(f"init.from: {e}") from None
+        if not _has_checkpoints(cfg):
+            raise UserError(f"init.from: {e}") from None
+        return _resume_without_source(cfg, str(e), warn)
     diffs = [f"model.{k}: checkpoint {getattr(src.model, k)}, config {getattr(cfg.model, k)}"
              for k in SHAPE_KEYS if getattr(src.model, k) != getattr(cfg.model, k)]
     if diffs:
@@ -43,6 +45,33 @@ def resolve(cfg: Config, warn=lambda msg: print(msg, file=sys.stderr)) -> Config
     if cfg.data.tokenizer is None and src.tokenizer is not None:
         cfg = cfg.model_copy(deep=True)
         cfg.data.tokenizer = str(src.tokenizer.resolve())
+    return cfg
+
+
+def _has_checkpoints(cfg: Config) -> bool:
+    """Whether run.dir already holds a saved tag (then a start resumes it and needs no init.from weights)."""
+    from scaletrain.train import checkpoint
+
+    root = Path(cfg.run.dir).expanduser() / "checkpoints"
+    return any((root / tag / checkpoint.MANIFEST).is_file() for _, tag in checkpoint.tags_by_step(root))
+
+
+def _resume_without_source(cfg: Config, problem: str, warn) -> Config:
+    """A fine-tune whose base model was deleted (a purged scratch dir, a requeue days later) still resumes: its
+    checkpoints hold every weight, and the run dir keeps a copy of the tokenizer the data was tokenised with."""
+    from scaletrain.weights.sources import checkpoint_tokenizer
+
+    run_dir = Path(cfg.run.dir).expanduser()
+    warn(f"warning: init.from: {problem}; resuming {run_dir} from its own checkpoints (they hold all the weights)")
+    source = Path(cfg.init.from_).expanduser().absolute()
+    named = Path(cfg.data.tokenizer).expanduser().absolute() if cfg.data.tokenizer else None
+    if named is None or (not named.exists() and {source, source.resolve()} & set(named.parents)):  # (run.dir/config.yaml names the source's)
+        tok = checkpoint_tokenizer(run_dir)
+        if tok is None:
+            raise UserError(f"init.from: {problem}, and run.dir {run_dir} has no tokenizer/ copy to resume with; "
+                            f"restore init.from or set data.tokenizer to the tokenizer the run was trained with")
+        cfg = cfg.model_copy(deep=True)
+        cfg.data.tokenizer = str(tok.resolve())
     return cfg
 
 

@@ -15,6 +15,7 @@ from typing import Optional
 
 from scaletrain import lineage
 from scaletrain.config import Config
+from scaletrain.errors import UserError
 from scaletrain.weights.checkpoint_dir import copy_tokenizer
 from scaletrain.weights.writer import combine_digests, tensor_digest
 
@@ -49,9 +50,16 @@ class RunLineage:
 
             from scaletrain.weights.checkpoint_dir import source_parent
 
-            src = open_weights(init_source or cfg.init.from_)
             earlier = lineage.read(self.run)  # a resumed fine-tune keeps the parent it started from
             resumed = init_source is None and earlier is not None and earlier.get("kind") == "fine-tune"
+            try:
+                src = open_weights(init_source or cfg.init.from_)
+            except UserError:
+                if not resumed:
+                    raise
+                # the parent was deleted since (init_from.resolve warned): its record and diff stay as written
+                self.parents, self.diff = earlier.get("parents") or [], earlier.get("config_diff") or {}
+                return
             self.parents = earlier["parents"] if resumed and earlier.get("parents") else [source_parent(src)]
             parent_config = src.config.to_dict() if src.config is not None else {"model": src.model.model_dump(mode="json")}
         self.diff = lineage.config_diff(parent_config, cfg.to_dict())

@@ -121,6 +121,9 @@ def write_safetensors(out_dir: Path, specs: list[Spec], tensors: Iterable[tuple[
             f.flush()
             os.fsync(f.fileno())
     bar.close()
+    extra = next(it, None)
+    if extra is not None:  # a tensor the specs did not plan would otherwise be left out of the files silently
+        raise RuntimeError(f"tensor stream has {extra[0]} after the last planned tensor; specs and tensors disagree")
     if n > 1:
         weight_map = {name: fname for shard, fname in zip(shards, names) for name, _, _ in shard}
         (out_dir / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
