@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -87,11 +87,14 @@ def val_batches(src, seq_len: int, batch: int) -> Iterator[tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def evaluate(model, batches) -> dict:
-    """{"loss": mean CE over counted tokens, "ppl": exp(loss), "tokens": counted tokens}."""
+def evaluate(model, batches, doc_eos: Optional[int] = None) -> dict:
+    """{"loss": mean CE over counted tokens, "ppl": exp(loss), "tokens": counted tokens}. `doc_eos`: the EOS id
+    of a model trained with data.doc_mask, whose tokens then attend within their own document, as in training."""
+    from scaletrain.model.docmask import document_ids
+
     total, count = 0.0, 0
     for x, y in batches:
-        logits = model(x).float()
+        logits = (model(x) if doc_eos is None else model(x, doc_ids=document_ids(x, doc_eos))).float()
         total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((y != IGNORE_INDEX).sum())
     if count == 0:

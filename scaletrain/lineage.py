@@ -84,7 +84,7 @@ def dumps(record: dict) -> str:
 
 
 def write(directory: Path, record: dict) -> None:
-    from scaletrain.train.checkpoint import write_text_atomic
+    from scaletrain.durable import write_text_atomic
 
     write_text_atomic(Path(directory) / LINEAGE, dumps(record))
 

@@ -153,8 +153,9 @@ def check_fits(cfg: Config, log=None) -> None:
         return
     import torch
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    e = os.environ  # before setup(): under `--launcher openmpi` only mpirun's variables are set yet
+    world = int(e.get("WORLD_SIZE", e.get("OMPI_COMM_WORLD_SIZE", "1")))
+    local = int(e.get("LOCAL_SIZE", e.get("LOCAL_WORLD_SIZE", e.get("OMPI_COMM_WORLD_LOCAL_SIZE", world))))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = memory_per_rank(cfg, world, device)
     have, what = device_memory(device, local)

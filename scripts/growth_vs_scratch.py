@@ -71,6 +71,8 @@ def train(name: str, run_dir: Path, overrides: list[str], log: Path) -> float:
     if record.is_file() and json.loads(record.read_text()) != overrides:
         raise SystemExit(f"error: {run_dir} holds a run made with other settings; delete it (or use another --out) "
                          "to run these")
+    if not record.is_file() and run_dir.exists() and any(run_dir.iterdir()):  # someone else's run: never resumed here
+        raise SystemExit(f"error: {run_dir} exists and was not made by this script; use another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(overrides, indent=1))
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}

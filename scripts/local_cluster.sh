@@ -52,6 +52,9 @@ healthy() {   # every host: namespace, live sshd, passwordless ssh
 }
 
 make_keys() {
+  if [[ -d $DIR && ! -e $DIR/id_ed25519 && -n $(ls -A "$DIR") ]]; then  # `down` deletes $DIR: never someone's dir
+    echo "local_cluster: $DIR exists and is not ours; set SCALETRAIN_CLUSTER_DIR to a new directory" >&2; exit 2
+  fi
   mkdir -p "$DIR" && chmod 700 "$DIR"
   ssh-keygen -q -t ed25519 -N '' -C scaletrain-cluster -f "$DIR/id_ed25519"
   cp "$DIR/id_ed25519.pub" "$DIR/authorized_keys"   # sshd reads it from here: root's ~/.ssh stays untouched
@@ -178,7 +181,7 @@ down() {
   ip link show "$BR" >/dev/null 2>&1 && ip link del "$BR"
   rm -f "$SSH_CONF"
   if [[ -e $DIR/created-pdsh-default ]]; then rm -f "$PDSH_DEFAULT"; rmdir "$(dirname "$PDSH_DEFAULT")" 2>/dev/null || true; fi
-  rm -rf "$DIR"
+  [[ -e $DIR/id_ed25519 || ! -e $DIR ]] && rm -rf "$DIR"   # only the dir `up` made (its key marks it)
   log "down"
 }
 

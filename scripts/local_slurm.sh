@@ -82,6 +82,9 @@ PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 CONF
 )
   if [[ -f $CONF ]] && ! grep -qF "$MARK" "$CONF"; then
+    if [[ -f $CONF.scaletrain-orig ]]; then  # an earlier original is kept: this one goes beside it, dated
+      mv "$CONF.scaletrain-orig" "$CONF.scaletrain-orig.$(date +%Y%m%d%H%M%S)"
+    fi
     mv "$CONF" "$CONF.scaletrain-orig"
     log "moved the existing $CONF to $CONF.scaletrain-orig (restored by down)" >&2
   fi

@@ -147,6 +147,21 @@ def test_doc_mask_training_gradients_match_eager():
     assert all(max_diff(a, b) <= FP32_TOL for a, b in zip(grads["eager"][1], grads["sdpa"][1]))
 
 
+def test_eval_of_a_doc_mask_model_masks_as_training_did():
+    """`scaletrain eval` of a model trained with data.doc_mask scores each window as the trainer's val/loss did:
+    within documents (the model's own masked loss is the reference); unmasked it scores another condition."""
+    from scaletrain.evaluate import evaluate
+
+    tokens = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(5))
+    tokens[0, 9], tokens[0, 25], tokens[1, 30] = 2, 2, 2
+    targets = torch.roll(tokens, -1, dims=1)
+    model = tiny_model("sdpa", seed=2).eval()
+    with torch.no_grad():
+        trained_as = model(tokens, targets, doc_ids=document_ids(tokens, 2)).item()
+    assert abs(evaluate(model, [(tokens, targets)], doc_eos=2)["loss"] - trained_as) <= FP32_TOL
+    assert abs(evaluate(model, [(tokens, targets)])["loss"] - trained_as) > 1e-3
+
+
 @cuda
 @pytest.mark.parametrize("backend", ["sdpa", "flash", "flex"])
 @pytest.mark.parametrize("doc", [False, True])

@@ -20,7 +20,7 @@ import torch
 
 from launch_utils import run_cli
 from malicious import fix_manifest, self_check, write_classic, write_dotted
-from test_bad_input_cli import TINY_YAML, _good_data, _write, snapshot, train
+from test_bad_input_cli import TINY_YAML, _good_data, _write, prep, snapshot, train
 
 TAG = Path("checkpoints") / "global_step1"
 MODEL_FILE, OPTIM_FILE = "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -236,6 +236,18 @@ def c_export_existing_out(tmp, base):
 
 def c_export_missing_out(tmp, base):
     return ["export-hf", str(base / "run")], "--out"
+
+
+def c_prompt_completion_without_tokenizer(tmp, base):
+    """Examples are no running text to learn a vocabulary from (it said: no 'text' field)."""
+    _write(tmp / "pc.jsonl", '{"prompt": "2+2=", "completion": "4"}\n' * 20)
+    return prep(tmp, f"data.source={tmp / 'pc.jsonl'}", "data.format=prompt_completion"), \
+        ("data.format=prompt_completion needs a tokenizer", "data.tokenizer")
+
+
+def c_bench_out_in_a_missing_folder(tmp, base):
+    """Checked before the benchmark runs (minutes), not when its JSON is written."""
+    return ["bench", "--precision", "fp32", "--out", str(tmp / "results" / "bench.json")], ("--out", "writable folder")
 
 
 def c_plan_gpus_zero(tmp, base):

@@ -1,7 +1,7 @@
 """`train.compile`: checkpoints carry the eager model's names, so compiled and eager runs resume from
 each other and export works from either. The runs also exercise train.loss_chunk and data.doc_mask.
 
-A run is interrupted (SIGUSR1) right after its first checkpoint and resumed with compile switched;
+A run is interrupted (SIGUSR1) after a checkpoint and resumed with compile switched, twice (off, on, off);
 its loss curve must follow a straight eager run's (fp32; inductor reorders float ops, so "follow"
 means within 1e-3 relative, not bit-exact).
 """
@@ -66,38 +66,52 @@ def runs(tmp_path_factory):
     return root, base, tb_scalars(straight, "train/loss")
 
 
-def _interrupt_after_first_checkpoint(overrides: list[str], run_dir) -> int:
+def _latest_step(run_dir) -> int:
+    latest = run_dir / "checkpoints" / "latest"
+    return int(latest.read_text().removeprefix("global_step")) if latest.exists() else 0
+
+
+def _interrupt_after_a_new_checkpoint(overrides: list[str], run_dir) -> int:
+    """Start, stop (SIGUSR1) once a checkpoint newer than the run's last one is written; the step it stopped at."""
+    before = _latest_step(run_dir)
     proc = start_training(1, overrides)
-    assert wait_for((run_dir / "checkpoints" / "latest").exists, timeout=300), proc.communicate()[0][-3000:]
+    assert wait_for(lambda: _latest_step(run_dir) > before, timeout=300), proc.communicate()[0][-3000:]
     signal_ranks(run_dir)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "preempted" and status["step"] < STEPS, status
+    assert status["state"] == "preempted" and before < status["step"] < STEPS, status
+    assert ("resumed from" in out) == bool(before), out[-3000:]
     return status["step"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("first,then", [(True, False), (False, True)], ids=["compiled-then-eager", "eager-then-compiled"])
-def test_resume_across_compile_on_and_off(runs, first, then):
+def test_resume_across_compile_off_on_off_and_export_of_the_compiled_part(runs):
+    """eager -> (stop, resume compiled) -> (stop, resume eager): the curve follows the straight run; the
+    compiled part's checkpoint holds the eager names, and its export equals DeepSpeed's own reading of it."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from hf_fixtures import tensors_of
+    from launch_utils import run_cli
+
     root, base, expected = runs
-    d = root / f"switch-{first}"
-    stopped = _interrupt_after_first_checkpoint([*base, f"train.compile={str(first).lower()}", f"run.dir={d}"], d)
-    if first:  # the compiled run's checkpoint holds plain parameter names
-        states = torch.load(d / "checkpoints" / f"global_step{stopped}" / "mp_rank_00_model_states.pt",
-                            map_location="cpu", weights_only=False)
-        names = list(states["module"])
-        shape = LlamaShape.from_config(load_config(REPO / "configs/tiny.yaml", [*TINY]).model)
-        assert names == list(LlamaForCausalLM(shape).state_dict()) and not any("_orig_mod" in n for n in names)
-    proc = run_training(1, [*base, f"train.compile={str(then).lower()}", f"run.dir={d}"], timeout=600)
-    assert f"resumed from {d / 'checkpoints' / f'global_step{stopped}'}" in proc.stdout
+    d = root / "switch"
+    stopped = _interrupt_after_a_new_checkpoint([*base, "train.compile=false", f"run.dir={d}"], d)
+    compiled_at = _interrupt_after_a_new_checkpoint([*base, "train.compile=true", f"run.dir={d}"], d)
+    tag = d / "checkpoints" / f"global_step{compiled_at}"
+    names = list(torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"])
+    shape = LlamaShape.from_config(load_config(REPO / "configs/tiny.yaml", [*TINY]).model)
+    assert names == list(LlamaForCausalLM(shape).state_dict()) and not any("_orig_mod" in n for n in names)
+    rc, out, err = run_cli("export-hf", str(tag), "--out", str(root / "hf-compiled"), timeout=300)
+    assert rc == 0, err[-2000:]
+    oracle = get_fp32_state_dict_from_zero_checkpoint(str(d / "checkpoints"), tag=tag.name)
+    exported = tensors_of(root / "hf-compiled")
+    assert exported and set(exported) <= set(oracle)
+    assert all(torch.equal(v, oracle[k].to(v.dtype)) for k, v in exported.items())
+
+    proc = run_training(1, [*base, "train.compile=false", f"run.dir={d}"], timeout=600)
+    assert f"resumed from {tag}" in proc.stdout
     got = tb_scalars(d, "train/loss")
     assert sorted(got) == list(range(1, STEPS + 1))
     for step, loss in expected.items():
-        assert got[step] == pytest.approx(loss, rel=1e-3), f"step {step} (stopped at {stopped})"
-    if then:  # export from a run that ended compiled
-        from launch_utils import run_cli
-
-        rc, out, err = run_cli("export-hf", str(d), "--out", str(root / f"hf-{first}"), timeout=300)
-        assert rc == 0, err[-2000:]
-        assert (root / f"hf-{first}" / "config.json").is_file()
+        assert got[step] == pytest.approx(loss, rel=1e-3), f"step {step} (stopped at {stopped}, {compiled_at})"

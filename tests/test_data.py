@@ -4,6 +4,7 @@ cache reuse, local txt/jsonl/parquet sources, and the window sampler's world-siz
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -211,7 +212,25 @@ def test_cache_is_reused_without_rebuilding(cache, corpus, data_cache_dir, monke
     again = prepare_data(cfg_for(corpus, data_cache_dir), progress=False)
     assert again.dir == cache.dir and again.meta == cache.meta
     assert file_state(cache.dir) == before  # nothing rewritten (mtimes, sizes, bytes)
-    assert not [p for p in data_cache_dir.iterdir() if p.name.startswith(".tmp")], "temp dirs left behind"
+    assert not [p for p in data_cache_dir.iterdir() if ".tmp" in p.name], "temp dirs left behind"
+
+
+def test_a_damaged_cache_is_a_one_line_error_not_a_silent_reuse(corpus, tmp_path):
+    """A cache whose train.bin was cut short (a crash before it reached the disk, a full disk) is refused with
+    the fix, and so is a cache dir without meta.json; a concurrent build's temp dir is left alone."""
+    cfg = cfg_for(corpus, tmp_path / "cache")
+    cache = prepare_data(cfg, progress=False)
+    other_job = cache.dir.with_name(f".{cache.dir.name}.tmp-otherhost-{os.getpid()}-abcd")
+    other_job.mkdir()
+    bin_ = cache.dir / "train.bin"
+    with open(bin_, "r+b") as f:
+        f.truncate(bin_.stat().st_size // 2)
+    with pytest.raises(UserError, match=r"is damaged: train.bin holds .* delete that directory"):
+        prepare_data(cfg, progress=False)
+    (cache.dir / "meta.json").unlink()
+    with pytest.raises(UserError, match="has no meta.json"):
+        prepare_data(cfg, progress=False)
+    assert other_job.is_dir(), "another build's temp dir was deleted"
 
 
 def test_different_vocab_gets_its_own_cache(cache, corpus, data_cache_dir):
@@ -428,23 +447,17 @@ def test_global_batch_same_for_any_world_and_accum(micro):
 
 
 def test_eval_windows_same_for_any_world():
-    for num_windows, total in [(100, 8), (5, 8), (1, 3), (64, 64), (1000, 7)]:
-        ref = eval_window_ids(num_windows, total, 0, 1).tolist()
-        assert len(ref) == min(total, num_windows) == len(set(ref))
-        assert all(0 <= w < num_windows for w in ref)
-        for world in (2, 3, 4):
-            parts = [eval_window_ids(num_windows, total, r, world).tolist() for r in range(world)]
-            assert sorted(sum(parts, [])) == sorted(ref), (num_windows, total, world)
+    """The val set does not depend on the world size (8 windows of 100 on 3 ranks: the same 8, not 6 others)."""
+    from scaletrain.data.sampler import eval_window_count
 
+    for num_windows, requested in [(100, 8), (5, 8), (1, 3), (64, 64), (1000, 7), (100, 1)]:
+        total = eval_window_count(requested, num_windows)
+        assert total == min(requested, num_windows)
+        ref, real = eval_window_ids(num_windows, total, 0, 1)
+        ref = ref.tolist()
+        assert real == len(ref) == total == len(set(ref)) and all(0 <= w < num_windows for w in ref)
+        for world in (2, 3, 4, 6):
+            parts = [eval_window_ids(num_windows, total, r, world) for r in range(world)]
+            assert sorted(sum((ids[:n].tolist() for ids, n in parts), [])) == sorted(ref), (num_windows, total, world)
+            assert len({len(ids) for ids, _ in parts}) == 1, "every rank runs the same number of forwards"
 
-def test_eval_window_count_gives_every_rank_the_same_number_of_forwards():
-    from scaletrain.data.sampler import eval_window_count, eval_window_ids
-
-    assert eval_window_count(32, 1000, 2) == 32
-    assert eval_window_count(1, 1000, 4) == 4  # at least one window per rank
-    assert eval_window_count(32, 5, 2) == 4  # a small split: a multiple of the world size
-    assert eval_window_count(32, 1, 2) == 0  # fewer windows than ranks: validation is skipped
-    for world in (1, 2, 3):
-        total = eval_window_count(7, 10, world)
-        counts = {len(eval_window_ids(10, total, r, world)) for r in range(world)}
-        assert len(counts) == 1

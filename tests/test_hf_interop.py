@@ -245,7 +245,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, hf_dir, imported):
         assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: {stderr!r}"
         assert word.lower() in lines[0].lower(), f"{name}: {lines[0]}"
         assert not out.exists(), f"{name}: {out} was created"
-        assert not list(tmp_path.glob(".out-*")), f"{name}: temp dir left behind"
+    # no temp dir left beside any output (staged outputs are hidden siblings named .<out>.tmp-...)
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name], "temp dir left behind"
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["keep.txt"]  # --out that existed: untouched
     assert (tmp_path / "full" / "keep.txt").read_text() == "precious"
 
 

@@ -64,3 +64,37 @@ def test_prepare_prompt_completion_cache(tmp_path):
         targets = [t for t in row_y if t != IGNORE_INDEX]
         assert targets[-1] == tok.eos_id and tok.decode(targets[:-1]) == by_prompt[prompt]  # completion only
     assert cache.stream("val", 32, 0, required=False).num_windows == cache.meta["docs"]["val"]
+
+
+@pytest.mark.slow
+def test_how_the_batch_is_split_does_not_change_the_step(tmp_path, data_cache_dir):
+    """Windows count different numbers of completion tokens. Weighted per token, one micro-batch of 2 windows and
+    two micro-batches of 1 (grad_accum 2) take the same steps: same logged loss, the per-token mean (a mean of
+    per-micro-batch means would differ at the first step already)."""
+    import sysconfig
+    from pathlib import Path
+
+    from launch_utils import TINY, run_training, tb_scalars
+
+    stdlib = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:60]
+    data = tmp_path / "pc.jsonl"
+    with open(data, "w") as f:
+        for i, p in enumerate(stdlib):  # completions of 8 to 150 characters: a few to ~40 tokens
+            f.write(json.dumps({"prompt": f"# {p.stem}\n", "completion": p.read_text(errors="replace")[: 8 + (i * 37) % 143]}) + "\n")
+    from launch_utils import small_corpus
+
+    from scaletrain.data.prepare import prepare_data
+
+    text = prepare_data(load_config("configs/tiny.yaml", [*TINY, f"data.source={small_corpus(tmp_path / 'corpus')}",
+                                                          f"data.cache_dir={data_cache_dir}"]), progress=False)
+    common = [*TINY, f"data.source={data}", "data.format=prompt_completion", f"data.cache_dir={data_cache_dir}",
+              f"data.tokenizer={text.tokenizer_path}", "train.precision=fp32", "zero.stage=0", "train.max_steps=3",
+              "train.save_every=0"]
+    losses = []
+    for name, mbs, accum in (("whole", 2, 1), ("split", 1, 2)):
+        run_training(1, [*common, f"run.dir={tmp_path / name}", f"train.micro_batch_size={mbs}", f"train.grad_accum={accum}"])
+        losses.append(tb_scalars(tmp_path / name, "train/loss"))
+    whole, split = losses
+    assert sorted(whole) == sorted(split) == [1, 2, 3]
+    for step in whole:
+        assert abs(whole[step] - split[step]) <= 1e-5 * abs(whole[step]), (step, whole, split)

@@ -289,3 +289,24 @@ def test_verify_hashes_an_unchanged_tag_once_and_a_changed_one_again(tmp_path, m
     assert hashed == ["w.pt"]
     (tag / "w.pt").write_bytes(b"z" * 10)  # same size, new mtime
     assert "does not match" in checkpoint.verify(tag)
+
+
+def test_a_resume_with_another_tokenizer_is_refused(tmp_path):
+    """The run dir's tokenizer copy is what export/eval/generate use: a resume whose data now gets another
+    tokenizer (data.source changed, data.tokenizer unset: a new one is trained) is refused with the fix; a
+    copy left by a start that saved nothing is replaced. (Rank 0 checks it alone; test_main_rank_does.py shows its
+    error reaching every rank.)"""
+    from scaletrain.train.run_lineage import check_tokenizer
+
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    (run / "tokenizer").mkdir(parents=True)
+    (run / "tokenizer" / "tokenizer.model").write_bytes(b"the run's pieces")
+    cache.mkdir()
+    (cache / "tokenizer.model").write_bytes(b"the run's pieces")
+    check_tokenizer(run, cache / "tokenizer.model", resuming=True)  # the same: fine
+    (cache / "tokenizer.model").write_bytes(b"other pieces")
+    with pytest.raises(UserError, match=rf"another tokenizer .* data.tokenizer={run / 'tokenizer' / 'tokenizer.model'}"):
+        check_tokenizer(run, cache / "tokenizer.model", resuming=True)
+    assert (run / "tokenizer" / "tokenizer.model").read_bytes() == b"the run's pieces"
+    check_tokenizer(run, cache / "tokenizer.model", resuming=False)
+    assert not (run / "tokenizer").exists()

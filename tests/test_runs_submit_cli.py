@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -201,6 +202,15 @@ def test_submit_bad_time_missing_tools_unreachable(tmp_path):
     one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=gres)[::2], "use --gpus-per-node 0")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["submit.sbatch"]
     assert (tmp_path / "run" / "submit.sbatch").read_text() == "the script of an earlier job\n"   # kept as it was
+
+
+def test_sbatch_that_does_not_answer_keeps_the_script_it_may_run(tmp_path, monkeypatch):
+    """A timeout (or Ctrl-C) leaves open whether SLURM queued the job: nothing is rolled back, the user is told
+    to look before submitting again."""
+    monkeypatch.setenv("SCALETRAIN_SBATCH_TIMEOUT", "1")
+    slow = _fake_bin(tmp_path, scontrol='echo "Slurmctld(primary) at ctl is UP"', sbatch=f"exec {shutil.which('sleep')} 5")
+    one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=slow)[::2], "may still have been queued")
+    assert (tmp_path / "run" / "submit.sbatch").is_file()
 
 
 def test_submit_prints_job_run_dir_and_tensorboard(tmp_path):

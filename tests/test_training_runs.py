@@ -25,17 +25,17 @@ def _curve(run_dir: Path, tag: str = "train/loss") -> dict[int, float]:
     return tb_scalars(run_dir, tag)
 
 
-def test_data_parallel_parity_zero_0_to_3(base, tmp_path):
+def test_data_parallel_parity_zero_0_and_2(base, tmp_path):
     """2 ranks x 1 micro-batch must equal 1 rank x 2 accumulated micro-batches: same global batch,
-    so the same loss and grad-norm at every step, for every ZeRO stage (catches silent all-reduce /
-    ZeRO-3 gather bugs of DeepSpeed on gloo)."""
+    so the same loss and grad-norm at every step (catches silent all-reduce bugs of DeepSpeed on gloo).
+    ZeRO-1 and ZeRO-3 (gathers) are checked the same way in test_variants_runs.py, with other architectures."""
     steps = ["train.max_steps=5", "train.precision=fp32", "train.save_every=0"]
     ref_dir = tmp_path / "ref"
     run_training(1, [*base, *steps, f"run.dir={ref_dir}", "zero.stage=0", "train.grad_accum=2"])
     ref_loss, ref_grad = _curve(ref_dir), _curve(ref_dir, "train/grad_norm")
     assert sorted(ref_loss) == [1, 2, 3, 4, 5]
     assert ref_loss[5] < ref_loss[1]
-    for stage in (0, 1, 2, 3):
+    for stage in (0, 2):
         d = tmp_path / f"z{stage}"
         run_training(2, [*base, *steps, f"run.dir={d}", f"zero.stage={stage}", "train.grad_accum=1"])
         loss, grad = _curve(d), _curve(d, "train/grad_norm")
@@ -87,7 +87,7 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sig):
     assert status["state"] == "preempted" and 4 <= status["step"] < 40, status
     stopped_at = status["step"]
 
-    proc = run_training(ranks, [*common, f"run.dir={resumed}"], launcher="deepspeed")
+    proc = run_training(ranks, [*common, f"run.dir={resumed}"])  # (the launcher is not what this part tests)
     assert f"resumed from {resumed / 'checkpoints' / f'global_step{stopped_at}'}" in proc.stdout
     got = _curve(resumed)
     assert sorted(got) == sorted(expected) == list(range(1, 41))

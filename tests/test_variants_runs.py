@@ -36,9 +36,11 @@ def test_two_ranks_equal_one_and_resume_is_exact(base, tmp_path, switches, stage
     args = [*common, f"run.dir={run}", f"zero.stage={stage}", "train.save_every=2"]
     run_training(2, args)
     expected, got = tb_scalars(ref, "train/loss"), tb_scalars(run, "train/loss")
+    ref_grad, grad = tb_scalars(ref, "train/grad_norm"), tb_scalars(run, "train/grad_norm")
     assert sorted(got) == [1, 2, 3, 4] and got[4] < got[1]
     for s in expected:
         assert got[s] == pytest.approx(expected[s], rel=2e-5), f"ZeRO-{stage} loss differs at step {s}"
+        assert grad[s] == pytest.approx(ref_grad[s], rel=1e-4), f"ZeRO-{stage} grad-norm differs at step {s}"
     # resume: drop the last checkpoint, run the same command again -> steps 3, 4 are recomputed identically
     shutil.rmtree(run / "checkpoints" / "global_step4")
     proc = run_training(2, args)

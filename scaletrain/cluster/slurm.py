@@ -214,6 +214,9 @@ def submit_keeping_previous(o: SubmitOptions, text: str) -> tuple[str, Path]:
     try:
         path = write_script(o, text)
         job = submit(path)
+    except MaybeQueued:  # the job may run this script: keep it, and everything around it
+        previous.unlink(missing_ok=True)
+        raise
     except BaseException:
         script.unlink(missing_ok=True)
         if previous.exists():
@@ -223,6 +226,10 @@ def submit_keeping_previous(o: SubmitOptions, text: str) -> tuple[str, Path]:
         raise
     previous.unlink(missing_ok=True)
     return job, path
+
+
+class MaybeQueued(UserError):
+    """sbatch did not answer (or was interrupted): SLURM may have queued the job all the same."""
 
 
 def _sbatch() -> str:
@@ -312,19 +319,28 @@ def check_run_dir_free(run_dir: str | Path, timeout: float = 20) -> None:
 
 
 def record_submission(run_dir: str | Path, job: str, script: Path) -> None:
-    from scaletrain.train.checkpoint import write_text_atomic
+    from scaletrain.durable import write_text_atomic
 
     write_text_atomic(Path(run_dir) / SUBMITTED, json.dumps(
         {"job": job, "script": str(script), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
 
 
-def submit(script_path: str | Path, timeout: float = 120) -> str:
-    """`sbatch --parsable script`; returns the job id."""
+def submit(script_path: str | Path, timeout: float | None = None) -> str:
+    """`sbatch --parsable script`; returns the job id. Waits SCALETRAIN_SBATCH_TIMEOUT seconds (default 120)."""
+    exe = _sbatch()
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get("SCALETRAIN_SBATCH_TIMEOUT", "120"))
+        except ValueError:
+            raise UserError("SCALETRAIN_SBATCH_TIMEOUT must be a number of seconds, e.g. 300") from None
+    check = "check `squeue --me` before submitting again (a second job would share the run dir)"
     try:
-        proc = subprocess.run([_sbatch(), "--parsable", str(script_path)], capture_output=True, text=True,
-                              timeout=timeout)
+        proc = subprocess.run([exe, "--parsable", str(script_path)], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise UserError(f"SLURM not reachable: sbatch did not answer in {timeout:.0f} s") from None
+        raise MaybeQueued(f"SLURM not reachable: sbatch did not answer in {timeout:.0f} s; the job may still have "
+                          f"been queued: {check}") from None
+    except KeyboardInterrupt:
+        raise MaybeQueued(f"interrupted while sbatch ran; the job may have been queued: {check}") from None
     if proc.returncode != 0:
         msg = " ".join((proc.stderr or proc.stdout).split()) or f"exit code {proc.returncode}"
         if any(k in msg.lower() for k in _UNREACHABLE):

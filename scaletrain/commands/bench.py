@@ -33,6 +33,14 @@ def run(a: argparse.Namespace) -> int:
 
     if a.device == "cpu" and a.fused_ops != "none":
         raise UserError(f"--fused-ops {a.fused_ops} needs --device cuda (its kernels are Triton)")
+    if a.out:  # checked before minutes of benchmarking, not after
+        import os
+        from pathlib import Path
+
+        out = Path(a.out)
+        if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise UserError(f"--out {a.out}: not a file that can be written (a directory, or its folder is missing or "
+                            "read-only); give a path like results/bench.json in an existing, writable folder")
     report: dict = {"machine": machine_info()}
     if a.device == "cpu" and "bf16" in a.precision:
         from scaletrain.train.precision import cpu_bf16_matmuls
@@ -59,10 +67,14 @@ def run(a: argparse.Namespace) -> int:
             bench_config(spec, p)  # validate the shape once, up front, with the config's own messages
         report.update(training_bench(spec, memory=not a.no_memory))
     text = json.dumps(report, indent=1)
+    sys.stdout.write(text + "\n")  # first: the numbers are not lost if the file cannot be written after all
+    sys.stdout.flush()
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    sys.stdout.write(text + "\n")
+        from pathlib import Path
+
+        from scaletrain.durable import write_text_atomic
+
+        write_text_atomic(Path(a.out), text + "\n")
     return 0
 
 

@@ -24,7 +24,14 @@ def run(args: argparse.Namespace) -> int:
         batches = file_batches(Path(args.data), tok, seq_len, args.batch_size, args.text_field)
     else:
         batches = val_batches(src, seq_len, args.batch_size)
-    res = evaluate(model, batches)
+    doc_eos = None
+    if src.config is not None and src.config.data.doc_mask:  # evaluated as it was trained: within documents
+        if tok is None:
+            from scaletrain.data.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(src.tokenizer) if src.tokenizer is not None else None
+        doc_eos = tok.eos_id if tok is not None else None
+    res = evaluate(model, batches, doc_eos)
     if args.json:
         print(json.dumps(res))
     else:

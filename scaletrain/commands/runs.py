@@ -133,7 +133,11 @@ def _alive(pid: int, not_after: Optional[float]) -> bool:
 
 
 def local_ranks_alive(run: Path, status: dict) -> bool:
-    pid_files = list((run / "pids").glob("rank*.pid"))
+    """Whether a rank on rank 0's host (this one) is alive. Ranks are numbered node by node, so those are ranks
+    0 .. local_ranks-1; the other nodes' pid files hold pids of their own hosts, meaningless here."""
+    local = status.get("local_ranks")
+    pid_files = [f for f in (run / "pids").glob("rank*.pid")
+                 if not isinstance(local, int) or (f.stem[4:].isdigit() and int(f.stem[4:]) < local)]
     for f in pid_files:
         try:
             if _alive(int(f.read_text().strip()), f.stat().st_mtime):

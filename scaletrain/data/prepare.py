@@ -27,6 +27,7 @@ from scaletrain.data.sources import Source, iter_documents, resolve_source
 from scaletrain.data.split import split_key
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.data.worker_pool import worker_pool
+from scaletrain.durable import fsync_dir, fsync_tree, temp_dir_beside
 from scaletrain.errors import UserError
 
 CACHE_FORMAT = 2
@@ -110,9 +111,19 @@ def open_cache(path: Path) -> Optional[DataCache]:
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        counts, dtype = dict(meta["tokens"]), np.dtype(meta["dtype"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"data cache {path} has a damaged meta.json; delete that directory to rebuild it") from None
     if meta.get("fingerprint") != path.name:
         raise UserError(f"data cache {path} holds fingerprint {meta.get('fingerprint')}, not {path.name}; delete that directory")
+    for split, tokens in counts.items():  # a file cut short (disk full, a crash before it reached the disk)
+        f = path / f"{split}.bin"
+        size = f.stat().st_size if f.is_file() else -1
+        if size < int(tokens) * dtype.itemsize:
+            raise UserError(f"data cache {path} is damaged: {f.name} holds {max(size, 0):,} bytes, meta.json counts "
+                            f"{int(tokens):,} tokens; delete that directory to rebuild it")
     return DataCache(path, meta)
 
 
@@ -138,18 +149,21 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
     existing = open_cache(final)
     if existing is not None:
         return existing
+    if final.exists():  # a cache appears only by renaming a finished build, meta.json included
+        raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = temp_dir_beside(final)  # this build's own: another job building the same cache has another
     try:
         meta = _build(cfg, src, tmp, progress)
         meta["fingerprint"] = final.name
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        fsync_tree(tmp)  # on disk before it counts: a power cut must not leave a short cache that looks complete
         try:
             os.rename(tmp, final)
+            fsync_dir(final.parent)
         except OSError:  # another process finished the same cache first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
+            if open_cache(final) is None:
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return open_cache(final)
@@ -176,6 +190,9 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
     elif cfg.data.tokenizer:
         Tokenizer(os.path.expanduser(cfg.data.tokenizer))  # a bad file's error names it, not our temp copy
         shutil.copyfile(os.path.expanduser(cfg.data.tokenizer), tok_path)
+    elif cfg.data.format != "text":  # examples are not running text to learn a vocabulary from
+        raise UserError(f"data.format={cfg.data.format} needs a tokenizer: set data.tokenizer (a sentencepiece .model "
+                        "or an HF tokenizer dir) or init.from a model that has one")
     else:
         docs = (text for _, text in tqdm(iter_documents(src), desc="tokenizer sample", unit="doc", disable=None if progress else True, total=len(src.files) if src.kind == "stdlib" else None))
         # A fixed seed: the cache key does not hold train.seed, so the sample must not depend on it (1234 = its default)

@@ -61,14 +61,18 @@ def micro_batch_ids(consumed: int, micro_step: int, rank: int, world: int, micro
     return consumed + (micro_step * world + rank) * micro_batch, micro_batch
 
 
-def eval_window_count(requested: int, num_windows: int, world: int) -> int:
-    """How many val windows to evaluate: at least one per rank, at most what the split has, and a multiple
-    of the world size, so every rank runs the same number of forwards. 0: fewer windows than ranks."""
-    return min(max(requested, world), num_windows) // world * world
+def eval_window_count(requested: int, num_windows: int) -> int:
+    """How many val windows to evaluate: `requested`, at most what the split has (any world size: the same)."""
+    return min(max(requested, 1), num_windows)
 
 
-def eval_window_ids(num_windows: int, total: int, rank: int, world: int) -> np.ndarray:
-    """A fixed, evenly spread set of `total` val windows (same for any world size), split round-robin."""
+def eval_window_ids(num_windows: int, total: int, rank: int, world: int) -> tuple[np.ndarray, int]:
+    """A fixed, evenly spread set of `total` val windows (the same for any world size), split round-robin:
+    (this rank's window ids, how many of them count). Every rank gets ceil(total / world) ids, so every rank
+    runs the same number of forwards (ZeRO-3's are collective); the ranks short of a window repeat their first
+    one, which does not count."""
     total = min(total, num_windows)
     ids = np.linspace(0, num_windows - 1, total).round().astype(np.int64)
-    return ids[rank::world]
+    mine, per_rank = ids[rank::world], -(-total // world)
+    pad = np.full(per_rank - len(mine), ids[0] if total else 0, dtype=np.int64)
+    return np.concatenate([mine, pad]), len(mine)

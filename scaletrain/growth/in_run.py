@@ -74,7 +74,7 @@ def _shape(m: dict) -> str:
 def grow(trainer, metrics) -> None:
     """Collective: the boundary sequence above. `trainer` is a scaletrain.train.trainer.Trainer."""
     from scaletrain.growth.engine_state import release_engine
-    from scaletrain.train.distributed import any_rank, barrier
+    from scaletrain.train.distributed import main_rank_does
 
     t0, step, d = time.time(), trainer.step, trainer.dist
     if trainer.saved_step != step:
@@ -87,17 +87,8 @@ def grow(trainer, metrics) -> None:
     stage, parent_cfg = trainer.stage, trainer.cfg
     child_cfg = advance(parent_cfg)
     out = trainer.run.path / "growth" / f"stage{stage + 1}"
-    record, failed = None, False
-    if d.is_main:
-        try:
-            record = _grow_files(trainer, parent_cfg, child_cfg, out, stage + 1)
-        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            failed, error = True, e
-    if any_rank(failed):
-        if d.is_main:
-            raise error
-        raise RuntimeError("growth failed on rank 0 (see its error)")
-    barrier()
+    # rank 0 grows the files (minutes for a large model) while the others wait; its error stops every rank
+    record = main_rank_does(lambda: _grow_files(trainer, parent_cfg, child_cfg, out, stage + 1))
     freed = release_engine(trainer.engine)
     trainer.engine = None
     trainer.cfg, trainer.stage = child_cfg, stage + 1

@@ -96,8 +96,11 @@ def _load(which: str):
     # file, which a killed build leaves behind (every later load would wait on it forever): holding the
     # flock, any such file is stale and can go.
     with held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        (where / "lock").unlink(missing_ok=True)
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            (where / "lock").unlink(missing_ok=True)
+        except OSError:  # no locks on this file system (NFS without lockd, some Lustre): torch's own lock file
+            pass  # alone serialises the builders; a killed build's stale one then needs removing by hand
         if not any(where.glob("*.so")):
             print(f"building scaletrain's CPU kernels in {where} (once per machine, ~1 min)", file=sys.stderr,
                   flush=True)

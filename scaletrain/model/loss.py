@@ -86,7 +86,12 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
             return loss_sum / count
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if with_grad else None
+        # fp16: (softmax - onehot) / count is formed before DeepSpeed's loss scale reaches it (backward) and is
+        # mostly below fp16's smallest number (1/16384/32000 = 0): its gradients are computed and kept in fp32
+        work = torch.float32 if h.dtype == torch.float16 else h.dtype
+        w_work = weight.to(work)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        grad_h = torch.empty(h.shape, dtype=work, device=h.device) if with_grad else None
         # fp32 accumulator: bf16 would round the weight gradient once per chunk instead of once
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if with_grad else None
         for s in range(0, n, chunk):
@@ -106,17 +111,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g = logp.exp_()
                 g.scatter_add_(1, t_c[:, None], torch.full_like(picked[:, None], -1.0))
                 g.mul_(row_weight[s : s + chunk, None])
-                g = g.to(h.dtype)
-            grad_h[s : s + chunk] = matmul_nt(g, weight.t())
-            grad_w.add_(matmul_nt(g.t(), h_c.t()))  # a mixed-dtype add converts on the fly: no fp32 copy
-        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if with_grad else None)
+                g = g.to(work)
+            grad_h[s : s + chunk] = matmul_nt(g, w_work.t())
+            grad_w.add_(matmul_nt(g.t(), h_c.t().to(work)))  # a mixed-dtype add converts on the fly: no fp32 copy
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype if work == h.dtype else work) if with_grad else None)
         return loss_sum / count
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        # grad_out is 1, or 1/grad_accum under DeepSpeed (exact in any dtype when it is 1)
-        return grad_h * grad_out.to(grad_h.dtype), grad_w * grad_out.to(grad_w.dtype), None, None, None
+        h_dtype, w_dtype = getattr(ctx, "dtypes", (grad_h.dtype, grad_w.dtype))
+        # grad_out is 1, or 1/grad_accum under DeepSpeed (exact in any dtype when it is 1); fp16: the loss scale,
+        # applied in fp32 before the cast (2^16 itself is not an fp16 number)
+        return ((grad_h * grad_out.to(grad_h.dtype)).to(h_dtype), (grad_w * grad_out.to(grad_w.dtype)).to(w_dtype),
+                None, None, None)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:

@@ -22,9 +22,10 @@ from typing import Optional
 import torch
 
 from scaletrain import __version__
+from scaletrain.durable import fsync_dir, write_text_atomic
 from scaletrain.train import rng
 from scaletrain.train.disk_space import check_before_save
-from scaletrain.train.distributed import Dist, barrier
+from scaletrain.train.distributed import Dist, barrier, main_rank_does
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 MANIFEST = "manifest.json"
@@ -37,24 +38,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def tag_name(step: int) -> str:
@@ -170,7 +153,8 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
     engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
     torch.save(rng.capture(), tmp / f"rng_rank{dist.rank}.pt")
     barrier()
-    if dist.is_main:
+
+    def finish() -> None:  # rank 0 hashes every file of the tag (minutes for a large model) while the others wait
         for name, text in (extra_files or {}).items():
             write_text_atomic(tmp / name, text)
         write_manifest(tmp, {"format": FORMAT, "step": step, "world_size": dist.world,
@@ -180,10 +164,11 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
             shutil.rmtree(old, ignore_errors=True)  # rename, so a kill never leaves a half-deleted tag dir
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         write_text_atomic(root / "latest", tag)
         prune(root, keep_last, keep_every, protect=tag, keep_steps=keep_steps)
-    barrier()
+
+    main_rank_does(finish)
     return final
 
 

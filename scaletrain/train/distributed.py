@@ -43,6 +43,11 @@ def setup(threads: int = 0) -> Dist:
     """
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:  # `deepspeed --launcher openmpi` (mpirun)
         e = os.environ
+        if "MASTER_ADDR" not in e:  # DeepSpeed would fall back to mpi4py discovery: an ImportError on every rank
+            from scaletrain.errors import UserError
+
+            raise UserError("started by mpirun without MASTER_ADDR: mpirun does not set it; put MASTER_ADDR=<first host> "
+                            "and MASTER_PORT=<free port> into the env file the launcher passes on (.deepspeed_env)")
         e.update(RANK=e["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=e["OMPI_COMM_WORLD_SIZE"],
                  LOCAL_RANK=e["OMPI_COMM_WORLD_LOCAL_RANK"], LOCAL_SIZE=e["OMPI_COMM_WORLD_LOCAL_SIZE"])
     if "RANK" not in os.environ:
@@ -122,6 +127,69 @@ def shutdown() -> None:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+_solo_calls = 0
+
+
+def main_rank_does(work, poll_s: float = 0.5):
+    """Collective. Rank 0 runs `work()` alone -- minutes, maybe: tokenising a corpus, hashing or growing a large
+    checkpoint -- while the others wait on the process group's key-value store, not in a collective: DeepSpeed's
+    collectives time out after 10 minutes. The store lives in rank 0's process, so the waiting ends with an
+    error if rank 0 dies. Returns work()'s result on rank 0 (None elsewhere); a UserError there is raised on
+    every rank with the same message, any other failure as "rank 0 failed"."""
+    global _solo_calls
+    import time
+
+    from scaletrain.errors import UserError
+
+    _solo_calls += 1
+    key = f"scaletrain/solo/{_solo_calls}"
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    store = None
+    if world > 1:
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError, ValueError):  # (a torch without it: wait in a barrier instead)
+            store = None
+    if world == 1 or dist.get_rank() == 0:
+        try:
+            result = work()
+        except UserError as e:
+            _tell_and_wait(store, key, f"user:{e}", world)
+            raise
+        except BaseException as e:
+            _tell_and_wait(store, key, f"fail:{type(e).__name__}: {e}", world)
+            raise
+        if store is not None:
+            store.set(key, "ok")
+        barrier()  # rank 0 must not end (taking the store with it) before the others have read the key
+        return result
+    if store is not None:
+        delay = 0.01  # short work (a small checkpoint's manifest) is noticed at once, long work polled slowly
+        while not store.check([key]):
+            time.sleep(delay)
+            delay = min(2 * delay, poll_s)
+        said = store.get(key).decode(errors="replace")
+        if said != "ok":
+            store.add(f"{key}/seen", 1)
+            if said.startswith("user:"):
+                raise UserError(said[len("user:"):])
+            raise RuntimeError(f"rank 0 failed ({said[len('fail:'):]})")
+    barrier()
+    return None
+
+
+def _tell_and_wait(store, key: str, value: str, world: int, patience_s: float = 30.0) -> None:
+    """Post rank 0's failure and give the others a moment to read it before rank 0 exits with its store."""
+    if store is None:
+        return
+    import time
+
+    store.set(key, value)
+    deadline = time.monotonic() + patience_s
+    while store.add(f"{key}/seen", 0) < world - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

@@ -2,9 +2,9 @@
 start-up costs of DeepSpeed we skip (its CPU comm op) or defer (compiling Muon).
 
 torch builds extensions under one directory per Python/torch version (`~/.cache/torch_extensions/py311_cpu`)
-whatever the venv. Two venvs then rebuild each other's op (the sources' paths differ) and wait on each other's
+whatever the venv or the CPU (DeepSpeed compiles its ops with -march=native). Two venvs then rebuild each other's op (the sources' paths differ) and wait on each other's
 lock; a rank killed during the build leaves its `lock` file behind and every later run waits on it forever.
-So each venv gets a directory of its own, and a lock older than any build is reported and removed.
+So each venv (and CPU) gets a directory of its own, and a lock older than any build is reported and removed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ STALE_LOCK_S = 900  # a build takes ~1 min (several on a loaded machine): older 
 def use_private_extensions_dir() -> Path:
     """Set TORCH_EXTENSIONS_DIR for this venv (unless the user set it) and clear stale locks in it."""
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        venv = hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+        from scaletrain.cpuinfo import cpuinfo_field
+
+        # DeepSpeed builds CPU Adam with -march=native: a home shared by nodes of different CPUs needs one per CPU
+        venv = hashlib.sha1(f"{sys.prefix}|{cpuinfo_field('flags') or ''}".encode()).hexdigest()[:10]
         os.environ["TORCH_EXTENSIONS_DIR"] = str(Path.home() / ".cache" / "scaletrain" / f"torch_extensions-{venv}")
     root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     for lock in root.glob("*/lock"):  # torch puts each op in <root>/<op name>/ when the variable is set

@@ -1,5 +1,6 @@
 """The fine-tune path shared by every task (LM, prompt/completion, classification): parameter groups with a
-lower body lr and frozen parts, starting a classifier from a language model, val accuracy/F1, early stopping.
+lower body lr and frozen parts, starting a classifier from a language model, val accuracy/F1, early stopping, and
+the per-token weighting of prompt/completion micro-batches.
 
 Freezing (`train.freeze`) gives the parameters lr 0 and a gradient hook that zeroes their gradient, so they
 never move (AdamW's step and decay are both multiplied by lr) and do not count in gradient clipping, while
@@ -145,3 +146,20 @@ class EarlyStop:
     def load(self, state: Optional[dict]) -> None:
         if state and state.get("metric") == self.metric:
             self.best, self.bad = state.get("best"), int(state.get("bad_evals", 0))
+
+
+def token_weights(cfg: Config, targets: list[torch.Tensor], world: int) -> Optional[list[float]]:
+    """Collective. Prompt/completion windows count different numbers of tokens. Each micro-batch's loss is a mean
+    over its own tokens, and DeepSpeed averages micro-batches and ranks with equal weight: scaled by
+    tokens · micro-batches · ranks / the step's tokens, every counted token of the global batch weighs the same
+    however the batch is split (grad_accum, ranks), and the logged loss is the per-token mean, as val/loss is.
+    None where every window counts the same (text, classification)."""
+    if cfg.data.format != "prompt_completion":
+        return None
+    from scaletrain.model.loss import IGNORE_INDEX
+    from scaletrain.train.distributed import all_reduce_sum
+
+    counts = [float((y != IGNORE_INDEX).sum()) for y in targets]
+    step_tokens = all_reduce_sum([sum(counts)])[0]
+    scale = len(targets) * world / max(step_tokens, 1.0)
+    return [c * scale for c in counts]

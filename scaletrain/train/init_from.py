@@ -79,15 +79,18 @@ def pinned_source(cfg: Config, dist) -> Path:
     """Collective: init.from as one directory for every rank. A run dir may still be training (saving new tags,
     pruning old ones) while the ranks read it: it becomes the tag rank 0 finds newest, so all ranks load the
     same checkpoint."""
-    out: list = [None]
-    if dist.is_main:
+    from scaletrain.train.distributed import main_rank_does
+
+    def pick() -> tuple:  # (hashes the checkpoint's files: minutes for a large one, while the others wait)
         from scaletrain.weights import open_weights
 
         try:
             src = open_weights(cfg.init.from_)
-            out[0] = ("ok", str(src.weights_at if src.kind == "run" else cfg.init.from_))
+            return ("ok", str(src.weights_at if src.kind == "run" else cfg.init.from_))
         except UserError as e:
-            out[0] = ("error", f"init.from: {e}")
+            return ("error", f"init.from: {e}")
+
+    out: list = [main_rank_does(pick)]
     if dist.world > 1:
         import torch.distributed as tdist
 

@@ -28,7 +28,7 @@ import yaml
 from scaletrain.config import Config, build_config
 from scaletrain.errors import UserError
 from scaletrain.growth.schedule import stage_models
-from scaletrain.train.checkpoint import write_text_atomic
+from scaletrain.durable import write_text_atomic
 
 
 def launch_info() -> dict:
@@ -69,8 +69,9 @@ class RunDir:
             raise UserError(f"run.dir {p} holds a model's weights (a checkpoint or Hugging Face dir), not a run; training "
                             f"there would overwrite its files: use a new run.dir (init.from={p} starts from its weights)")
         previous = self.saved_config()
-        # a growing run records its current (grown) model: any stage of the schedule is the same run
-        if previous is not None and previous.model not in stage_models(cfg):
+        # a growing run records its current (grown) model: any stage of the schedule is the same run. A start
+        # that failed before its first step (a key mismatch in init.from, say) trained nothing to protect.
+        if previous is not None and previous.model not in stage_models(cfg) and self._trained():
             diffs = [
                 f"model.{k}: {getattr(previous.model, k)} -> {getattr(cfg.model, k)}"
                 for k in type(cfg.model).model_fields
@@ -80,6 +81,10 @@ class RunDir:
                 f"run.dir {p} holds a run of a different model ({'; '.join(diffs)}); "
                 "use a new run.dir or the original model settings"
             )
+
+    def _trained(self) -> bool:
+        step = self.status().get("step")
+        return any(self.checkpoints.glob("global_step*")) or (isinstance(step, int) and step > 0)
 
     def saved_config(self) -> Config | None:
         if not self.config_path.is_file():
@@ -99,6 +104,35 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_text_atomic(self.path / "ds_config.json", json.dumps(ds_config, indent=2))
+
+    def check_shared(self, dist) -> None:
+        """Collective. Every rank must see the run dir rank 0 writes: a node-local run.dir would get the other
+        nodes' ZeRO shards written beside it, and checkpoints whose manifest lists only rank 0's node (found
+        out only at resume). Rank 0 writes a fresh token; a rank that reads another stops every rank."""
+        import secrets
+
+        import torch.distributed as tdist
+
+        from scaletrain.train.distributed import any_rank
+
+        token = [None]
+        probe = self.path / "pids" / ".shared-check"
+        if dist.is_main:
+            token[0] = secrets.token_hex(8)
+            write_text_atomic(probe, token[0])
+        if dist.world == 1:
+            return
+        tdist.broadcast_object_list(token, src=0)
+        try:
+            seen = probe.read_text()
+        except OSError:
+            seen = None
+        if any_rank(seen != token[0]):
+            if seen != token[0]:
+                raise UserError(f"run.dir {self.path} is not the directory rank 0 writes (rank {dist.rank} on "
+                                f"{socket.gethostname()} does not see its files): put run.dir on a filesystem every node shares")
+            raise UserError(f"run.dir {self.path} is not shared with every node (another rank's error says which): put "
+                            "run.dir on a filesystem every node shares")
 
     def write_status(self, **fields: Any) -> None:
         status = self.status()

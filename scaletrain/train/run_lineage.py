@@ -37,6 +37,26 @@ def weights_id(module, is_main: bool) -> Optional[str]:
     return combine_digests(digests) if is_main else None
 
 
+def check_tokenizer(run_dir: Path, tokenizer: Path, resuming: bool) -> None:
+    """The run dir's tokenizer copy (what export, eval and generate use) must be the tokenizer this start's data
+    is tokenised with. A resume whose data.source or data.tokenizer changed so that another tokenizer was
+    trained would feed the model other ids: refused before anything is written. A copy left by a start that
+    saved no checkpoint is replaced."""
+    from scaletrain.data.hf_tokenizer import tokenizer_files
+
+    dest = Path(run_dir) / "tokenizer"
+    if not dest.is_dir() or not tokenizer.exists():
+        return
+    files = lambda p: {f.name: f.read_bytes() for f in tokenizer_files(p)}  # noqa: E731
+    if files(dest) == files(tokenizer):
+        return
+    if resuming:
+        kept = dest / "tokenizer.model" if (dest / "tokenizer.model").is_file() and not (dest / "tokenizer.json").is_file() else dest
+        raise UserError(f"run.dir {run_dir} was trained with another tokenizer than this start's data gets (data.source "
+                        f"or data.tokenizer changed): keep the run's with data.tokenizer={kept}, or use a new run.dir")
+    shutil.rmtree(dest)
+
+
 class RunLineage:
     def __init__(self, cfg: Config, run_dir: Path, cache, init_source: Optional[Path] = None):
         """`init_source`: the checkpoint init.from's weights were loaded from (None when resuming)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 from scaletrain.model.loss import IGNORE_INDEX
 from scaletrain.train import checkpoint, finetune, init_from, precision
-from scaletrain.train.distributed import (Dist, all_reduce_sum, any_rank, barrier, collectives_status, launcher_rank,
-                                          setup, shutdown)
+from scaletrain.train.distributed import (Dist, all_reduce_sum, any_rank, collectives_status, launcher_rank,
+                                          main_rank_does, setup, shutdown)
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
 from scaletrain.train.perf import compile_model
 from scaletrain.plan import check_fits
@@ -88,12 +89,19 @@ def build_model(shape: LlamaShape, cfg: Config, pad_id: int = 2) -> LlamaForCaus
 
 
 def load_data(cfg: Config, dist: Dist):
-    """Rank 0 builds the cache when missing; the others wait for it, then everyone opens it."""
-    if dist.is_main:
-        cache = prepare_data(cfg, progress=True)
-    barrier()
+    """Rank 0 builds the cache when missing (however long tokenising takes); the others wait for it, then open it.
+    A rank that cannot see it -- another node without the shared filesystem, or other copies of the data files
+    (the cache is named after their sizes and dates) -- stops every rank with one line instead of a traceback."""
+    cache = main_rank_does(lambda: prepare_data(cfg, progress=True))
     if not dist.is_main:
-        cache = open_cache(find_cache(cfg)[0])
+        path = find_cache(cfg)[0]
+        cache = open_cache(path)
+    if any_rank(cache is None):
+        if cache is None:
+            raise UserError(f"rank {dist.rank} on {socket.gethostname()} cannot see the data cache {path} rank 0 prepared: "
+                            "data.cache_dir and data.source must be the same files on every node (a shared filesystem)")
+        raise UserError("another rank cannot see the data cache rank 0 prepared (its own error says where): data.cache_dir "
+                        "and data.source must be the same files on every node (a shared filesystem)")
     return cache
 
 
@@ -134,17 +142,24 @@ class Trainer:
         self.val_stream = cache.stream("val", t.seq_len, t.seed, required=False)
         finetune.check_labels(cfg, self.train_stream, self.val_stream)
         self.last_val_loss: float | None = None
-        self.warned_small_val = False  # the "fewer val windows than ranks" warning is said once
         self.ds_config = deepspeed_config(cfg, self.dist.world)
-        if self.dist.is_main:
-            self.run.write_start(cfg, self.ds_config)
-            from scaletrain.train.run_lineage import RunLineage
 
-            self.lineage = RunLineage(cfg, self.run.path, cache, self.init_source)
+        def start_files():  # rank 0, while the others wait; its UserError stops every rank with the same line
+            from scaletrain.train.run_lineage import RunLineage, check_tokenizer
+
+            check_tokenizer(self.run.path, Path(cache.tokenizer_path), resuming=tag is not None)
+            self.run.write_start(cfg, self.ds_config)
+            lineage = RunLineage(cfg, self.run.path, cache, self.init_source)
             if self.stage:  # resumed after growth inside this run
-                self.lineage.grown(self.run.path / "growth" / f"stage{self.stage}", cfg)
+                lineage.grown(self.run.path / "growth" / f"stage{self.stage}", cfg)
             (self.run.path / "pids").mkdir(exist_ok=True)
-        barrier()
+            for f in (self.run.path / "pids").glob("rank*.pid"):  # an earlier start's ranks beyond this world
+                if not f.stem[4:].isdigit() or int(f.stem[4:]) >= self.dist.world:
+                    f.unlink(missing_ok=True)
+            return lineage
+
+        self.lineage = main_rank_does(start_files)
+        self.run.check_shared(self.dist)  # a node-local run.dir: one line now, not broken checkpoints later
         (self.run.path / "pids" / f"rank{self.dist.rank}.pid").write_text(str(os.getpid()))
         self.shape = LlamaShape.from_config(cfg.model)
         reshard = self.resume_plan is not None and self.resume_plan.reshard
@@ -192,7 +207,8 @@ class Trainer:
         return self.growth.restarts(self.stage), self.cfg.growth.rewarmup_steps
 
     def _find_tag(self) -> str | None:
-        tag = [checkpoint.find_resumable(self.run.checkpoints, log=print) if self.dist.is_main else None]
+        # rank 0 hashes the newest checkpoint's files (minutes for a large one) while the others wait
+        tag = [main_rank_does(lambda: checkpoint.find_resumable(self.run.checkpoints, log=print))]
         if self.dist.world > 1:
             tdist.broadcast_object_list(tag, src=0)
         return tag[0]
@@ -222,10 +238,13 @@ class Trainer:
     def train_step(self) -> float:
         t, d = self.cfg.train, self.dist
         total = 0.0
-        for micro in range(t.grad_accum):
-            start, count = micro_batch_ids(self.consumed, micro, d.rank, d.world, t.micro_batch_size)
-            x, y = self.train_stream.batch(self.train_stream.window_ids(start, count))
+        batches = [self.train_stream.batch(self.train_stream.window_ids(
+            *micro_batch_ids(self.consumed, micro, d.rank, d.world, t.micro_batch_size))) for micro in range(t.grad_accum)]
+        weights = finetune.token_weights(self.cfg, [y for _, y in batches], self.dist.world)
+        for micro, (x, y) in enumerate(batches):
             loss = self.guard.inject(self._loss(x, y), self.step + 1, micro)  # testing hook (guard.py), else a no-op
+            if weights is not None:
+                loss = loss * weights[micro]
             self.engine.backward(loss)
             total += loss.item()
             if micro == t.grad_accum - 1:
@@ -262,31 +281,32 @@ class Trainer:
         if self.val_stream is None:
             return None
         t, d = self.cfg.train, self.dist
-        # Same count on every rank (ZeRO-3 forwards are collective, a rank with fewer would hang the others),
-        # same set for any world size while the val split has windows enough.
-        total = eval_window_count(t.eval_batches * t.micro_batch_size, self.val_stream.num_windows, d.world)
+        # The same set of windows for any world size; the same number of forwards on every rank (ZeRO-3 forwards
+        # are collective, a rank with fewer would hang the others): a rank short of a window repeats one whose
+        # targets are then ignored.
+        total = eval_window_count(t.eval_batches * t.micro_batch_size, self.val_stream.num_windows)
         if total == 0:
-            if not self.warned_small_val:
-                self.log(f"warning: the val split has {self.val_stream.num_windows} window(s) of train.seq_len tokens, "
-                         f"fewer than the {d.world} ranks: validation skipped (add data or lower train.seq_len)")
-                self.warned_small_val = True
             return None
-        ids = eval_window_ids(self.val_stream.num_windows, total, d.rank, d.world)
+        ids, real = eval_window_ids(self.val_stream.num_windows, total, d.rank, d.world)
         self.engine.eval()
         loss_sum, n, k = 0.0, 0, self.cfg.model.num_labels
         conf = torch.zeros(k, k, dtype=torch.float64) if k else None  # classifier: [true, predicted] counts
         for i in range(0, len(ids), t.micro_batch_size):
             chunk = ids[i : i + t.micro_batch_size]
             x, y = self.val_stream.batch(chunk)
+            if real - i < len(chunk):  # repeated windows (padding a rank to the others' count) count nothing
+                y = y.clone()  # (a text window's targets share memory with its inputs)
+                y[max(0, real - i):] = IGNORE_INDEX
             if conf is None:  # mean over counted tokens (prompt/completion windows count different numbers)
                 counted = int((y != IGNORE_INDEX).sum())
                 loss = self._loss(x, y).item()
                 loss_sum, n = (loss_sum + loss * counted, n + counted) if counted else (loss_sum, n)
             else:
                 logits = self.engine(x.to(self.dist.device)).float()
-                loss_sum += torch.nn.functional.cross_entropy(logits, y.to(logits.device), reduction="sum").item()
-                finetune.confusion_update(conf, logits, y)
-                n += len(chunk)
+                keep = y != IGNORE_INDEX
+                loss_sum += torch.nn.functional.cross_entropy(logits[keep], y[keep].to(logits.device), reduction="sum").item()
+                finetune.confusion_update(conf, logits[keep], y[keep])
+                n += int(keep.sum())
         self.engine.train()
         sums = all_reduce_sum([loss_sum, float(n)] + (conf.flatten().tolist() if conf is not None else []))
         loss_sum, n = sums[:2]
@@ -348,13 +368,16 @@ class Trainer:
         )
         if self.precision_note:
             self.log(self.precision_note)
+        if t.warmup_steps >= t.max_steps and self.step == 0:
+            self.log(f"warning: train.warmup_steps {t.warmup_steps} >= train.max_steps {t.max_steps}: the lr rises for the "
+                     f"whole run, never reaching train.lr or decaying (lower train.warmup_steps)")
         self.log(f"TensorBoard: tensorboard --logdir {self.run.path.parent}")
         if d.device.type == "cpu":  # every rank loads them here (built once, under a lock), not mid-step
             self.log(f"CPU kernels: {cpu_matmul.kernels_status()} | collectives: {collectives_status()}")
         metrics = Metrics(self.run.tb if d.is_main else None, purge_step=self.step + 1)  # +1 also on a fresh start: drops a crashed first attempt's events
         if d.is_main:
             self.run.write_status(state="running", step=self.step, max_steps=t.max_steps, world_size=d.world,
-                                  **launch_info())  # host/pid, SLURM job id + restart count
+                                  local_ranks=d.local_world, **launch_info())  # host/pid, SLURM job id + restart count
         start_time, window = time.time(), ThroughputWindow()
         last_loss, val_loss, state = math.nan, None, "finished"
         try:

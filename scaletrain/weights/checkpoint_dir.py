@@ -16,6 +16,7 @@ from scaletrain import lineage
 from scaletrain.config import Config
 from scaletrain.errors import UserError
 from scaletrain.data.hf_tokenizer import copy_tokenizer_files
+from scaletrain.durable import fsync_dir, fsync_tree, temp_dir_beside
 from scaletrain.weights.sources import CONFIG_YAML, TOKENIZER_DIR, WeightSource
 from scaletrain.weights.writer import write_safetensors
 
@@ -24,9 +25,11 @@ DEFAULT_SHARD = "2GB"
 
 def check_out(out: Path) -> None:
     """--out must be new or an empty directory; we never overwrite."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # `--out .` has no name to stage beside
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new directory (nothing was written)")
+    if out.is_dir() and os.path.ismount(out):  # staged output is renamed into place: a mount point cannot be replaced
+        raise UserError(f"--out {out} is a mount point; give a new directory inside it, e.g. --out {out / 'model'}")
     probe = next((p for p in [out.parent, *out.parent.parents] if p.exists()), Path("/"))
     if not probe.is_dir():
         raise UserError(f"--out {out}: {probe} is a file, not a directory; choose another --out")
@@ -37,20 +40,24 @@ def check_out(out: Path) -> None:
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
     """Yield a temp dir next to `out`; on success it becomes `out`, on any error it is deleted."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     check_out(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:  # where the permission probe was not enough (root, /proc, a read-only mount)
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = temp_dir_beside(out)
     except OSError as e:
         raise UserError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
     try:
         yield tmp
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.rename(tmp, out)
+        fsync_tree(tmp)  # on disk before it appears complete under its final name
+        try:
+            if out.exists():
+                out.rmdir()  # empty when checked; not if something was put there meanwhile
+            os.rename(tmp, out)
+        except OSError as e:
+            raise UserError(f"--out {out} could not be put in place ({e.strerror}): something else is writing "
+                            f"there; choose a new directory (nothing of it was changed)") from None
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,0 +1,56 @@
+"""Writes that survive a crash: whole or not at all, and on the disk (not only in the page cache) before they
+count. Temp names are unique per writer (host, pid and a random part): two jobs sharing a directory over
+NFS can have the same pid, and a writer must never delete another one's half-written temp.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root` and every directory, `root` included (before renaming it into place)."""
+    for p in sorted(Path(root).rglob("*"), reverse=True):  # files before the dirs that list them
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            fsync_dir(p)
+    fsync_dir(Path(root))
+
+
+def _temp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def temp_dir_beside(final: Path) -> Path:
+    """A new, empty hidden directory next to `final`, named for this writer only (mode from the umask, as
+    the final directory should have: not tempfile's 0700)."""
+    tmp = _temp_name(final)
+    tmp.mkdir()
+    return tmp
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
