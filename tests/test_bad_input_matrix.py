@@ -245,6 +245,12 @@ def c_prompt_completion_without_tokenizer(tmp, base):
         ("data.format=prompt_completion needs a tokenizer", "data.tokenizer")
 
 
+def c_bench_cuda_without_a_gpu(tmp, base):
+    if __import__("torch").cuda.is_available():
+        return ["bench", "--device", "cuda", "--ranks", "64"], ("--ranks 64", "GPUs")
+    return ["bench", "--device", "cuda"], ("--device cuda", "no CUDA GPU")
+
+
 def c_bench_out_in_a_missing_folder(tmp, base):
     """Checked before the benchmark runs (minutes), not when its JSON is written."""
     return ["bench", "--precision", "fp32", "--out", str(tmp / "results" / "bench.json")], ("--out", "writable folder")

@@ -73,6 +73,33 @@ def test_growth_boundaries_are_exact_and_logged(straight):
     assert tree.count("grow") >= 2 and "pre-train" in tree, tree
 
 
+@pytest.mark.parametrize("stage,boundary", [(1, B1), (2, B2)], ids=["depth", "width"])
+def test_grown_child_computes_its_parent_by_transformers(straight, tmp_path, stage, boundary):
+    """Not the growth code's own check: transformers computes the logits of the parent (the boundary
+    checkpoint, as DeepSpeed's zero_to_fp32 reads it from the ZeRO-3 shards) and of the grown child."""
+    import shutil
+
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
+
+    from test_grow_cli import hf_logits
+
+    child = straight / "growth" / f"stage{stage}"
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    cfg = yaml.safe_load((child / "config.yaml").read_text())
+    cfg["model"] = json.loads((straight / "checkpoints" / f"global_step{boundary}" / "manifest.json").read_text())["model"]
+    sd = get_fp32_state_dict_from_zero_checkpoint(str(straight / "checkpoints"), tag=f"global_step{boundary}")
+    tied = cfg["model"]["tie_word_embeddings"]
+    save_file({k: v.contiguous() for k, v in sd.items() if not (tied and k == "lm_head.weight")}, parent / "model.safetensors")
+    (parent / "config.yaml").write_text(yaml.safe_dump(cfg))
+    shutil.copytree(child / "tokenizer", parent / "tokenizer")
+    x = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(stage))
+    diff = (hf_logits(parent, x) - hf_logits(child, x)).abs().max().item()
+    assert diff <= 1e-5, f"stage {stage}: the grown child differs from its parent by {diff:.2e} (transformers' logits)"
+
+
 def _stopped_at(run_dir: Path) -> int:
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted", status

@@ -49,6 +49,16 @@ def test_plan_resolves_auto_for_its_device(monkeypatch):
         assert precision.planned(cfg, "cuda").train.precision == "bf16"
 
 
+def test_auto_on_a_gpu_without_native_bf16_is_fp16(monkeypatch):
+    """A V100/T4 emulates bf16 (torch's is_bf16_supported() says yes by default, counting emulation): auto must
+    take fp16, which those cards run natively. (Emulated here: the machine has no GPU.)"""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    assert precision.choose(torch.device("cuda", 0)) == ("fp16", "Tesla V100-SXM2-32GB has no bf16")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100
+    assert precision.choose(torch.device("cuda", 0))[0] == "bf16"
+
+
 def test_peak_probe_shrinks_a_slow_product_and_skips_a_refusing_one(monkeypatch):
     sizes = []
 
@@ -67,3 +77,13 @@ def test_peak_probe_shrinks_a_slow_product_and_skips_a_refusing_one(monkeypatch)
     rate = metrics.measure_peak_flops(torch.float32, CPU, seconds=0.4)
     assert time.perf_counter() - t0 < 3.0
     assert max(sizes) < 2048 and 0.3e9 < rate < 1.2e9
+
+
+def test_nominal_gpu_peak_tells_the_h100_variants_apart(monkeypatch):
+    from scaletrain.train.metrics import nominal_peak_flops
+
+    cuda = torch.device("cuda", 0)
+    for name, bf16 in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                       ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert nominal_peak_flops(cuda, "bf16") == bf16, name

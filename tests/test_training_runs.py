@@ -65,27 +65,33 @@ def test_zero2_bf16_two_ranks_learns_and_logs(base, tmp_path):
     assert (d / "config.yaml").is_file() and json.loads((d / "ds_config.json").read_text())["train_batch_size"] == 4
 
 
-@pytest.mark.parametrize("ranks,stage,sig", [(1, 0, signal.SIGTERM), (2, 3, signal.SIGUSR1), (1, 2, signal.SIGINT)],
-                         ids=["1rank-zero0-SIGTERM", "2ranks-zero3-SIGUSR1", "1rank-zero2-Ctrl-C"])
-def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sig):
+def _latest_step(run_dir: Path) -> int:
+    latest = run_dir / "checkpoints" / "latest"
+    return int(latest.read_text().removeprefix("global_step")) if latest.exists() else 0
+
+
+@pytest.mark.parametrize("ranks,stage,sigs", [(1, 0, (signal.SIGTERM, signal.SIGINT)), (2, 3, (signal.SIGUSR1,))],
+                         ids=["1rank-zero0-SIGTERM-then-Ctrl-C", "2ranks-zero3-SIGUSR1"])
+def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sigs):
     """Interrupt with SIGUSR1 (what SLURM sends before preemption), SIGTERM (plain `scancel`, a node
-    drain) or SIGINT (Ctrl-C), re-run the same command, and the loss at every step equals an uninterrupted run's, bit for bit
-    (CPU, fp32)."""
+    drain) or SIGINT (Ctrl-C) -- the 1-rank run twice, the second time after resuming -- re-run the same
+    command, and the loss at every step equals an uninterrupted run's, bit for bit (CPU, fp32)."""
     common = [*base, "train.max_steps=40", "train.precision=fp32", f"zero.stage={stage}", "train.save_every=4"]
     straight = tmp_path / "straight"
     run_training(ranks, [*common, f"run.dir={straight}"])
     expected = _curve(straight)
 
-    resumed = tmp_path / "resumed"  # under the real `deepspeed` launcher: the preemption a user's job sees
-    proc = start_training(ranks, [*common, f"run.dir={resumed}"], launcher="deepspeed")
-    first_ckpt = resumed / "checkpoints" / "latest"
-    assert wait_for(first_ckpt.exists, timeout=180), proc.communicate()[0][-3000:]
-    signal_ranks(resumed, sig)
-    out, _ = proc.communicate(timeout=180)
-    assert proc.returncode == 0, out[-3000:]
-    status = json.loads((resumed / "status.json").read_text())
-    assert status["state"] == "preempted" and 4 <= status["step"] < 40, status
-    stopped_at = status["step"]
+    resumed, stopped_at = tmp_path / "resumed", 0
+    for i, sig in enumerate(sigs):  # the first start under the real `deepspeed` launcher: what a user's job sees
+        proc = start_training(ranks, [*common, f"run.dir={resumed}"], launcher="deepspeed" if i == 0 else "local")
+        assert wait_for(lambda: _latest_step(resumed) > stopped_at, timeout=180), proc.communicate()[0][-3000:]
+        signal_ranks(resumed, sig)
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0, out[-3000:]
+        status = json.loads((resumed / "status.json").read_text())
+        assert status["state"] == "preempted" and stopped_at < status["step"] < 40, status
+        assert (f"resumed from {resumed / 'checkpoints' / f'global_step{stopped_at}'}" in out) == (i > 0)
+        stopped_at = status["step"]
 
     proc = run_training(ranks, [*common, f"run.dir={resumed}"])  # (the launcher is not what this part tests)
     assert f"resumed from {resumed / 'checkpoints' / f'global_step{stopped_at}'}" in proc.stdout
@@ -93,7 +99,7 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sig):
     assert sorted(got) == sorted(expected) == list(range(1, 41))
     assert [got[s] for s in got] == [expected[s] for s in got], "resumed curve differs from the uninterrupted one"
     assert json.loads((resumed / "status.json").read_text())["state"] == "finished"
-    if sig == signal.SIGTERM:  # the same command once more: nothing to train, and the finished run's record stays as it was
+    if ranks == 1:  # the same command once more: nothing to train, and the finished run's record stays as it was
         status, events = (resumed / "status.json").read_text(), sorted((resumed / "tb").rglob("*"))
         proc = run_training(ranks, [*common, f"run.dir={resumed}"])
         assert "has finished: step 40 of train.max_steps 40" in proc.stdout, proc.stdout[-2000:]

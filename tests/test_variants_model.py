@@ -162,6 +162,7 @@ def test_flash_with_window_or_alibi_refused_at_start_up_without_flash_attn(overr
     from scaletrain.model.masks import attention_mask
 
     monkeypatch.setattr(attn, "has_flash_attn", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100, as far as asked
     cfg = load_config("configs/tiny.yaml", ["model.attention=flash", *overrides])
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     for shape in (cfg.model, LlamaShape.from_config(cfg.model)):
@@ -178,3 +179,9 @@ def test_flash_with_window_or_alibi_refused_at_start_up_without_flash_attn(overr
     attn.check_backend("flash", cuda, training=True, shape=cfg.model)
     with pytest.raises(UserError, match="NVIDIA GPU"):  # on CPU the device reason comes first
         attn.check_backend("flash", torch.device("cpu"), training=True, shape=cfg.model)
+    # the kernels' own limits, at start-up rather than as a traceback at the first forward
+    with pytest.raises(UserError, match="bf16 or fp16 only"):
+        attn.check_backend("flash", cuda, training=True, shape=plain, precision="fp32")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    with pytest.raises(UserError, match="Ampere or newer GPU .* sm75"):
+        attn.check_backend("flash", cuda, training=True, shape=plain, precision="fp16")

@@ -67,7 +67,7 @@ def attention_bench(device: str, precisions: list[str], reps: int = 5, threads: 
             n = reps if t <= 1024 else 3  # eager at T=4096 is seconds per call
             for backend in [x for x in BACKENDS if x != "eager"]:
                 try:
-                    check_backend(backend, dev, training=True)
+                    check_backend(backend, dev, training=True, precision=precision)
                     out = _fwd_bwd(backend, q, k, v, grad)  # warm-up (compiles flex on CUDA)
                 except UserError as e:
                     row[backend] = {"skipped": str(e)}

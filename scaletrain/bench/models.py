@@ -35,7 +35,8 @@ def _initialize(model: torch.nn.Module, optimizer, cfg: Config, world: int):
 
 def build_ours(cfg: Config, device: torch.device, world: int):
     shape = LlamaShape.from_config(cfg.model)
-    check_backend(shape.attention, device, training=True, doc_mask=cfg.data.doc_mask, shape=shape)
+    check_backend(shape.attention, device, training=True, doc_mask=cfg.data.doc_mask, shape=shape,
+                  precision=cfg.train.precision)
     torch.manual_seed(cfg.train.seed)
     model = build_model(shape, cfg)
     return _initialize(model, build_optimizer(model, cfg), cfg, world)

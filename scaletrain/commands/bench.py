@@ -31,6 +31,14 @@ def run(a: argparse.Namespace) -> int:
     from scaletrain.bench.machine import machine_info
     from scaletrain.errors import UserError
 
+    if a.device == "cuda":  # else it would time the CPU and call it cuda, or die picking a GPU that is not there
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have == 0:
+            raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu")
+        if not (a.attention_only or a.loss_memory) and a.ranks > have:
+            raise UserError(f"--ranks {a.ranks} with --device cuda needs {a.ranks} GPUs, {have} visible: use --ranks {have}")
     if a.device == "cpu" and a.fused_ops != "none":
         raise UserError(f"--fused-ops {a.fused_ops} needs --device cuda (its kernels are Triton)")
     if a.out:  # checked before minutes of benchmarking, not after

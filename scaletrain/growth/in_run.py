@@ -89,8 +89,13 @@ def grow(trainer, metrics) -> None:
     out = trainer.run.path / "growth" / f"stage{stage + 1}"
     # rank 0 grows the files (minutes for a large model) while the others wait; its error stops every rank
     record = main_rank_does(lambda: _grow_files(trainer, parent_cfg, child_cfg, out, stage + 1))
+    if getattr(trainer, "guard", None) is not None:
+        trainer.guard.detach()  # its reference would keep the parent's weights and Adam state alive meanwhile
     freed = release_engine(trainer.engine)
     trainer.engine = None
+    freed()  # collect the parent now: on a GPU its memory is needed for the child
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     trainer.cfg, trainer.stage = child_cfg, stage + 1
     trainer.shape = type(trainer.shape).from_config(child_cfg.model)
     trainer.engine = trainer._build_engine(weights_from=out)  # + exact masters and grown moments (install)

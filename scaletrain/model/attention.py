@@ -48,12 +48,21 @@ def flash_mask_problem(shape) -> str | None:
             f"window nor ALiBi): install flash-attn, or use model.attention={other}")
 
 
-def check_backend(backend: str, device: torch.device, training: bool = True, doc_mask: bool = False, shape=None) -> None:
+def check_backend(backend: str, device: torch.device, training: bool = True, doc_mask: bool = False, shape=None,
+                  precision: str | None = None) -> None:
     """Fail at start-up, with a one-line reason, for a backend that cannot run here. `shape` (LlamaShape or
-    ModelConfig): also check the switches the backend must support (window / ALiBi with flash)."""
+    ModelConfig): also check the switches the backend must support (window / ALiBi with flash); `precision`
+    (fp32/bf16/fp16): the dtypes the backend's kernels take."""
     if backend == "flash":
         if device.type != "cuda":
             raise UserError(FLASH_NEEDS_CUDA)
+        if precision == "fp32":  # flash-attn and SDPA's flash/cuDNN kernels take 16-bit inputs only
+            raise UserError("model.attention=flash runs in bf16 or fp16 only: set train.precision=bf16 (or fp16), "
+                            "or use model.attention=sdpa for fp32")
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:  # FlashAttention-2 and cuDNN's fused attention start at Ampere
+            raise UserError(f"model.attention=flash needs an Ampere or newer GPU (sm80+); this one is sm{major}{minor}: "
+                            "use model.attention=sdpa")
         if doc_mask and not has_flash_attn():
             raise UserError("data.doc_mask with model.attention=flash needs the flash-attn package (varlen "
                             "kernel); SDPA's flash kernel takes no mask. Use model.attention=flex or sdpa")

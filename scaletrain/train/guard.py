@@ -72,6 +72,10 @@ class StepGuard:
         self.inject_rank = int(os.environ.get(INJECT_RANK_ENV, "0"))
         self.attach(engine)
 
+    def detach(self) -> None:
+        """Let go of the engine (growth frees it before building the next one)."""
+        self._engine = None
+
     def attach(self, engine) -> None:
         """Wrap the base optimizer's step (again after growth builds a new engine)."""
         self._engine = engine

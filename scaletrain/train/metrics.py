@@ -18,10 +18,14 @@ def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int)
     return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
 
 
-# Dense (no sparsity) tensor-core peaks from NVIDIA's data sheets, FLOP/s: the usual MFU denominator on GPUs.
-NOMINAL_GPU_PEAKS = {"H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},  # SXM; fp32 = TF32
-                     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12},
-                     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}}
+# Dense (no sparsity) peaks from NVIDIA's data sheets, FLOP/s: the usual MFU denominator on GPUs. bf16/fp16 on
+# tensor cores; fp32 is plain FP32 (PyTorch leaves TF32 matmuls off, and so do we). The first key contained in
+# the device name wins: the PCIe and NVL H100s before the SXM one.
+NOMINAL_GPU_PEAKS = {"H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+                     "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12},
+                     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},  # SXM
+                     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+                     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
 
 
 def nominal_peak_flops(device: torch.device, precision: str) -> Optional[float]:

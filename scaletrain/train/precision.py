@@ -30,7 +30,7 @@ def _with_precision(cfg: Config, precision: str) -> Config:
 def choose(device: torch.device) -> tuple[str, str]:
     """(precision, why) that `auto` means on `device`."""
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # (emulated bf16 on a V100/T4: fp16 is native)
             return "bf16", f"{torch.cuda.get_device_name(device)} has bf16"
         return "fp16", f"{torch.cuda.get_device_name(device)} has no bf16"
     cap = torch.backends.cpu.get_cpu_capability()

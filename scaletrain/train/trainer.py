@@ -117,7 +117,7 @@ class Trainer:
         resolve_source(cfg.data.source, cfg.data.text_field)  # missing/empty data fails before DeepSpeed starts
         check_fused_ops(cfg.model.fused_ops, cuda=torch.cuda.is_available())
         check_backend(cfg.model.attention, torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=True,
-                      doc_mask=cfg.data.doc_mask, shape=cfg.model)  # flash without CUDA, flex's CPU backward, ...
+                      doc_mask=cfg.data.doc_mask, shape=cfg.model, precision=cfg.train.precision)  # flash without CUDA, ...
         # estimated memory per rank vs what a rank has (scaletrain plan), before anything is written; a growing
         # run is checked at its last (largest) stage
         check_fits(RunGrowth(cfg).config_at(len(cfg.growth.schedule)))
@@ -177,7 +177,7 @@ class Trainer:
 
         torch.manual_seed(self.cfg.train.seed)  # identical init on every rank and every ZeRO stage
         check_backend(self.shape.attention, self.dist.device, training=True, doc_mask=self.cfg.data.doc_mask,
-                      shape=self.shape)
+                      shape=self.shape, precision=self.cfg.train.precision)
         model = build_model(self.shape, self.cfg, self.eos_id)
         if weights_from is not None:
             from scaletrain.weights import load_into, open_weights
@@ -387,6 +387,8 @@ class Trainer:
                     n_params, fpt = self._sizes()
                 step_t0, early = time.time(), False
                 last_loss = self.train_step()
+                if d.device.type == "cuda":  # the optimizer step and ZeRO's gathers are still queued on the GPU
+                    torch.cuda.synchronize(d.device)
                 step_s = time.time() - step_t0
                 window.add(tokens_per_step, step_s)
                 if self.step % t.log_every == 0 or self.step == 1 or self.step == t.max_steps:
