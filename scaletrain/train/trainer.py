@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -19,8 +18,7 @@ import torch.distributed as tdist
 
 from scaletrain import __version__, lineage
 from scaletrain.config import Config, deepspeed_config
-from scaletrain.data.prepare import find_cache, open_cache, prepare_data
-from scaletrain.data.sampler import eval_window_count, eval_window_ids, micro_batch_ids
+from scaletrain.data.sampler import micro_batch_ids
 from scaletrain.data.sources import resolve_source
 from scaletrain.errors import UserError
 from scaletrain.growth.in_run import RunGrowth, grow
@@ -30,10 +28,9 @@ from scaletrain.model.docmask import document_ids
 from scaletrain.model import classify
 from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
-from scaletrain.model.loss import IGNORE_INDEX
 from scaletrain.train import checkpoint, finetune, init_from, precision
-from scaletrain.train.distributed import (Dist, all_reduce_sum, any_rank, collectives_status, launcher_rank,
-                                          main_rank_does, setup, shutdown)
+from scaletrain.train.distributed import (all_reduce_sum, any_rank, collectives_status, launcher_rank, main_rank_does,
+                                          setup, shutdown)
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
 from scaletrain.train.perf import compile_model
 from scaletrain.plan import check_fits
@@ -42,6 +39,7 @@ from scaletrain.train.guard import StepGuard
 from scaletrain.train.run_dir import RunDir, RunLock, launch_info
 from scaletrain.train.run_lineage import weights_id
 from scaletrain.train.schedule import WarmupCosine, lr_at
+from scaletrain.train.validation import load_data, validate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,23 +84,6 @@ def build_model(shape: LlamaShape, cfg: Config, pad_id: int = 2) -> LlamaForCaus
     model = classify.build_model(shape, loss_chunk=cfg.train.loss_chunk, pad_id=pad_id)
     use_fused_ops(model, cfg.model.fused_ops, cuda=torch.cuda.is_available())
     return compile_model(model) if cfg.train.compile else model
-
-
-def load_data(cfg: Config, dist: Dist):
-    """Rank 0 builds the cache when missing (however long tokenising takes); the others wait for it, then open it.
-    A rank that cannot see it -- another node without the shared filesystem, or other copies of the data files
-    (the cache is named after their sizes and dates) -- stops every rank with one line instead of a traceback."""
-    cache = main_rank_does(lambda: prepare_data(cfg, progress=True))
-    if not dist.is_main:
-        path = find_cache(cfg)[0]
-        cache = open_cache(path)
-    if any_rank(cache is None):
-        if cache is None:
-            raise UserError(f"rank {dist.rank} on {socket.gethostname()} cannot see the data cache {path} rank 0 prepared: "
-                            "data.cache_dir and data.source must be the same files on every node (a shared filesystem)")
-        raise UserError("another rank cannot see the data cache rank 0 prepared (its own error says where): data.cache_dir "
-                        "and data.source must be the same files on every node (a shared filesystem)")
-    return cache
 
 
 class Trainer:
@@ -276,48 +257,15 @@ class Trainer:
             value = self._grad_norm
         return float(value) if value is not None else None
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
+        """val/loss (and the classifier's accuracy/F1) on the fixed val windows; None without a val split."""
         if self.val_stream is None:
             return None
-        t, d = self.cfg.train, self.dist
-        # The same set of windows for any world size; the same number of forwards on every rank (ZeRO-3 forwards
-        # are collective, a rank with fewer would hang the others): a rank short of a window repeats one whose
-        # targets are then ignored.
-        total = eval_window_count(t.eval_batches * t.micro_batch_size, self.val_stream.num_windows)
-        if total == 0:
+        metrics = validate(self.engine, self.val_stream, self.cfg, self.dist, self._loss)
+        if metrics is None:
             return None
-        ids, real = eval_window_ids(self.val_stream.num_windows, total, d.rank, d.world)
-        self.engine.eval()
-        loss_sum, n, k = 0.0, 0, self.cfg.model.num_labels
-        conf = torch.zeros(k, k, dtype=torch.float64) if k else None  # classifier: [true, predicted] counts
-        for i in range(0, len(ids), t.micro_batch_size):
-            chunk = ids[i : i + t.micro_batch_size]
-            x, y = self.val_stream.batch(chunk)
-            if real - i < len(chunk):  # repeated windows (padding a rank to the others' count) count nothing
-                y = y.clone()  # (a text window's targets share memory with its inputs)
-                y[max(0, real - i):] = IGNORE_INDEX
-            if conf is None:  # mean over counted tokens (prompt/completion windows count different numbers)
-                counted = int((y != IGNORE_INDEX).sum())
-                loss = self._loss(x, y).item()
-                loss_sum, n = (loss_sum + loss * counted, n + counted) if counted else (loss_sum, n)
-            else:
-                logits = self.engine(x.to(self.dist.device)).float()
-                keep = y != IGNORE_INDEX
-                loss_sum += torch.nn.functional.cross_entropy(logits[keep], y[keep].to(logits.device), reduction="sum").item()
-                finetune.confusion_update(conf, logits[keep], y[keep])
-                n += int(keep.sum())
-        self.engine.train()
-        sums = all_reduce_sum([loss_sum, float(n)] + (conf.flatten().tolist() if conf is not None else []))
-        loss_sum, n = sums[:2]
-        if n == 0:  # no window of this val set has a target token
-            return None
-        self.last_val_loss = loss_sum / n
-        self.val_metrics = {"val/loss": loss_sum / n, "val/ppl": math.exp(min(loss_sum / n, 50))}
-        if conf is not None:
-            scores = finetune.classification_metrics(torch.tensor(sums[2:]).view(k, k))
-            self.val_metrics.update({"val/accuracy": scores["accuracy"], "val/f1": scores["f1"]})
-        return loss_sum / n
+        self.val_metrics, self.last_val_loss = metrics, metrics["val/loss"]
+        return self.last_val_loss
 
     def save(self) -> Path | None:
         client = {
