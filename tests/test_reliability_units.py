@@ -238,7 +238,13 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     check_file(tmp_path / "rng_rank0.pt")
     rng.restore(torch.load(tmp_path / "rng_rank0.pt", weights_only=True))
     assert (random.random(), np.random.normal(), float(torch.rand(1))) == want
-    rng.restore({"torch": torch.get_rng_state()})  # a checkpoint from before python/numpy states were saved
+    # a checkpoint from before python/numpy states were saved: its torch state is restored, the others left alone
+    torch.manual_seed(4)
+    old_torch = torch.get_rng_state()
+    expect_torch = float(torch.rand(1))
+    py_next = random.getstate()
+    rng.restore({"torch": old_torch})
+    assert float(torch.rand(1)) == expect_torch and random.getstate() == py_next
 
 
 def test_damaged_manifest_and_latest_are_reasons_not_exceptions(tmp_path):
