@@ -316,3 +316,27 @@ def test_a_resume_with_another_tokenizer_is_refused(tmp_path):
     assert (run / "tokenizer" / "tokenizer.model").read_bytes() == b"the run's pieces"
     check_tokenizer(run, cache / "tokenizer.model", resuming=False)
     assert not (run / "tokenizer").exists()
+
+
+@pytest.mark.parametrize("named", ["unset", "the HF dir itself", "a file inside it"])
+def test_a_fine_tune_resumes_after_its_init_from_source_is_gone(tmp_path, named):
+    """init.from was deleted (a purged scratch dir); the run has its own checkpoint and tokenizer copy: the start
+    warns and takes the run's tokenizer, whether data.tokenizer was unset or named the source's (as the run's
+    config.yaml does: an HF dir itself, or a file under a checkpoint dir)."""
+    from scaletrain.train.init_from import resolve
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    (run / "checkpoints" / "global_step4").mkdir(parents=True)
+    (run / "checkpoints" / "global_step4" / "manifest.json").write_text("{}")
+    (run / "tokenizer").mkdir()
+    (run / "tokenizer" / "tokenizer.json").write_text("{}")
+    tok = {"unset": [], "the HF dir itself": [f"data.tokenizer={base}"],
+           "a file inside it": [f"data.tokenizer={base / 'tokenizer' / 'tokenizer.model'}"]}[named]
+    cfg = load_config(TINY_YAML, [f"init.from={base}", f"run.dir={run}", *tok])
+    said = []
+    out = resolve(cfg, warn=said.append)
+    assert out.data.tokenizer == str((run / "tokenizer").resolve())
+    assert len(said) == 1 and "resuming" in said[0] and "from its own checkpoints" in said[0]
+    (run / "checkpoints" / "global_step4" / "manifest.json").unlink()  # nothing saved yet: the source is needed
+    with pytest.raises(UserError, match="init.from"):
+        resolve(cfg, warn=said.append)

@@ -159,7 +159,7 @@ def main_rank_does(work, poll_s: float = 0.5):
             _tell_and_wait(store, key, f"user:{e}", world)
             raise
         except BaseException as e:
-            _tell_and_wait(store, key, f"fail:{type(e).__name__}: {e}", world)
+            _tell_and_wait(store, key, f"fail:{type(e).__name__}: {(str(e).splitlines() or [''])[0]}", world)
             raise
         if store is not None:
             store.set(key, "ok")

@@ -65,7 +65,8 @@ def _resume_without_source(cfg: Config, problem: str, warn) -> Config:
     warn(f"warning: init.from: {problem}; resuming {run_dir} from its own checkpoints (they hold all the weights)")
     source = Path(cfg.init.from_).expanduser().absolute()
     named = Path(cfg.data.tokenizer).expanduser().absolute() if cfg.data.tokenizer else None
-    if named is None or (not named.exists() and {source, source.resolve()} & set(named.parents)):  # (run.dir/config.yaml names the source's)
+    # (run.dir/config.yaml names the source's tokenizer: a file under it, or the HF dir itself)
+    if named is None or (not named.exists() and {source, source.resolve()} & {named, *named.parents}):
         tok = checkpoint_tokenizer(run_dir)
         if tok is None:
             raise UserError(f"init.from: {problem}, and run.dir {run_dir} has no tokenizer/ copy to resume with; "

@@ -115,22 +115,31 @@ class RunDir:
 
         from scaletrain.train.distributed import any_rank
 
-        token = [None]
+        token, failed = [None], None
         probe = self.path / "pids" / ".shared-check"
         if dist.is_main:
-            token[0] = secrets.token_hex(8)
-            write_text_atomic(probe, token[0])
+            try:
+                write_text_atomic(probe, secrets.token_hex(8))
+                token[0] = probe.read_text()
+            except OSError as e:  # told after the broadcast: the other ranks are already on their way into it
+                failed = f"run.dir {self.path} cannot be written ({e.strerror or e}); choose another run.dir"
         if dist.world == 1:
+            if failed:
+                raise UserError(failed)
             return
         tdist.broadcast_object_list(token, src=0)
         try:
-            seen = probe.read_text()
+            seen = probe.read_text() if token[0] is not None else None
         except OSError:
             seen = None
-        if any_rank(seen != token[0]):
-            if seen != token[0]:
+        if any_rank(token[0] is None or seen != token[0]):
+            if failed:
+                raise UserError(failed)
+            if token[0] is not None and seen != token[0]:
                 raise UserError(f"run.dir {self.path} is not the directory rank 0 writes (rank {dist.rank} on "
                                 f"{socket.gethostname()} does not see its files): put run.dir on a filesystem every node shares")
+            if token[0] is None:
+                raise UserError(f"run.dir {self.path} cannot be written by rank 0 (its error says why); choose another run.dir")
             raise UserError(f"run.dir {self.path} is not shared with every node (another rank's error says which): put "
                             "run.dir on a filesystem every node shares")
 

@@ -27,13 +27,17 @@ def load_data(cfg: Config, dist: Dist):
     A rank that cannot see it -- another node without the shared filesystem, or other copies of the data files
     (the cache is named after their sizes and dates) -- stops every rank with one line instead of a traceback."""
     cache = main_rank_does(lambda: prepare_data(cfg, progress=True))
+    problem = None
     if not dist.is_main:
-        path = find_cache(cfg)[0]
-        cache = open_cache(path)
+        try:  # (data.tokenizer missing on this node, a damaged node-local copy: its reason, after the agreement)
+            path = find_cache(cfg)[0]
+            cache = open_cache(path)
+        except UserError as e:
+            cache, problem = None, str(e)
     if any_rank(cache is None):
         if cache is None:
-            raise UserError(f"rank {dist.rank} on {socket.gethostname()} cannot see the data cache {path} rank 0 prepared: "
-                            "data.cache_dir and data.source must be the same files on every node (a shared filesystem)")
+            raise UserError(problem or f"rank {dist.rank} on {socket.gethostname()} cannot see the data cache {path} rank 0 "
+                            "prepared: data.cache_dir and data.source must be the same files on every node (a shared filesystem)")
         raise UserError("another rank cannot see the data cache rank 0 prepared (its own error says where): data.cache_dir "
                         "and data.source must be the same files on every node (a shared filesystem)")
     return cache
