@@ -30,6 +30,14 @@ def fsync_tree(root: Path) -> None:
     fsync_dir(Path(root))
 
 
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished temp dir to `final`, everything in it on the disk first and the rename after
+    (OSError from the rename is the caller's: `final` appeared meanwhile, say)."""
+    fsync_tree(tmp)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
 def _temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
 

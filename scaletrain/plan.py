@@ -106,9 +106,9 @@ def memory_per_rank(cfg: Config, ranks: int, device: str = "cpu") -> MemoryPlan:
     transient = 4 * P if device == "cpu" and not (z.stage == 0 and e == 4) else 0.0
     offloaded = 0.0
     if z.offload_optimizer == "cpu":  # the optimizer step runs on the CPU: its fp32 gradient partition lives there too
-        offloaded += optimizer + (4 * P / D if z.stage >= 1 else 0)
-        optimizer = 0.0
-        grads -= 4 * P / D if z.stage >= 1 else 0
+        fp32_grads = 4 * P / D if z.stage >= 1 else 0.0
+        offloaded += optimizer + fp32_grads
+        optimizer, grads = 0.0, grads - fp32_grads
     if z.offload_param == "cpu":  # the shards live in CPU memory; the layer being computed is still gathered here
         gathered = (P / max(1, m.num_layers)) * e if z.stage == 3 else 0.0
         offloaded += params - gathered

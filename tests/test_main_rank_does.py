@@ -39,3 +39,19 @@ def test_the_others_outwait_the_collective_timeout(tmp_path):
 def test_rank_0s_error_is_every_rank_s_error(tmp_path):
     results = _run(_failing_work, 3, tmp_path, timeout_s=30)
     assert [r["error"] for r in results] == ["data.source /nowhere does not exist; give a file or directory"] * 3
+
+
+def _one_rank_cannot(rank: int, world: int):
+    from scaletrain.train.distributed import stop_all_if
+
+    try:
+        stop_all_if("rank 1 cannot see /shared/cache" if rank == 1 else None, "another rank cannot (its error says)")
+    except UserError as e:
+        return {"error": str(e)}
+    return {"error": None}
+
+
+def test_a_problem_on_one_rank_stops_every_rank_with_a_reason(tmp_path):
+    results = _run(_one_rank_cannot, 3, tmp_path, timeout_s=30)
+    assert [r["error"] for r in results] == ["another rank cannot (its error says)", "rank 1 cannot see /shared/cache",
+                                             "another rank cannot (its error says)"]

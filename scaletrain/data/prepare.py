@@ -27,7 +27,7 @@ from scaletrain.data.sources import Source, iter_documents, resolve_source
 from scaletrain.data.split import split_key
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.data.worker_pool import worker_pool
-from scaletrain.durable import fsync_dir, fsync_tree, temp_dir_beside
+from scaletrain.durable import publish_dir, temp_dir_beside
 from scaletrain.errors import UserError
 
 CACHE_FORMAT = 2
@@ -157,10 +157,8 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
         meta = _build(cfg, src, tmp, progress)
         meta["fingerprint"] = final.name
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        fsync_tree(tmp)  # on disk before it counts: a power cut must not leave a short cache that looks complete
-        try:
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
+        try:  # on disk before it counts: a power cut must not leave a short cache that looks complete
+            publish_dir(tmp, final)
         except OSError:  # another process finished the same cache first: keep theirs
             if open_cache(final) is None:
                 raise

@@ -61,7 +61,8 @@ _VERIFIED: dict[Path, tuple] = {}
 
 
 def _signature(paths: list[Path]) -> tuple:
-    return tuple((str(p), st.st_size, st.st_mtime_ns, st.st_ino) for p in paths if (st := p.stat()))
+    stats = [(p, p.stat()) for p in paths]
+    return tuple((str(p), st.st_size, st.st_mtime_ns, st.st_ino) for p, st in stats)
 
 
 def verify(tag_dir: Path) -> Optional[str]:

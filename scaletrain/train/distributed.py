@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -139,8 +140,6 @@ def main_rank_does(work, poll_s: float = 0.5):
     error if rank 0 dies. Returns work()'s result on rank 0 (None elsewhere); a UserError there is raised on
     every rank with the same message, any other failure as "rank 0 failed"."""
     global _solo_calls
-    import time
-
     from scaletrain.errors import UserError
 
     _solo_calls += 1
@@ -184,8 +183,6 @@ def _tell_and_wait(store, key: str, value: str, world: int, patience_s: float = 
     """Post rank 0's failure and give the others a moment to read it before rank 0 exits with its store."""
     if store is None:
         return
-    import time
-
     store.set(key, value)
     deadline = time.monotonic() + patience_s
     while store.add(f"{key}/seen", 0) < world - 1 and time.monotonic() < deadline:
@@ -204,3 +201,12 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
 def any_rank(flag: bool) -> bool:
     return all_reduce_sum([1.0 if flag else 0.0])[0] > 0
+
+
+def stop_all_if(problem: str | None, elsewhere: str) -> None:
+    """Collective. When any rank has a problem, every rank stops with a UserError: its own reason, or `elsewhere`
+    (a rank must not raise alone: the others would wait for it in their next collective)."""
+    from scaletrain.errors import UserError
+
+    if any_rank(problem is not None):
+        raise UserError(problem or elsewhere)

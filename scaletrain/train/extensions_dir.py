@@ -2,8 +2,9 @@
 start-up costs of DeepSpeed we skip (its CPU comm op) or defer (compiling Muon).
 
 torch builds extensions under one directory per Python/torch version (`~/.cache/torch_extensions/py311_cpu`)
-whatever the venv or the CPU (DeepSpeed compiles its ops with -march=native). Two venvs then rebuild each other's op (the sources' paths differ) and wait on each other's
-lock; a rank killed during the build leaves its `lock` file behind and every later run waits on it forever.
+whatever the venv or the CPU (DeepSpeed compiles its ops with -march=native). Two venvs then rebuild each
+other's op (the sources' paths differ) and wait on each other's lock; a rank killed during the build leaves
+its `lock` file behind and every later run waits on it forever.
 So each venv (and CPU) gets a directory of its own, and a lock older than any build is reported and removed.
 """
 

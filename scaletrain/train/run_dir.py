@@ -113,35 +113,30 @@ class RunDir:
 
         import torch.distributed as tdist
 
-        from scaletrain.train.distributed import any_rank
+        from scaletrain.train.distributed import stop_all_if
 
-        token, failed = [None], None
+        token, problem = [None], None
         probe = self.path / "pids" / ".shared-check"
         if dist.is_main:
             try:
                 write_text_atomic(probe, secrets.token_hex(8))
                 token[0] = probe.read_text()
-            except OSError as e:  # told after the broadcast: the other ranks are already on their way into it
-                failed = f"run.dir {self.path} cannot be written ({e.strerror or e}); choose another run.dir"
-        if dist.world == 1:
-            if failed:
-                raise UserError(failed)
-            return
-        tdist.broadcast_object_list(token, src=0)
-        try:
-            seen = probe.read_text() if token[0] is not None else None
-        except OSError:
-            seen = None
-        if any_rank(token[0] is None or seen != token[0]):
-            if failed:
-                raise UserError(failed)
-            if token[0] is not None and seen != token[0]:
-                raise UserError(f"run.dir {self.path} is not the directory rank 0 writes (rank {dist.rank} on "
-                                f"{socket.gethostname()} does not see its files): put run.dir on a filesystem every node shares")
-            if token[0] is None:
-                raise UserError(f"run.dir {self.path} cannot be written by rank 0 (its error says why); choose another run.dir")
-            raise UserError(f"run.dir {self.path} is not shared with every node (another rank's error says which): put "
-                            "run.dir on a filesystem every node shares")
+            except OSError as e:  # said after the broadcast: the other ranks are already on their way into it
+                problem = f"run.dir {self.path} cannot be written ({e.strerror or e}); choose another run.dir"
+        if dist.world > 1:
+            tdist.broadcast_object_list(token, src=0)
+        if not dist.is_main and token[0] is None:
+            problem = f"run.dir {self.path} cannot be written by rank 0 (its error says why); choose another run.dir"
+        elif not dist.is_main:
+            try:
+                seen = probe.read_text()
+            except OSError:
+                seen = None
+            if seen != token[0]:
+                problem = (f"run.dir {self.path} is not the directory rank 0 writes (rank {dist.rank} on "
+                           f"{socket.gethostname()} does not see its files): put run.dir on a filesystem every node shares")
+        stop_all_if(problem, f"run.dir {self.path} is not shared with every node (another rank's error says which): put "
+                    "run.dir on a filesystem every node shares")
 
     def write_status(self, **fields: Any) -> None:
         status = self.status()

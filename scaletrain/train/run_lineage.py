@@ -51,7 +51,9 @@ def check_tokenizer(run_dir: Path, tokenizer: Path, resuming: bool) -> None:
     if files(dest) == files(tokenizer):
         return
     if resuming:
-        kept = dest / "tokenizer.model" if (dest / "tokenizer.model").is_file() and not (dest / "tokenizer.json").is_file() else dest
+        from scaletrain.weights.sources import checkpoint_tokenizer
+
+        kept = checkpoint_tokenizer(Path(run_dir)) or dest
         raise UserError(f"run.dir {run_dir} was trained with another tokenizer than this start's data gets (data.source "
                         f"or data.tokenizer changed): keep the run's with data.tokenizer={kept}, or use a new run.dir")
     shutil.rmtree(dest)

@@ -19,7 +19,7 @@ from scaletrain.data.sampler import eval_window_count, eval_window_ids
 from scaletrain.errors import UserError
 from scaletrain.model.loss import IGNORE_INDEX
 from scaletrain.train import finetune
-from scaletrain.train.distributed import Dist, all_reduce_sum, any_rank, main_rank_does
+from scaletrain.train.distributed import Dist, all_reduce_sum, main_rank_does, stop_all_if
 
 
 def load_data(cfg: Config, dist: Dist):
@@ -32,16 +32,14 @@ def load_data(cfg: Config, dist: Dist):
         try:  # (data.tokenizer missing on this node, a damaged node-local copy: its reason, after the agreement)
             path = find_cache(cfg)[0]
             cache = open_cache(path)
+            if cache is None:
+                problem = (f"rank {dist.rank} on {socket.gethostname()} cannot see the data cache {path} rank 0 prepared: "
+                           "data.cache_dir and data.source must be the same files on every node (a shared filesystem)")
         except UserError as e:
-            cache, problem = None, str(e)
-    if any_rank(cache is None):
-        if cache is None:
-            raise UserError(problem or f"rank {dist.rank} on {socket.gethostname()} cannot see the data cache {path} rank 0 "
-                            "prepared: data.cache_dir and data.source must be the same files on every node (a shared filesystem)")
-        raise UserError("another rank cannot see the data cache rank 0 prepared (its own error says where): data.cache_dir "
-                        "and data.source must be the same files on every node (a shared filesystem)")
+            problem = str(e)
+    stop_all_if(problem, "another rank cannot see the data cache rank 0 prepared (its own error says where): "
+                "data.cache_dir and data.source must be the same files on every node (a shared filesystem)")
     return cache
-
 
 
 @torch.no_grad()

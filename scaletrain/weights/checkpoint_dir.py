@@ -16,7 +16,7 @@ from scaletrain import lineage
 from scaletrain.config import Config
 from scaletrain.errors import UserError
 from scaletrain.data.hf_tokenizer import copy_tokenizer_files
-from scaletrain.durable import fsync_dir, fsync_tree, temp_dir_beside
+from scaletrain.durable import publish_dir, temp_dir_beside
 from scaletrain.weights.sources import CONFIG_YAML, TOKENIZER_DIR, WeightSource
 from scaletrain.weights.writer import write_safetensors
 
@@ -49,15 +49,13 @@ def staged(out: Path) -> Iterator[Path]:
         raise UserError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
     try:
         yield tmp
-        fsync_tree(tmp)  # on disk before it appears complete under its final name
-        try:
+        try:  # on disk before it appears complete under its final name
             if out.exists():
                 out.rmdir()  # empty when checked; not if something was put there meanwhile
-            os.rename(tmp, out)
+            publish_dir(tmp, out)
         except OSError as e:
             raise UserError(f"--out {out} could not be put in place ({e.strerror}): something else is writing "
                             f"there; choose a new directory (nothing of it was changed)") from None
-        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
