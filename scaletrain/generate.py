@@ -46,9 +46,11 @@ def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, ge
 
 @torch.no_grad()
 def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None) -> list[int]:
+             top_p: float = 1.0, seed: int = 0, eos_id: Optional[int] = None, vocab: Optional[int] = None) -> list[int]:
     """New token ids after `prompt_ids` (stops at EOS, which is included, or at max_seq_len).
-    One forward over the prompt, then one token per step against the KV cache."""
+    One forward over the prompt, then one token per step against the KV cache. `vocab`: the tokenizer's size;
+    a model whose vocab_size is larger (padded, or a smaller custom tokenizer) never picks an id past it,
+    which the tokenizer could not decode."""
     if not prompt_ids:
         raise UserError("the prompt encodes to no tokens; give a non-empty --prompt")
     limit = model.shape.max_seq_len
@@ -60,6 +62,9 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature
     out: list[int] = []
     pos = len(prompt_ids)
     while len(out) < max_new_tokens:
+        if vocab is not None and vocab < logits.numel():
+            logits = logits.clone()
+            logits[vocab:] = float("-inf")
         nxt = _pick(logits, temperature, top_k, top_p, gen)
         out.append(nxt)
         if nxt == eos_id or pos + 1 >= limit:  # it sits at index pos: prompt + output stay within the context

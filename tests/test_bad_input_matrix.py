@@ -264,6 +264,15 @@ def c_eval_batch_size_zero(tmp, base):
     return ["eval", str(tmp / "run"), "--batch-size", "0"], ("--batch-size", "at least 1")
 
 
+def c_generate_temperature_nan(tmp, base):
+    return ["generate", str(tmp / "run"), "--prompt", "x", "--temperature", "nan"], ("--temperature >= 0",)
+
+
+def c_generate_prompt_not_utf8(tmp, base):
+    """Latin-1 bytes in argv reach Python as lone surrogates, which the tokenizer cannot take."""
+    return ["generate", str(tmp / "run"), "--prompt", "caf\udce9"], ("--prompt", "UTF-8")
+
+
 def c_grow_negative_check_windows(tmp, base):
     return ["grow", str(tmp / "run"), "--out", str(tmp / "child"), "--set", "model.num_layers=2",
             "--check-windows", "-1"], ("--check-windows", "at least 0")

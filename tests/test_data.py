@@ -281,35 +281,6 @@ def test_local_txt_jsonl_parquet_sources(tmp_path, data_cache_dir, cache):
     assert c.meta["docs"] == {"train": len(expected), "val": 0}
 
 
-def test_glob_and_single_file_sources(tmp_path):
-    d = copy_corpus(tmp_path / "g", TOP_LEVEL[:3])
-    (d / "x.md").write_text("# markdown counts as text\n")
-    assert len(resolve_source(str(d / "*.txt")).files) == 3
-    assert len(resolve_source(str(d)).files) == 4
-    one = resolve_source(str(d / "x.md"))
-    assert [t for _, t in iter_documents(one)] == ["# markdown counts as text\n"]
-
-
-def test_text_files_are_read_by_datasets_one_document_each(tmp_path, monkeypatch):
-    """Every .txt/.md of a source in one `datasets` call (text builder, sample_by=document): one document per
-    file in path order, empty files skipped, Windows line ends read as \\n (text mode)."""
-    import datasets
-
-    d = tmp_path / "t"
-    d.mkdir()
-    (d / "a.txt").write_bytes(b"first line\r\nsecond line\r\n")
-    (d / "b.txt").write_bytes(b"")
-    (d / "c.md").write_text("# third\n\n\nparagraphs stay in one document\n")
-    calls = []
-    real = datasets.load_dataset
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
-    docs = list(iter_documents(resolve_source(str(d))))
-    assert [Path(i).name for i, _ in docs] == ["a.txt", "c.md"]
-    assert [t for _, t in docs] == ["first line\nsecond line\n", "# third\n\n\nparagraphs stay in one document\n"]
-    assert len(calls) == 1 and calls[0][0] == ("text",) and calls[0][1]["sample_by"] == "document"
-    assert [Path(f).name for f in calls[0][1]["data_files"]] == ["a.txt", "b.txt", "c.md"]
-
-
 def test_bad_sources_are_user_errors(tmp_path, data_cache_dir):
     (tmp_path / "notes.docx").write_text("hello")
     with pytest.raises(UserError, match=r"\.docx"):
@@ -319,14 +290,6 @@ def test_bad_sources_are_user_errors(tmp_path, data_cache_dir):
     good = copy_corpus(tmp_path / "ok", TOP_LEVEL[:1])
     with pytest.raises(UserError, match="nope.model"):
         prepare_data(cfg_for(good, data_cache_dir, f"data.tokenizer={tmp_path / 'nope.model'}"), progress=False)
-
-
-def test_text_field_changes_fingerprint(tmp_path):
-    d = tmp_path / "j"
-    d.mkdir()
-    (d / "a.jsonl").write_text('{"text": "x", "body": "y"}\n')
-    assert resolve_source(str(d), "text").fingerprint() != resolve_source(str(d), "body").fingerprint()
-    assert [t for _, t in iter_documents(resolve_source(str(d), "body"))] == ["y"]
 
 
 def test_existing_sentencepiece_model_is_used(cache, corpus, data_cache_dir, tmp_path):

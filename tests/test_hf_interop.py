@@ -166,6 +166,7 @@ def test_greedy_generate_matches_hf(hf_dir, imported):
     ref = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1] :].tolist()
     assert out["ids"] == ref
     assert len(set(ref)) > 3  # a varied continuation, not one repeated token
+    assert prompt + out["text"] == tok.decode(ids[0].tolist() + ref, skip_special_tokens=True)  # JSON = plain output
 
 
 def test_eval_loss_matches_hf(tmp_path, hf_dir, imported):
@@ -274,6 +275,30 @@ def test_generate_prints_the_continuation_as_decoded_after_the_prompt():
     tok = MetaspaceLike()
     assert tok.decode([1]) == "world"
     assert "Hello" + continuation(tok, [0], [1, 2]) == "Hello world!"
+
+
+def test_generate_never_picks_an_id_the_tokenizer_cannot_decode():
+    """A model vocab larger than its tokenizer (padded, or a smaller custom .model): those ids would crash decode."""
+    from scaletrain.generate import generate
+    from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
+
+    torch.manual_seed(0)
+    inner = LlamaForCausalLM(LlamaShape(32, 1, 4, 2, 64, 50, max_seq_len=64)).eval()
+
+    class TailWins:  # the ids past the tokenizer get the highest logits
+        shape, new_caches = inner.shape, inner.new_caches
+
+        def __call__(self, *args, **kwargs):
+            logits = inner(*args, **kwargs)
+            logits[..., 40:] += 50.0
+            return logits
+
+    with torch.no_grad():
+        free = generate(TailWins(), [3, 4], max_new_tokens=20, temperature=1.0, seed=1)
+        capped = generate(TailWins(), [3, 4], max_new_tokens=20, temperature=1.0, seed=1, vocab=40)
+        greedy = generate(TailWins(), [3, 4], max_new_tokens=20, temperature=0.0, vocab=40)
+    assert min(free) >= 40
+    assert max(capped) < 40 and max(greedy) < 40 and len(capped) == 20
 
 
 def test_generate_stays_within_the_context():

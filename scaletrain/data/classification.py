@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from scaletrain.data.sampler import WindowStream
-from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, first_row, iter_rows
+from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, first_row, iter_rows, utf8_text
 from scaletrain.data.split import split_key
 from scaletrain.errors import UserError
 
@@ -30,7 +30,7 @@ def _check_row(row, where: str, text_field: str) -> tuple[str, int]:
         label = int(label)
     if not isinstance(label, int) or label < 0:
         raise UserError(f"{where}: 'label' must be a class id 0, 1, ... (got {label!r})")
-    return text, label
+    return utf8_text(text, where, text_field), label
 
 
 def iter_labelled(src: Source) -> Iterator[tuple[str, int]]:

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from scaletrain.data.sampler import WindowStream, seq_len_name
-from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, iter_rows
+from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, iter_rows, utf8_text
 from scaletrain.data.split import split_key
 from scaletrain.data.worker_pool import worker_pool
 from scaletrain.errors import UserError
@@ -31,7 +31,7 @@ def _check_row(row, where: str) -> tuple[str, str]:
         raise UserError(f"{where} needs string fields 'prompt' and 'completion' for data.format=prompt_completion")
     if not all(isinstance(row[f], str) for f in FIELDS):
         raise UserError(f"{where}: 'prompt' and 'completion' must be strings")
-    return row["prompt"], row["completion"]
+    return utf8_text(row["prompt"], where, "prompt"), utf8_text(row["completion"], where, "completion")
 
 
 def iter_examples(src: Source) -> Iterator[tuple[str, str]]:

@@ -164,14 +164,26 @@ def iter_documents(src: Source) -> Iterator[tuple[str, str]]:
 
 
 def iter_rows(path: Path) -> Iterator[tuple[str, object]]:
-    """(where, row) for each row of a .jsonl (one JSON value per line) or .parquet file; `where` ("file:line" or
-    "file row i") is for messages. A line that is not JSON is a one-line UserError naming its number."""
+    """(where, row) for each row of a .jsonl (one JSON value per line), a .json array or a .parquet file; `where`
+    ("file:line", "file item i" or "file row i") is for messages. Unreadable input is a one-line UserError."""
     if path.suffix in PARQUET_SUFFIXES:
         import datasets
 
         datasets.disable_progress_bars()
-        for i, row in enumerate(datasets.load_dataset("parquet", data_files=str(path), split="train")):
+        try:
+            rows = datasets.load_dataset("parquet", data_files=str(path), split="train")
+        except Exception as e:  # pyarrow raises many types (a Git LFS pointer, a truncated file)
+            raise UserError(f"could not read {path} as parquet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        for i, row in enumerate(rows):
             yield f"{path} row {i}", row
+        return
+    if path.suffix == ".json" and _is_json_array(path):
+        try:
+            rows = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path} is not valid JSON ({e}); fix it, or write one JSON object per line (.jsonl)") from None
+        for i, row in enumerate(rows):
+            yield f"{path} item {i}", row
         return
     with open(path, "rb") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -182,6 +194,24 @@ def iter_rows(path: Path) -> Iterator[tuple[str, object]]:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise UserError(f"{path}:{lineno} is not valid JSON; fix or delete that line") from None
             yield f"{path}:{lineno}", row
+
+
+def _is_json_array(path: Path) -> bool:
+    """A .json file holding one array (pretty-printed or not) rather than JSON lines."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def utf8_text(text: str, where: str, field: str) -> str:
+    """`text`, refused when it holds a lone surrogate: JSON's \\ud83d escapes allow half an emoji (cut-off scraped
+    text), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise UserError(f"{where}: '{field}' holds {text[e.start:e.end]!a}, half of a UTF-16 surrogate pair, which is no "
+                        "text; fix or delete that row") from None
+    return text
 
 
 def first_row(path: Path):
