@@ -71,8 +71,8 @@ def file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> 
     yield from _text_windows(np.asarray(ids, dtype=np.int64), seq_len, batch)
 
 
-def val_batches(src, seq_len: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The val split of the data the source was trained on (from its config's data cache)."""
+def training_cache(src):
+    """The data cache the source was trained on (its val split, and the EOS id its documents end with)."""
     from scaletrain.data.prepare import find_cache, open_cache
 
     if src.config is None:
@@ -80,9 +80,16 @@ def val_batches(src, seq_len: int, batch: int) -> Iterator[tuple[torch.Tensor, t
     cache = open_cache(find_cache(src.config)[0])
     if cache is None:
         raise UserError(f"no val split for {src.path}: its training data cache is not in {src.config.data.cache_dir}; pass --data FILE")
-    stream = cache.stream("val", seq_len, src.config.train.seed, required=False)
+    return cache
+
+
+def val_batches(src, seq_len: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The val split of the data the source was trained on (from its config's data cache)."""
+    stream = training_cache(src).stream("val", seq_len, src.config.train.seed, required=False)
     if stream is None:
-        raise UserError(f"{src.path}: the val split has fewer than {seq_len + 1} tokens; pass --data FILE or a smaller --seq-len")
+        what = (f"fewer than {seq_len + 1} tokens" if src.config.data.format == "text"
+                else f"no example that fits in {seq_len} tokens")
+        raise UserError(f"{src.path}: the val split has {what}; pass --data FILE or another --seq-len")
     return _stream_windows(stream, batch)
 
 

@@ -261,6 +261,26 @@ def test_init_from_shape_mismatch_is_a_one_line_diff(tmp_path, imported):
     assert not (tmp_path / "run").exists()
 
 
+def test_init_from_a_model_without_a_tokenizer_needs_data_tokenizer(tmp_path, hf_dir, imported, sp_model):
+    """A new tokenizer (what a start without one trains) would feed the pretrained embeddings unrelated ids."""
+    import shutil
+
+    from scaletrain.config import load_config
+    from scaletrain.errors import UserError
+    from scaletrain.train.init_from import resolve
+
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for f in hf_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, bare / f.name)
+    args = [f"init.from={bare}", f"run.dir={tmp_path / 'run'}"]
+    with pytest.raises(UserError, match="has no tokenizer.*set data.tokenizer"):
+        resolve(load_config(str(imported / "config.yaml"), args))
+    assert resolve(load_config(str(imported / "config.yaml"), [*args, f"data.tokenizer={sp_model}"])).data.tokenizer == str(sp_model)
+    assert resolve(load_config(str(imported / "config.yaml"), [f"init.from={hf_dir}", args[1]])).data.tokenizer == str(hf_dir.resolve())
+
+
 def test_generate_prints_the_continuation_as_decoded_after_the_prompt():
     """Llama-style decoders drop the leading space of a sequence's first piece: decoding the new ids alone
     glued 'Hello' and 'world' together."""

@@ -64,6 +64,10 @@ def test_prepare_prompt_completion_cache(tmp_path):
         targets = [t for t in row_y if t != IGNORE_INDEX]
         assert targets[-1] == tok.eos_id and tok.decode(targets[:-1]) == by_prompt[prompt]  # completion only
     assert cache.stream("val", 32, 0, required=False).num_windows == cache.meta["docs"]["val"]
+    # windows shorter than every prompt: the optional val split is left out (no validation), train is an error
+    assert cache.stream("val", 3, 0, required=False) is None
+    with pytest.raises(UserError, match="raise train.seq_len"):
+        cache.stream("train", 3, 0)
 
 
 @pytest.mark.slow

@@ -99,11 +99,12 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sigs):
     assert sorted(got) == sorted(expected) == list(range(1, 41))
     assert [got[s] for s in got] == [expected[s] for s in got], "resumed curve differs from the uninterrupted one"
     assert json.loads((resumed / "status.json").read_text())["state"] == "finished"
-    if ranks == 1:  # the same command once more: nothing to train, and the finished run's record stays as it was
-        status, events = (resumed / "status.json").read_text(), sorted((resumed / "tb").rglob("*"))
-        proc = run_training(ranks, [*common, f"run.dir={resumed}"])
+    if ranks == 1:  # the command once more (another lr): nothing to train; the finished run's record stays as it was
+        record = {f: (resumed / f).read_text() for f in ("status.json", "config.yaml", "ds_config.json")}
+        events = sorted((resumed / "tb").rglob("*"))
+        proc = run_training(ranks, [*common, f"run.dir={resumed}", "train.lr=5e-3"])
         assert "has finished: step 40 of train.max_steps 40" in proc.stdout, proc.stdout[-2000:]
-        assert (resumed / "status.json").read_text() == status and sorted((resumed / "tb").rglob("*")) == events
+        assert {f: (resumed / f).read_text() for f in record} == record and sorted((resumed / "tb").rglob("*")) == events
 
 
 def test_second_trainer_on_a_live_run_dir_is_refused(base, tmp_path):

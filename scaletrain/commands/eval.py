@@ -12,7 +12,7 @@ from scaletrain.commands.common import positive_int
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from scaletrain.evaluate import evaluate, file_batches, val_batches
+    from scaletrain.evaluate import evaluate, file_batches, training_cache, val_batches
     from scaletrain.generate import load_model
 
     model, tok, src = load_model(args.source, need_tokenizer=args.data is not None)
@@ -26,11 +26,7 @@ def run(args: argparse.Namespace) -> int:
         batches = val_batches(src, seq_len, args.batch_size)
     doc_eos = None
     if src.config is not None and src.config.data.doc_mask:  # evaluated as it was trained: within documents
-        if tok is None:
-            from scaletrain.data.tokenizer import load_tokenizer
-
-            tok = load_tokenizer(src.tokenizer) if src.tokenizer is not None else None
-        doc_eos = tok.eos_id if tok is not None else None
+        doc_eos = tok.eos_id if args.data else int(training_cache(src).meta["eos_id"])
     res = evaluate(model, batches, doc_eos)
     if args.json:
         print(json.dumps(res))

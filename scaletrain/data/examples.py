@@ -94,8 +94,7 @@ class ExampleStream(WindowStream):
     Same shuffling / window-id interface as WindowStream (exact resume and rank-count independence)."""
 
     def __init__(self, tokens: np.ndarray, index: np.ndarray, seq_len: int, seed: int, pad_id: int, split: str = "train"):
-        # An example whose prompt fills the window has no target left: it would make a NaN loss.
-        usable = index[:, 2] < np.minimum(index[:, 1], seq_len + 1)
+        usable = self.usable(index, seq_len)
         self.index = index[usable]
         self.dropped = int((~usable).sum())
         if len(self.index) == 0:
@@ -103,6 +102,11 @@ class ExampleStream(WindowStream):
         self.tokens, self.seq_len, self.seed, self.pad_id = tokens, seq_len, seed, pad_id
         self.num_windows = len(self.index)
         self._perm_epoch, self._perm = -1, None
+
+    @staticmethod
+    def usable(index: np.ndarray, seq_len: int) -> np.ndarray:
+        """Which examples have a target within the window: one whose prompt fills it would make a NaN loss."""
+        return index[:, 2] < np.minimum(index[:, 1], seq_len + 1)
 
     def batch(self, window_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.seq_len

@@ -62,7 +62,7 @@ class DataCache:
             from scaletrain.data.examples import ExampleStream
 
             index = np.load(self.dir / f"{split}.idx.npy")
-            if not required and len(index) == 0:
+            if not required and not ExampleStream.usable(index, seq_len).any():  # none, or none that fits
                 return None
             return ExampleStream(tokens, index, seq_len, seed, self.meta["eos_id"], split)
         if not required and len(tokens) <= seq_len:

@@ -44,6 +44,13 @@ def tag_name(step: int) -> str:
     return f"global_step{step}"
 
 
+def step_of(tag: str) -> int:
+    m = TAG_RE.match(tag)
+    if m is None:
+        raise ValueError(f"not a checkpoint tag: {tag!r}")
+    return int(m.group(1))
+
+
 def write_manifest(tag_dir: Path, meta: dict) -> None:
     files = {}
     for p in sorted(tag_dir.rglob("*")):

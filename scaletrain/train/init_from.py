@@ -45,6 +45,10 @@ def resolve(cfg: Config, warn=lambda msg: print(msg, file=sys.stderr)) -> Config
     if cfg.data.tokenizer is None and src.tokenizer is not None:
         cfg = cfg.model_copy(deep=True)
         cfg.data.tokenizer = str(src.tokenizer.resolve())
+    elif cfg.data.tokenizer is None and not _has_checkpoints(cfg):
+        # else a new tokenizer would be trained: the pretrained embeddings would meet ids that mean other pieces
+        raise UserError(f"init.from {src.path} has no tokenizer (no tokenizer/ copy or tokenizer files); set "
+                        "data.tokenizer to the tokenizer that model was trained with")
     return cfg
 
 

@@ -125,11 +125,14 @@ class Trainer:
         self.last_val_loss: float | None = None
         self.ds_config = deepspeed_config(cfg, self.dist.world)
 
+        finished = tag is not None and checkpoint.step_of(tag) >= cfg.train.max_steps  # fit() says so and stops
+
         def start_files():  # rank 0, while the others wait; its UserError stops every rank with the same line
             from scaletrain.train.run_lineage import RunLineage, check_tokenizer
 
             check_tokenizer(self.run.path, Path(cache.tokenizer_path), resuming=tag is not None)
-            self.run.write_start(cfg, self.ds_config)
+            if not finished:  # a finished run's config.yaml keeps the settings it was trained with
+                self.run.write_start(cfg, self.ds_config)
             lineage = RunLineage(cfg, self.run.path, cache, self.init_source)
             if self.stage:  # resumed after growth inside this run
                 lineage.grown(self.run.path / "growth" / f"stage{self.stage}", cfg)
