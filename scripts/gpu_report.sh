@@ -36,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 stage attention 120 "${ST[@]}" bench --attention-only --device cuda --precision bf16 --attention-seqs 2048 4096 --steps 10
 
-ONE_B=(--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 128256 --seq 4096)
+ONE_B=(--hidden 2048 --layers 16 --heads 32 --kv-heads 8 --intermediate 8192 --vocab 128256 --seq 4096 --loss-chunk 1024)  # as in the README table
 stage mfu_1b 200 "${ST[@]}" bench --device cuda --ranks 1 --zero 2 --precision bf16 --only ours "${ONE_B[@]}" \
     --micro-batch 4 --steps 8 --warmup 3 --no-memory
 rc=$?
@@ -47,7 +47,7 @@ fi
 
 stage tests 240 "$PY" -m pytest -q -p no:cacheprovider -rs tests/test_attention_backends.py tests/test_fused_ops.py
 
-M125=(--hidden 768 --layers 12 --heads 12 --kv-heads 4 --intermediate 2048 --vocab 32000 --seq 2048)
+M125=(--hidden 768 --layers 12 --heads 12 --kv-heads 4 --intermediate 2048 --vocab 32000 --seq 2048 --loss-chunk 1024)
 stage vs_peer_125m 120 "${ST[@]}" bench --device cuda --ranks 1 --zero 2 --precision bf16 "${M125[@]}" \
     --micro-batch 8 --steps 8 --warmup 3 --no-memory
 

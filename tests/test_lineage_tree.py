@@ -38,3 +38,25 @@ def test_a_parent_changed_since_is_flagged(tmp_path):
     _write(ft, "fine-tune", "bbbb", [lineage.parent_ref(base, lineage.read(base), "pre-train")])
     _write(base, "pre-train", "cccc", [])  # the parent's dir was trained further after the child was made
     assert any("changed since: the child recorded id aaaa" in ln for ln in lineage.tree_lines(ft))
+
+
+def test_a_resume_continues_the_record_of_the_checkpoint_it_resumes(tmp_path):
+    """The weights come from the resumed tag, so its record decides kind and parents: not init.from added to a
+    pre-train run's command, nor a run-dir lineage.json that a crash left older than the tag."""
+    from types import SimpleNamespace
+
+    from scaletrain.config import load_config
+    from scaletrain.train.run_lineage import RunLineage
+
+    run, tag = tmp_path / "run", tmp_path / "run" / "checkpoints" / "global_step8"
+    cache = SimpleNamespace(dir=tmp_path / "cache" / "fp0123", tokenizer_path=tmp_path / "no-tokenizer")
+    cfg = load_config(None, [f"run.dir={run}", f"init.from={tmp_path / 'some-model'}"])
+    _write(tag, "pre-train", "aaaa", [])
+    rec = RunLineage(cfg, run, cache, resumed_tag=tag).record(tag, "bbbb", 9, 100, None)
+    assert rec["kind"] == "pre-train" and rec["parents"] == []
+
+    parent = {"id": "base", "kind": "import-hf", "path": str(tmp_path / "base")}
+    _write(tag, "fine-tune", "cccc", [parent])
+    _write(run, "fine-tune", "dddd", [{"id": "newer", "kind": "pre-train", "path": str(tmp_path / "elsewhere")}])
+    rec = RunLineage(cfg, run, cache, resumed_tag=tag).record(tag, "eeee", 9, 100, None)
+    assert rec["kind"] == "fine-tune" and rec["parents"] == [parent]

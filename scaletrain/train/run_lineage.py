@@ -60,29 +60,37 @@ def check_tokenizer(run_dir: Path, tokenizer: Path, resuming: bool) -> None:
 
 
 class RunLineage:
-    def __init__(self, cfg: Config, run_dir: Path, cache, init_source: Optional[Path] = None):
-        """`init_source`: the checkpoint init.from's weights were loaded from (None when resuming)."""
+    def __init__(self, cfg: Config, run_dir: Path, cache, init_source: Optional[Path] = None,
+                 resumed_tag: Optional[Path] = None):
+        """`init_source`: the checkpoint init.from's weights were loaded from (a fresh start). `resumed_tag`: the
+        checkpoint this start resumes; later checkpoints continue its record (kind and parents), whatever
+        init.from says now: the weights come from that tag, not from init.from."""
         self.cfg, self.run = cfg, Path(run_dir)
         self.data = {"source": cfg.data.source, "fingerprint": cache.dir.name, "format": cfg.data.format}
         self._copy_tokenizer(Path(cache.tokenizer_path))
-        self.parents: list[dict] = []
+        earlier = lineage.read(resumed_tag) if resumed_tag is not None else None  # verified with the tag's weights
+        if earlier is not None and earlier.get("kind") in ("pre-train", "fine-tune"):
+            self.kind, self.parents = earlier["kind"], earlier.get("parents") or []
+        else:
+            self.kind, self.parents = ("fine-tune" if cfg.init.from_ else "pre-train"), []
         parent_config = Config().to_dict()  # pre-train: the diff is against the defaults
-        if cfg.init.from_:
+        if self.kind == "fine-tune" and not cfg.init.from_:  # resumed without init.from: nothing to diff against
+            self.diff = earlier.get("config_diff") or {}
+            return
+        if self.kind == "fine-tune":
             from scaletrain.weights import open_weights
-
             from scaletrain.weights.checkpoint_dir import source_parent
 
-            earlier = lineage.read(self.run)  # a resumed fine-tune keeps the parent it started from
-            resumed = init_source is None and earlier is not None and earlier.get("kind") == "fine-tune"
             try:
                 src = open_weights(init_source or cfg.init.from_)
             except UserError:
-                if not resumed:
+                if earlier is None:
                     raise
                 # the parent was deleted since (init_from.resolve warned): its record and diff stay as written
-                self.parents, self.diff = earlier.get("parents") or [], earlier.get("config_diff") or {}
+                self.diff = earlier.get("config_diff") or {}
                 return
-            self.parents = earlier["parents"] if resumed and earlier.get("parents") else [source_parent(src)]
+            if earlier is None:
+                self.parents = [source_parent(src)]
             parent_config = src.config.to_dict() if src.config is not None else {"model": src.model.model_dump(mode="json")}
         self.diff = lineage.config_diff(parent_config, cfg.to_dict())
 
@@ -113,7 +121,7 @@ class RunLineage:
     def record(self, tag_dir: Path, content_id: str, step: int, tokens: int, val_loss: Optional[float]) -> dict:
         """The lineage record of the checkpoint about to be saved at `tag_dir` (its final path)."""
         return lineage.make(
-            "fine-tune" if self.cfg.init.from_ else "pre-train", content_id, self.parents,
+            self.kind, content_id, self.parents,
             self.cfg.model.model_dump(mode="json"), self.diff, steps=step, tokens=tokens, data=self.data,
             val_loss=val_loss, path=tag_dir,
         )

@@ -103,7 +103,7 @@ class Trainer:
         # run is checked at its last (largest) stage
         check_fits(RunGrowth(cfg).config_at(len(cfg.growth.schedule)))
         if lock is not None and launcher_rank() == 0:
-            lock.acquire()  # a second trainer on this run.dir stops here, before it reads or writes anything in it
+            lock.acquire()  # a second trainer on this run.dir stops here, before it writes anything in it
         self.dist = setup(cfg.train.threads)
         self.growth = RunGrowth(cfg)
         tag = self._find_tag()
@@ -133,7 +133,7 @@ class Trainer:
             check_tokenizer(self.run.path, Path(cache.tokenizer_path), resuming=tag is not None)
             if not finished:  # a finished run's config.yaml keeps the settings it was trained with
                 self.run.write_start(cfg, self.ds_config)
-            lineage = RunLineage(cfg, self.run.path, cache, self.init_source)
+            lineage = RunLineage(cfg, self.run.path, cache, self.init_source, self.run.checkpoints / tag if tag else None)
             if self.stage:  # resumed after growth inside this run
                 lineage.grown(self.run.path / "growth" / f"stage{self.stage}", cfg)
             (self.run.path / "pids").mkdir(exist_ok=True)
