@@ -99,11 +99,13 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sigs):
     assert sorted(got) == sorted(expected) == list(range(1, 41))
     assert [got[s] for s in got] == [expected[s] for s in got], "resumed curve differs from the uninterrupted one"
     assert json.loads((resumed / "status.json").read_text())["state"] == "finished"
+    assert "tokenised data changed" not in proc.stdout
     if ranks == 1:  # the command once more (another lr): nothing to train; the finished run's record stays as it was
         record = {f: (resumed / f).read_text() for f in ("status.json", "config.yaml", "ds_config.json")}
         events = sorted((resumed / "tb").rglob("*"))
-        proc = run_training(ranks, [*common, f"run.dir={resumed}", "train.lr=5e-3"])
+        proc = run_training(ranks, [*common, f"run.dir={resumed}", "train.lr=5e-3", "data.val_fraction=0.3"])
         assert "has finished: step 40 of train.max_steps 40" in proc.stdout, proc.stdout[-2000:]
+        assert "warning: the tokenised data changed since checkpoint global_step40" in proc.stdout  # other val split
         assert {f: (resumed / f).read_text() for f in record} == record and sorted((resumed / "tb").rglob("*")) == events
 
 

@@ -35,7 +35,7 @@ from scaletrain.train.distributed import Dist
 class ResumePlan:
     tag_dir: Path
     reshard: bool  # topology differs: read full tensors and set them into the new engine
-    saved: dict  # world_size, zero_stage, precision, global_batch of the checkpoint
+    saved: dict  # world_size, zero_stage, precision, global_batch, data_cache of the checkpoint
 
 
 def _manifest(tag_dir: Path) -> dict:
@@ -58,9 +58,19 @@ def _stream_value(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name, None)
 
 
-def data_stream(cfg: Config) -> dict:
-    """Recorded in each checkpoint's manifest; a resume with other values gets a warning."""
-    return {k: _stream_value(cfg, k) for k in STREAM_KEYS}
+def data_stream(cfg: Config, cache_name: str) -> dict:
+    """Recorded in each checkpoint's manifest; a resume with other values gets a warning. `cache_name`: the
+    data cache's fingerprint, which changes with the files under data.source, the tokenizer and the split."""
+    return {**{k: _stream_value(cfg, k) for k in STREAM_KEYS}, "data.cache": cache_name}
+
+
+def warn_if_data_changed(plan: ResumePlan, cache_name: str, log=print) -> None:
+    """After the data is prepared (the cache is named then): other tokenised data than the checkpoint's."""
+    was = plan.saved.get("data_cache")
+    if was and was != cache_name:
+        log(f"warning: the tokenised data changed since checkpoint {plan.tag_dir.name} was saved (data cache {was}, now "
+            f"{cache_name}: files under data.source, data.tokenizer, data.format or data.val_fraction changed): the data "
+            "position (a count of windows) is carried over, so this run does not see the data an uninterrupted run would")
 
 
 def inspect(root: Path, tag: Optional[str], cfg: Config, world: int, log=print) -> tuple[Optional[ResumePlan], Config]:
@@ -109,6 +119,7 @@ def inspect(root: Path, tag: Optional[str], cfg: Config, world: int, log=print) 
         raise UserError(f"checkpoint {tag} was trained with {gb} sequences per step, this run has "
                         f"{cfg.global_batch_windows(world)}; keep micro_batch_size x grad_accum x ranks equal when resuming")
     stream = m.get("data_stream")
+    saved["data_cache"] = stream.get("data.cache") if isinstance(stream, dict) else None
     for key in STREAM_KEYS if isinstance(stream, dict) else ():
         was, now_value = stream.get(key), _stream_value(cfg, key)
         if was is not None and was != now_value:

@@ -117,6 +117,9 @@ class Trainer:
         self.init_source = init_from.pinned_source(cfg, self.dist) if cfg.init.from_ and tag is None else None
         self.log = print if self.dist.is_main else (lambda *a, **k: None)
         cache = load_data(cfg, self.dist)
+        self.data_cache = cache.dir.name
+        if self.resume_plan is not None:
+            resume.warn_if_data_changed(self.resume_plan, self.data_cache, self.log)
         self.eos_id = int(cache.meta.get("eos_id", 2))  # document boundaries for data.doc_mask
         t = cfg.train
         self.train_stream = cache.stream("train", t.seq_len, t.seed)  # packed text or one example per window
@@ -277,7 +280,7 @@ class Trainer:
             "scaletrain_version": __version__, "early_stop": self.early_stop.state(), "skipped_steps": self.guard.total,
         }
         meta = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision,
-                "data_stream": resume.data_stream(self.cfg),
+                "data_stream": resume.data_stream(self.cfg, self.data_cache),
                 "model": self.cfg.model.model_dump(mode="json")}  # a restart builds this shape before loading
         t = self.cfg.train
         # lineage.json goes into the tag before its manifest (checked with the weights); its id hashes the
