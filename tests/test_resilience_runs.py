@@ -94,6 +94,8 @@ def test_resume_2_to_1_then_1_to_2_and_zero2_to_zero3(work, ref2):
     assert "saved by 2 rank(s), ZeRO-2 fp32; this run is 1 rank(s), ZeRO-2 fp32: resharding" in text
     assert "train.grad_accum 1 -> 2 keeps the global batch at 4 sequences" in text
     one_rank = work / f"resume_at{RESUME_AT}_1r_z2"
+    # the 2-rank start's rank1.pid is gone: `scaletrain runs` would take its reused pid for a live rank
+    assert sorted(p.name for p in (one_rank / "pids").iterdir() if p.name.endswith(".pid")) == ["rank0.pid"]
     delta2, text = _resume_and_compare(work, one_rank, 18, 2, 3, ref2)
     assert "saved by 1 rank(s), ZeRO-2 fp32; this run is 2 rank(s), ZeRO-3 fp32: resharding" in text
     print(f"world-size resume: 2->1 max |dloss| {delta1:.2e}; 1->2 with ZeRO-2->3 max |dloss| {delta2:.2e}")

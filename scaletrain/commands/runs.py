@@ -135,9 +135,10 @@ def _alive(pid: int, not_after: Optional[float]) -> bool:
 def local_ranks_alive(run: Path, status: dict) -> bool:
     """Whether a rank on rank 0's host (this one) is alive. Ranks are numbered node by node, so those are ranks
     0 .. local_ranks-1; the other nodes' pid files hold pids of their own hosts, meaningless here."""
+    from scaletrain.train.pid_files import rank_pid_files
+
     local = status.get("local_ranks")
-    pid_files = [f for f in (run / "pids").glob("rank*.pid")
-                 if not isinstance(local, int) or (f.stem[4:].isdigit() and int(f.stem[4:]) < local)]
+    pid_files = [f for rank, f in rank_pid_files(run)[0].items() if not isinstance(local, int) or rank < local]
     for f in pid_files:
         try:
             if _alive(int(f.read_text().strip()), f.stat().st_mtime):

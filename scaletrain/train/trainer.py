@@ -131,6 +131,7 @@ class Trainer:
         finished = tag is not None and checkpoint.step_of(tag) >= cfg.train.max_steps  # fit() says so and stops
 
         def start_files():  # rank 0, while the others wait; its UserError stops every rank with the same line
+            from scaletrain.train.pid_files import rank_pid_files
             from scaletrain.train.run_lineage import RunLineage, check_tokenizer
 
             check_tokenizer(self.run.path, Path(cache.tokenizer_path), resuming=tag is not None)
@@ -140,9 +141,9 @@ class Trainer:
             if self.stage:  # resumed after growth inside this run
                 lineage.grown(self.run.path / "growth" / f"stage{self.stage}", cfg)
             (self.run.path / "pids").mkdir(exist_ok=True)
-            for f in (self.run.path / "pids").glob("rank*.pid"):  # an earlier start's ranks beyond this world
-                if not f.stem[4:].isdigit() or int(f.stem[4:]) >= self.dist.world:
-                    f.unlink(missing_ok=True)
+            ranks, strays = rank_pid_files(self.run.path)  # an earlier start's ranks beyond this world: gone
+            for f in strays + [f for r, f in ranks.items() if r >= self.dist.world]:
+                f.unlink(missing_ok=True)
             return lineage
 
         self.lineage = main_rank_does(start_files)
