@@ -137,7 +137,7 @@ class GrowthStage(_Section):
     set: dict[str, Any]  # {"model.num_layers": 8, ...}: hidden_size, num_heads, num_kv_heads, intermediate_size, num_layers
     depth_method: Optional[Literal["identity", "stack", "interleave"]] = None  # None: growth.depth_method
     insert: Optional[Union[Literal["end", "interleave"], list[int]]] = None  # None: growth.insert
-    noise: Optional[float] = Field(None, ge=0)  # None: growth.noise
+    noise: Optional[float] = Field(None, ge=0, allow_inf_nan=False)  # None: growth.noise
 
 
 class GrowthConfig(_Section):
@@ -147,7 +147,7 @@ class GrowthConfig(_Section):
     depth_method: Literal["identity", "stack", "interleave"] = "identity"
     insert: Union[Literal["end", "interleave"], list[int]] = "end"
     width_method: Literal["zero", "copy", "strict"] = "zero"
-    noise: float = Field(0.0, ge=0)
+    noise: float = Field(0.0, ge=0, allow_inf_nan=False)
     optimizer: Literal["grow", "reset"] = "grow"  # Adam moments transformed with the weights, or fresh
     rewarmup_steps: int = Field(0, ge=0)  # linear lr re-warmup after each boundary (the schedule continues)
     seed: int = 0

@@ -127,12 +127,19 @@ def test_early_stopping_and_full_freeze(setup, tmp_path):
     with status early_stopped, and the weights are the parent's bit for bit."""
     s = setup
     run = tmp_path / "frozen"
-    proc = run_training(1, classify_args(s, run, "train.max_steps=40", "train.eval_every=2", "train.early_stop_patience=2",
-                                         "train.early_stop_metric=val/loss", "train.precision=fp32",
-                                         "train.freeze=[embeddings, layers.0-1, norm, head]"))
+    args = classify_args(s, run, "train.max_steps=40", "train.eval_every=2", "train.early_stop_patience=2",
+                         "train.early_stop_metric=val/loss", "train.precision=fp32",
+                         "train.freeze=[embeddings, layers.0-1, norm, head]")
+    proc = run_training(1, args)
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "early_stopped" and status["step"] == 6, status
     assert "early stop: val/loss did not improve" in proc.stdout
+    # the same command again: the run is over, as a finished one is (it trained on before)
+    files = sorted((p, p.stat().st_mtime_ns) for p in (run / "checkpoints").rglob("*"))
+    proc = run_training(1, args)
+    assert "stopped early at step 6" in proc.stdout, proc.stdout[-2000:]
+    assert json.loads((run / "status.json").read_text()) == status
+    assert sorted((p, p.stat().st_mtime_ns) for p in (run / "checkpoints").rglob("*")) == files
     from scaletrain.weights import open_weights
 
     before = dict(open_weights(s["parent"]).tensors())

@@ -158,6 +158,8 @@ BAD_INPUT = [
     (["--set", "model.num_layerz=4"], "did you mean 'model.num_layers'"),
     (["--set", "train.lr=1"], "model.KEY=VALUE"),
     (["--set", "model.num_layers=4", "--optimizer", "grow"], "optimizer state"),
+    (["--set", "model=5"], "model.KEY=VALUE"),
+    (["--set", "model.num_layers=4", "--noise", "inf"], "finite number"),
 ]
 
 

@@ -157,6 +157,23 @@ def test_nan_guard_skips_counts_and_aborts(work):
     skipped = _scalars(d, "train/skipped_steps")
     assert skipped[2] == 0 and skipped[3] == 1 and skipped[4] == 1 and skipped[6] == 3
 
+    # a growth boundary put before the checkpoint a start resumes: one line, nothing written
+    args = [*_common(work), "zero.stage=2", "train.max_steps=10", "train.save_every=1", "train.keep_last=10",
+            "train.max_skipped=3", f"run.dir={d}"]
+    files = sorted((p, p.stat().st_mtime_ns) for p in d.rglob("*") if p.is_file())
+    proc = ct.start(2, [*args, "growth.schedule=[{at_step: 4, set: {model.num_layers: 4}}]"], log_path=work / "past.log")
+    try:
+        assert proc.wait(timeout=300) == 2
+    finally:
+        ct.kill_group(proc)
+    errors = {ln for ln in (work / "past.log").read_text().splitlines() if ln.startswith("error:")}
+    assert len(errors) == 1 and "at_step 4 lies before checkpoint global_step6" in errors.pop()
+    assert sorted((p, p.stat().st_mtime_ns) for p in d.rglob("*") if p.is_file()) == files
+    # resumed without the NaNs: the count carries on from the checkpoint (DeepSpeed keeps "skipped_steps" to itself)
+    ct.run_to_end(2, args, work / "nan-resumed.log")
+    skipped = _scalars(d, "train/skipped_steps")
+    assert [skipped[s] for s in range(7, 11)] == [3, 3, 3, 3], skipped
+
 
 def _scalars(run_dir: Path, tag: str) -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -246,3 +246,19 @@ def test_config_without_tie_flag_takes_the_family_default(family, tied):
     cfg.pop("tie_word_embeddings")
     assert cls.from_dict(cfg).tie_word_embeddings is tied
     assert model_values(family, cfg, "config.json", lambda name: True)["tie_word_embeddings"] is tied
+
+
+@pytest.mark.parametrize("combo", ["llama-bias", "starcoder2-ln-gelu", "phi-gelu-parallel"])
+def test_grow_reads_an_hf_parent_only_in_llama_layout(combo, tmp_path):
+    """`scaletrain grow` streams tensors by our names from the parent's files: a dir of another architecture
+    (renamed, fused or permuted tensors) is refused in one line pointing at import-hf, not a KeyError later."""
+    from scaletrain.errors import UserError
+    from scaletrain.growth.parent import open_parent
+
+    hf = hf_for(config(**COMBOS[combo][0]), tmp_path)[2]
+    hf.save_pretrained(tmp_path / "hf")
+    if combo.startswith("llama"):
+        assert open_parent(tmp_path / "hf").src.kind == "hf"
+    else:
+        with pytest.raises(UserError, match="import it first .*scaletrain import-hf"):
+            open_parent(tmp_path / "hf")

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from scaletrain.weights.writer import parse_size
 
     tree = parse_overrides(args.overrides)
-    if set(tree) - {"model"} or not tree:
+    if set(tree) - {"model"} or not tree or not isinstance(tree["model"], dict):
         raise UserError("grow needs --set model.KEY=VALUE ... (the child's shape; e.g. --set model.num_layers=8); "
                         "other sections are not part of a checkpoint")
     out = Path(args.out).expanduser()

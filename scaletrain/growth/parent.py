@@ -18,7 +18,7 @@ import torch
 
 from scaletrain.errors import UserError
 from scaletrain.growth.ds_reader import DeepSpeedReader
-from scaletrain.weights.files import MOMENT_KINDS, FileReader, weight_files
+from scaletrain.weights.files import MOMENT_KINDS, FileReader, file_specs, weight_files
 from scaletrain.weights.sources import WeightSource, expected_shapes, open_weights, shape_problems, summarise
 
 
@@ -84,12 +84,22 @@ def content_fingerprint(src: WeightSource) -> str:
     return h.hexdigest()[:16]
 
 
+def _renamed(src: WeightSource) -> bool:
+    """Whether an HF dir's tensors are stored under other names or shapes than ours (not a Llama layout)."""
+    stored = {n: tuple(s) for n, s, _ in file_specs(weight_files(Path(src.weights_at)))}
+    return any(stored.get(n) != tuple(s) for n, s, _ in src.specs())
+
+
 def open_parent(path: str | Path) -> Parent:
     src = open_weights(path)
     tied = src.model.tie_word_embeddings
     problems = shape_problems(src.specs(), expected_shapes(src.model))
     if problems:
         raise UserError(f"{src.path} does not match its own config: {summarise(problems)}")
+    if src.kind == "hf" and _renamed(src):  # growth reads tensors by our names, one at a time, from the files
+        arch = src.adapter.describe.split(" -> ")[0]
+        raise UserError(f"{src.path} holds {arch} tensors that scaletrain renames or reshapes on import; import it first "
+                        f"(scaletrain import-hf {src.path} --out DIR) and grow DIR")
     if src.kind in ("run", "deepspeed"):
         reader: object = DeepSpeedReader(Path(src.weights_at), tied)
     else:

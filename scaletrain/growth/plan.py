@@ -27,6 +27,7 @@ Architecture switches (model.norm, ffn, qk_norm, bias, parallel_block, position,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence, Union
 
@@ -92,8 +93,8 @@ def validate(parent: LlamaShape, child: LlamaShape, spec: GrowthSpec) -> None:
         raise UserError(f"unknown depth method '{spec.depth_method}' (valid: {', '.join(depth.DEPTH_METHODS)})")
     if spec.width_method not in WIDTH_METHODS:
         raise UserError(f"unknown width method '{spec.width_method}' (valid: {', '.join(WIDTH_METHODS)})")
-    if spec.noise_std < 0:
-        raise UserError(f"growth noise must be >= 0, got {spec.noise_std}")
+    if not math.isfinite(spec.noise_std) or spec.noise_std < 0:
+        raise UserError(f"growth noise must be a finite number >= 0, got {spec.noise_std}")
     for dim in WIDTH_DIMS + ("num_layers",):
         a, b = getattr(parent, dim), getattr(child, dim)
         if b < a:

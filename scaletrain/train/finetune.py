@@ -140,6 +140,10 @@ class EarlyStop:
             self.bad += 1
         return self.bad >= self.patience
 
+    def stopped(self) -> bool:
+        """Whether the evaluations so far (restored on resume) already ended the run."""
+        return bool(self.patience) and self.bad >= self.patience
+
     def state(self) -> dict:
         return {"metric": self.metric, "best": self.best, "bad_evals": self.bad}
 

@@ -1,4 +1,4 @@
-"""Learning rate: linear warmup to `lr`, then cosine decay to `min_lr` at `max_steps`."""
+"""Learning rate: linear warmup to `lr`, then cosine decay to `min_lr`, which the last step takes."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
     if warmup and step < warmup:
         value = lr * (step + 1) / warmup
     else:
-        span = max(1, max_steps - warmup)
+        span = max(1, max_steps - 1 - warmup)  # step warmup takes lr, step max_steps - 1 (the last) min_lr
         progress = min(1.0, (step - warmup) / span)
         value = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
     last = max((b for b in restarts if b <= step), default=None)

@@ -30,7 +30,7 @@ from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 from scaletrain.train import checkpoint, finetune, init_from, precision
 from scaletrain.train.distributed import (all_reduce_sum, any_rank, collectives_status, launcher_rank, main_rank_does,
-                                          setup, shutdown)
+                                          barrier, setup, shutdown)
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
 from scaletrain.train.perf import compile_model
 from scaletrain.plan import check_fits
@@ -108,6 +108,11 @@ class Trainer:
         self.growth = RunGrowth(cfg)
         tag = self._find_tag()
         self.stage = self.growth.stage_of(self.run.checkpoints / tag if tag else None)
+        bounds = self.growth.bounds
+        if tag is not None and self.stage < len(bounds) and bounds[self.stage] < checkpoint.step_of(tag):
+            raise UserError(f"growth.schedule[{self.stage}].at_step {bounds[self.stage]} lies before checkpoint {tag}, which "
+                            f"this start resumes before that growth: a boundary cannot be added in the past; set its at_step "
+                            f"above {checkpoint.step_of(tag)}")
         self.cfg = cfg = self.growth.config_at(self.stage)  # grown model, remaining schedule
         # safe pickles, shapes, format; other world size / ZeRO stage: reshard (grad_accum keeps the global batch)
         self.resume_plan, self.cfg = resume.prepare(self.run.checkpoints, tag, cfg, self.dist)
@@ -205,7 +210,9 @@ class Trainer:
         if tag is None:
             return None
         client = resume.load(self.engine, self.resume_plan, self.cfg, self.dist)
-        self.guard.total = int(client.get("skipped_steps", 0))
+        # DeepSpeed keeps the key "skipped_steps" to itself on load (its engine.skipped_steps gets the saved value):
+        # ours has a name of its own; checkpoints from before that carry it in DeepSpeed's
+        self.guard.total = int(client.get("guard_skipped_steps", client.get("skipped_steps", self.engine.skipped_steps)))
         self.step, self.consumed = int(client["step"]), int(client["consumed_samples"])
         self.early_stop.load(client.get("early_stop"))
         self.saved_step = self.step
@@ -278,7 +285,7 @@ class Trainer:
         client = {
             "step": self.step, "consumed_samples": self.consumed, "global_batch": self.global_batch,
             "consumed_tokens": self.consumed * self.cfg.train.seq_len, "config_fingerprint": self.cfg.fingerprint(),
-            "scaletrain_version": __version__, "early_stop": self.early_stop.state(), "skipped_steps": self.guard.total,
+            "scaletrain_version": __version__, "early_stop": self.early_stop.state(), "guard_skipped_steps": self.guard.total,
         }
         meta = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision,
                 "data_stream": resume.data_stream(self.cfg, self.data_cache),
@@ -314,8 +321,13 @@ class Trainer:
             self.log(f"run.dir {self.run.path} has finished: step {self.step} of train.max_steps {t.max_steps}, nothing "
                      "to train (raise train.max_steps to train on, or use a new run.dir)")
             return {"state": "finished", "step": self.step, "consumed_tokens": self.consumed * t.seq_len}
+        if self.early_stop.stopped():  # the same command again after an early stop: the run is over, as above
+            self.log(f"run.dir {self.run.path} stopped early at step {self.step}: {self.early_stop.metric} did not improve "
+                     f"for {self.early_stop.bad} evaluations (raise train.early_stop_patience to train on, or use a new run.dir)")
+            return {"state": "early_stopped", "step": self.step, "consumed_tokens": self.consumed * t.seq_len}
         n_params, fpt = self._sizes()
         tokens_per_step = self.global_batch * t.seq_len
+        barrier()  # ranks sharing a CPU's cores measure together: one alone would find idle cores and a peak too high
         peak = all_reduce_sum([measure_peak_flops(DTYPES[t.precision], d.device)])[0]
         self.log(
             f"scaletrain {__version__} | {d.world} rank(s) on {d.device.type} | {n_params / 1e6:.2f}M params | "
@@ -335,18 +347,20 @@ class Trainer:
                                   local_ranks=d.local_world, **launch_info())  # host/pid, SLURM job id + restart count
         start_time, window = time.time(), ThroughputWindow()
         last_loss, val_loss, state = math.nan, None, "finished"
+        first = self.step + 1  # the first step of a start (or after growth) is logged alone: it warms up
         try:
             while self.step < t.max_steps:
                 if self.growth.due(self.stage, self.step):
                     grow(self, metrics)
                     n_params, fpt = self._sizes()
+                    first = self.step + 1
                 step_t0, early = time.time(), False
                 last_loss = self.train_step()
                 if d.device.type == "cuda":  # the optimizer step and ZeRO's gathers are still queued on the GPU
                     torch.cuda.synchronize(d.device)
                 step_s = time.time() - step_t0
                 window.add(tokens_per_step, step_s)
-                if self.step % t.log_every == 0 or self.step == 1 or self.step == t.max_steps:
+                if self.step % t.log_every == 0 or self.step == first or self.step == t.max_steps:
                     tps = window.take()
                     lr = lr_at(self.step - 1, t.lr, t.min_lr, t.warmup_steps, t.max_steps, *self.lr_restarts)  # the lr this step used
                     grad_norm = self.grad_norm()
