@@ -73,6 +73,20 @@ def test_growth_boundaries_are_exact_and_logged(straight):
     assert tree.count("grow") >= 2 and "pre-train" in tree, tree
 
 
+def test_the_run_dirs_own_config_cannot_renumber_the_stages(straight, tmp_path):
+    """run.dir/config.yaml holds the grown model with the rest of the schedule: started with it, the run would
+    count the last stage as stage 0 and a later growth would overwrite growth/stage1."""
+    from launch_utils import run_cli
+
+    d = tmp_path / "run"
+    shutil.copytree(straight, d, ignore=shutil.ignore_patterns("tb"))
+    rc, out, err = run_cli("train", "--config", str(d / "config.yaml"), "--set", f"run.dir={d}", "train.max_steps=40",
+                           "growth.schedule=[{at_step: 30, set: {model.num_layers: 6}}]", timeout=300)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(lines) == 1, err[-2000:]
+    assert "grew into this config's model at growth/stage2" in lines[0] and "config the run was started with" in lines[0]
+
+
 @pytest.mark.parametrize("stage,boundary", [(1, B1), (2, B2)], ids=["depth", "width"])
 def test_grown_child_computes_its_parent_by_transformers(straight, tmp_path, stage, boundary):
     """Not the growth code's own check: transformers computes the logits of the parent (the boundary

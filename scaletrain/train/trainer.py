@@ -108,6 +108,8 @@ class Trainer:
         self.growth = RunGrowth(cfg)
         tag = self._find_tag()
         self.stage = self.growth.stage_of(self.run.checkpoints / tag if tag else None)
+        if tag is not None:
+            self.growth.check_numbering(self.run.path, self.stage)
         bounds = self.growth.bounds
         if tag is not None and self.stage < len(bounds) and bounds[self.stage] < checkpoint.step_of(tag):
             raise UserError(f"growth.schedule[{self.stage}].at_step {bounds[self.stage]} lies before checkpoint {tag}, which "
