@@ -289,6 +289,12 @@ def c_export_grow_out_cannot_be_created(tmp, base):
         ("--out", "/proc/scaletrain-child")
 
 
+def c_export_grow_child_context_below_the_runs_seq_len(tmp, base):
+    """The child's config would not validate: its context is shorter than the parent run's train.seq_len."""
+    return ["grow", str(base / "run"), "--out", str(tmp / "child"), "--set", "model.num_layers=4", "model.max_seq_len=16"], \
+        ("seq_len", "max_seq_len")
+
+
 def c_lineage_damaged(tmp, base):
     _write(tmp / "ckpt" / "lineage.json", '{"kind": "grow", "id": ')
     return ["lineage", str(tmp / "ckpt")], ("lineage.json is damaged",)

@@ -85,6 +85,7 @@ def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthS
     if optimizer == "grow" and parent.moments is None:
         raise UserError(f"--optimizer grow needs a parent saved with optimizer state (a run dir, a DeepSpeed "
                         f"checkpoint or a child grown with --optimizer grow); {parent.src.path} has none. Use --optimizer reset")
+    child_tree = _child_config(parent, child)  # e.g. a max_seq_len below the parent's train.seq_len: refused now
     shapes = expected_shapes(child)
     recipes = list(plan.child_tensors())
     specs = [(n, shapes[n], parent.dtypes.get(r.sources[0], torch.float32)) for n, r in recipes]
@@ -96,7 +97,6 @@ def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthS
             _write_moments(plan, parent, shapes, tmp / "optimizer", max_shard_bytes, progress)
         if parent.src.tokenizer is not None:
             copy_tokenizer(parent.src.tokenizer, tmp / "tokenizer")
-        child_tree = _child_config(parent, child)
         (tmp / "config.yaml").write_text(yaml.safe_dump(child_tree, sort_keys=False))
         check = None
         if sample is not None:  # (x, y, description)
