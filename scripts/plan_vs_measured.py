@@ -44,7 +44,7 @@ def child(overrides: list[str], steps: int) -> dict:
     from scaletrain.plan import memory_per_rank
     from scaletrain.train.distributed import setup
     from scaletrain.train.schedule import WarmupCosine
-    from scaletrain.train.trainer import build_model, build_optimizer
+    from scaletrain.train.build import build_model, build_optimizer
     from scaletrain.model.llama import LlamaShape
     import deepspeed
 

@@ -24,7 +24,7 @@ SCRIPT = textwrap.dedent('''
     from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
     from scaletrain.train.distributed import setup
     from scaletrain.train.schedule import WarmupCosine
-    from scaletrain.train.trainer import build_optimizer
+    from scaletrain.train.build import build_optimizer
     from scaletrain.weights.writer import write_safetensors
 
     setup(1)

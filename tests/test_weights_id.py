@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent('''
     from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
     from scaletrain.train.distributed import setup
     from scaletrain.train.run_lineage import weights_id
-    from scaletrain.train.trainer import build_optimizer
+    from scaletrain.train.build import build_optimizer
 
     ST = {torch.float32: "F32", torch.bfloat16: "BF16"}
 

@@ -19,7 +19,7 @@ from scaletrain.model.attention import check_backend
 from scaletrain.model.docmask import document_ids
 from scaletrain.model.llama import LlamaShape
 from scaletrain.train.schedule import WarmupCosine
-from scaletrain.train.trainer import build_model, build_optimizer
+from scaletrain.train.build import build_model, build_optimizer
 
 
 def _initialize(model: torch.nn.Module, optimizer, cfg: Config, world: int):

@@ -31,7 +31,7 @@ class DeepSpeedReader:
         self._shapes = dict(self.tag.specs())
         self._where: dict[str, tuple[int, int, int]] = {}  # name -> (group or index, offset, numel)
         if self.tag.stage == 0:
-            # our AdamW groups (trainer.build_optimizer): matrices, then vectors, each in parameter order
+            # our AdamW groups (train/build.py: build_optimizer): matrices, then vectors, each in parameter order
             names = list(self._shapes)
             order = [n for n in names if len(self._shapes[n]) >= 2] + [n for n in names if len(self._shapes[n]) < 2]
             self._where = {n: (i, 0, 0) for i, n in enumerate(order)}

@@ -1,7 +1,7 @@
 """The training loop: data -> DeepSpeed engine -> optimizer steps, with eval, checkpoints, resume, metrics.
 
-Re-running the same command on the same run.dir resumes from its newest verified checkpoint; that is
-all a requeued SLURM job needs. SIGUSR1/SIGTERM ask for a checkpoint at the next step boundary and a
+Re-running the same command on the same run.dir resumes from the checkpoint `latest` names, once its files
+verify (else the newest one that does); that is all a requeued SLURM job needs. SIGUSR1/SIGTERM ask for a checkpoint at the next step boundary and a
 clean exit (status "preempted").
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -25,65 +24,23 @@ from scaletrain.growth.in_run import RunGrowth, grow
 from scaletrain.kernels import cpu_matmul
 from scaletrain.model.attention import check_backend
 from scaletrain.model.docmask import document_ids
-from scaletrain.model import classify
-from scaletrain.model.fused_ops import check_fused_ops, use_fused_ops
-from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
+from scaletrain.model.fused_ops import check_fused_ops
+from scaletrain.model.llama import LlamaShape
 from scaletrain.train import checkpoint, finetune, init_from, precision
 from scaletrain.train.distributed import (all_reduce_sum, any_rank, collectives_status, launcher_rank, main_rank_does,
                                           barrier, setup, shutdown)
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
-from scaletrain.train.perf import compile_model
+from scaletrain.train.build import build_model, build_optimizer
 from scaletrain.plan import check_fits
 from scaletrain.train import resume
 from scaletrain.train.guard import StepGuard
 from scaletrain.train.run_dir import RunDir, RunLock, launch_info
 from scaletrain.train.run_lineage import weights_id
 from scaletrain.train.schedule import WarmupCosine, lr_at
+from scaletrain.train.stop_flag import StopFlag
 from scaletrain.train.validation import load_data, validate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class StopFlag:
-    """Set by SIGUSR1/SIGTERM/Ctrl-C; read at step boundaries (a handler must not checkpoint mid-collective).
-    A second Ctrl-C aborts at once (KeyboardInterrupt), as usual; the newest checkpoint stays resumable.
-    (The `deepspeed` launcher also turns a Ctrl-C into SIGTERM for every rank and waits 30 s for them.)"""
-
-    def __init__(self):
-        self.requested, self.interrupted = False, False
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        if signum == signal.SIGINT:
-            if self.interrupted:  # the second Ctrl-C (the launcher's SIGTERM after the first does not count)
-                raise KeyboardInterrupt
-            self.interrupted = True
-            if launcher_rank() == 0:
-                print("\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to abort now)", flush=True)
-        self.requested = True
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, fused: bool = True) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (norm gains are not decayed). `fused`: one kernel per
-    step over all tensors (CPU and CUDA) instead of ~10 elementwise passes per tensor."""
-    groups = finetune.param_groups(model, cfg)  # + lr_scale per group: train.freeze, train.body_lr_scale
-    t = cfg.train
-    if cfg.zero.offload_optimizer != "none":
-        # ZeRO-Offload steps the fp32 master weights on the CPU: DeepSpeed's vectorised CPU Adam (a C++ op,
-        # built once per machine into scaletrain's extensions dir) is the optimizer DeepSpeed accepts there.
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused or None)
-
-
-def build_model(shape: LlamaShape, cfg: Config, pad_id: int = 2) -> LlamaForCausalLM:
-    """The model (a classifier when model.num_labels > 0) with the configured hot-path options (chunked
-    loss, compiled blocks)."""
-    model = classify.build_model(shape, loss_chunk=cfg.train.loss_chunk, pad_id=pad_id)
-    use_fused_ops(model, cfg.model.fused_ops, cuda=torch.cuda.is_available())
-    return compile_model(model) if cfg.train.compile else model
 
 
 class Trainer:
