@@ -248,6 +248,11 @@ class Config(_Section):
             from scaletrain.growth.schedule import validate_schedule
 
             validate_schedule(self)
+            layers = [f for f in self.train.freeze if f.startswith("layers.")]
+            if layers and any("model.num_layers" in s.set for s in self.growth.schedule):
+                raise ValueError(f"train.freeze {layers[0]} with a growth.schedule that adds layers: the layer numbers "
+                                 "change at the boundary (identity blocks land among them); freeze layers in a run without "
+                                 "depth growth, or grow first (scaletrain grow) and freeze in the child's run")
         return self
 
     # -- derived values -------------------------------------------------------------------------

@@ -180,6 +180,9 @@ def test_wrong_type_names_key(override, key):
     (["data.val_fraction=1.0"], "data.val_fraction"),
     (["zero.offload_param=cpu", "zero.stage=2"], "zero.offload_param"),
     (["zero.offload_optimizer=cpu", "zero.stage=0"], "zero.offload_optimizer"),
+    (["growth.noise=.inf"], "growth.noise"),
+    (["train.max_steps=50", "train.freeze=[layers.0-1]", "growth.schedule=[{at_step: 10, set: {model.num_layers: 8}}]"],
+     "train.freeze layers.0-1"),
 ])
 def test_impossible_values_give_one_line_naming_key(overrides, key):
     msg = error_of(overrides)
