@@ -1,8 +1,8 @@
 """The training loop: data -> DeepSpeed engine -> optimizer steps, with eval, checkpoints, resume, metrics.
 
 Re-running the same command on the same run.dir resumes from the checkpoint `latest` names, once its files
-verify (else the newest one that does); that is all a requeued SLURM job needs. SIGUSR1/SIGTERM ask for a checkpoint at the next step boundary and a
-clean exit (status "preempted").
+verify (else the newest one that does); that is all a requeued SLURM job needs. SIGUSR1/SIGTERM ask for a
+checkpoint at the next step boundary and a clean exit (status "preempted").
 """
 
 from __future__ import annotations
