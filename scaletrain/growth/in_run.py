@@ -66,7 +66,6 @@ class RunGrowth:
         raise UserError(f"checkpoint {tag_dir} holds a model ({_shape(saved)}) that is no stage of this config's "
                         "growth.schedule; restore the schedule the run was started with or use a new run.dir")
 
-
     def check_numbering(self, run_dir: Path, stage: int) -> None:
         """A config that starts later in the schedule (the run dir's own config.yaml: the grown model, the rest of
         the schedule) would number the stages anew, and the next growth would overwrite growth/stage1, the
@@ -74,14 +73,14 @@ class RunGrowth:
         stage dir than the one this start counts."""
         import yaml
 
-        k = stage
+        current, k = self.models[stage].model_dump(mode="json"), stage
         while True:
             k += 1
             try:
                 grown = yaml.safe_load((Path(run_dir) / "growth" / f"stage{k}" / "config.yaml").read_text())["model"]
             except (OSError, yaml.YAMLError, TypeError, KeyError):
                 return  # no more stage dirs (or one cut off by a crash: it is grown again)
-            if grown == self.models[stage].model_dump(mode="json"):
+            if grown == current:
                 raise UserError(f"run.dir {run_dir} grew into this config's model at growth/stage{k}, but this config counts "
                                 f"it as stage {stage}: it starts later in the schedule (the run dir's own config.yaml?); "
                                 "resume with the config the run was started with")

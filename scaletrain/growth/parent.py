@@ -84,19 +84,21 @@ def content_fingerprint(src: WeightSource) -> str:
     return h.hexdigest()[:16]
 
 
-def _renamed(src: WeightSource) -> bool:
-    """Whether an HF dir's tensors are stored under other names or shapes than ours (not a Llama layout)."""
+def _renamed(src: WeightSource, specs: list[tuple]) -> bool:
+    """Whether an HF dir's tensors (`specs`: as the source maps them) are stored under other names or shapes
+    than ours (not a Llama layout)."""
     stored = {n: tuple(s) for n, s, _ in file_specs(weight_files(Path(src.weights_at)))}
-    return any(stored.get(n) != tuple(s) for n, s, _ in src.specs())
+    return any(stored.get(n) != tuple(s) for n, s, _ in specs)
 
 
 def open_parent(path: str | Path) -> Parent:
     src = open_weights(path)
     tied = src.model.tie_word_embeddings
-    problems = shape_problems(src.specs(), expected_shapes(src.model))
+    specs = src.specs()
+    problems = shape_problems(specs, expected_shapes(src.model))
     if problems:
         raise UserError(f"{src.path} does not match its own config: {summarise(problems)}")
-    if src.kind == "hf" and _renamed(src):  # growth reads tensors by our names, one at a time, from the files
+    if src.kind == "hf" and _renamed(src, specs):  # growth reads tensors by our names, one at a time, from the files
         arch = src.adapter.describe.split(" -> ")[0]
         raise UserError(f"{src.path} holds {arch} tensors that scaletrain renames or reshapes on import; import it first "
                         f"(scaletrain import-hf {src.path} --out DIR) and grow DIR")
@@ -106,5 +108,5 @@ def open_parent(path: str | Path) -> Parent:
         reader = FileReader(weight_files(Path(src.weights_at)), tied)
     saved = Path(src.weights_at) / "optimizer"
     moments = SavedMoments(saved, tied) if src.kind == "checkpoint" and SavedMoments.present(Path(src.weights_at)) else None
-    dtypes = {n: dt for n, _, dt in src.specs()}
+    dtypes = {n: dt for n, _, dt in specs}
     return Parent(src, reader, dtypes, moments)

@@ -138,7 +138,7 @@ class EarlyStop:
             self.best, self.bad = value, 0
         else:
             self.bad += 1
-        return self.bad >= self.patience
+        return self.stopped()
 
     def stopped(self) -> bool:
         """Whether the evaluations so far (restored on resume) already ended the run."""
