@@ -306,3 +306,20 @@ def test_submit_command_dry_run_and_missing_sbatch(tmp_path, monkeypatch, capsys
         slurm.submit_command(args)
     with pytest.raises(UserError, match="sbatch not found"):
         slurm.submit("/x.sbatch")
+
+
+@pytest.mark.parametrize("present", [{}, {"MASTER_ADDR": "w0"}, {"MASTER_PORT": "29500"}])
+def test_mpirun_start_without_rendezvous_address_is_one_line(monkeypatch, present):
+    """`--launcher openmpi`: mpirun sets neither variable, and DeepSpeed without both falls back to mpi4py
+    discovery (an ImportError traceback on every rank)."""
+    from scaletrain.errors import UserError
+    from scaletrain.train import distributed
+
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    for k, v in present.items():
+        monkeypatch.setenv(k, v)
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in present]
+    with pytest.raises(UserError, match=f"started by mpirun without {' and '.join(missing)}"):
+        distributed.setup()

@@ -215,3 +215,39 @@ def test_model_rotates_inside_the_kernel_only_where_it_can(doc_ids, monkeypatch)
     assert math.isclose(loss_a, loss_t, rel_tol=1e-6)
     for a, t in zip(grads_a, grads_t):
         assert rel_err(a, t) < 1e-4
+
+
+@needs_fp32_kernel
+def test_value_gradient_follows_its_own_layout_when_k_and_v_differ():
+    """dV is written with dV's strides, not dK's: K contiguous, V a transposed view (it was off by ~4)."""
+    q, k, _ = qkv(1, 2, 2, 64, 64, dtype=torch.float32)
+    v = torch.randn(1, 64, 2, 64, generator=torch.Generator().manual_seed(3)).transpose(1, 2).requires_grad_()
+    assert cpu_attention.applies(q, k, v)
+    dout = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(1))
+    ours = grads(cpu_attention.attention, q, k, v, dout)
+    ref = grads(eager_attention, q, k, v, dout)
+    for name, a, r in zip(("out", "dq", "dk", "dv"), ours, ref):
+        assert rel_err(a, r) < 1e-5, name
+
+
+@needs_fp32_kernel
+def test_shapes_the_kernel_cannot_read_are_refused():
+    """V with another head size or head count than K goes to SDPA; the op itself refuses it (it read and
+    wrote past V's rows)."""
+    q, k, _ = qkv(1, 2, 2, 64, 128, dtype=torch.float32)
+    for v in (torch.randn(1, 2, 64, 64), torch.randn(1, 4, 64, 128)):
+        v.requires_grad_()
+        assert not cpu_attention.applies(q, k, v)
+        with pytest.raises(RuntimeError, match="k and v of one shape"):
+            build.extension().attention_forward(q, k, v, 0.125, None, None)
+
+
+@needs_fp32_kernel
+def test_a_nan_key_makes_the_output_nan_as_in_eager():
+    """A NaN score is not probability 0: the NaN must reach the loss, where the NaN guard sees it."""
+    q, k, v = qkv(1, 2, 2, 64, 64, dtype=torch.float32)
+    k = k.detach().clone()
+    k[0, 0, 5, 3] = float("nan")
+    k.requires_grad_()
+    ours = cpu_attention.attention(q, k, v)
+    assert torch.equal(ours.isnan(), eager_attention(q, k, v).isnan()) and ours[0, 0, 5:].isnan().all()

@@ -106,3 +106,15 @@ def test_in_place_path_passes_and_chunks_equal_pytorch_ops(dtype, chunk, monkeyp
     assert ours_grads[1].dtype == dtype and ours_grads[0][30:45].abs().max() == 0
     for a, b in zip(ours_grads, torch_grads):
         assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_nan_logit_gives_a_nan_loss_as_pytorch_does(dtype):
+    """The row's NaN must reach the loss (and the NaN guard), not count as probability 0."""
+    if dtype == torch.bfloat16 and not ce_kernel.kernel_ready(True):
+        pytest.skip("the bf16 kernel needs AVX-512-BF16")
+    logits = torch.randn(3, 64).to(dtype)
+    logits[0, 5] = logits[1, 63] = float("nan")
+    loss = ce_kernel.softmax_cross_entropy_(logits, torch.tensor([1, 2, 3]), torch.ones(3))
+    assert loss[:2].isnan().all() and not loss[2].isnan()

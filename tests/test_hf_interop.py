@@ -332,3 +332,35 @@ def test_generate_stays_within_the_context():
         out = generate(model, [3, 4, 5, 6, 7], max_new_tokens=10, temperature=0.0)
     assert len(out) == 3
 
+
+
+def test_hf_classifier_imports_and_exports_batches_the_way_it_trained(tmp_path, hf_dir):
+    """import-hf of a *ForSequenceClassification failed on its own default config.yaml (a traceback). Its
+    export kept the source tokenizer's own pad token while config.pad_token_id said EOS, so HF's pooling (the
+    last token that is not pad_token_id) read every shorter row of a padded batch at a padding position."""
+    import yaml
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForSequenceClassification
+
+    from hf_fixtures import hf_llama_config
+
+    src = tmp_path / "cls"
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    tok.pad_token = tok.unk_token  # a pad token of its own, not EOS
+    tok.save_pretrained(str(src))
+    torch.manual_seed(0)
+    source = LlamaForSequenceClassification(hf_llama_config(num_labels=3, pad_token_id=tok.pad_token_id)).eval()
+    source.save_pretrained(str(src))
+    cli_ok("import-hf", str(src), "--out", str(tmp_path / "ck"))
+    cfg = yaml.safe_load((tmp_path / "ck" / "config.yaml").read_text())
+    assert (cfg["model"]["num_labels"], cfg["train"]["task"], cfg["data"]["format"]) == (3, "classify", "classification")
+    cli_ok("export-hf", str(tmp_path / "ck"), "--out", str(tmp_path / "hf"))
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf_tok.pad_token_id == hf.config.pad_token_id == tok.eos_token_id
+    texts = ["def main(argv):", "    return x + 1 if y else z", "import os"]
+    batch = hf_tok(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[1] > min(len(tok(t)["input_ids"]) for t in texts)  # some rows are padded
+    with torch.no_grad():
+        batched = hf(**batch).logits
+        alone = torch.cat([source(input_ids=tok(t, return_tensors="pt")["input_ids"]).logits for t in texts])
+    assert (batched - alone).abs().max() <= 1e-5

@@ -79,7 +79,9 @@ def runs_root(tmp_path_factory) -> Path:
     os.utime(remote / "status.json", (old, old))
     _run(root, "proj/slurm", {"state": "preempted", "step": 40, "max_steps": 100, "loss": 5.0, "host": "node7",
                               "slurm_job_id": "77", "slurm_restart_count": 2}, tag="global_step40")
-    _run(root, "proj/nan", {"state": "preempted", "step": 0, "max_steps": 9, "loss": float("nan")})  # older versions wrote NaN
+    nan = _run(root, "proj/nan", {"state": "preempted", "step": 0, "max_steps": 9, "loss": float("nan")},  # older versions wrote NaN
+               tag="global_step4")
+    (nan / "checkpoints" / "latest").write_bytes(b"\xff\xfe\x00")  # garbled: not even text; the tags decide
     hostfile_only = _run(root, "proj/multinode", {"state": "finished", "step": 9, "max_steps": 9})
     (hostfile_only / "slurm-123.hostfile").write_text("n1 slots=1\n")
     (root / "proj" / "not-a-run").mkdir()
@@ -102,7 +104,7 @@ def test_runs_json_states(runs_root, tmp_path):
     strict = json.loads(out, parse_constant=lambda c: pytest.fail(f"runs --json wrote {c}, which is not JSON"))
     info = {Path(i["run"]).relative_to(runs_root).as_posix(): i for i in strict}
     assert sorted(info) == ["dead", "done", "live", "proj/multinode", "proj/nan", "proj/queued", "proj/slurm", "remote"]
-    assert info["proj/nan"]["loss"] is None
+    assert (info["proj/nan"]["loss"], info["proj/nan"]["checkpoint"]) == (None, "global_step4")
     assert (info["proj/queued"]["state"], info["proj/queued"]["slurm_job_id"]) == ("submitted", "88")
     d = info["done"]
     assert (d["state"], d["step"], d["max_steps"], d["loss"], d["checkpoint"]) == ("finished", 20, 20, 4.5, "global_step20")
@@ -142,14 +144,17 @@ def test_runs_asks_squeue_about_every_job_it_shows(tmp_path):
     (again / "submitted.json").write_text(json.dumps({"job": "66"}))  # newer than status.json: not started yet
     gone = _run(root, "gone", None)
     (gone / "submitted.json").write_text(json.dumps({"job": "88"}))
+    # says running on another node, SLURM no longer lists its job (killed at its time limit, OOM): crashed
+    _run(root, "ended", {"state": "running", "step": 5, "max_steps": 9, "host": "node9", "slurm_job_id": "91"})
     squeue = _fake_bin(tmp_path, squeue='echo "$3" > "$(dirname "$0")/asked"; echo "55 PENDING"; echo "66 PENDING"')
     rc, out, err = cli("runs", str(root), "--json", path=squeue + ":" + os.environ["PATH"])
     assert rc == 0, err
     info = {Path(i["run"]).name: i for i in json.loads(out)}
-    assert (tmp_path / "bin" / "asked").read_text().split() == ["55,66,88"]
+    assert (tmp_path / "bin" / "asked").read_text().split() == ["55,66,88,91"]
     assert (info["requeued"]["state"], info["requeued"]["slurm_state"]) == ("requeued", "PENDING")
     assert (info["again"]["state"], info["again"]["slurm_job_id"], info["again"]["slurm_state"]) == ("submitted", "66", "PENDING")
     assert (info["gone"]["state"], info["gone"]["slurm_job_id"]) == ("dropped", "88")
+    assert (info["ended"]["state"], info["ended"]["slurm_state"]) == ("crashed", None)
 
 
 def test_runs_bad_and_empty_dirs(tmp_path):
@@ -197,6 +202,10 @@ def test_submit_bad_time_missing_tools_unreachable(tmp_path):
     gres = _fake_bin(tmp_path, sbatch='echo "sbatch: error: Invalid generic resource (gres) specification" >&2; exit 1')
     one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=gres)[::2], "use --gpus-per-node 0")
     assert not (tmp_path / "run").exists()   # refused by sbatch: no run dir left behind
+    nested = [a.replace(f"run.dir={tmp_path / 'run'}", f"run.dir={tmp_path / 'new' / 'exp' / 'run'}")
+              for a in _submit_args(tmp_path, "--time", "10")]
+    one_line_error(*cli(*nested, path=gres)[::2], "use --gpus-per-node 0")
+    assert not (tmp_path / "new").exists()   # nor the parents it had to create
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "submit.sbatch").write_text("the script of an earlier job\n")
     one_line_error(*cli(*_submit_args(tmp_path, "--time", "10"), path=gres)[::2], "use --gpus-per-node 0")

@@ -262,3 +262,19 @@ def test_grow_reads_an_hf_parent_only_in_llama_layout(combo, tmp_path):
     else:
         with pytest.raises(UserError, match="import it first .*scaletrain import-hf"):
             open_parent(tmp_path / "hf")
+
+
+def test_per_head_norms_are_collapsed_in_any_order(tmp_path):
+    """safetensors lists tensor names as text (norms.10 before norms.2): with 11 or more heads the last head
+    arrived before heads 2-9, and StableLM's import failed with a KeyError."""
+    m = config(norm="layernorm", parallel_block=True, qk_norm=True, hidden_size=96, num_heads=12, num_kv_heads=12)
+    ours = ours_for(m).state_dict()
+    plan, cfg, _ = hf_for(m, tmp_path)
+    theirs = dict(sorted(plan.adapter.tensors(ours.items())))  # the order safe_open().keys() gives
+    assert list(theirs).index("model.layers.0.self_attn.q_layernorm.norms.11.weight") < \
+        list(theirs).index("model.layers.0.self_attn.q_layernorm.norms.2.weight")
+    m2, adapter = import_plan(cfg, "hf", lambda n: bool(theirs[n].abs().max() > 0) if n in theirs else None)
+    specs = adapter.specs([(n, tuple(t.shape), t.dtype) for n, t in theirs.items()])
+    back = dict(adapter.tensors(theirs.items()))
+    assert [(n, s) for n, s, _ in specs] == [(n, tuple(t.shape)) for n, t in back.items()]
+    assert back.keys() == ours.keys() and all(torch.equal(back[k], v) for k, v in ours.items())

@@ -206,7 +206,10 @@ def submit_keeping_previous(o: SubmitOptions, text: str) -> tuple[str, Path]:
     the cluster does not have), the run dir is left as it was: the previous script back in place, or no
     script and no run dir where there was none."""
     run_dir = Path(o.run_dir)
-    created = not run_dir.exists()
+    created = run_dir  # the outermost directory this submission will create (None: run_dir exists)
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    created = None if run_dir.exists() else created
     script = run_dir / "submit.sbatch"
     previous = script.with_name(".submit.sbatch.previous")
     if script.exists():
@@ -221,8 +224,8 @@ def submit_keeping_previous(o: SubmitOptions, text: str) -> tuple[str, Path]:
         script.unlink(missing_ok=True)
         if previous.exists():
             previous.replace(script)
-        elif created:
-            shutil.rmtree(run_dir, ignore_errors=True)
+        elif created is not None:  # parents included: a refused `run.dir=/shared/new/exp/a` leaves no /shared/new
+            shutil.rmtree(created, ignore_errors=True)
         raise
     previous.unlink(missing_ok=True)
     return job, path

@@ -111,7 +111,7 @@ def newest_checkpoint(run: Path) -> Optional[str]:
         tag = latest.read_text().strip()
         if (root / tag).is_dir():
             return tag
-    except OSError:
+    except (OSError, ValueError):  # unreadable, or not text (UnicodeDecodeError): the tags decide
         pass
     tags = [(int(m[1]), p.name) for p in root.glob("global_step*") if (m := _TAG.match(p.name)) and (p / "manifest.json").is_file()]
     return max(tags)[1] if tags else None
@@ -227,7 +227,7 @@ def run_info(run: Path, queue: Optional[dict[str, str]] = None, now: Optional[fl
         gone = "requeued" if queue_state in _QUEUED else "crashed"  # SLURM requeued it (node failure, preemption)
         if host is None or host == socket.gethostname():
             state = "running" if local_ranks_alive(run, status) else gone
-        elif queue_state is not None:
+        elif queue is not None and job:  # SLURM answered: a job it no longer lists has ended without a word
             state = "running" if queue_state in ("RUNNING", "COMPLETING") else gone
         else:
             state = "running?" if last_write is not None and now - last_write < STALE_AFTER_S else "stale"

@@ -72,6 +72,9 @@ def _stablelm_out(m: ModelConfig):
 
 def _stablelm_in(m: ModelConfig, use_qkv_bias: bool):
     hd = m.head_dim
+    # heads seen so far per norm: the last to arrive (in whatever order: safetensors lists names as text,
+    # norms.10 before norms.2) emits the shared norm
+    arrived: dict[str, set[int]] = {}
 
     def collapse(pre: str, hf: str, ours: str, n: int):
         names = tuple(f"{pre}{hf}.norms.{h}.weight" for h in range(n))
@@ -92,7 +95,12 @@ def _stablelm_in(m: ModelConfig, use_qkv_bias: bool):
         for hf, ours, n in (("q_layernorm", "q_norm", m.num_heads), ("k_layernorm", "k_norm", m.num_kv_heads)):
             if f".self_attn.{hf}.norms." in name:
                 pre, h = name.split(f"{hf}.norms.")[0], int(name.split(".norms.")[1].split(".")[0])
-                return collapse(pre, hf, ours, n) if h == n - 1 else [deferred(name)]
+                heads = arrived.setdefault(pre + hf, set())
+                heads.add(h)
+                if len(heads) < n:
+                    return [deferred(name)]
+                del arrived[pre + hf]  # (the rule runs once for the specs, once for the tensors)
+                return collapse(pre, hf, ours, n)
         outs = same(name, shape)
         if m.bias and _bias_not_stored(name):
             outs.append(zeros(name.removesuffix("weight") + "bias", (shape[0],)))

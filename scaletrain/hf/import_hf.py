@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from scaletrain import lineage
-from scaletrain.config import Config, TrainConfig
+from scaletrain.config import Config, DataConfig, TrainConfig
 from scaletrain.errors import UserError
 from scaletrain.weights.checkpoint_dir import DEFAULT_SHARD, check_out, source_parent, staged, write_checkpoint_dir
 from scaletrain.weights.sources import TOKENIZER_DIR, expected_shapes, open_weights, shape_problems, summarise
@@ -21,11 +21,20 @@ from scaletrain.weights.writer import parse_size
 SAMPLE = "Hello world!\n\tdef f(x): return x + 1  # 42"
 
 
+# data.source of an imported classifier's config.yaml: labelled rows are the one thing we cannot guess
+CLASSIFY_SOURCE = "labelled.jsonl"
+
+
 def finetune_defaults(model) -> Config:
-    """config.yaml of an imported checkpoint: its model plus gentle fine-tuning settings (edit freely)."""
+    """config.yaml of an imported checkpoint: its model plus gentle fine-tuning settings (edit freely). A
+    classifier (num_labels > 0) gets train.task=classify on classification rows: any other task is refused
+    with its head (data.source names a file to replace)."""
     seq = min(512, model.max_seq_len)
-    train = TrainConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10, max_steps=200, seq_len=seq, eval_every=50, save_every=100)
-    return Config(model=model, train=train)
+    classify = model.num_labels > 0
+    train = TrainConfig(lr=1e-4, min_lr=1e-5, warmup_steps=10, max_steps=200, seq_len=seq, eval_every=50, save_every=100,
+                        task="classify" if classify else "lm")
+    data = DataConfig(format="classification", source=CLASSIFY_SOURCE) if classify else DataConfig()
+    return Config(model=model, train=train, data=data)
 
 
 def _check_tokenizer(hf_dir: Path, vocab_size: int):
@@ -62,6 +71,9 @@ def import_hf(hf_dir: str, out: str, max_shard_size: str = DEFAULT_SHARD, progre
     else:
         print(f"warning: {src_dir} has no tokenizer files; set data.tokenizer when training from this checkpoint", file=sys.stderr)
     cfg = finetune_defaults(src.model)
+    if cfg.train.task == "classify":
+        print(f"note: a classifier ({src.model.num_labels} labels): its config.yaml trains with train.task=classify; "
+              f"set data.source (now {CLASSIFY_SOURCE}) to your text/label rows", file=sys.stderr)
     with staged(out_dir) as tmp:
         rec = write_checkpoint_dir(tmp, out_dir, src, cfg, "import-hf", [], max_bytes, progress,
                                    source={"path": str(src_dir.resolve())})

@@ -74,11 +74,8 @@ def write_hf_tokenizer(tokenizer: Path, out: Path, max_len: int, pad_with_eos: b
     if tokenizer.is_dir():
         if not copy_tokenizer_files(tokenizer, out):
             raise UserError(f"{tokenizer} holds no tokenizer files")
-        config = out / "tokenizer_config.json"
-        if pad_with_eos and config.is_file():
-            settings = json.loads(config.read_text())
-            if settings.get("pad_token") is None and settings.get("eos_token") is not None:
-                config.write_text(json.dumps({**settings, "pad_token": settings["eos_token"]}, indent=2))
+        if pad_with_eos:
+            _pad_with_eos(out)
         return
     text, special = sentencepiece_tokenizer_json(tokenizer)
     (out / "tokenizer.json").write_text(text)
@@ -90,6 +87,21 @@ def write_hf_tokenizer(tokenizer: Path, out: Path, max_len: int, pad_with_eos: b
               "split_special_tokens": True, "clean_up_tokenization_spaces": False, "model_max_length": max_len}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(names, indent=2))
+
+
+def _pad_with_eos(out: Path) -> None:
+    """Copied HF files: pad with EOS, whatever pad token the source tokenizer had. The classifier trained on
+    EOS-padded windows, and HF's pooling takes the last token that is not config.pad_token_id (EOS): a tokenizer
+    padding with another token had every shorter row of a batch read at a padding position. EOS may be named
+    in tokenizer_config.json or only in special_tokens_map.json."""
+    files = [out / "tokenizer_config.json", out / "special_tokens_map.json"]
+    settings = [json.loads(f.read_text()) if f.is_file() else None for f in files]
+    eos = next((s["eos_token"] for s in settings if s and s.get("eos_token") is not None), None)
+    if eos is None:
+        return  # nothing names EOS: the exported config's pad_token_id stands alone
+    for f, s in zip(files, settings):
+        if s is not None or f.name == "tokenizer_config.json":
+            f.write_text(json.dumps({**(s or {}), "pad_token": eos}, indent=2))
 
 
 def check_same_ids(out: Path, ours) -> None:

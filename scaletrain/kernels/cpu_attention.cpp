@@ -73,6 +73,7 @@ void check_inputs(std::initializer_list<const at::Tensor*> xs, const at::Tensor&
   TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "cpu attention: causal self-attention only (Tq == Tk)");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(3) % kPanel == 0 && k.size(0) == q.size(0),
               "cpu attention: head count must divide by kv heads, head size must be a multiple of 64");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(3) == q.size(3), "cpu attention: k and v of one shape, q's head size");
 }
 
 template <typename E>
@@ -150,7 +151,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                    at::Tensor& dk, at::Tensor& dv) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), KH = k.size(1);
   const int64_t G = H / KH, Tp = round_up(T, kPanel), BQ = kPanel, KC = kChunk;
-  const Strides sq(q), sk(k), sv(v), so(out), sdo(dout), sdq(dq), sdk(dk);
+  const Strides sq(q), sk(k), sv(v), so(out), sdo(dout), sdq(dq), sdk(dk), sdv(dv);
   const auto lse_a = lse.accessor<float, 3>();
   const E *q_p = q.data_ptr<E>(), *k_p = k.data_ptr<E>(), *v_p = v.data_ptr<E>();
   const E *o_p = out.data_ptr<E>(), *do_p = dout.data_ptr<E>();
@@ -245,7 +246,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
       }
       if (rope.on()) Rope<E>::unrotate_transposed(dkt.data(), D, T, Tp, cos_t.data(), sin_t.data());
       store_transposed(dkt.data(), D, T, Tp, dk_p + sdk.at(b, kh, 0), sdk.t);
-      store_transposed(dvt.data(), D, T, Tp, dv_p + sdk.at(b, kh, 0), sdk.t);
+      store_transposed(dvt.data(), D, T, Tp, dv_p + sdv.at(b, kh, 0), sdv.t);
     }
     blas::brgemm_release();
   });

@@ -30,6 +30,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether `attention` can take these [B, H, T, D] tensors (else use SDPA)."""
     return (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float32) and k.dtype == q.dtype
             and v.dtype == q.dtype and q.shape[2] == k.shape[2] and q.shape[-1] % 64 == 0
+            and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[-1] == q.shape[-1]
             and q.shape[1] % k.shape[1] == 0 and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
             and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             and kernel_ready(q.dtype == torch.bfloat16))

@@ -96,7 +96,8 @@ inline void check_bf16_cpu(const at::Tensor& x, const char* op) {
 
 // 2^x in ~10 instructions (ATen's exp_u20 takes ~20, and the softmax loops are bound by it): 2^n * q(f)
 // with n = round(x), f = x - n in [-0.5, 0.5], q a degree-5 fit of 2^f (relative error 2.4e-7 in fp32).
-// Lanes with x < -126 (masked -inf scores included) give exactly 0; callers keep x <= 127 (their x are
+// Lanes with x < -126 (masked -inf scores included) give exactly 0, NaN lanes stay NaN (a NaN logit or
+// score must reach the loss guard, not count as probability 0); callers keep x <= 127 (their x are
 // at most 0, or clamped). Callers fold log2(e) into their FMA.
 inline VF exp2_fast(VF x) {
 #if SCALETRAIN_BF16
@@ -111,12 +112,12 @@ inline VF exp2_fast(VF x) {
   q = vfmadd(q, f, vset(0.69314697f));
   q = vfmadd(q, f, vset(1.00000007f));
 #if SCALETRAIN_BF16
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ), q, n);
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLT_UQ), q, n);
 #else
-  // 2^n from its exponent bits (n + 127) << 23; lanes below -126 (n, f NaN for -inf) masked to 0
+  // 2^n from its exponent bits (n + 127) << 23; lanes below -126 (n, f NaN for -inf) masked to 0, NaN kept
   const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   const VF scaled = _mm256_mul_ps(q, _mm256_castsi256_ps(bits));
-  return _mm256_and_ps(scaled, _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_GE_OQ));
+  return _mm256_and_ps(scaled, _mm256_cmp_ps(x, _mm256_set1_ps(-126.f), _CMP_NLT_UQ));
 #endif
 }
 

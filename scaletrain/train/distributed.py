@@ -44,10 +44,12 @@ def setup(threads: int = 0) -> Dist:
     """
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" in os.environ:  # `deepspeed --launcher openmpi` (mpirun)
         e = os.environ
-        if "MASTER_ADDR" not in e:  # DeepSpeed would fall back to mpi4py discovery: an ImportError on every rank
+        if "MASTER_ADDR" not in e or "MASTER_PORT" not in e:  # DeepSpeed would fall back to mpi4py discovery:
+            # an ImportError on every rank
             from scaletrain.errors import UserError
 
-            raise UserError("started by mpirun without MASTER_ADDR: mpirun does not set it; put MASTER_ADDR=<first host> "
+            missing = " and ".join(k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in e)
+            raise UserError(f"started by mpirun without {missing}: mpirun does not set them; put MASTER_ADDR=<first host> "
                             "and MASTER_PORT=<free port> into the env file the launcher passes on (.deepspeed_env)")
         e.update(RANK=e["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=e["OMPI_COMM_WORLD_SIZE"],
                  LOCAL_RANK=e["OMPI_COMM_WORLD_LOCAL_RANK"], LOCAL_SIZE=e["OMPI_COMM_WORLD_LOCAL_SIZE"])

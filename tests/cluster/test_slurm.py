@@ -215,3 +215,24 @@ def test_time_limit_walk_requeues_until_max_steps(slurm, tmp_path):
     check_curve(run_dir, max_steps, stops)
     log(f"walk: --time {limit // 60} min, {max_steps} steps, {n} time-limit requeue(s) at steps {stops} (requeue -> restart: "
         f"{requeue_gaps(text)} s), total {t_total:.1f} s")
+
+
+@pytest.mark.parametrize("mode", ["deepspeed", "srun"])
+def test_plain_scancel_checkpoints_and_ends(slurm, tmp_path, mode):
+    """Plain `scancel` (SIGTERM to every process of the job, SIGKILL KillWait seconds later): the ranks
+    checkpoint and the job ends without a requeue. The one-node runner (deepspeed mode) and the srun task
+    used to die of the TERM, ending the step: SLURM then killed the ranks before they could save."""
+    job, run_dir = submit(slurm, tmp_path, 100000, "--time", "00:10:00", "--mode", mode)
+    assert wait_for(lambda: status(run_dir).get("state") == "running" or not in_queue(job), timeout=900, interval=0.2), \
+        f"job {job} did not start training:\n{log_text(run_dir, job)[-4000:]}"
+    assert wait_for(lambda: status(run_dir).get("step", 0) >= 3, timeout=300, interval=0.2)  # a few steps in
+    t0 = time.time()
+    subprocess.run(["scancel", job], check=True, timeout=30)
+    assert wait_for(lambda: not in_queue(job), timeout=300, interval=0.5)
+    text = log_text(run_dir, job)
+    m = re.search(r"stop requested by signal: checkpointed at step (\d+)", text)
+    assert m and status(run_dir).get("state") == "preempted", f"{status(run_dir)}\n{text[-4000:]}"
+    step = int(m[1])
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"global_step{step}"
+    assert "got SIGTERM" in text and "requeueing" not in text and restarts(job) == 0, text[-4000:]
+    log(f"plain scancel ({mode} mode): checkpointed at step {step}, job gone {time.time() - t0:.1f} s after scancel")
