@@ -47,15 +47,13 @@ def hf_parent(d: Path, hidden, heads, kv, ffn, layers, tied, seed=0) -> Path:
 def hf_logits(ckpt: Path, x: torch.Tensor) -> torch.Tensor:
     """Logits of a checkpoint dir (ours or HF) computed by transformers from its safetensors."""
     from safetensors.torch import load_file
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from scaletrain.hf.config_map import hf_config_from_model
+    from scaletrain.hf.arch_map import transformers_model
     from scaletrain.weights import open_weights
 
     src = open_weights(ckpt)
-    cfg = LlamaConfig(**hf_config_from_model(src.model, None, None, "float32"))
-    model = LlamaForCausalLM(cfg).eval()
-    model.config._attn_implementation = "eager"
+    model = transformers_model(src.model).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
     state = {}
     for f in sorted(ckpt.glob("model*.safetensors")):
         state.update(load_file(f))

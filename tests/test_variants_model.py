@@ -90,7 +90,7 @@ def test_kv_cached_decoding_matches_full_forward(name, backend):
     x = ids(t=23)
     with torch.no_grad():
         full = m(x)
-        caches, pos = m.new_caches(), 0
+        caches = m.new_caches()
         for start, end in [(0, 7), (7, 12)] + [(p, p + 1) for p in range(12, 23)]:
             step = m(x[:, start:end], caches=caches, start_pos=start)
             assert (step - full[:, start:end]).abs().max().item() <= TOL, (start, end)

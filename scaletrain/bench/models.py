@@ -43,13 +43,10 @@ def build_ours(cfg: Config, device: torch.device, world: int):
 
 
 def build_peer(cfg: Config, world: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from scaletrain.hf.arch_map import transformers_model
 
-    from scaletrain.hf.config_map import hf_config_from_model
-
-    hf = LlamaConfig(**{**hf_config_from_model(cfg.model, 1, 2, "float32"), "use_cache": False})
     torch.manual_seed(cfg.train.seed)
-    model = LlamaForCausalLM._from_config(hf, attn_implementation="sdpa", dtype=torch.float32)
+    model = transformers_model(cfg.model, "sdpa", use_cache=False)  # LlamaForCausalLM at the bench's shapes
     return _initialize(model, build_optimizer(model, cfg, fused=False), cfg, world)
 
 

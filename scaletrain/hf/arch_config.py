@@ -1,11 +1,14 @@
-"""config.json of each exported `transformers` architecture (export) and our model section for one (import).
+"""config.json of each exported `transformers` architecture (export), reading one, and our model section for
+one (import).
 
 Which architecture computes which switch combination: arch_map.py. Tensor names: arch_rules.py.
 """
 
 from __future__ import annotations
 
+import json
 from importlib.metadata import version
+from pathlib import Path
 from typing import Callable, Optional
 
 from scaletrain.config import ModelConfig
@@ -16,6 +19,21 @@ RMS_FAMILIES = ("Llama", "Mistral", "Qwen3", "Arcee", "SmolLM3")
 GATED = ("Llama", "Mistral", "Qwen3", "StableLm", "SmolLM3")  # SwiGLU (gate/up/down with silu)
 # transformers' partial_rotary_factor when config.json does not say (they rotate part of each head by default)
 PARTIAL_ROTARY_DEFAULT = {"StableLm": 0.25, "Phi": 0.5, "Persimmon": 0.5}
+
+
+def read_hf_config(d: Path) -> dict:
+    p = d / "config.json"
+    if not d.is_dir():
+        raise UserError(f"{d} is not a directory; give a Hugging Face model directory (config.json + weights)")
+    if not p.is_file():
+        raise UserError(f"{d} has no config.json; not a Hugging Face model directory")
+    try:
+        cfg = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{p} is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{p} does not hold a JSON object")
+    return cfg
 
 
 def _rope_fields(m: ModelConfig, extra: Optional[dict] = None) -> dict:

@@ -147,6 +147,19 @@ def export_plan(m: ModelConfig) -> Plan:
     return plan
 
 
+def transformers_model(m: ModelConfig, attn_implementation: str = "eager", **config_edits):
+    """A transformers model (random weights, fp32) of the architecture that computes what `m` computes, from the
+    config.json fields `export-hf` writes: the bench's peer and the tests' oracle."""
+    import torch
+    import transformers
+
+    plan = export_plan(m)
+    cfg = {**hf_config(plan, m, 1, 2, "float32", 2 if m.num_labels else None), **config_edits}
+    hc = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return getattr(transformers, plan.architecture(m))._from_config(hc, attn_implementation=attn_implementation,
+                                                                    dtype=torch.float32)
+
+
 def import_plan(cfg: dict, where: str, peek: Callable[[str], Optional[bool]] = lambda name: None) -> tuple[ModelConfig, Adapter]:
     """(our ModelConfig, HF -> ours tensor adapter) for an HF config.json dict."""
     archs = cfg.get("architectures") or []

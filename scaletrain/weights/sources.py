@@ -112,7 +112,7 @@ def _open_checkpoint_dir(d: Path) -> WeightSource:
 
 def _open_hf_dir(d: Path) -> WeightSource:
     from scaletrain.hf.arch_map import import_plan, peeker
-    from scaletrain.hf.config_map import read_hf_config
+    from scaletrain.hf.arch_config import read_hf_config
 
     m, adapter = import_plan(read_hf_config(d), str(d), peeker(d))  # Llama, Qwen3, Starcoder2, ... (names mapped)
     has_tok = bool(tokenizer_files(d))
