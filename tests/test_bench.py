@@ -106,3 +106,22 @@ def test_throughput_window_counts_only_step_time_and_restarts_after_each_log_lin
     assert w.take() == pytest.approx(2000.0)
     w.add(300, 1.0)
     assert w.take() == pytest.approx(300.0)  # a new window, not the average since the start
+
+
+def test_bench_ranks_leave_no_semaphore_behind(tmp_path):
+    """The ranks skip interpreter teardown (os._exit); a multiprocessing lock made in one (tqdm makes one under
+    inductor) was then reported as "leaked semaphore objects" at the end of every `scaletrain bench`."""
+    import subprocess
+    import sys
+
+    from launch_utils import env
+
+    (tmp_path / "lockjob.py").write_text("import multiprocessing\nKEEP = []\n\n\ndef job(dist):\n"
+                                         "    KEEP.append(multiprocessing.RLock())  # alive until the rank exits\n"
+                                         "    return {'ok': 1}\n")
+    e = env()
+    e["PYTHONPATH"] = f"{tmp_path}:{e['PYTHONPATH']}"
+    code = "from scaletrain.bench.spawn import run_ranks\nimport lockjob\nprint(run_ranks(lockjob.job, (), 1))"
+    p = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "{'ok': 1}" in p.stdout, p.stderr[-3000:]
+    assert "leaked" not in p.stderr, p.stderr[-3000:]

@@ -250,6 +250,7 @@ def test_batch_script_checks_its_hostfile(tmp_path, mode):
     ("preempted", "global_step20", True, 0),    # checkpointed on USR1: walk on
     ("failed", "global_step20", True, 0),       # the last save failed, but an earlier one of this start landed
     ("preempted", "global_step10", False, 1),   # nothing new since the start (saves fail): requeueing would loop
+    ("preempted", "global_step10 again", True, 0),  # fell back from a damaged step 10, trained, saved step 10 anew
     ("unknown", None, False, 1),                # never got to train, no checkpoint at all
     ("finished", "global_step20", False, 0),
 ])
@@ -258,9 +259,14 @@ def test_requeue_only_after_progress(tmp_path, state, latest, requeued, rc):
     s = render_sbatch(opts())
     assert "LATEST_AT_START=$(cat" in s
     stubs = (f'log() {{ echo "LOG $*"; }}\nrun_state() {{ echo {state}; }}\nscontrol() {{ echo "SCONTROL $*"; }}\n'
-             f'LATEST={tmp_path}/latest\nLATEST_AT_START={"global_step10" if latest else ""}\nREQUEUE=1 TERMINATING=0\n')
+             f'LATEST={tmp_path}/latest\nLATEST_AT_START={"global_step10" if latest else ""}\nREQUEUE=1 TERMINATING=0\n'
+             f'HOSTFILE={tmp_path}/hostfile\n')
+    (tmp_path / "hostfile").write_text("n1 slots=2\n")  # written at this start
     if latest:
-        (tmp_path / "latest").write_text(latest)
+        (tmp_path / "latest").write_text(latest.split()[0])
+        saved = 100 if latest.endswith("again") else -100  # seconds after (before) the start
+        start = (tmp_path / "hostfile").stat().st_mtime
+        os.utime(tmp_path / "latest", (start + saved, start + saved))
     p = _bash(stubs + _snippet(s, "finish() {", "}") + "finish 0\n", tmp_path, SLURM_JOB_ID="5")
     assert p.returncode == rc, p.stdout + p.stderr
     assert ("SCONTROL requeue 5" in p.stdout) == requeued, p.stdout

@@ -33,7 +33,13 @@ def _worker(local_rank: int, ranks: int, port: int, device: str, threads: int, j
     shutdown()
     # The result is on disk. Skip interpreter teardown: destructors of background threads (gloo,
     # inductor workers) intermittently abort a clean exit with "terminate called without an active
-    # exception", which spawn() would report as a failed rank.
+    # exception", which spawn() would report as a failed rank. multiprocessing's own finalizers still run:
+    # they unlink the semaphores made here (tqdm's lock, under inductor), which the parent's resource tracker
+    # otherwise reported as "leaked" at the end of every bench.
+    from multiprocessing import util
+
+    util._run_finalizers(0)
+    util._run_finalizers()
     os._exit(0)
 
 
