@@ -180,14 +180,16 @@ def test_classifier_pools_the_last_non_pad_token_and_metrics():
 
 def test_exported_classifier_tokenizer_pads_with_eos_when_copied_from_hf(tmp_path):
     """A classifier fine-tuned from an imported HF model ships that model's tokenizer files: the export adds
-    pad_token = eos_token where they had none (and keeps one they had)."""
+    pad_token = eos_token, also where they had a pad token of their own: the classifier trained on EOS-padded
+    windows and config.json's pad_token_id is EOS, so a tokenizer padding with another token had HF's pooling
+    read padded rows at a padding position."""
     import json
 
     from scaletrain.hf.tokenizer_files import write_hf_tokenizer
 
     src = tmp_path / "src"
     src.mkdir()
-    for pad, want in [(None, "</s>"), ("<pad>", "<pad>")]:
+    for pad, want in [(None, "</s>"), ("<pad>", "</s>")]:
         (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "pad_token": pad}))
         out = tmp_path / f"out-{pad}"
         out.mkdir()

@@ -348,15 +348,27 @@ def test_hf_classifier_imports_and_exports_batches_the_way_it_trained(tmp_path, 
     tok.pad_token = tok.unk_token  # a pad token of its own, not EOS
     tok.save_pretrained(str(src))
     torch.manual_seed(0)
-    source = LlamaForSequenceClassification(hf_llama_config(num_labels=3, pad_token_id=tok.pad_token_id)).eval()
+    names = ["negative", "neutral", "positive"]
+    source = LlamaForSequenceClassification(hf_llama_config(
+        num_labels=3, pad_token_id=tok.pad_token_id, id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)})).eval()
     source.save_pretrained(str(src))
     cli_ok("import-hf", str(src), "--out", str(tmp_path / "ck"))
     cfg = yaml.safe_load((tmp_path / "ck" / "config.yaml").read_text())
     assert (cfg["model"]["num_labels"], cfg["train"]["task"], cfg["data"]["format"]) == (3, "classify", "classification")
+    assert cfg["model"]["label_names"] == names
+    # a fine-tune from it whose config does not name the classes keeps the source's names
+    from scaletrain.config import build_config
+    from scaletrain.train import init_from
+
+    run_cfg = build_config({**cfg, "model": {**cfg["model"], "label_names": []}, "init": {"from": str(tmp_path / "ck")},
+                            "run": {"dir": str(tmp_path / "run")}})
+    assert init_from.resolve(run_cfg, warn=lambda m: None).model.label_names == names
     cli_ok("export-hf", str(tmp_path / "ck"), "--out", str(tmp_path / "hf"))
     hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf")).eval()
     hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert hf_tok.pad_token_id == hf.config.pad_token_id == tok.eos_token_id
+    assert hf.config.id2label == dict(enumerate(names))
     texts = ["def main(argv):", "    return x + 1 if y else z", "import os"]
     batch = hf_tok(texts, padding=True, return_tensors="pt")
     assert batch["input_ids"].shape[1] > min(len(tok(t)["input_ids"]) for t in texts)  # some rows are padded

@@ -53,8 +53,9 @@ def hf_config(plan, m: ModelConfig, bos: Optional[int], eos: Optional[int], dtyp
         "transformers_version": version("transformers"),
     }
     if m.num_labels:
-        common["id2label"] = {str(i): f"LABEL_{i}" for i in range(m.num_labels)}
-        common["label2id"] = {f"LABEL_{i}": i for i in range(m.num_labels)}
+        names = m.label_names or [f"LABEL_{i}" for i in range(m.num_labels)]
+        common["id2label"] = {str(i): name for i, name in enumerate(names)}
+        common["label2id"] = {name: i for i, name in enumerate(names)}
         common["problem_type"] = "single_label_classification"
     fam = plan.family
     if fam == "Mpt":

@@ -175,7 +175,11 @@ def import_plan(cfg: dict, where: str, peek: Callable[[str], Optional[bool]] = l
         raise UserError(f"{where} is a {what} model; importable: {known} (and their ForSequenceClassification)")
     values = model_values(fam, cfg, where, peek)
     if task == "ForSequenceClassification":
-        values["num_labels"] = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
+        n = values["num_labels"] = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
+        id2label = cfg.get("id2label") if isinstance(cfg.get("id2label"), dict) else {}
+        names = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(n)]
+        if names != [f"LABEL_{i}" for i in range(n)] and len(set(names)) == n:  # kept through fine-tuning and export
+            values["label_names"] = names
     try:
         m = ModelConfig(**values)
     except ValidationError as e:

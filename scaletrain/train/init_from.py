@@ -42,6 +42,9 @@ def resolve(cfg: Config, warn=lambda msg: print(msg, file=sys.stderr)) -> Config
     for k in SOFT_KEYS:
         if getattr(src.model, k) != getattr(cfg.model, k):
             warn(f"warning: init.from: model.{k} changes from {getattr(src.model, k)} to {getattr(cfg.model, k)}")
+    if src.model.label_names and not cfg.model.label_names and src.model.num_labels == cfg.model.num_labels:
+        cfg = cfg.model_copy(deep=True)  # the classes keep their names through the fine-tune (and its export)
+        cfg.model.label_names = list(src.model.label_names)
     if cfg.data.tokenizer is None and src.tokenizer is not None:
         cfg = cfg.model_copy(deep=True)
         cfg.data.tokenizer = str(src.tokenizer.resolve())
