@@ -376,3 +376,33 @@ def test_hf_classifier_imports_and_exports_batches_the_way_it_trained(tmp_path, 
         batched = hf(**batch).logits
         alone = torch.cat([source(input_ids=tok(t, return_tensors="pt")["input_ids"]).logits for t in texts])
     assert (batched - alone).abs().max() <= 1e-5
+
+
+def test_generation_settings_travel_from_import_to_export(tmp_path, hf_dir):
+    """Stop tokens and sampling defaults of an HF model's generation_config.json survive import-hf, a run that
+    starts from the import (found through init.from) and export-hf; the export used to write one eos and
+    greedy decoding."""
+    import shutil
+
+    from scaletrain.hf import generation_config
+
+    src = tmp_path / "chat"
+    shutil.copytree(hf_dir, src)
+    settings = {"bos_token_id": 1, "eos_token_id": [2, 7], "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (src / "generation_config.json").write_text(json.dumps(settings))
+    cli_ok("import-hf", str(src), "--out", str(tmp_path / "ck"))
+    cli_ok("export-hf", str(tmp_path / "ck"), "--out", str(tmp_path / "hf"))
+    got = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert {k: got[k] for k in settings} == settings
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(str(tmp_path / "hf")).eos_token_id == [2, 7]
+    # a run dir (and its tags) started from the import find it through init.from
+    run = tmp_path / "run"
+    (run / "checkpoints" / "global_step5").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"init:\n  from: {tmp_path / 'ck'}\n")
+    assert generation_config.find(run) == generation_config.find(run / "checkpoints" / "global_step5") == settings
+    (run / "config.yaml").write_text(f"init:\n  from: {run}\n")  # a loop ends, with nothing found
+    assert generation_config.find(run) is None
+    assert generation_config.for_export(None, 1, 2, "x")["eos_token_id"] == 2
+    assert generation_config.for_export({"eos_token_id": 9}, 1, 2, "x")["eos_token_id"] == [2, 9]

@@ -16,6 +16,7 @@ from typing import Optional
 
 from scaletrain import lineage
 from scaletrain.errors import UserError
+from scaletrain.hf import generation_config
 from scaletrain.hf.arch_map import export_plan, hf_config
 from scaletrain.hf.model_card import write_model_card
 from scaletrain.hf.tokenizer_files import check_same_ids, write_hf_tokenizer
@@ -71,8 +72,8 @@ def export_hf(source: str, out: str, dtype: Optional[str] = None, max_shard_size
         pad = ours.eos_id if src.model.num_labels else None  # classifiers pool at the last non-pad token
         cfg = hf_config(plan, src.model, bos, ours.eos_id, name, pad)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        gen = {"bos_token_id": bos, "eos_token_id": ours.eos_id, "do_sample": False, "transformers_version": cfg["transformers_version"]}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        gen = generation_config.for_export(generation_config.find(src.path), bos, ours.eos_id, cfg["transformers_version"])
+        (tmp / generation_config.GENERATION_CONFIG).write_text(json.dumps(gen, indent=2))
         write_hf_tokenizer(src.tokenizer, tmp, src.model.max_seq_len, pad_with_eos=pad is not None)
         check_same_ids(tmp, ours)
         parent = src.lineage or {}

@@ -4,6 +4,7 @@ failure leaves nothing behind: everything is written into a hidden sibling and r
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from scaletrain.config import Config
 from scaletrain.errors import UserError
 from scaletrain.data.hf_tokenizer import copy_tokenizer_files
 from scaletrain.durable import publish_dir, temp_dir_beside
+from scaletrain.hf import generation_config
 from scaletrain.weights.sources import CONFIG_YAML, TOKENIZER_DIR, WeightSource
 from scaletrain.weights.writer import write_safetensors
 
@@ -77,6 +79,9 @@ def write_checkpoint_dir(tmp: Path, out: Path, src: WeightSource, cfg: Config, k
     (tmp / CONFIG_YAML).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if src.tokenizer is not None:
         copy_tokenizer(src.tokenizer, tmp / TOKENIZER_DIR)
+    gen = generation_config.find(src.path)  # an HF model's stop tokens and sampling defaults travel with it
+    if gen is not None:
+        (tmp / generation_config.GENERATION_CONFIG).write_text(json.dumps(gen, indent=2))
     rec = lineage.make(kind, written["content_id"], parents, cfg.model.model_dump(mode="json"), path=out,
                        dtypes=written["dtypes"], **lineage_fields)
     lineage.write(tmp, rec)
