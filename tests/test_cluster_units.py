@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -278,7 +279,7 @@ def test_signal_command_targets_launcher_children_only():
     """The pgrep pattern in the script must hit DeepSpeed's per-node launcher and nothing that merely
     mentions it (pdsh/ssh/bash command lines), and only for this job's port."""
     s = render_sbatch(opts())
-    pattern = re.search(r"pgrep -d, -f '([^']*)'", s)[1].replace("$MASTER_PORT", "31234").replace("\\$", "$")
+    pattern = re.search(r"pgrep -f '([^']*)'", s)[1].replace("$MASTER_PORT", "31234").replace("\\$", "$")
     hit = "/venv/bin/python3 -u -m deepspeed.launcher.launch --world_info=e30= --master_addr=n1 --master_port=31234 x.py"
     misses = [
         hit.replace("31234", "312345"),
@@ -291,6 +292,33 @@ def test_signal_command_targets_launcher_children_only():
     run = lambda line: subprocess.run([grep, "-qE", pattern], input=line, text=True).returncode == 0  # noqa: E731
     assert run(hit) and run(hit.replace("x.py", "").rstrip())
     assert not any(run(m) for m in misses)
+
+
+def test_signal_command_stops_only_this_jobs_ranks(tmp_path):
+    """Two jobs on one node can share a port (job ids 3000 apart): the launcher's environment decides. Stand-in
+    launchers (the command line DeepSpeed's has), each with a child "rank" that records a USR1."""
+    from launch_utils import wait_for
+
+    (tmp_path / "rank.sh").write_text('trap \'echo stopped > "$OUT"; exit\' USR1\nwhile :; do sleep 0.05; done\n')
+    (tmp_path / "launcher.sh").write_text(f"bash {tmp_path / 'rank.sh'} &\nwait\n")
+    name = "/venv/bin/python -u -m deepspeed.launcher.launch --world_info=e30= --master_port=29577 x.py"
+    launchers = [subprocess.Popen(["bash", "-c", f'exec -a "{name}" bash {tmp_path / "launcher.sh"}'],
+                                  env={"PATH": os.environ["PATH"], "SLURM_JOB_ID": job, "OUT": str(tmp_path / job)})
+                 for job in ("77", "3077")]
+    try:
+        assert wait_for(lambda: all(subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True).stdout
+                                    for p in launchers), 10)
+        export = _snippet(render_sbatch(opts()), "export SIGNAL_RANKS=", "export SIGNAL_RANKS=")
+        p = _bash(export + 'bash -c "$SIGNAL_RANKS"', tmp_path, MASTER_PORT="29577", SLURM_JOB_ID="77")
+        assert p.stdout.split() == ["signalled"], p.stdout + p.stderr
+        assert wait_for(lambda: (tmp_path / "77").exists(), 10)
+        time.sleep(0.3)
+        assert not (tmp_path / "3077").exists()   # the other job's rank trains on
+    finally:
+        for p in launchers:
+            subprocess.run(["pkill", "-KILL", "-P", str(p.pid)])
+            p.kill()
+            p.wait()
 
 
 def test_submit_command_dry_run_and_missing_sbatch(tmp_path, monkeypatch, capsys):
