@@ -32,7 +32,7 @@ def load_model(source: str, need_tokenizer: bool = True):
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    logits = (logits.float() - logits.max().float()) / temperature  # max first: a tiny temperature gives 0 and -inf, not inf - inf
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

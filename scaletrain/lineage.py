@@ -70,7 +70,27 @@ def read(path: str | Path) -> Optional[dict]:
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return data if isinstance(data, dict) and "kind" in data else None
+    return data if _well_formed(data) else None
+
+
+def _well_formed(rec) -> bool:
+    """The fields the tree prints have the types it prints them as (a hand-edited or foreign record that does
+    not is "damaged", one line, instead of a traceback half-way through the tree)."""
+    def opt(v, *types):
+        return v is None or (isinstance(v, types) and not isinstance(v, bool))
+
+    if not isinstance(rec, dict) or not isinstance(rec.get("kind"), str):
+        return False
+    if not all(opt(rec.get(k), str) for k in ("id", "path", "date")) or not all(
+            opt(rec.get(k), int) for k in ("steps", "tokens")) or not opt(rec.get("val_loss"), int, float):
+        return False
+    if not all(opt(rec.get(k), dict) for k in ("model", "data", "config_diff")):
+        return False
+    if any(not (isinstance(v, (list, tuple)) and len(v) == 2) for v in (rec.get("config_diff") or {}).values()):
+        return False
+    parents = rec.get("parents")
+    return opt(parents, list) and all(isinstance(q, dict) and all(opt(q.get(k), str) for k in ("id", "path", "kind"))
+                                      for q in parents or [])
 
 
 def _why_unread(path: Path) -> str:

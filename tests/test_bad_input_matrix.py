@@ -268,6 +268,11 @@ def c_generate_temperature_nan(tmp, base):
     return ["generate", str(tmp / "run"), "--prompt", "x", "--temperature", "nan"], ("--temperature >= 0",)
 
 
+def c_generate_seed_out_of_range(tmp, base):
+    """torch.Generator raised "Overflow when unpacking long long" after the model had loaded."""
+    return ["generate", str(tmp / "run"), "--prompt", "x", "--seed", str(2**64)], ("--seed", "out of range")
+
+
 def c_generate_prompt_not_utf8(tmp, base):
     """Latin-1 bytes in argv reach Python as lone surrogates, which the tokenizer cannot take."""
     return ["generate", str(tmp / "run"), "--prompt", "caf\udce9"], ("--prompt", "UTF-8")

@@ -321,6 +321,16 @@ def test_generate_never_picks_an_id_the_tokenizer_cannot_decode():
     assert max(capped) < 40 and max(greedy) < 40 and len(capped) == 20
 
 
+def test_a_tiny_temperature_samples_the_argmax():
+    """--temperature 1e-38 passed validation, then logits / T overflowed to inf and softmax gave NaN."""
+    from scaletrain.generate import _pick
+
+    logits = torch.tensor([5.0, 3.0, 1.0, float("-inf")])
+    for t in (1e-38, 1e-30):
+        assert _pick(logits, t, 0, 1.0, torch.Generator().manual_seed(0)) == 0
+        assert _pick(logits, t, 2, 0.9, torch.Generator().manual_seed(0)) == 0
+
+
 def test_generate_stays_within_the_context():
     """Prompt + output never exceed max_seq_len (the last token used to land one past it)."""
     from scaletrain.generate import generate

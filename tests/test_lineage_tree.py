@@ -60,3 +60,30 @@ def test_a_resume_continues_the_record_of_the_checkpoint_it_resumes(tmp_path):
     _write(run, "fine-tune", "dddd", [{"id": "newer", "kind": "pre-train", "path": str(tmp_path / "elsewhere")}])
     rec = RunLineage(cfg, run, cache, resumed_tag=tag).record(tag, "eeee", 9, 100, None)
     assert rec["kind"] == "fine-tune" and rec["parents"] == [parent]
+
+
+def test_malformed_records_are_damaged_not_tracebacks(tmp_path):
+    """Valid JSON with fields of the wrong type (hand-edited, or another tool's) is a damaged record: one line
+    at the root, a marked node as a parent; it used to raise TypeError/ValueError/AttributeError mid-tree."""
+    import json
+
+    import pytest
+
+    from scaletrain.errors import UserError
+
+    bad = [{"kind": "x", "id": 5}, {"kind": "x", "steps": "10"}, {"kind": "x", "parents": [None]},
+           {"kind": "x", "parents": [{"path": 5}]}, {"kind": "x", "model": "m"}, {"kind": "x", "config_diff": {"a": 1}},
+           {"kind": "x", "val_loss": "low"}, {"kind": 3}]
+    child = tmp_path / "child"
+    for i, rec in enumerate(bad):
+        d = tmp_path / f"bad{i}"
+        d.mkdir()
+        (d / "lineage.json").write_text(json.dumps(rec))
+        with pytest.raises(UserError, match="is damaged"):
+            lineage.tree_lines(d)
+        _write(child, "fine-tune", "cccc", [{"id": None, "kind": "x", "path": str(d)}])
+        assert lineage.tree_lines(child)[-1].endswith("(damaged lineage.json)")
+    good = {"kind": "x", "steps": 10, "val_loss": 2.5, "config_diff": {"a": [1, 2]}, "parents": []}
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "lineage.json").write_text(json.dumps(good))
+    assert "10 steps" in "".join(lineage.tree_lines(tmp_path / "good"))

@@ -89,6 +89,82 @@ def test_disk_estimate_before_the_first_checkpoint_counts_parameters(tmp_path):
     assert need == int(1_000_000 * 16 * disk_space.MARGIN) and "parameters" in why
 
 
+def test_disk_estimate_follows_a_model_that_grew(tmp_path):
+    """The first save after an in-run growth holds the larger model: the previous checkpoint's size is scaled by
+    the parameters (it was taken as is, and the disk filled up part-way through the save)."""
+    root = tmp_path / "checkpoints"
+    d = _tag(root, 5, nbytes=1000)
+    checkpoint.write_manifest(d, {"step": 5, "params": 100})
+    prev = checkpoint.previous_checkpoint_bytes(root)
+    assert prev[0] == "global_step5" and prev[2] == 100
+    grown, why = disk_space.estimate(250, prev)
+    assert grown == int(prev[1] * 2.5 * disk_space.MARGIN) and "250 now" in why.replace(",", "")
+    assert disk_space.estimate(100, prev)[0] == int(prev[1] * disk_space.MARGIN)
+    older = (prev[0], prev[1], None)  # a manifest from before parameters were recorded: its size as it is
+    assert disk_space.estimate(250, older)[0] == int(prev[1] * disk_space.MARGIN)
+
+
+def test_leftovers_of_a_killed_save_do_not_block_the_next_one(tmp_path, monkeypatch):
+    """A SIGKILL mid-save leaves .tmp-global_stepN: it is cleared before the free-space check (it used to count
+    as used space, refusing every later save, and was only ever removed after a successful one)."""
+    root = tmp_path / "checkpoints"
+    _tag(root, 5, nbytes=1000)
+    checkpoint.write_manifest(root / "global_step5", {"step": 5, "params": 10_100})  # _Engine's Linear(100, 100)
+    stale = root / ".tmp-global_step10"
+    stale.mkdir()
+    (stale / "big.pt").write_bytes(b"x" * 5000)
+    (root / ".latest.tmp-host-1-ab").write_text("global_step9")  # an interrupted atomic write
+    free = lambda path: 3000 - sum(f.stat().st_size for f in root.rglob("*.pt"))  # noqa: E731
+    monkeypatch.setattr(disk_space, "free_bytes", free)
+    monkeypatch.setattr(disk_space, "SLACK", 0)
+    with pytest.raises(AssertionError, match="must not be reached"):  # the check passed: the save began
+        checkpoint.save(_Engine(), root, 10, {"global_batch": 4}, Dist(0, 1, 0, 1, torch.device("cpu")),
+                        keep_last=2, meta={}, log=lambda m: None)
+    assert not stale.exists() and not list(root.glob(".latest.tmp-*"))
+
+
+def test_prune_removes_a_tag_in_one_rename(tmp_path, monkeypatch):
+    """A kill during the delete leaves a hidden .del- dir that the next prune removes, never a global_stepN
+    without its manifest (which no prune counted, so it stayed forever)."""
+    for s in (1, 2, 3):
+        _tag(tmp_path, s)
+    real = checkpoint.shutil.rmtree
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda p, **k: None if ".del-" in str(p) else real(p, **k))
+    checkpoint.prune(tmp_path, keep_last=1, protect="global_step3")  # "killed" before the delete finished
+    assert [t for _, t in checkpoint.tags_by_step(tmp_path)] == ["global_step3"]
+    monkeypatch.undo()
+    checkpoint.prune(tmp_path, keep_last=1, protect="global_step3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step3"]
+
+
+def test_unreadable_checkpoint_file_is_a_reason_not_a_traceback(tmp_path):
+    d = _tag(tmp_path, 5)
+    (d / "w.pt").unlink()
+    (d / "w.pt").mkdir()  # is_file() is False: "missing"; now a file that vanishes between listing and reading:
+    (d / "w.pt").rmdir()
+    (d / "w.pt").symlink_to(tmp_path / "nowhere")
+    assert "is missing" in checkpoint.verify(d)
+    _tag(tmp_path, 6)
+    import os
+    os.chmod(tmp_path / "global_step6" / "w.pt", 0)
+    if os.access(tmp_path / "global_step6" / "w.pt", os.R_OK):  # root reads anything: simulate EIO instead
+        real_open = open
+
+        def failing_open(path, *a, **k):
+            if str(path).endswith("global_step6/w.pt"):
+                raise OSError(5, "Input/output error")
+            return real_open(path, *a, **k)
+        import builtins
+        builtins.open, restore = failing_open, real_open
+        try:
+            why = checkpoint.verify(tmp_path / "global_step6")
+        finally:
+            builtins.open = restore
+    else:
+        why = checkpoint.verify(tmp_path / "global_step6")
+    assert "cannot be read" in why
+
+
 # ---- memory plan ----------------------------------------------------------------------------------------
 
 def test_plan_counts_and_stage_arithmetic():

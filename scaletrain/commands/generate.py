@@ -15,6 +15,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.max_new_tokens < 1 or not math.isfinite(args.temperature) or args.temperature < 0 or args.top_k < 0
             or not 0 < args.top_p <= 1):
         raise UserError("generate needs --max-new-tokens >= 1, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    if not -(2**63) <= args.seed < 2**64:  # torch.Generator's range (a larger one raised after the model loaded)
+        raise UserError(f"--seed {args.seed} is out of range; use a number from 0 to 2^64-1")
     if not _is_unicode(args.prompt):  # bytes that are not UTF-8 in argv arrive as lone surrogates
         raise UserError("--prompt is not valid UTF-8 text; pass it in UTF-8 (check the terminal's locale)")
     model, tok, src = load_model(args.source)

@@ -24,7 +24,7 @@ import torch
 from scaletrain import __version__
 from scaletrain.durable import fsync_dir, write_text_atomic
 from scaletrain.train import rng
-from scaletrain.train.disk_space import check_before_save
+from scaletrain.train.disk_space import check_before_save, num_params
 from scaletrain.train.distributed import Dist, barrier, main_rank_does
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
@@ -85,14 +85,20 @@ def verify(tag_dir: Path) -> Optional[str]:
     missing = next((tag_dir / rel for rel, _, _ in entries if not (tag_dir / rel).is_file()), None)
     if missing is not None:
         return f"{missing} is missing"
-    key, signature = tag_dir.resolve(), _signature([mpath, *(tag_dir / rel for rel, _, _ in entries)])
+    try:
+        key, signature = tag_dir.resolve(), _signature([mpath, *(tag_dir / rel for rel, _, _ in entries)])
+    except OSError as e:
+        return f"{tag_dir} cannot be read ({e.strerror or e})"
     if _VERIFIED.get(key) == signature:  # nothing was rewritten, replaced or resized since it verified
         return None
     started = time.time_ns()
     for rel, size, digest in entries:
         p = tag_dir / rel
-        if p.stat().st_size != size or _sha256(p) != digest:
-            return f"{p} does not match its sha256 in the manifest (corrupted or tampered)"
+        try:
+            if p.stat().st_size != size or _sha256(p) != digest:
+                return f"{p} does not match its sha256 in the manifest (corrupted or tampered)"
+        except OSError as e:  # an unreadable file (EIO, EACCES), or a tag a live run just pruned
+            return f"{p} cannot be read ({e.strerror or e})"
     # remembered only when every file is older than a second: a rewrite within the file system's timestamp
     # granularity could otherwise keep the same size and mtime ("racy git")
     if max(mtime for _, _, mtime, _ in signature) < started - 1_000_000_000:
@@ -107,12 +113,16 @@ def tags_by_step(root: Path) -> list[tuple[int, str]]:
     return sorted(found, reverse=True)
 
 
-def previous_checkpoint_bytes(root: Path) -> Optional[tuple[str, int]]:
-    """(tag, bytes) of the newest checkpoint that has a manifest, or None: the next one's expected size."""
+def previous_checkpoint_bytes(root: Path) -> Optional[tuple[str, int, Optional[int]]]:
+    """(tag, bytes, parameters) of the newest checkpoint that has a manifest, or None: what the next one's size
+    is estimated from (parameters: None in manifests written before they recorded it)."""
     for _, tag in tags_by_step(root):
         try:
-            return tag, sum(int(f["bytes"]) for f in read_manifest(root / tag)["files"].values())
-        except (OSError, ValueError, KeyError, TypeError):
+            manifest = read_manifest(root / tag)
+            params = manifest.get("params")
+            return tag, sum(int(f["bytes"]) for f in manifest["files"].values()), \
+                (int(params) if isinstance(params, int) else None)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return None
 
@@ -125,8 +135,11 @@ def find_resumable(root: Path, log=print) -> Optional[str]:
     """The newest tag whose files verify, preferring the one `latest` names; says what it skipped."""
     candidates = [tag for _, tag in tags_by_step(root)]
     latest = root / "latest"
-    if latest.is_file():
+    try:
         named = latest.read_text(errors="replace").strip()  # a garbled `latest` names no tag: the newest wins
+    except OSError:  # none yet, or unreadable: the newest tag that verifies
+        named = None
+    if named is not None:
         if named in candidates:
             candidates.remove(named)
             candidates.insert(0, named)
@@ -149,6 +162,9 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
 
     tag = tag_name(step)
     final, tmp = root / tag, root / f".tmp-{tag}"
+    if dist.is_main:  # what a killed save or prune left must not count as used space in the check below
+        remove_leftovers(root)
+    barrier()
     problem = check_before_save(engine, root, step, previous_checkpoint_bytes(root))  # every rank: node-local disks too
     if any_rank(problem is not None):
         if problem is not None:  # the rank that found it says so (another node's disk may be the full one)
@@ -165,7 +181,7 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
     def finish() -> None:  # rank 0 hashes every file of the tag (minutes for a large model) while the others wait
         for name, text in (extra_files or {}).items():
             write_text_atomic(tmp / name, text)
-        write_manifest(tmp, {"format": FORMAT, "step": step, "world_size": dist.world,
+        write_manifest(tmp, {"format": FORMAT, "step": step, "world_size": dist.world, "params": num_params(engine.module),
                              "global_batch": client_state.get("global_batch"), **meta})
         old = root / f".old-{tag}"
         if final.exists():  # an older save of the same step (e.g. re-run after a crash): move it aside in one
@@ -194,9 +210,17 @@ def prune(root: Path, keep_last: int, keep_every: int = 0, protect: Optional[str
     for step, tag in complete[keep_last:]:
         if (keep_every and step % keep_every == 0) or step in keep_steps or tag == protect:
             continue
-        shutil.rmtree(root / tag, ignore_errors=True)
-    for p in [*root.glob(".tmp-global_step*"), *root.glob(".old-global_step*")]:
-        shutil.rmtree(p, ignore_errors=True)
+        doomed = root / f".del-{tag}"  # out of the tag namespace in one rename: a kill mid-delete leaves no
+        os.rename(root / tag, doomed)  # manifest-less global_stepN that no later prune would count or remove
+        shutil.rmtree(doomed, ignore_errors=True)
+    remove_leftovers(root)
+
+
+def remove_leftovers(root: Path) -> None:
+    """Temp dirs and files of saves, prunes and atomic writes that a kill interrupted."""
+    for pattern in (".tmp-global_step*", ".old-global_step*", ".del-global_step*", ".latest.tmp-*"):
+        for p in root.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def load(engine, root: Path, tag: str, dist: Dist) -> dict:

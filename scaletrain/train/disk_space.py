@@ -31,12 +31,19 @@ def num_params(module) -> int:
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
 
 
-def estimate(params: int, prev: Optional[tuple[str, int]] = None) -> tuple[int, str]:
-    """(bytes the next checkpoint needs, where the figure comes from). `prev`: (tag, bytes) of the newest
-    complete checkpoint (checkpoint.previous_checkpoint_bytes), None before the first."""
-    if prev is not None:
-        return int(prev[1] * MARGIN), f"the previous checkpoint {prev[0]} took {_fmt(prev[1])}"
-    return int(params * BYTES_PER_PARAM * MARGIN), f"{params:,} parameters x {BYTES_PER_PARAM} bytes"
+def estimate(params: int, prev: Optional[tuple[str, int, Optional[int]]] = None) -> tuple[int, str]:
+    """(bytes the next checkpoint needs, where the figure comes from). `prev`: (tag, bytes, parameters) of the
+    newest complete checkpoint (checkpoint.previous_checkpoint_bytes), None before the first. A model that grew
+    since (in-run growth) scales the previous size by its parameters."""
+    fresh = (int(params * BYTES_PER_PARAM * MARGIN), f"{params:,} parameters x {BYTES_PER_PARAM} bytes")
+    if prev is None:
+        return fresh
+    tag, size, prev_params = prev
+    if prev_params is None or prev_params == params:  # (None: a manifest from before parameters were recorded)
+        return int(size * MARGIN), f"the previous checkpoint {tag} took {_fmt(size)}"
+    scaled = size * params / max(prev_params, 1)
+    return int(scaled * MARGIN), (f"the previous checkpoint {tag} took {_fmt(size)} for {prev_params:,} parameters; "
+                                  f"the model has {params:,} now")
 
 
 def free_bytes(path: Path) -> int:

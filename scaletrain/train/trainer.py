@@ -172,6 +172,7 @@ class Trainer:
         # DeepSpeed keeps the key "skipped_steps" to itself on load (its engine.skipped_steps gets the saved value):
         # ours has a name of its own; checkpoints from before that carry it in DeepSpeed's
         self.guard.total = int(client.get("guard_skipped_steps", client.get("skipped_steps", self.engine.skipped_steps)))
+        self.guard.consecutive = int(client.get("guard_consecutive", 0))  # a streak goes on across a resume
         self.step, self.consumed = int(client["step"]), int(client["consumed_samples"])
         self.early_stop.load(client.get("early_stop"))
         self.saved_step = self.step
@@ -245,6 +246,7 @@ class Trainer:
             "step": self.step, "consumed_samples": self.consumed, "global_batch": self.global_batch,
             "consumed_tokens": self.consumed * self.cfg.train.seq_len, "config_fingerprint": self.cfg.fingerprint(),
             "scaletrain_version": __version__, "early_stop": self.early_stop.state(), "guard_skipped_steps": self.guard.total,
+            "guard_consecutive": self.guard.consecutive,
         }
         meta = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision,
                 "data_stream": resume.data_stream(self.cfg, self.data_cache),
@@ -312,7 +314,7 @@ class Trainer:
                 if self.growth.due(self.stage, self.step):
                     grow(self, metrics)
                     n_params, fpt = self._sizes()
-                    first = self.step + 1
+                    first, window = self.step + 1, ThroughputWindow()  # the old model's steps must not mix in
                 step_t0, early = time.time(), False
                 last_loss = self.train_step()
                 if d.device.type == "cuda":  # the optimizer step and ZeRO's gathers are still queued on the GPU
