@@ -186,15 +186,23 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
     from scaletrain.train.metrics import measure_peak_flops
     from scaletrain.train.precision import planned
 
+    from scaletrain.growth.schedule import advance
+
     ranks = ranks or gpus * nodes
     here = "cuda" if torch.cuda.is_available() else "cpu"
     device = device or here
     cfg = planned(cfg, device)  # train.precision auto: what a run on `device` would use
+    grows = len(cfg.growth.schedule)
+    first = num_params(cfg)
+    if grows:  # the largest model decides whether it fits (training checks the same one at start)
+        cfg = advance(cfg, grows)
     P, fpt = num_params(cfg), flops_per_token(cfg)
     t, z = cfg.train, cfg.zero
     tokens_step = cfg.global_batch_windows(ranks) * t.seq_len
     lines = [
-        f"model        {P:,} parameters ({P / 1e6:.2f}M), {fpt / 1e6:,.1f} MFLOPs per token (6N + 12·L·d·T)",
+        f"model        {P:,} parameters ({P / 1e6:.2f}M), {fpt / 1e6:,.1f} MFLOPs per token (6N + 12·L·d·T)"
+        + (f" after {grows} growth stage(s) (the run starts at {first:,}; memory and step time below are the "
+           "final stage's)" if grows else ""),
         f"batch        {ranks} rank(s) x {t.micro_batch_size} x {t.grad_accum} accum = {cfg.global_batch_windows(ranks)} "
         f"sequences x {t.seq_len} tokens = {tokens_step:,} tokens/step; {tokens_step * t.max_steps:,} tokens in {t.max_steps} steps",
         f"memory per rank on {device} by ZeRO stage ({t.precision}; * = zero.stage {z.stage} as configured):",

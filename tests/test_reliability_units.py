@@ -211,6 +211,22 @@ def test_plan_report_lines():
     assert " *2 " in text and "80.00 GB per rank" in text and "fits" in text and "step time" in text
 
 
+def test_plan_of_a_growing_run_is_the_final_stages():
+    """A run with growth.schedule is refused at start when its largest stage does not fit; plan used to judge
+    (and time) only the model it starts with."""
+    from scaletrain.plan import memory_per_rank, report
+    from scaletrain.growth.schedule import advance
+
+    cfg = load_config(TINY_YAML, ["growth.schedule=[{at_step: 5, set: {model.num_layers: 48, model.hidden_size: 1024, "
+                                  "model.num_heads: 16, model.num_kv_heads: 16, model.intermediate_size: 2752}}]"])
+    final = advance(cfg, 1)
+    need = memory_per_rank(final, 2, "cuda").total
+    assert need > 2 * memory_per_rank(cfg, 2, "cuda").total
+    text = report(cfg, gpus=2, nodes=1, device="cuda", memory=need * 0.9, peak_flops=100e12)
+    assert "after 1 growth stage(s)" in text and "4,999,424" in text and "does NOT fit" in text
+    assert "fits" in report(cfg, gpus=2, nodes=1, device="cuda", memory=need * 1.1, peak_flops=100e12)
+
+
 @pytest.mark.parametrize("flags,ranks,per_node", [
     ([], 16, 8),                                   # hostfile.example: 2 hosts x 8 slots
     (["--include", "worker-0@worker-1:0,2"], 10, 8),  # the README's filters: hosts left with different slots
