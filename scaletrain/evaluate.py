@@ -19,10 +19,17 @@ from scaletrain.errors import UserError
 from scaletrain.model.loss import IGNORE_INDEX
 
 
-def _is_prompt_completion(path: Path) -> bool:
-    from scaletrain.data.sources import first_row
+def _is_prompt_completion(src) -> bool:
+    """Rows with prompt and completion (judged by the first file's first row): jsonl, json or parquet, one file or
+    a dir / glob of them, as training reads data.format=prompt_completion."""
+    from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, iter_rows
 
-    row = first_row(path)
+    if not src.files or any(f.suffix not in JSON_SUFFIXES | PARQUET_SUFFIXES for f in src.files):
+        return False
+    try:
+        row = next((r for _, r in iter_rows(src.files[0])), None)
+    except UserError:
+        return False  # read as text below, which says what is wrong with it
     return isinstance(row, dict) and "prompt" in row and "completion" in row
 
 
@@ -49,7 +56,7 @@ def file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> 
     from scaletrain.data.sources import iter_documents, resolve_source
 
     src = resolve_source(str(path), text_field)
-    if len(src.files) == 1 and _is_prompt_completion(src.files[0]):
+    if _is_prompt_completion(src):
         from scaletrain.data.examples import ExampleStream, iter_examples
 
         rows, toks = [], []

@@ -102,3 +102,38 @@ def test_how_the_batch_is_split_does_not_change_the_step(tmp_path, data_cache_di
     assert sorted(whole) == sorted(split) == [1, 2, 3]
     for step in whole:
         assert abs(whole[step] - split[step]) <= 1e-5 * abs(whole[step]), (step, whole, split)
+
+
+class _ByteTok:
+    eos_id = 2
+
+    def encode(self, text):
+        return [3 + b for b in text.encode()]
+
+    encode_plain = encode
+
+
+@pytest.mark.parametrize("layout", ["one file", "dir of jsonl", "parquet"])
+def test_eval_data_scores_completions_in_every_layout_training_reads(tmp_path, layout):
+    """`eval --data` took prompt/completion rows for plain text unless they were one .jsonl/.json file: a dir of
+    them or a parquet file failed ("no 'text' field"), and --text-field prompt scored the prompts."""
+    import json
+
+    from scaletrain.evaluate import file_batches
+
+    rows = [{"prompt": f"Q{i}: ", "completion": f"answer {i}"} for i in range(6)]
+    data = tmp_path / "data"
+    data.mkdir()
+    if layout == "one file":
+        (data / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif layout == "dir of jsonl":
+        for k in range(2):
+            (data / f"{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[3 * k: 3 * k + 3]))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), data / "a.parquet")
+    path = data / "a.jsonl" if layout == "one file" else data
+    counted = sum(int((y != IGNORE_INDEX).sum()) for _, y in file_batches(path, _ByteTok(), 64, 4, "text"))
+    assert counted == sum(len(r["completion"].encode()) + 1 for r in rows)  # completion + EOS, never the prompt

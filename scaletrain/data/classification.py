@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from scaletrain.data.sampler import WindowStream
-from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, first_row, iter_rows, utf8_text
+from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, iter_rows, utf8_text
 from scaletrain.data.split import split_key
 from scaletrain.errors import UserError
 
@@ -108,9 +108,3 @@ def file_stream(path: Path, tok, seq_len: int, text_field: str = "text", num_lab
     if not rows:
         raise UserError(f"{path} holds no text/label examples")
     return ClassificationStream(np.concatenate(toks), np.asarray(rows, dtype=np.int64), seq_len, 0, tok.eos_id, "eval")
-
-
-def is_classification_file(path: Path) -> bool:
-    """Whether the first row of a jsonl file has 'text' and 'label'."""
-    row = first_row(path)
-    return isinstance(row, dict) and "label" in row and "text" in row

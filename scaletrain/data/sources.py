@@ -212,13 +212,3 @@ def utf8_text(text: str, where: str, field: str) -> str:
         raise UserError(f"{where}: '{field}' holds {text[e.start:e.end]!a}, half of a UTF-16 surrogate pair, which is no "
                         "text; fix or delete that row") from None
     return text
-
-
-def first_row(path: Path):
-    """The first row of a .jsonl file, to tell its format (None: not jsonl, empty, or not JSON)."""
-    if path.suffix not in JSON_SUFFIXES:
-        return None
-    try:
-        return next((row for _, row in iter_rows(path)), None)
-    except UserError:
-        return None
