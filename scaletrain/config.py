@@ -63,14 +63,14 @@ class ModelConfig(_Section):
     parallel_block: bool = False  # attention and FFN read the same normed input: x + attn(n(x)) + ffn(n(x))
     bias: bool = False  # biases on every linear layer (and LayerNorm); the output head never has one
     num_labels: int = Field(0, ge=0)  # > 0: sequence-classification head `score` instead of lm_head
-    label_names: list[str] = []  # a classifier's class names by id (HF id2label); empty: LABEL_0, LABEL_1, ...
+    label_names: Optional[list[str]] = None  # a classifier's class names by id (HF id2label); None: LABEL_0, ...
 
     @model_validator(mode="after")
     def _check_label_names(self) -> "ModelConfig":
         names = self.label_names
         if names and (len(names) != self.num_labels or len(set(names)) != len(names)):
             raise ValueError(f"model.label_names must name each of the model.num_labels={self.num_labels} classes once "
-                             f"(got {names}); or leave it empty")
+                             f"(got {names}); or leave it out")
         return self
 
     @property

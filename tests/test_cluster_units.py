@@ -357,3 +357,25 @@ def test_mpirun_start_without_rendezvous_address_is_one_line(monkeypatch, presen
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in present]
     with pytest.raises(UserError, match=f"started by mpirun without {' and '.join(missing)}"):
         distributed.setup()
+
+
+def test_a_refused_submission_leaves_a_parallel_ones_directories(tmp_path, monkeypatch):
+    """Two submissions into new sibling run dirs (a sweep): the refused one removes its own run dir and the
+    parents only while they are empty (it used to remove the shared new parent, the other job's script in it)."""
+    def sibling_submits_then_refused(path, *a, **k):
+        (tmp_path / "new" / "exp" / "b").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "new" / "exp" / "b" / "submit.sbatch").write_text("the other job's script\n")
+        raise UserError("sbatch: error: invalid partition")
+
+    monkeypatch.setattr(slurm, "submit", sibling_submits_then_refused)
+    o = opts(run_dir=str(tmp_path / "new" / "exp" / "a"))
+    with pytest.raises(UserError, match="invalid partition"):
+        slurm.submit_keeping_previous(o, render_sbatch(o))
+    assert not (tmp_path / "new" / "exp" / "a").exists()
+    assert (tmp_path / "new" / "exp" / "b" / "submit.sbatch").read_text() == "the other job's script\n"
+    monkeypatch.setattr(slurm, "submit", lambda *a, **k: (_ for _ in ()).throw(UserError("refused")))
+    o = opts(run_dir=str(tmp_path / "lone" / "x" / "a"))
+    with pytest.raises(UserError):
+        slurm.submit_keeping_previous(o, render_sbatch(o))
+    assert not (tmp_path / "lone").exists()   # alone, every directory it made is gone again
+

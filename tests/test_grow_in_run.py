@@ -208,3 +208,22 @@ def test_grow_cli_from_a_two_rank_zero3_run_dir(straight, cli, tmp_path):
     assert "resuming" in proc.stderr and "from its own checkpoints" in proc.stderr, proc.stderr[-2000:]
     assert "resumed from" in proc.stdout and (run / "checkpoints" / "global_step3").is_dir()
     assert json.loads((run / "lineage.json").read_text())["parents"] == parents
+
+
+def test_checkpoints_written_before_a_new_model_field_still_resume(tmp_path):
+    """A manifest's model section from before model.label_names existed, or with class names a fine-tune copied
+    from an init.from source that is gone since, is still its stage: every resume looks its stage up."""
+    from scaletrain.config import load_config
+    from scaletrain.growth.in_run import RunGrowth
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"), [*TINY, SCHEDULE])
+    growth = RunGrowth(cfg)
+    tag = tmp_path / "global_step3"
+    tag.mkdir()
+    for k, m in enumerate(growth.models):
+        older = {key: v for key, v in m.model_dump(mode="json").items() if key != "label_names"}
+        (tag / "manifest.json").write_text(json.dumps({"model": older}))
+        assert growth.stage_of(tag) == k
+    (tag / "manifest.json").write_text(json.dumps({"model": {**older, "num_layers": 3}}))
+    with pytest.raises(Exception, match="no stage of this config"):
+        growth.stage_of(tag)

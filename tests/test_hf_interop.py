@@ -371,7 +371,7 @@ def test_hf_classifier_imports_and_exports_batches_the_way_it_trained(tmp_path, 
     from scaletrain.config import build_config
     from scaletrain.train import init_from
 
-    run_cfg = build_config({**cfg, "model": {**cfg["model"], "label_names": []}, "init": {"from": str(tmp_path / "ck")},
+    run_cfg = build_config({**cfg, "model": {**cfg["model"], "label_names": None}, "init": {"from": str(tmp_path / "ck")},
                             "run": {"dir": str(tmp_path / "run")}})
     assert init_from.resolve(run_cfg, warn=lambda m: None).model.label_names == names
     cli_ok("export-hf", str(tmp_path / "ck"), "--out", str(tmp_path / "hf"))
@@ -407,6 +407,14 @@ def test_generation_settings_travel_from_import_to_export(tmp_path, hf_dir):
     from transformers import GenerationConfig
 
     assert GenerationConfig.from_pretrained(str(tmp_path / "hf")).eos_token_id == [2, 7]
+    cli_ok("grow", str(tmp_path / "ck"), "--out", str(tmp_path / "grown"), "--set", "model.num_layers=4")
+    assert generation_config.find(tmp_path / "grown") == settings  # a grown child keeps its parent's
+    from scaletrain.errors import UserError
+    from scaletrain.growth.offline import child_model_config
+    from scaletrain.weights import open_weights
+
+    with pytest.raises(UserError, match="label_names must name each"):  # one line, not an IndexError
+        child_model_config(open_weights(tmp_path / "ck").model, {"label_names": ["a"]})
     # a run dir (and its tags) started from the import find it through init.from
     run = tmp_path / "run"
     (run / "checkpoints" / "global_step5").mkdir(parents=True)

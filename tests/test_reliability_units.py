@@ -137,6 +137,17 @@ def test_prune_removes_a_tag_in_one_rename(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step3"]
 
 
+def test_prune_deletes_in_place_when_the_rename_fails(tmp_path, monkeypatch):
+    """A rename that fails (a file system that refuses it) must not stop the run after a good save."""
+    for s in (1, 2, 3):
+        _tag(tmp_path, s)
+    real = checkpoint.os.rename
+    monkeypatch.setattr(checkpoint.os, "rename", lambda a, b: (_ for _ in ()).throw(OSError(16, "busy"))
+                        if ".del-" in str(b) else real(a, b))
+    checkpoint.prune(tmp_path, keep_last=1, protect="global_step3")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["global_step3"]
+
+
 def test_unreadable_checkpoint_file_is_a_reason_not_a_traceback(tmp_path):
     d = _tag(tmp_path, 5)
     (d / "w.pt").unlink()

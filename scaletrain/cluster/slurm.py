@@ -206,10 +206,9 @@ def submit_keeping_previous(o: SubmitOptions, text: str) -> tuple[str, Path]:
     the cluster does not have), the run dir is left as it was: the previous script back in place, or no
     script and no run dir where there was none."""
     run_dir = Path(o.run_dir)
-    created = run_dir  # the outermost directory this submission will create (None: run_dir exists)
-    while not created.parent.exists() and created.parent != created:
-        created = created.parent
-    created = None if run_dir.exists() else created
+    made = [] if run_dir.exists() else [run_dir]  # the directories this submission creates, deepest first
+    while made and not made[-1].parent.exists() and made[-1].parent != made[-1]:
+        made.append(made[-1].parent)
     script = run_dir / "submit.sbatch"
     previous = script.with_name(".submit.sbatch.previous")
     if script.exists():
@@ -224,8 +223,13 @@ def submit_keeping_previous(o: SubmitOptions, text: str) -> tuple[str, Path]:
         script.unlink(missing_ok=True)
         if previous.exists():
             previous.replace(script)
-        elif created is not None:  # parents included: a refused `run.dir=/shared/new/exp/a` leaves no /shared/new
-            shutil.rmtree(created, ignore_errors=True)
+        elif made:  # parents included: a refused `run.dir=/shared/new/exp/a` leaves no /shared/new -- but only
+            shutil.rmtree(run_dir, ignore_errors=True)  # while empty: a parallel submission may be using them
+            for parent in made[1:]:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
         raise
     previous.unlink(missing_ok=True)
     return job, path

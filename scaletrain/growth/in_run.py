@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from pydantic import ValidationError
 
 from scaletrain import lineage
-from scaletrain.config import Config
+from scaletrain.config import Config, ModelConfig
 from scaletrain.errors import UserError
 from scaletrain.growth.schedule import advance, boundaries, stage_models, stage_spec
 
@@ -61,7 +62,7 @@ class RunGrowth:
         if saved is None:
             return 0  # saved before growth existed: the config's model
         for k, m in enumerate(self.models):
-            if m.model_dump(mode="json") == saved:
+            if same_model(saved, m):
                 return k
         raise UserError(f"checkpoint {tag_dir} holds a model ({_shape(saved)}) that is no stage of this config's "
                         "growth.schedule; restore the schedule the run was started with or use a new run.dir")
@@ -73,17 +74,33 @@ class RunGrowth:
         stage dir than the one this start counts."""
         import yaml
 
-        current, k = self.models[stage].model_dump(mode="json"), stage
+        current, k = self.models[stage], stage
         while True:
             k += 1
             try:
                 grown = yaml.safe_load((Path(run_dir) / "growth" / f"stage{k}" / "config.yaml").read_text())["model"]
             except (OSError, yaml.YAMLError, TypeError, KeyError):
                 return  # no more stage dirs (or one cut off by a crash: it is grown again)
-            if grown == current:
+            if same_model(grown, current):
                 raise UserError(f"run.dir {run_dir} grew into this config's model at growth/stage{k}, but this config counts "
                                 f"it as stage {stage}: it starts later in the schedule (the run dir's own config.yaml?); "
                                 "resume with the config the run was started with")
+
+
+def same_model(saved, m: ModelConfig) -> bool:
+    """Whether a model section saved by an earlier start (manifest, growth/stageN/config.yaml) is `m`: fields
+    added to ModelConfig since take their defaults, and the classes' names (label_names, copied from an
+    init.from source that may be gone by the next start) do not make another model."""
+    if not isinstance(saved, dict):
+        return False
+    try:
+        saved = ModelConfig.model_validate(saved).model_dump(mode="json")
+    except ValidationError:
+        pass  # (a field since removed: compared as written)
+
+    def comparable(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k != "label_names" and v is not None}
+    return comparable(saved) == comparable(m.model_dump(mode="json"))
 
 
 def _shape(m: dict) -> str:

@@ -27,6 +27,7 @@ from scaletrain.growth.check import compare
 from scaletrain.growth.optimizer_state import moment_tensors
 from scaletrain.growth.parent import Parent
 from scaletrain.growth.plan import WIDTH_DIMS, GrowthPlan, GrowthSpec
+from scaletrain.hf import generation_config
 from scaletrain.model.llama import LlamaShape
 from scaletrain.weights.checkpoint_dir import check_out, copy_tokenizer, staged
 from scaletrain.weights.files import MOMENT_KINDS, FileReader, weight_files
@@ -46,6 +47,8 @@ def child_model_config(parent: ModelConfig, overrides: dict[str, Any]) -> ModelC
         m = ModelConfig(**{**parent.model_dump(), **overrides})
     except ValidationError as e:
         err = e.errors()[0]
+        if not err["loc"]:  # a check across fields (label_names against num_labels)
+            raise UserError(f"child model: {err['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"model.{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})") from None
     if m.hidden_size % m.num_heads == 0 and m.head_dim % 2:
         raise UserError(f"child head size hidden_size/num_heads = {m.head_dim} must be even for RoPE")
@@ -97,6 +100,9 @@ def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthS
             _write_moments(plan, parent, shapes, tmp / "optimizer", max_shard_bytes, progress)
         if parent.src.tokenizer is not None:
             copy_tokenizer(parent.src.tokenizer, tmp / "tokenizer")
+        gen = generation_config.find(parent.src.path)  # the parent's stop tokens and sampling defaults
+        if gen is not None:
+            (tmp / generation_config.GENERATION_CONFIG).write_text(json.dumps(gen, indent=2))
         (tmp / "config.yaml").write_text(yaml.safe_dump(child_tree, sort_keys=False))
         check = None
         if sample is not None:  # (x, y, description)

@@ -176,6 +176,9 @@ def import_plan(cfg: dict, where: str, peek: Callable[[str], Optional[bool]] = l
     values = model_values(fam, cfg, where, peek)
     if task == "ForSequenceClassification":
         n = values["num_labels"] = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
+        if n < 2:  # a regression or reward head: one score, trained with another loss
+            raise UserError(f"{where} is a {fam}{task} with num_labels={n} (a regression or reward model); scaletrain's "
+                            "classifiers need 2 or more classes")
         id2label = cfg.get("id2label") if isinstance(cfg.get("id2label"), dict) else {}
         names = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(n)]
         if names != [f"LABEL_{i}" for i in range(n)] and len(set(names)) == n:  # kept through fine-tuning and export

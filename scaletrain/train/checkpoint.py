@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -162,9 +163,9 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
 
     tag = tag_name(step)
     final, tmp = root / tag, root / f".tmp-{tag}"
-    if dist.is_main:  # what a killed save or prune left must not count as used space in the check below
-        remove_leftovers(root)
-    barrier()
+    # what a killed save or prune left must not count as used space in the check below (rank 0 alone, the
+    # others waiting outside any collective: deleting a large dead save can take minutes on a network file system)
+    main_rank_does(lambda: remove_leftovers(root))
     problem = check_before_save(engine, root, step, previous_checkpoint_bytes(root))  # every rank: node-local disks too
     if any_rank(problem is not None):
         if problem is not None:  # the rank that found it says so (another node's disk may be the full one)
@@ -210,8 +211,13 @@ def prune(root: Path, keep_last: int, keep_every: int = 0, protect: Optional[str
     for step, tag in complete[keep_last:]:
         if (keep_every and step % keep_every == 0) or step in keep_steps or tag == protect:
             continue
-        doomed = root / f".del-{tag}"  # out of the tag namespace in one rename: a kill mid-delete leaves no
-        os.rename(root / tag, doomed)  # manifest-less global_stepN that no later prune would count or remove
+        # out of the tag namespace in one rename: a kill mid-delete leaves no manifest-less global_stepN that
+        # no later prune would count or remove (a rename that fails deletes in place, as before)
+        doomed = root / f".del-{tag}-{secrets.token_hex(4)}"
+        try:
+            os.rename(root / tag, doomed)
+        except OSError:
+            doomed = root / tag
         shutil.rmtree(doomed, ignore_errors=True)
     remove_leftovers(root)
 
