@@ -15,6 +15,7 @@ from typing import Optional
 
 from scaletrain import lineage
 from scaletrain.config import Config
+from scaletrain.durable import publish_dir
 from scaletrain.errors import UserError
 from scaletrain.weights.checkpoint_dir import copy_tokenizer
 from scaletrain.weights.writer import combine_digests, tensor_digest
@@ -116,7 +117,7 @@ class RunLineage:
         tmp = self.run / ".tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         copy_tokenizer(tok, tmp)
-        tmp.rename(dest)
+        publish_dir(tmp, dest)  # on the disk before it counts: a power cut must not leave empty files behind
 
     def record(self, tag_dir: Path, content_id: str, step: int, tokens: int, val_loss: Optional[float]) -> dict:
         """The lineage record of the checkpoint about to be saved at `tag_dir` (its final path)."""
