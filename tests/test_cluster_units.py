@@ -379,3 +379,12 @@ def test_a_refused_submission_leaves_a_parallel_ones_directories(tmp_path, monke
         slurm.submit_keeping_previous(o, render_sbatch(o))
     assert not (tmp_path / "lone").exists()   # alone, every directory it made is gone again
 
+
+@pytest.mark.parametrize("per_node, want", [("128(x2),96", "96"), ("64", "64"), ("32,48(x3)", "32")])
+def test_srun_mode_asks_each_node_for_the_smallest_nodes_cpus(tmp_path, per_node, want):
+    """A step takes one --cpus-per-task for all its nodes: the smallest node's, not the batch node's (which
+    made srun refuse the step on a partition of mixed node types)."""
+    block = _snippet(render_sbatch(opts(mode="srun")), "cpus_per_node() {", "}")
+    p = _bash(block + "cpus_per_node\n", tmp_path, SLURM_JOB_CPUS_PER_NODE=per_node, SLURM_CPUS_ON_NODE="128")
+    assert p.returncode == 0 and p.stdout.strip() == want, p.stdout + p.stderr
+
