@@ -66,7 +66,18 @@ def test_filters():
     assert resolve_filters(HOSTS) == {"w0": [0, 1, 2, 3], "w1": [0, 1, 2, 3], "w2": [0, 1]}
     assert resolve_filters(HOSTS, include="w2@w0:1,3") == {"w0": [1, 3], "w2": [0, 1]}  # hostfile order kept
     assert resolve_filters(HOSTS, exclude="w1@w0:0") == {"w0": [1, 2, 3], "w2": [0, 1]}
-    assert resolve_filters(HOSTS, include="w0:1@w0") == {"w0": [0, 1, 2, 3]}
+    assert resolve_filters(HOSTS, include="w0:1@w0") == {"w0": [1]}  # DeepSpeed merges the mentions' slots
+
+
+@pytest.mark.parametrize("kw", [dict(include="w2@w0:1,3"), dict(exclude="w1@w0:0"), dict(include="w0:1@w0"),
+                                dict(exclude="w0:1@w0"), dict(include="w1:0@w1:2,3@w2"), dict(exclude="w2:1@w1:0,3")])
+def test_filters_select_the_slots_deepspeeds_runner_selects(kw):
+    """The oracle: DeepSpeed's own parse_resource_filter on the same hosts (it decides what actually starts)."""
+    from deepspeed.launcher.runner import parse_resource_filter
+
+    theirs = parse_resource_filter({h: list(range(n)) for h, n in HOSTS.items()}, kw.get("include", ""),
+                                   kw.get("exclude", ""))
+    assert resolve_filters(HOSTS, **kw) == {h: sorted(s) for h, s in theirs.items() if s}
 
 
 @pytest.mark.parametrize("kw, needle", [

@@ -107,10 +107,8 @@ def _parse_filter(spec: str, hosts: "dict[str, int]", flag: str) -> "OrderedDict
                 if i >= hosts[host]:
                     raise UserError(f"{flag}: host {host} has slots 0..{hosts[host] - 1}, not {i}")
                 slots.append(i)
-        if host in out and (not out[host] or not slots):
-            out[host] = []  # whole host wins over a slot list
-        else:
-            out[host] = sorted(set(out.get(host, []) + slots))
+        out[host] = sorted(set(out.get(host, []) + slots))  # as DeepSpeed merges a host named twice: the slots
+        # named anywhere ([] = the whole host only when no mention names a slot)
     return out
 
 
