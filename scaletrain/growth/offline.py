@@ -100,9 +100,7 @@ def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthS
             _write_moments(plan, parent, shapes, tmp / "optimizer", max_shard_bytes, progress)
         if parent.src.tokenizer is not None:
             copy_tokenizer(parent.src.tokenizer, tmp / "tokenizer")
-        gen = generation_config.find(parent.src.path)  # the parent's stop tokens and sampling defaults
-        if gen is not None:
-            (tmp / generation_config.GENERATION_CONFIG).write_text(json.dumps(gen, indent=2))
+        generation_config.keep(parent.src.path, tmp)  # the parent's stop tokens and sampling defaults
         (tmp / "config.yaml").write_text(yaml.safe_dump(child_tree, sort_keys=False))
         check = None
         if sample is not None:  # (x, y, description)

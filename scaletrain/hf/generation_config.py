@@ -56,6 +56,13 @@ def find(start: Path) -> Optional[dict]:
     return None
 
 
+def keep(start: Path, dest: Path) -> None:
+    """Into `dest` (a checkpoint dir being written): the generation settings of the model in `start`, if any."""
+    found = find(start)
+    if found is not None:
+        (dest / GENERATION_CONFIG).write_text(json.dumps(found, indent=2))
+
+
 def for_export(found: Optional[dict], bos: Optional[int], eos: int, transformers_version: str) -> dict:
     """generation_config.json of an export: the source's settings (sampling, extra stop tokens) with our bos and
     eos ids in them, else greedy decoding that stops at eos."""

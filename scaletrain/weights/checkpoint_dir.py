@@ -4,7 +4,6 @@ failure leaves nothing behind: everything is written into a hidden sibling and r
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from contextlib import contextmanager
@@ -79,9 +78,7 @@ def write_checkpoint_dir(tmp: Path, out: Path, src: WeightSource, cfg: Config, k
     (tmp / CONFIG_YAML).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if src.tokenizer is not None:
         copy_tokenizer(src.tokenizer, tmp / TOKENIZER_DIR)
-    gen = generation_config.find(src.path)  # an HF model's stop tokens and sampling defaults travel with it
-    if gen is not None:
-        (tmp / generation_config.GENERATION_CONFIG).write_text(json.dumps(gen, indent=2))
+    generation_config.keep(src.path, tmp)  # an HF model's stop tokens and sampling defaults travel with it
     rec = lineage.make(kind, written["content_id"], parents, cfg.model.model_dump(mode="json"), path=out,
                        dtypes=written["dtypes"], **lineage_fields)
     lineage.write(tmp, rec)
