@@ -100,6 +100,15 @@ class RunDir:
         except UserError as e:
             raise UserError(f"{self.config_path} is damaged ({e}); restore it or use a new run.dir") from None
 
+    # the files the trainer alone writes (write_text_atomic's temp names): a rank 0 killed mid-write leaves one
+    STALE_TEMP_FILES = (".status.json.tmp-*", ".config.yaml.tmp-*", ".ds_config.json.tmp-*", "pids/..shared-check.tmp-*")
+
+    def remove_stale_temp_files(self) -> None:
+        """Rank 0, holding the run lock: no other writer of these files can be alive."""
+        for pattern in self.STALE_TEMP_FILES:
+            for f in self.path.glob(pattern):
+                f.unlink(missing_ok=True)
+
     def write_start(self, cfg: Config, ds_config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

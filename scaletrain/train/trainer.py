@@ -99,6 +99,7 @@ class Trainer:
             from scaletrain.train.run_lineage import RunLineage, check_tokenizer
 
             check_tokenizer(self.run.path, Path(cache.tokenizer_path), resuming=tag is not None)
+            self.run.remove_stale_temp_files()
             if not finished:  # a finished run's config.yaml keeps the settings it was trained with
                 self.run.write_start(cfg, self.ds_config)
             lineage = RunLineage(cfg, self.run.path, cache, self.init_source, self.run.checkpoints / tag if tag else None)
