@@ -22,9 +22,9 @@ from scaletrain.model.loss import IGNORE_INDEX
 def _is_prompt_completion(src) -> bool:
     """Rows with prompt and completion (judged by the first file's first row): jsonl, json or parquet, one file or
     a dir / glob of them, as training reads data.format=prompt_completion."""
-    from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, iter_rows
+    from scaletrain.data.sources import is_row_file, iter_rows
 
-    if not src.files or any(f.suffix not in JSON_SUFFIXES | PARQUET_SUFFIXES for f in src.files):
+    if not src.files or not all(is_row_file(f) for f in src.files):
         return False
     try:
         row = next((r for _, r in iter_rows(src.files[0])), None)

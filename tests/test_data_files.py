@@ -25,24 +25,29 @@ def test_glob_and_single_file_sources(tmp_path):
     assert [t for _, t in iter_documents(one)] == ["# markdown counts as text\n"]
 
 
-def test_text_files_are_read_by_datasets_one_document_each(tmp_path, monkeypatch):
-    """Every .txt/.md of a source in one `datasets` call (text builder, sample_by=document): one document per
-    file in path order, empty files skipped, Windows line ends read as \\n (text mode)."""
-    import datasets
+def test_files_are_read_without_copies_in_the_datasets_cache(tmp_path, monkeypatch):
+    """One document per .txt/.md file in path order, empty files skipped, Windows and old-Mac line ends read as \\n;
+    jsonl rows whose *other* fields change type midway (mixed metadata in scraped corpora) and parquet rows are
+    read too, and nothing lands in the Hugging Face datasets cache (an Arrow copy of a 50 GB corpus would)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
+    hf_cache = tmp_path / "hf-cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(hf_cache))
     d = tmp_path / "t"
     d.mkdir()
-    (d / "a.txt").write_bytes(b"first line\r\nsecond line\r\n")
+    (d / "a.txt").write_bytes(b"first line\r\nsecond line\rthird\n")
     (d / "b.txt").write_bytes(b"")
     (d / "c.md").write_text("# third\n\n\nparagraphs stay in one document\n")
-    calls = []
-    real = datasets.load_dataset
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    (d / "d.jsonl").write_text(json.dumps({"text": "row one", "id": 1}) + "\n" + json.dumps({"text": "row two", "id": "x-2"}) + "\n")
+    pq.write_table(pa.table({"text": ["p1", None, "p3"], "n": [1, 2, 3]}), d / "e.parquet")
     docs = list(iter_documents(resolve_source(str(d))))
-    assert [Path(i).name for i, _ in docs] == ["a.txt", "c.md"]
-    assert [t for _, t in docs] == ["first line\nsecond line\n", "# third\n\n\nparagraphs stay in one document\n"]
-    assert len(calls) == 1 and calls[0][0] == ("text",) and calls[0][1]["sample_by"] == "document"
-    assert [Path(f).name for f in calls[0][1]["data_files"]] == ["a.txt", "b.txt", "c.md"]
+    assert [Path(i.partition("#")[0]).name for i, _ in docs] == ["a.txt", "c.md", "d.jsonl", "d.jsonl", "e.parquet", "e.parquet"]
+    assert [t for _, t in docs] == ["first line\nsecond line\nthird\n", "# third\n\n\nparagraphs stay in one document\n",
+                                    "row one", "row two", "p1", "p3"]
+    assert not hf_cache.exists() or not any(hf_cache.rglob("*"))
+    with pytest.raises(UserError, match=r"e.parquet has no 'body' column \(columns: text, n\); set data.text_field"):
+        list(iter_documents(resolve_source(str(d / "e.parquet"), "body")))
 
 
 def test_text_field_changes_fingerprint(tmp_path):
@@ -83,3 +88,23 @@ def test_an_unreadable_parquet_file_is_a_one_line_error(tmp_path, reader):
     f.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")  # a Git LFS pointer
     with pytest.raises(UserError, match=r"could not read .*train\.parquet as parquet"):
         list(reader(resolve_source(str(f))))
+
+
+def test_a_dataset_saved_with_save_to_disk_is_a_source(tmp_path):
+    """`datasets`' save_to_disk directories, read in place: a Dataset of text rows for pre-training, and a
+    DatasetDict's 'train' split of prompt/completion rows; a DatasetDict without 'train' is refused in one line."""
+    import datasets
+
+    texts = datasets.Dataset.from_dict({"text": ["alpha beta", "", "gamma"], "meta": [1, 2, 3]})
+    texts.save_to_disk(str(tmp_path / "texts"))
+    src = resolve_source(str(tmp_path / "texts"))
+    assert [t for _, t in iter_documents(src)] == ["alpha beta", "gamma"]
+    before = src.fingerprint()
+    datasets.Dataset.from_dict({"text": ["other"], "meta": [0]}).save_to_disk(str(tmp_path / "texts2"))
+    assert resolve_source(str(tmp_path / "texts2")).fingerprint() != before
+    pairs = datasets.Dataset.from_list(PAIRS)
+    datasets.DatasetDict({"train": pairs, "test": pairs.select([0])}).save_to_disk(str(tmp_path / "pc"))
+    assert list(iter_examples(resolve_source(str(tmp_path / "pc")))) == [(r["prompt"], r["completion"]) for r in PAIRS]
+    datasets.DatasetDict({"test": pairs}).save_to_disk(str(tmp_path / "no-train"))
+    with pytest.raises(UserError, match="DatasetDict without a 'train' split \\(splits: test\\)"):
+        list(iter_examples(resolve_source(str(tmp_path / "no-train"))))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from scaletrain.data.sampler import WindowStream
-from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, iter_rows, utf8_text
+from scaletrain.data.sources import Source, is_row_file, iter_rows, utf8_text
 from scaletrain.data.split import split_key
 from scaletrain.errors import UserError
 
@@ -36,8 +36,8 @@ def _check_row(row, where: str, text_field: str) -> tuple[str, int]:
 def iter_labelled(src: Source) -> Iterator[tuple[str, int]]:
     """(text, label) pairs in file order."""
     for path in src.files:
-        if path.suffix not in JSON_SUFFIXES | PARQUET_SUFFIXES:
-            raise UserError(f"data file {path} is not .jsonl/.parquet; data.format=classification reads text/label rows")
+        if not is_row_file(path):
+            raise UserError(f"data file {path} is not .jsonl/.parquet or a saved HF dataset; data.format=classification reads text/label rows")
         for where, row in iter_rows(path):
             yield _check_row(row, where, src.text_field)
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from scaletrain.data.sampler import WindowStream, seq_len_name
-from scaletrain.data.sources import JSON_SUFFIXES, PARQUET_SUFFIXES, Source, iter_rows, utf8_text
+from scaletrain.data.sources import Source, is_row_file, iter_rows, utf8_text
 from scaletrain.data.split import split_key
 from scaletrain.data.worker_pool import worker_pool
 from scaletrain.errors import UserError
@@ -37,8 +37,8 @@ def _check_row(row, where: str) -> tuple[str, str]:
 def iter_examples(src: Source) -> Iterator[tuple[str, str]]:
     """(prompt, completion) pairs in file order."""
     for path in src.files:
-        if path.suffix not in JSON_SUFFIXES | PARQUET_SUFFIXES:
-            raise UserError(f"data file {path} is not .jsonl/.parquet; data.format=prompt_completion reads prompt/completion rows")
+        if not is_row_file(path):
+            raise UserError(f"data file {path} is not .jsonl/.parquet or a saved HF dataset; data.format=prompt_completion reads prompt/completion rows")
         for where, row in iter_rows(path):
             yield _check_row(row, where)
 

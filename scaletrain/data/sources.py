@@ -1,4 +1,5 @@
-"""Where documents come from: the embedded stdlib corpus, or local text/jsonl/parquet files via `datasets`.
+"""Where documents come from: the embedded stdlib corpus, local text/jsonl/parquet files, or a dataset saved
+with `datasets`' save_to_disk.
 
 A source yields (doc_id, text) pairs in a deterministic order and has a fingerprint that changes
 whenever its content could have changed (paths, sizes, mtimes), so caches keyed by it stay honest.
@@ -32,9 +33,10 @@ class Source:
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.kind}:{self.text_field}".encode())
-        for f in self.files:
-            st = f.stat()
-            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        for f in self.files:  # a saved HF dataset is a directory: its files count
+            for g in sorted(q for q in f.rglob("*") if q.is_file()) if f.is_dir() else [f]:
+                st = g.stat()
+                h.update(f"{g}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()[:16]
 
     def describe(self) -> str:
@@ -70,6 +72,8 @@ def resolve_source(source: str, text_field: str = "text") -> Source:
         return Source(tuple(files), "stdlib", text_field)
     pattern = os.path.expanduser(source)
     p = Path(pattern)
+    if is_saved_dataset(p):
+        return Source((p,), "local", text_field)
     if p.is_dir():
         matches = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in SUPPORTED)
     else:
@@ -85,67 +89,75 @@ def resolve_source(source: str, text_field: str = "text") -> Source:
     return Source(tuple(matches), "local", text_field)
 
 
-def _check_text_file(path: Path) -> None:
-    """A one-line error for what datasets' text reader would fail on with a trace (or read as garbage)."""
+def _read_text_file(path: Path) -> str:
+    """A text file as one document, newlines made universal ("\r\n" and "\r" become "\n", as text mode reads
+    them). Read directly, not through datasets, which would keep an Arrow copy of every file in its cache."""
     raw = path.read_bytes()
     if b"\0" in raw:
         raise UserError(f"data file {path} looks binary (NUL bytes); remove it from data.source")
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"data file {path} is not UTF-8 (byte {e.start}); convert it with iconv or remove it") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _read_text_files(paths: list[Path]):
-    """Each text file as one document, read by datasets' `text` builder in one call (one row per file, in
-    order; universal newlines become \n). One call, not one per file: each call costs ~50 ms of set-up.
-    Returns the Arrow-backed (memory-mapped) dataset; rows are read as they are needed."""
-    import datasets
-
-    for path in paths:
-        _check_text_file(path)
-    datasets.disable_progress_bars()
-    try:
-        ds = datasets.load_dataset("text", data_files=[str(p) for p in paths], sample_by="document", split="train")
-    except Exception as e:
-        raise UserError(f"could not read the .txt files of data.source with datasets ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120]})") from None
-    if len(ds) != len(paths):  # the builder's contract (one row per file); checked, as everything rests on it
-        raise RuntimeError(f"datasets read {len(ds)} documents from {len(paths)} text files")
-    return ds
-
-
-def _check_jsonl(path: Path, field: str) -> None:
-    """Validate line by line first, so a bad line gets a line number rather than a pyarrow trace."""
-    for where, row in iter_rows(path):
+def _field_texts(path: Path, field: str) -> Iterator[str]:
+    """The `field` of every row of a .jsonl / .json / .parquet file, checked row by row (a bad row gets its line
+    number; other fields are never parsed into a table, so their types may change from row to row)."""
+    if is_saved_dataset(path):
+        rows = _saved_dataset_rows(path, [field])
+    else:
+        rows = _parquet_rows(path, [field]) if path.suffix in PARQUET_SUFFIXES else iter_rows(path)
+    for where, row in rows:
         if not isinstance(row, dict) or field not in row:
             raise UserError(f"{where} has no '{field}' field; set data.text_field to the field holding the text")
-        if not isinstance(row[field], str):
+        text = row[field]
+        if text is None:
+            continue
+        if not isinstance(text, str):
             raise UserError(f"{where} field '{field}' is not a string")
+        if text:
+            yield utf8_text(text, where, field)
 
 
-def _read_with_datasets(path: Path, field: str) -> Iterator[str]:
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def is_row_file(path: Path) -> bool:
+    """A source of rows (prompt/completion, text/label): .jsonl/.json/.parquet or a saved HF dataset."""
+    return path.suffix in JSON_SUFFIXES | PARQUET_SUFFIXES or is_saved_dataset(path)
+
+
+def _saved_dataset_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a save_to_disk directory, read in place (memory-mapped Arrow files); of a DatasetDict,
+    the 'train' split (scaletrain draws its own validation split)."""
     import datasets
 
-    datasets.disable_progress_bars()
-    builder = "parquet" if path.suffix in PARQUET_SUFFIXES else "json"
-    if path.suffix == ".jsonl":  # a .json file may be one array: leave it to datasets
-        _check_jsonl(path, field)
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as e:  # pyarrow raises many types; the user needs the file name, not the trace
-        raise UserError(f"could not read {path} with datasets ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if field not in ds.column_names:
-        raise UserError(f"{path} has no '{field}' column (columns: {', '.join(ds.column_names)}); set data.text_field")
-    for text in ds[field]:
-        if isinstance(text, str) and text:
-            yield text
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises FileNotFoundError, ValueError, pyarrow errors...
+        raise UserError(f"could not read {path} with datasets.load_from_disk ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise UserError(f"{path} is a DatasetDict without a 'train' split (splits: {', '.join(ds)}); point data.source at "
+                            "the split's own directory")
+        path, ds = path / "train", ds["train"]
+    missing = [c for c in columns or [] if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{path} has no '{missing[0]}' column (columns: {', '.join(ds.column_names)}); set data.text_field")
+    i = 0
+    for batch in (ds.select_columns(columns) if columns else ds).iter(batch_size=256):
+        for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
+            yield f"{path} row {i}", row
+            i += 1
 
 
 def iter_documents(src: Source) -> Iterator[tuple[str, str]]:
     """(doc_id, text) in a fixed order; empty documents are skipped."""
-    local_text = [p for p in src.files if p.suffix in TEXT_SUFFIXES] if src.kind == "local" else []
-    text_rows = iter(_read_text_files(local_text)) if local_text else iter(())  # one row per file, in src.files order
     for path in src.files:
         if src.kind == "stdlib":
             try:
@@ -155,27 +167,49 @@ def iter_documents(src: Source) -> Iterator[tuple[str, str]]:
             if text:
                 yield str(path), text
         elif path.suffix in TEXT_SUFFIXES:
-            text = next(text_rows)["text"]
+            text = _read_text_file(path)
             if text:
                 yield str(path), text
         else:
-            for i, text in enumerate(_read_with_datasets(path, src.text_field)):
+            for i, text in enumerate(_field_texts(path, src.text_field)):
                 yield f"{path}#{i}", text
+
+
+def _parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """(where, row) of a parquet file, a batch at a time (pyarrow, memory-mapped: no copy in any cache)."""
+    import pyarrow.parquet as pq
+
+    def unreadable(e: Exception) -> UserError:  # pyarrow raises many types (a Git LFS pointer, a truncated file)
+        return UserError(f"could not read {path} as parquet ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+
+    try:
+        pf = pq.ParquetFile(path, memory_map=True)
+    except Exception as e:  # noqa: BLE001
+        raise unreadable(e) from None
+    names = pf.schema_arrow.names
+    missing = [c for c in columns or [] if c not in names]
+    if missing:
+        raise UserError(f"{path} has no '{missing[0]}' column (columns: {', '.join(names)}); set data.text_field")
+    i = 0
+    try:
+        for batch in pf.iter_batches(batch_size=256, columns=columns):
+            for row in batch.to_pylist():
+                yield f"{path} row {i}", row
+                i += 1
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise unreadable(e) from None
 
 
 def iter_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) for each row of a .jsonl (one JSON value per line), a .json array or a .parquet file; `where`
     ("file:line", "file item i" or "file row i") is for messages. Unreadable input is a one-line UserError."""
+    if is_saved_dataset(path):
+        yield from _saved_dataset_rows(path)
+        return
     if path.suffix in PARQUET_SUFFIXES:
-        import datasets
-
-        datasets.disable_progress_bars()
-        try:
-            rows = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        except Exception as e:  # pyarrow raises many types (a Git LFS pointer, a truncated file)
-            raise UserError(f"could not read {path} as parquet ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-        for i, row in enumerate(rows):
-            yield f"{path} row {i}", row
+        yield from _parquet_rows(path)
         return
     if path.suffix == ".json" and _is_json_array(path):
         try:
