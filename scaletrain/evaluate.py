@@ -71,7 +71,7 @@ def file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> 
         return
     ids: list[int] = []
     for _, text in iter_documents(src):
-        doc = tok.encode(text)
+        doc = tok.encode_document(text)
         ids.extend(doc if doc and doc[-1] == tok.eos_id else doc + [tok.eos_id])
     if len(ids) < 2:
         raise UserError(f"{path} has too little text to evaluate (needs at least 2 tokens)")

@@ -424,3 +424,26 @@ def test_generation_settings_travel_from_import_to_export(tmp_path, hf_dir):
     assert generation_config.find(run) is None
     assert generation_config.for_export(None, 1, 2, "x")["eos_token_id"] == 2
     assert generation_config.for_export({"eos_token_id": 9}, 1, 2, "x")["eos_token_id"] == [2, 9]
+
+
+def test_special_token_strings_in_corpus_text_stay_text(tmp_path, hf_dir):
+    """Pre-training text prepared with an HF tokenizer: "</s>" or "<s>" written in a document (code, HTML) is
+    text, not EOS/BOS; otherwise data.doc_mask would cut documents there and the model would learn to stop
+    mid-document. The only EOS in the cache are the ones that end documents."""
+    import numpy as np
+
+    from scaletrain.config import load_config
+    from scaletrain.data.prepare import prepare_data
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"d{i}.txt").write_text(f"print('</s>')  # end {i}\nhtml = '<s>bold</s> <unk>'\n" * 3)
+    cfg = load_config(None, [f"data.source={docs}", f"data.cache_dir={tmp_path / 'cache'}", f"data.tokenizer={hf_dir}",
+                             f"model.vocab_size={VOCAB}", "data.val_fraction=0", "data.num_workers=1"])
+    cache = prepare_data(cfg, progress=False)
+    ids = np.asarray(cache.tokens("train"))
+    tok = cache.tokenizer()
+    assert int((ids == tok.eos_id).sum()) == 6 and ids[-1] == tok.eos_id
+    assert not (ids == tok.tok.unk_token_id).any()
+    assert tok.decode([int(i) for i in ids[:-1]]).count("</s>") >= 6

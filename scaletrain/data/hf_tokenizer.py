@@ -68,6 +68,12 @@ class HFTokenizer:
         """Ids of a document start, with the tokenizer's own special tokens (e.g. BOS)."""
         return list(self.tok(text)["input_ids"])
 
+    def encode_document(self, text: str) -> list[int]:
+        """`encode` for running text of a corpus: a "</s>" or "<|endoftext|>" written in it (code, HTML, chat logs)
+        stays text, not a control id; only the tokenizer's own BOS is special. (Prompt/completion rows keep
+        HF's default: there, users write chat-template tokens on purpose.)"""
+        return list(self.tok(text, split_special_tokens=True)["input_ids"])
+
     def encode_plain(self, text: str) -> list[int]:
         """Ids of a continuation (a completion after its prompt): no special tokens."""
         return list(self.tok(text, add_special_tokens=False)["input_ids"])

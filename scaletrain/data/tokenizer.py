@@ -76,6 +76,9 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def encode_document(self, text: str) -> list[int]:
+        return self.sp.encode(text)  # sentencepiece never reads control ids ("</s>") out of text
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
 
