@@ -424,3 +424,18 @@ def test_eval_windows_same_for_any_world():
             assert sorted(sum((ids[:n].tolist() for ids, n in parts), [])) == sorted(ref), (num_windows, total, world)
             assert len({len(ids) for ids, _ in parts}) == 1, "every rank runs the same number of forwards"
 
+
+
+def test_tokenizer_trains_on_one_line_documents_and_names_the_fix(tmp_path):
+    """Documents that are one long line each (minified code, jsonl text without newlines): sentencepiece drops
+    lines over 16 KiB, so without cutting them it had no sentences and failed with an empty reason."""
+    from scaletrain.data.tokenizer import Tokenizer, train_tokenizer
+
+    words = [w for p in TOP_LEVEL[:20] for w in p.read_text().split()]
+    docs = [" ".join(words[i : i + 4000]) for i in range(0, 40_000, 4000)]
+    assert min(len(d) for d in docs) > 16384 and not any("\n" in d for d in docs)
+    train_tokenizer(docs, 512, tmp_path / "t.model", sample_lines=1000)
+    tok = Tokenizer(tmp_path / "t.model")
+    assert tok.vocab_size == 512 and tok.sp.decode(tok.encode(docs[0][:500])) == docs[0][:500]
+    with pytest.raises(UserError, match=r"more distinct characters than model.vocab_size allows; raise model.vocab_size above \d+"):
+        train_tokenizer(["".join(chr(0x4E00 + i) for i in range(400))], 300, tmp_path / "u.model", sample_lines=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import random
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -22,16 +23,19 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path, s
     reservoir: list[str] = []
     seen = 0
     for doc in documents:
-        for line in doc.split("\n"):
-            if not line.strip():
+        for whole in doc.split("\n"):
+            if not whole.strip():
                 continue
-            seen += 1
-            if len(reservoir) < sample_lines:
-                reservoir.append(line)
-            else:
-                j = rng.randrange(seen)
-                if j < sample_lines:
-                    reservoir[j] = line
+            # sentencepiece drops lines over max_sentence_length (16 KiB): a corpus of one-line documents (minified
+            # code, jsonl text without newlines) would leave it nothing, so long lines enter in 4,096-char pieces
+            for line in (whole[i : i + 4096] for i in range(0, len(whole), 4096)):
+                seen += 1
+                if len(reservoir) < sample_lines:
+                    reservoir.append(line)
+                else:
+                    j = rng.randrange(seen)
+                    if j < sample_lines:
+                        reservoir[j] = line
     if not reservoir:
         raise UserError("the data has no text to train a tokenizer on; check data.source")
     buf = io.BytesIO()
@@ -45,9 +49,20 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, out_path: Path, s
             hard_vocab_limit=True,
         )
     except RuntimeError as e:
-        # e.g. "Vocabulary size too high": the corpus cannot fill the requested vocab.
-        raise UserError(f"tokenizer training failed ({str(e).splitlines()[0].rpartition('] ')[2][:200]}); lower model.vocab_size or add data") from None
+        raise UserError(_training_failure(str(e).splitlines()[0] if str(e) else type(e).__name__)) from None
     out_path.write_bytes(buf.getvalue())
+
+
+def _training_failure(raw: str) -> str:
+    """sentencepiece's reason, with the fix that matches it."""
+    reason = raw.rpartition("] ")[2].strip() or raw.strip()
+    if "smaller than required_chars" in reason:  # more distinct characters than the vocab has room for
+        need = re.search(r"vs (\d+)", reason)
+        return (f"tokenizer training failed: the text has more distinct characters than model.vocab_size allows; raise "
+                f"model.vocab_size{f' above {need.group(1)}' if need else ''}")
+    if "too high" in reason:  # the corpus cannot fill the vocabulary
+        return f"tokenizer training failed ({reason[:200]}); lower model.vocab_size or add data"
+    return f"tokenizer training failed ({reason[:200]}); check data.source and model.vocab_size"
 
 
 class Tokenizer:
