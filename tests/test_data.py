@@ -439,3 +439,27 @@ def test_tokenizer_trains_on_one_line_documents_and_names_the_fix(tmp_path):
     assert tok.vocab_size == 512 and tok.sp.decode(tok.encode(docs[0][:500])) == docs[0][:500]
     with pytest.raises(UserError, match=r"more distinct characters than model.vocab_size allows; raise model.vocab_size above \d+"):
         train_tokenizer(["".join(chr(0x4E00 + i) for i in range(400))], 300, tmp_path / "u.model", sample_lines=10)
+
+
+def test_forced_val_doc_is_not_the_bulk_of_the_corpus_nor_a_copy_of_train(cache, tmp_path):
+    """When no document hashes into val, the one moved there must not be a huge file that leaves training a few
+    KB (a 42 MB + 5 KB corpus used to train on the 5 KB), and its exact copies go with it (no val text in train)."""
+    d = tmp_path / "skewed"
+    d.mkdir()
+    big, small = TOP_LEVEL[0].read_text() * 40, "def f():\n    return 1\n"
+    (d / "big.txt").write_text(big)
+    for i in range(3):
+        (d / f"copy{i}.txt").write_text(small)
+    (d / "other.txt").write_text("x = [i for i in range(10)]\n")
+    assert not any(is_val(t, 0.02) for t in (big, small))
+    c = prepare_data(cfg_for(d, tmp_path / "cache", "data.val_fraction=1e-9", f"data.tokenizer={cache.tokenizer_path}"),
+                     progress=False)
+    assert c.meta["tokens"]["train"] > 10 * c.meta["tokens"]["val"] > 0
+    assert sum(doc == small for doc in decoded_docs(c, "val")) in (0, 3)
+    assert sum(doc == small for doc in decoded_docs(c, "train")) in (0, 3)
+    # the rule itself: nearest key within budget, else the shortest; duplicates (same key) together; one kept for train
+    from scaletrain.data.prepare import _pick_for_val
+
+    assert _pick_for_val([(0.5, 0, 900), (0.6, 900, 50), (0.6, 950, 50), (0.7, 1000, 10)], 1010, 0.01) == [(900, 50), (950, 50)]
+    assert _pick_for_val([(0.5, 0, 500), (0.6, 500, 400)], 900, 0.01) == [(500, 400)]
+    assert _pick_for_val([(0.5, 0, 100), (0.5, 100, 100)], 200, 0.01) == [(0, 100)]

@@ -8,6 +8,7 @@ directory, so nothing is ever silently overwritten. Building happens in a temp d
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 
 import os
@@ -167,14 +168,43 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
     return open_cache(final)
 
 
-def _move_to_val(out: Path, dtype: str, offset: int, length: int, counts: dict) -> None:
-    """A small corpus may hash no document into val: move the one nearest the threshold there, so
-    validation always exists when asked for (deterministic: same choice on every machine)."""
-    train = np.fromfile(out / "train.bin", dtype=dtype)
-    train[offset : offset + length].tofile(out / "val.bin")
-    np.concatenate([train[:offset], train[offset + length :]]).tofile(out / "train.bin")
-    counts["val"] = [1, length]
-    counts["train"] = [counts["train"][0] - 1, counts["train"][1] - length]
+VAL_CANDIDATES = 64  # train documents nearest the val side, kept while tokenising in case val stays empty
+
+
+def _pick_for_val(candidates: list[tuple[float, int, int]], train_tokens: int, val_fraction: float) -> list[tuple[int, int]]:
+    """A small corpus may hash no document into val. Of the train documents nearest the threshold (key, offset,
+    length), the nearest one no larger than max(val_fraction, 10 %) of the train tokens goes there (else the
+    shortest), with its exact duplicates (same key), so validation never takes the bulk of the corpus nor
+    tests text that train holds. Deterministic: the same choice on every machine."""
+    by_key = sorted(candidates)
+    budget = max(val_fraction, 0.1) * train_tokens
+    chosen = next((c for c in by_key if c[2] <= budget), min(by_key, key=lambda c: (c[2], c[0])))
+    same = [c for c in by_key if c[0] == chosen[0]]
+    if sum(c[2] for c in same) >= train_tokens:  # every train document is a copy of it: keep one for training
+        same = same[:-1]
+    return sorted((c[1], c[2]) for c in same)
+
+
+def _move_to_val(out: Path, dtype: str, segments: list[tuple[int, int]], counts: dict) -> None:
+    """Move the (offset, length) token ranges of train.bin to val.bin, streaming (train.bin may be large)."""
+    train = np.memmap(out / "train.bin", dtype=dtype, mode="r") if counts["train"][1] else np.zeros(0, dtype)
+    with open(out / "val.bin", "wb") as f_val:
+        for offset, length in segments:
+            train[offset : offset + length].tofile(f_val)
+    keep, pos = [], 0
+    for offset, length in segments:
+        keep.append((pos, offset))
+        pos = offset + length
+    keep.append((pos, len(train)))
+    with open(out / "train.bin.new", "wb") as f_train:
+        for a, b in keep:
+            for i in range(a, b, 1 << 24):  # 16M tokens a write
+                train[i : min(b, i + (1 << 24))].tofile(f_train)
+    del train
+    os.replace(out / "train.bin.new", out / "train.bin")
+    moved = sum(length for _, length in segments)
+    counts["val"] = [len(segments), moved]
+    counts["train"] = [counts["train"][0] - len(segments), counts["train"][1] - moved]
 
 
 def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
@@ -213,20 +243,22 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
         with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
             texts = (text for _, text in iter_documents(src))
             bar = tqdm(desc="tokenize", unit="doc", disable=None if progress else True)
-            nearest_val = (2.0, 0, 0)  # (split key, offset, length) of the train doc closest to the val side
+            nearest_val: list[tuple[float, int, int]] = []  # heap of (-key, offset, length): train docs nearest val
             with worker_pool(workers, _init_worker, (str(tok_path),)) as pool:
                 for ids, key in pool.imap(_encode, texts, chunksize=16):
                     val = key < cfg.data.val_fraction
                     split = "val" if val else "train"
-                    if not val and key < nearest_val[0]:
-                        nearest_val = (key, counts["train"][1], len(ids))
+                    if not val:
+                        entry = (-key, counts["train"][1], len(ids))
+                        (heapq.heappush if len(nearest_val) < VAL_CANDIDATES else heapq.heappushpop)(nearest_val, entry)
                     ids.astype(dtype).tofile(f_val if val else f_train)
                     counts[split][0] += 1
                     counts[split][1] += len(ids)
                     bar.update(1)
             bar.close()
         if cfg.data.val_fraction > 0 and counts["val"][0] == 0 and counts["train"][0] > 1:
-            _move_to_val(out, dtype, nearest_val[1], nearest_val[2], counts)
+            picked = _pick_for_val([(-k, o, n) for k, o, n in nearest_val], counts["train"][1], cfg.data.val_fraction)
+            _move_to_val(out, dtype, picked, counts)
     if counts["train"][1] == 0:
         raise UserError(f"data.source {cfg.data.source} produced no training tokens; add documents or lower data.val_fraction")
     return {
