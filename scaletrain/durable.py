@@ -5,6 +5,7 @@ NFS can have the same pid, and a writer must never delete another one's half-wri
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
 import socket
@@ -40,6 +41,28 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 def _temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def abandoned_temps(final: Path) -> list[Path]:
+    """Temps of `final` that a killed writer left: written from this host by a pid that is no longer alive
+    (another host's may still be writing; a pid reused since only keeps a leftover, never deletes live work)."""
+    prefix = f".{final.name}.tmp-{socket.gethostname()}-"
+    found = []
+    for p in final.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name[len(prefix):].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            found.append(p)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def temp_dir_beside(final: Path) -> Path:

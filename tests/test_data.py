@@ -463,3 +463,27 @@ def test_forced_val_doc_is_not_the_bulk_of_the_corpus_nor_a_copy_of_train(cache,
     assert _pick_for_val([(0.5, 0, 900), (0.6, 900, 50), (0.6, 950, 50), (0.7, 1000, 10)], 1010, 0.01) == [(900, 50), (950, 50)]
     assert _pick_for_val([(0.5, 0, 500), (0.6, 500, 400)], 900, 0.01) == [(500, 400)]
     assert _pick_for_val([(0.5, 0, 100), (0.5, 100, 100)], 200, 0.01) == [(0, 100)]
+
+
+def test_a_killed_build_leaves_no_temp_dir_behind_the_next_one(cache, corpus, tmp_path):
+    """A prepare killed midway (SIGKILL at the end of a preempted job's grace) left its temp dir, up to a corpus of
+    tokens, forever. The next build clears this host's dead writers' temps and leaves a live writer's alone."""
+    import socket
+    import subprocess
+
+    from scaletrain.data.prepare import find_cache
+
+    cfg = cfg_for(corpus, tmp_path / "c", f"data.tokenizer={cache.tokenizer_path}")
+    final, _ = find_cache(cfg)
+    final.parent.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    stale = final.with_name(f".{final.name}.tmp-{host}-{dead.pid}-0a1b2c3d")
+    live = final.with_name(f".{final.name}.tmp-{host}-{os.getpid()}-0a1b2c3d")
+    other_host = final.with_name(f".{final.name}.tmp-elsewhere-{dead.pid}-0a1b2c3d")
+    for d in (stale, live, other_host):
+        d.mkdir()
+        (d / "train.bin").write_bytes(b"\0" * 64)
+    prepare_data(cfg, progress=False)
+    assert not stale.exists() and live.exists() and other_host.exists()

@@ -28,7 +28,7 @@ from scaletrain.data.sources import Source, iter_documents, resolve_source
 from scaletrain.data.split import split_key
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.data.worker_pool import worker_pool
-from scaletrain.durable import publish_dir, temp_dir_beside
+from scaletrain.durable import abandoned_temps, publish_dir, temp_dir_beside
 from scaletrain.errors import UserError
 
 CACHE_FORMAT = 2
@@ -153,6 +153,8 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
     if final.exists():  # a cache appears only by renaming a finished build, meta.json included
         raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
     final.parent.mkdir(parents=True, exist_ok=True)
+    for dead in abandoned_temps(final):  # a build killed midway (a preempted job) left up to a corpus of tokens
+        shutil.rmtree(dead, ignore_errors=True)
     tmp = temp_dir_beside(final)  # this build's own: another job building the same cache has another
     try:
         meta = _build(cfg, src, tmp, progress)
