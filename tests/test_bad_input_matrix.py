@@ -256,6 +256,21 @@ def c_bench_out_in_a_missing_folder(tmp, base):
     return ["bench", "--precision", "fp32", "--out", str(tmp / "results" / "bench.json")], ("--out", "writable folder")
 
 
+def c_bench_flash_attention_on_cpu(tmp, base):
+    return ["bench", "--device", "cpu", "--attention", "flash", "--precision", "fp32"], ("model.attention=flash",)
+
+
+def c_bench_fp16_on_cpu(tmp, base):
+    return ["bench", "--device", "cpu", "--precision", "fp16"], ("--precision fp16", "--device cuda")
+
+
+def c_fp16_training_on_cpu(tmp, base):
+    """DeepSpeed refused it with a ValueError from deep inside its engine."""
+    if __import__("torch").cuda.is_available():  # fp16 trains there: the same mistake in another form
+        return train(tmp, "train.precision=fp8"), "train.precision"
+    return train(tmp, "train.precision=fp16"), ("train.precision=fp16", "CUDA")
+
+
 def c_plan_gpus_zero(tmp, base):
     return ["plan", "--config", TINY_YAML, "--gpus", "0"], ("--gpus", "at least 1")
 

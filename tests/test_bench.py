@@ -43,6 +43,11 @@ def test_training_bench_two_ranks_prints_the_comparison(tmp_path):
         assert len(mem) == 2 and all(x["peak_rss_mb"] > x["rss_before_model_mb"] > 0 for x in mem)
         assert 4.0 < k["last_loss"] < 8.0  # ln(512) = 6.2: both really trained on the same kind of data
     assert r["speedup"] == pytest.approx(r["ours"]["tokens_per_sec"] / r["peer"]["tokens_per_sec"], rel=1e-2)
+    # the same model on both sides, counted by the formula the docs give: 6N + 12LdT (the tied embedding is the
+    # head's weight: N counts it once, as the model's parameters do)
+    assert r["ours"]["params"] == r["peer"]["params"] > 0
+    c = report["config"]
+    assert r["flops_per_token"] == 6 * r["ours"]["params"] + 12 * c["num_layers"] * c["hidden_size"] * c["seq_len"]
 
 
 @pytest.mark.slow

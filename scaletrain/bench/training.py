@@ -61,6 +61,11 @@ def _peak(dtype: torch.dtype, dist: Dist) -> float:
     return all_reduce_sum([measure_peak_flops(dtype, dist.device)])[0]
 
 
+def _params(engine) -> int:
+    """Parameters of a contestant's model as built (ZeRO-3 partitions them: ds_numel is the full count)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+
+
 def _slowest(value: float) -> float:
     out = [value]
     if tdist.is_initialized() and tdist.get_world_size() > 1:
@@ -88,15 +93,20 @@ def timing_job(dist: Dist, spec: dict) -> dict:
                 losses[kind] = step()
         peaks = [_peak(DTYPES[precision], dist)]
         times: dict[str, list[float]] = {k: [] for k in steps}
-        rounds = max(1, -(-spec["steps"] // spec["per_round"]))
-        for r in range(rounds):
+        # exactly `steps` timed steps each, in turns whose order flips: at least two turns when both run, so that
+        # neither side always goes first
+        per_turn = spec["per_round"] if len(steps) == 1 else max(1, min(spec["per_round"], -(-spec["steps"] // 2)))
+        done, r = 0, 0
+        while done < spec["steps"]:
+            n = min(per_turn, spec["steps"] - done)
             for kind in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
                 barrier()
-                for _ in range(spec["per_round"]):
+                for _ in range(n):
                     t0 = time.perf_counter()
                     losses[kind] = steps[kind]()
                     _sync(dist)
                     times[kind].append(time.perf_counter() - t0)
+            done, r = done + n, r + 1
         peaks.append(_peak(DTYPES[precision], dist))
         shape = LlamaShape.from_config(cfg.model)
         fpt = flops_per_token(shape.num_params(include_embedding=False), shape.num_layers, shape.hidden_size, cfg.train.seq_len)
@@ -111,6 +121,7 @@ def timing_job(dist: Dist, spec: dict) -> dict:
             step_s = _slowest(statistics.median(ts))
             tps = tokens_per_step / step_s
             out[kind] = {"tokens_per_sec": round(tps, 1), "step_time_s": round(step_s, 6), "mfu": _sig(tps * fpt / peak),
+                         "params": _params(engines[kind]),
                          "step_times_s": [round(t, 4) for t in ts], "last_loss": round(losses[kind], 4)}
             if nominal:
                 out[kind]["mfu_vs_nominal"] = _sig(tps * fpt / out["nominal_peak_flops"])

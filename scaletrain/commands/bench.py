@@ -71,8 +71,15 @@ def run(a: argparse.Namespace) -> int:
         spec = spec_from_args(a)
         from scaletrain.bench.training import bench_config
 
+        import torch
+
+        from scaletrain.model.attention import check_backend
+
         for p in spec["precisions"]:
-            bench_config(spec, p)  # validate the shape once, up front, with the config's own messages
+            if a.device == "cpu" and p == "fp16":
+                raise UserError("--precision fp16 needs --device cuda (DeepSpeed has no fp16 training on CPU); use bf16 or fp32")
+            cfg = bench_config(spec, p)  # validate the shape once, up front, with the config's own messages
+            check_backend(cfg.model.attention, torch.device(a.device), training=True, shape=cfg.model, precision=p)
         report.update(training_bench(spec, memory=not a.no_memory))
     text = json.dumps(report, indent=1)
     sys.stdout.write(text + "\n")  # first: the numbers are not lost if the file cannot be written after all

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from scaletrain.config import Config
+from scaletrain.errors import UserError
 from scaletrain.kernels.build import cpu_has_avx512
 
 
@@ -46,6 +47,8 @@ def resolve(cfg: Config, device: torch.device) -> tuple[Config, str | None]:
     if asked == "auto":
         chosen, why = choose(device)
         return _with_precision(cfg, chosen), f"train.precision auto -> {chosen} ({why})"
+    if asked == "fp16" and device.type == "cpu":  # DeepSpeed refuses it there, with a traceback from deep inside
+        raise UserError("train.precision=fp16 needs a CUDA GPU (DeepSpeed has no fp16 training on CPU); use bf16, fp32 or auto")
     if asked == "bf16" and device.type == "cpu" and not cpu_bf16_matmuls():
         cap = torch.backends.cpu.get_cpu_capability()
         return cfg, (f"warning: train.precision bf16 on a CPU without bf16 matmul kernels ({cap}): training runs "
