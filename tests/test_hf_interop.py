@@ -447,3 +447,39 @@ def test_special_token_strings_in_corpus_text_stay_text(tmp_path, hf_dir):
     assert int((ids == tok.eos_id).sum()) == 6 and ids[-1] == tok.eos_id
     assert not (ids == tok.tok.unk_token_id).any()
     assert tok.decode([int(i) for i in ids[:-1]]).count("</s>") >= 6
+
+
+def test_a_mistral_whose_tokenizer_class_comes_from_config_json_round_trips(tmp_path, hf_dir):
+    """Real Mistral dirs name LlamaTokenizer (legacy) in tokenizer_config.json, but next to their config.json
+    AutoTokenizer loads another class, which tokenises the text after a special token differently. The copies
+    (import's tokenizer/, a data cache's) lacked config.json, so training ids differed from the model's own and
+    export-hf refused its result."""
+    import shutil
+
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from scaletrain.data.hf_tokenizer import PROBE
+    from scaletrain.data.tokenizer import load_tokenizer
+
+    src = tmp_path / "mistral"
+    src.mkdir()
+    for f in hf_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copyfile(f, src / f.name)
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "tokenizer_class": "LlamaTokenizer", "legacy": True}))
+    torch.manual_seed(0)
+    MistralForCausalLM(MistralConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+                                     num_key_value_heads=2, head_dim=8, vocab_size=VOCAB, max_position_embeddings=128,
+                                     sliding_window=None)).save_pretrained(str(src))
+    text = PROBE + " hello <unk> world </s> again"
+    want = AutoTokenizer.from_pretrained(str(src))(text)["input_ids"]
+    cli_ok("import-hf", str(src), "--out", str(tmp_path / "ckpt"))
+    assert load_tokenizer(tmp_path / "ckpt" / "tokenizer").encode(text) == want
+    cli_ok("export-hf", str(tmp_path / "ckpt"), "--out", str(tmp_path / "back"))
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "back"))(text)["input_ids"] == want
+    # init.from the HF dir itself: the data cache's copy of its tokenizer gives the model's ids too
+    from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
+
+    copy_tokenizer_dir(src, tmp_path / "cache-copy")
+    assert load_tokenizer(tmp_path / "cache-copy").encode(text) == want

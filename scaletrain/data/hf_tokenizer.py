@@ -36,6 +36,25 @@ def copy_tokenizer_files(src_dir: Path, dest: Path) -> list[Path]:
     return files
 
 
+# Exercises whitespace runs, tabs, digits, bytes (emoji, CJK), and special-token strings.
+PROBE = "def f(x):\n\tif x  >= 10_000:  # <s> </s> <unk>\n        return 'héllo wörld 你好 🙂'\n\n\n    return [1, 22, 333]\r\n"
+
+
+def copy_tokenizer_dir(src_dir: Path, dest: Path) -> list[Path]:
+    """An HF tokenizer into the directory `dest`, so that AutoTokenizer(dest) gives the ids AutoTokenizer(src_dir)
+    gives; returns the files copied. In a model dir (config.json) transformers may take the tokenizer's class from
+    the model type (a Mistral's tokenizer_config.json names LlamaTokenizer, yet it loads as TokenizersBackend,
+    which tokenises the text after a special token differently): there the copy is checked, and where its ids
+    differ the tokenizer is saved whole instead (save_pretrained records the class it loaded as)."""
+    files = copy_tokenizer_files(src_dir, dest)
+    if (src_dir / "config.json").is_file() and files:
+        original, copy = HFTokenizer(src_dir), HFTokenizer(dest)
+        if (copy.encode(PROBE), copy.encode_document(PROBE)) != (original.encode(PROBE), original.encode_document(PROBE)):
+            shutil.rmtree(dest)
+            original.tok.save_pretrained(str(dest))
+    return files
+
+
 class HFTokenizer:
     def __init__(self, path: str | Path):
         self.path = Path(path)

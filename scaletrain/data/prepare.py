@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from scaletrain.config import Config
-from scaletrain.data.hf_tokenizer import copy_tokenizer_files, tokenizer_files
+from scaletrain.data.hf_tokenizer import copy_tokenizer_dir, tokenizer_files
 from scaletrain.data.sampler import WindowStream
 from scaletrain.data.sources import Source, iter_documents, resolve_source
 from scaletrain.data.split import split_key
@@ -216,7 +216,7 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
     if cfg.data.tokenizer and Path(os.path.expanduser(cfg.data.tokenizer)).is_dir():  # an HF tokenizer, kept as is
         load_tokenizer(os.path.expanduser(cfg.data.tokenizer))  # a bad dir's error names it, not our temp copy
         tok_path = out / "tokenizer"
-        copy_tokenizer_files(Path(os.path.expanduser(cfg.data.tokenizer)), tok_path)
+        copy_tokenizer_dir(Path(os.path.expanduser(cfg.data.tokenizer)), tok_path)
     elif cfg.data.tokenizer:
         Tokenizer(os.path.expanduser(cfg.data.tokenizer))  # a bad file's error names it, not our temp copy
         shutil.copyfile(os.path.expanduser(cfg.data.tokenizer), tok_path)

@@ -7,7 +7,6 @@ same bytes), so export-hf of the result reproduces the original tensors bit for 
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,11 +14,8 @@ from scaletrain import lineage
 from scaletrain.config import Config, DataConfig, TrainConfig
 from scaletrain.errors import UserError
 from scaletrain.weights.checkpoint_dir import DEFAULT_SHARD, check_out, source_parent, staged, write_checkpoint_dir
-from scaletrain.weights.sources import TOKENIZER_DIR, expected_shapes, open_weights, shape_problems, summarise
+from scaletrain.weights.sources import expected_shapes, open_weights, shape_problems, summarise
 from scaletrain.weights.writer import parse_size
-
-SAMPLE = "Hello world!\n\tdef f(x): return x + 1  # 42"
-
 
 # data.source of an imported classifier's config.yaml: labelled rows are the one thing we cannot guess
 CLASSIFY_SOURCE = "labelled.jsonl"
@@ -37,22 +33,12 @@ def finetune_defaults(model) -> Config:
     return Config(model=model, train=train, data=data)
 
 
-def _check_tokenizer(hf_dir: Path, vocab_size: int):
+def _check_tokenizer(hf_dir: Path, vocab_size: int) -> None:
     from scaletrain.data.hf_tokenizer import HFTokenizer
 
     tok = HFTokenizer(hf_dir)  # unreadable -> one-line UserError naming the dir
     if tok.vocab_size > vocab_size:
         raise UserError(f"{hf_dir}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
-    return tok
-
-
-def _same_tokenizer(copy_dir: Path, original) -> bool:
-    from scaletrain.data.hf_tokenizer import HFTokenizer
-
-    try:
-        return HFTokenizer(copy_dir).encode(SAMPLE) == original.encode(SAMPLE)
-    except UserError:
-        return False
 
 
 def import_hf(hf_dir: str, out: str, max_shard_size: str = DEFAULT_SHARD, progress: bool = True) -> dict:
@@ -65,9 +51,8 @@ def import_hf(hf_dir: str, out: str, max_shard_size: str = DEFAULT_SHARD, progre
     problems = shape_problems(src.specs(), expected_shapes(src.model))
     if problems:
         raise UserError(f"{src_dir}: weights do not match config.json: {summarise(problems)}")
-    tok = None
     if src.tokenizer is not None:
-        tok = _check_tokenizer(src.tokenizer, src.model.vocab_size)
+        _check_tokenizer(src.tokenizer, src.model.vocab_size)
     else:
         print(f"warning: {src_dir} has no tokenizer files; set data.tokenizer when training from this checkpoint", file=sys.stderr)
     cfg = finetune_defaults(src.model)
@@ -81,8 +66,4 @@ def import_hf(hf_dir: str, out: str, max_shard_size: str = DEFAULT_SHARD, progre
         # (the bytes we just streamed through unchanged).
         rec["parents"] = [source_parent(src, rec["id"])]
         lineage.write(tmp, rec)
-        if tok is not None and not _same_tokenizer(tmp / TOKENIZER_DIR, tok):
-            # the files alone did not reproduce it (e.g. the class came from config.json): save it whole
-            shutil.rmtree(tmp / TOKENIZER_DIR)
-            tok.tok.save_pretrained(str(tmp / TOKENIZER_DIR))
     return rec

@@ -15,12 +15,10 @@ import json
 import shutil
 from pathlib import Path
 
-from scaletrain.data.hf_tokenizer import copy_tokenizer_files
+from scaletrain.data.hf_tokenizer import PROBE, copy_tokenizer_files  # noqa: F401 - PROBE: the export's check
 from scaletrain.errors import UserError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
-# Exercises whitespace runs, tabs, digits, bytes (emoji, CJK), and special-token look-alikes.
-PROBE = "def f(x):\n\tif x  >= 10_000:  # <s> </s> <unk>\n        return 'héllo wörld 你好 🙂'\n\n\n    return [1, 22, 333]\r\n"
 
 
 def _proto(model_file: Path):

@@ -15,7 +15,7 @@ import yaml
 from scaletrain import lineage
 from scaletrain.config import Config
 from scaletrain.errors import UserError
-from scaletrain.data.hf_tokenizer import copy_tokenizer_files
+from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
 from scaletrain.durable import publish_dir, temp_dir_beside
 from scaletrain.hf import generation_config
 from scaletrain.weights.sources import CONFIG_YAML, TOKENIZER_DIR, WeightSource
@@ -64,7 +64,7 @@ def staged(out: Path) -> Iterator[Path]:
 def copy_tokenizer(tokenizer: Path, dest: Path) -> None:
     """Into `dest` (a checkpoint's tokenizer/ dir): our sentencepiece file, or an HF tokenizer's files as is."""
     if tokenizer.is_dir():
-        copy_tokenizer_files(tokenizer, dest)
+        copy_tokenizer_dir(tokenizer, dest)
     else:
         dest.mkdir()
         shutil.copyfile(tokenizer, dest / "tokenizer.model")
