@@ -8,6 +8,7 @@ prompt/completion jsonl counts completion tokens only (one example per window, a
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -67,6 +68,8 @@ def file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> 
         if not rows:
             raise UserError(f"{path} holds no examples")
         stream = ExampleStream(np.concatenate(toks), np.asarray(rows, dtype=np.int64), seq_len, 0, tok.eos_id, "eval")
+        if stream.fit_note():
+            print(stream.fit_note(), file=sys.stderr)  # stdout may be the JSON
         yield from _stream_windows(stream, batch)
         return
     ids: list[int] = []

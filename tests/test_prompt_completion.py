@@ -29,6 +29,11 @@ def test_truncation_and_examples_without_targets():
     index = np.array([[0, 8, 5], [8, 3, 1]], dtype=np.int64)  # example 0: prompt of 5, window of 4 -> no target
     s = ExampleStream(tokens, index, seq_len=3, seed=0, pad_id=2)
     assert s.num_windows == 1 and s.dropped == 1
+    # said in the log (training and eval): skipped and cut-short examples were counted but never reported
+    assert s.fit_note() == ("note: train split: 1 of 2 examples skipped (the prompt fills train.seq_len=3), 0 cut short "
+                            "(completion past the window); raise train.seq_len to keep them")
+    assert ExampleStream(tokens, index, seq_len=1, seed=0, pad_id=2).truncated == 1
+    assert ExampleStream(tokens, index[1:], seq_len=8, seed=0, pad_id=2).fit_note() is None
     x, y = s.batch(np.array([0]))
     assert x.tolist() == [[30, 31, 2]] and y.tolist() == [[31, 2, IGNORE_INDEX]]
     with pytest.raises(UserError, match="raise train.seq_len"):

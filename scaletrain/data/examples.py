@@ -97,11 +97,21 @@ class ExampleStream(WindowStream):
         usable = self.usable(index, seq_len)
         self.index = index[usable]
         self.dropped = int((~usable).sum())
+        self.truncated = int((index[usable, 1] > seq_len + 1).sum())
+        self.split, self.total = split, len(index)
         if len(self.index) == 0:
             raise UserError(f"the {split} split has no example whose completion starts within {seq_len_name(split)}={seq_len} tokens; raise {seq_len_name(split)}")
         self.tokens, self.seq_len, self.seed, self.pad_id = tokens, seq_len, seed, pad_id
         self.num_windows = len(self.index)
         self._perm_epoch, self._perm = -1, None
+
+    def fit_note(self) -> str | None:
+        """A line for the log when examples do not fit the window: skipped (the prompt fills it) or cut short."""
+        if not (self.dropped or self.truncated):
+            return None
+        name = seq_len_name(self.split)
+        return (f"note: {self.split} split: {self.dropped} of {self.total} examples skipped (the prompt fills {name}="
+                f"{self.seq_len}), {self.truncated} cut short (completion past the window); raise {name} to keep them")
 
     @staticmethod
     def usable(index: np.ndarray, seq_len: int) -> np.ndarray:

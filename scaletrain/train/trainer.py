@@ -89,6 +89,10 @@ class Trainer:
         self.train_stream = cache.stream("train", t.seq_len, t.seed)  # packed text or one example per window
         self.val_stream = cache.stream("val", t.seq_len, t.seed, required=False)
         finetune.check_labels(cfg, self.train_stream, self.val_stream)
+        for stream in (self.train_stream, self.val_stream):  # prompt/completion examples that do not fit the window
+            note = getattr(stream, "fit_note", lambda: None)()
+            if note:
+                self.log(note)
         self.last_val_loss: float | None = None
         self.ds_config = deepspeed_config(cfg, self.dist.world)
 
