@@ -181,6 +181,7 @@ def test_refusals_are_one_line(switches, word):
     ("persimmon-relu2-qknorm", {"lm_head.bias": 1.0}, "lm_head.bias is not zero"),
     ("phi-gelu-parallel", {"model.layers.1.mlp.fc2.bias": 1.0}, "model.bias=true"),
     ("llama-classifier", {"num_labels": 1, "id2label": {"0": "score"}, "label2id": {"score": 0}}, "regression or reward"),
+    ("llama-classifier", {"num_labels": 3, "problem_type": "multi_label_classification"}, "problem_type=multi_label"),
 ])
 def test_import_refuses_what_we_cannot_hold(combo, edit, word, tmp_path):
     m = config(**COMBOS[combo][0])

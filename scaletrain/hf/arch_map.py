@@ -179,6 +179,10 @@ def import_plan(cfg: dict, where: str, peek: Callable[[str], Optional[bool]] = l
         if n < 2:  # a regression or reward head: one score, trained with another loss
             raise UserError(f"{where} is a {fam}{task} with num_labels={n} (a regression or reward model); scaletrain's "
                             "classifiers need 2 or more classes")
+        problem = cfg.get("problem_type")
+        if problem not in (None, "single_label_classification"):  # sigmoid per label / a regression: another loss
+            raise UserError(f"{where} is a {fam}{task} with problem_type={problem}; scaletrain's classifiers pick one "
+                            "class per text (single_label_classification, softmax cross-entropy)")
         id2label = cfg.get("id2label") if isinstance(cfg.get("id2label"), dict) else {}
         names = [str(id2label.get(str(i), f"LABEL_{i}")) for i in range(n)]
         if names != [f"LABEL_{i}" for i in range(n)] and len(set(names)) == n:  # kept through fine-tuning and export
