@@ -73,7 +73,7 @@ tags: [{plan.model_type}, scaletrain]
 # {name}
 
 A decoder-only {what} ({params / 1e6:.2f}M parameters, {dtype}) trained with
-[scaletrain](https://github.com/) {__version__}, exported as the `transformers` {plan.family} architecture,
+scaletrain {__version__}, exported as the `transformers` {plan.family} architecture,
 which computes the same function. Loads with `transformers.{arch}`.
 
 ## Architecture

@@ -301,9 +301,9 @@ class Trainer:
         )
         if self.precision_note:
             self.log(self.precision_note)
-        if t.warmup_steps >= t.max_steps and self.step == 0:
-            self.log(f"warning: train.warmup_steps {t.warmup_steps} >= train.max_steps {t.max_steps}: the lr rises for the "
-                     f"whole run, never reaching train.lr or decaying (lower train.warmup_steps)")
+        if t.warmup_steps >= t.max_steps - 1 and t.warmup_steps and self.step == 0:  # the last step would be warmup's
+            self.log(f"warning: train.warmup_steps {t.warmup_steps} >= train.max_steps - 1 ({t.max_steps - 1}): the lr rises "
+                     f"for the whole run and never decays to train.min_lr (lower train.warmup_steps)")
         self.log(f"TensorBoard: tensorboard --logdir {self.run.path.parent}")
         if d.device.type == "cpu":  # every rank loads them here (built once, under a lock), not mid-step
             self.log(f"CPU kernels: {cpu_matmul.kernels_status()} | collectives: {collectives_status()}")
