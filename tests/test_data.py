@@ -487,3 +487,32 @@ def test_a_killed_build_leaves_no_temp_dir_behind_the_next_one(cache, corpus, tm
         (d / "train.bin").write_bytes(b"\0" * 64)
     prepare_data(cfg, progress=False)
     assert not stale.exists() and live.exists() and other_host.exists()
+
+
+def test_a_huge_one_file_document_is_encoded_in_pieces_with_the_same_ids(cache, monkeypatch):
+    """A whole book or dump in one .txt is one document; one encode call's Python list cost ~50 bytes a character
+    (a 1 GB file: ~50 GB in a tokenising worker). Ours is encoded in newline-cut pieces, and the ids must be the
+    ones a single call gives; a tokenizer with a dummy prefix (Llama-2's) is never cut."""
+    import sentencepiece as spm
+
+    from scaletrain.data.tokenizer import Tokenizer
+
+    tok = cache.tokenizer()
+    text = "".join(p.read_text() for p in TOP_LEVEL[:12])
+    monkeypatch.setattr(Tokenizer, "PIECE_CHARS", 5000)
+    calls = []
+    real = tok.sp.encode
+    monkeypatch.setattr(tok.sp, "encode", lambda t, *a, **k: calls.append(len(t)) or real(t, *a, **k))
+    pieces = tok.encode_document(text)
+    assert len(calls) > 10 and max(calls) < 5000 + 2000
+    assert list(pieces) == real(text)
+    # a dummy-prefix model: encoding pieces apart would add a "▁" at each cut, so it is encoded whole
+    proto = tok.sp.serialized_model_proto()
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    m = pb.ModelProto()
+    m.ParseFromString(proto)
+    m.normalizer_spec.add_dummy_prefix = True
+    other = Tokenizer.__new__(Tokenizer)
+    other.sp = spm.SentencePieceProcessor(model_proto=m.SerializeToString())
+    assert not other._splits_at_newlines() and tok._splits_at_newlines()

@@ -138,10 +138,10 @@ def _init_worker(model_path: str) -> None:
 
 
 def _encode(text: str) -> tuple[np.ndarray, float]:
-    ids = _worker_tok.encode_document(text)
-    if not ids or ids[-1] != _worker_tok.eos_id:  # an HF tokenizer may add EOS itself
-        ids.append(_worker_tok.eos_id)  # documents are separated by EOS in the packed stream
-    return np.asarray(ids, dtype=np.uint32), split_key(text)
+    ids = np.asarray(_worker_tok.encode_document(text), dtype=np.uint32)
+    if not len(ids) or ids[-1] != _worker_tok.eos_id:  # an HF tokenizer may add EOS itself
+        ids = np.append(ids, np.uint32(_worker_tok.eos_id))  # documents are separated by EOS in the packed stream
+    return ids, split_key(text)
 
 
 def prepare_data(cfg: Config, progress: bool = True) -> DataCache:

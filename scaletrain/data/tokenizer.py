@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import sentencepiece as spm
 
 from scaletrain.errors import UserError
@@ -91,8 +92,35 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_document(self, text: str) -> list[int]:
-        return self.sp.encode(text)  # sentencepiece never reads control ids ("</s>") out of text
+    # a document longer than this (a whole book or dump in one .txt) is encoded a piece at a time: one call's
+    # Python list of ids costs ~50 bytes a character (a 1 GB file: ~50 GB in a worker)
+    PIECE_CHARS = 1 << 20
+
+    def encode_document(self, text: str) -> list[int] | np.ndarray:
+        """Ids of a corpus document (sentencepiece never reads control ids like "</s>" out of text). A long one is
+        encoded in pieces cut after a newline, with the same ids as in one call, where the model allows it."""
+        if len(text) <= self.PIECE_CHARS or not self._splits_at_newlines():
+            return self.sp.encode(text)
+        parts, start = [], 0
+        while start < len(text):
+            end = text.find("\n", start + self.PIECE_CHARS) + 1 or len(text)  # after a newline, or the end
+            parts.append(np.asarray(self.sp.encode(text[start:end]), dtype=np.uint32))
+            start = end
+        return np.concatenate(parts)
+
+    def _splits_at_newlines(self) -> bool:
+        """Whether encoding "a\n" and "b" apart gives the ids of "a\nb": no piece holds a newline (none can span
+        one), and nothing is added or removed at the start of an input (dummy prefix, whitespace folding). Ours
+        (train_tokenizer) qualifies; Llama-2's tokenizer.model (dummy prefix) does not."""
+        if not hasattr(self, "_newline_safe"):
+            from sentencepiece import sentencepiece_model_pb2 as pb
+
+            m = pb.ModelProto()
+            m.ParseFromString(self.sp.serialized_model_proto())
+            ns = m.normalizer_spec
+            self._newline_safe = (not ns.add_dummy_prefix and not ns.remove_extra_whitespaces
+                                  and not any("\n" in piece.piece for piece in m.pieces))
+        return self._newline_safe
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)
