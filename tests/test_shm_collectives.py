@@ -86,6 +86,10 @@ def _sums_and_gathers(rank: int, world: int, largest: int = 300_001) -> dict:
     col = x[:, 1]  # a strided view: summed whole (gloo's own sum of it gets all but the first element wrong)
     dist.all_reduce(col)
     assert torch.equal(x[:, 1], torch.tensor([1.0, 5, 9]) * sum(range(1, world + 1))), x
+    # a Parameter (requires grad), as gloo takes it: the in-place sum must not be recorded by autograd
+    param = torch.nn.Parameter(torch.full((1001,), float(rank + 1)))
+    dist.all_reduce(param)
+    assert torch.equal(param.detach(), torch.full((1001,), float(sum(range(1, world + 1)))))
     # an op the shared memory does not take, through gloo
     peak = torch.tensor([float(rank)])
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)

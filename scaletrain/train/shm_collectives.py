@@ -146,6 +146,7 @@ class ShmProcessGroup(dist.ProcessGroup):
     def _slot(self, j: int, dtype: torch.dtype) -> torch.Tensor:
         return self._slots[j].view(dtype)
 
+    @torch.no_grad()  # a collective writes in place; gloo's do not record autograd either (a Parameter in works)
     def _allreduce_sum(self, x: torch.Tensor) -> None:
         flat = x.view(-1)
         per_piece = SLOT_BYTES // x.element_size()
@@ -180,6 +181,7 @@ class ShmProcessGroup(dist.ProcessGroup):
             acc += part
         out.copy_(acc)
 
+    @torch.no_grad()
     def _reduce_scatter(self, out: torch.Tensor, x: torch.Tensor) -> None:
         blocks, flat_out = x.view(self._world, -1), out.view(-1)
         per_piece = SLOT_BYTES // (x.element_size() * self._world)
@@ -191,6 +193,7 @@ class ShmProcessGroup(dist.ProcessGroup):
             self._sum([s[self._rank] for s in slots], out=flat_out[start:start + n])
             self._barrier()
 
+    @torch.no_grad()
     def _allgather(self, out: torch.Tensor, x: torch.Tensor) -> None:
         flat, whole = x.view(-1), out.view(self._world, -1)
         per_piece = SLOT_BYTES // x.element_size()
