@@ -260,15 +260,23 @@ def c_bench_flash_attention_on_cpu(tmp, base):
     return ["bench", "--device", "cpu", "--attention", "flash", "--precision", "fp32"], ("model.attention=flash",)
 
 
+def _fp16_trains_here() -> bool:
+    from scaletrain.train.precision import cpu_fp16_training
+
+    return __import__("torch").cuda.is_available() or cpu_fp16_training()
+
+
 def c_bench_fp16_on_cpu(tmp, base):
-    return ["bench", "--device", "cpu", "--precision", "fp16"], ("--precision fp16", "--device cuda")
+    if _fp16_trains_here():  # (a Sapphire Rapids CPU, a GPU): the ZeRO-0 refusal instead
+        return ["bench", "--precision", "fp16", "--zero", "0"], ("--precision fp16", "zero.stage=0")
+    return ["bench", "--device", "cpu", "--precision", "fp16"], ("--precision fp16", "AVX512-FP16")
 
 
 def c_fp16_training_on_cpu(tmp, base):
     """DeepSpeed refused it with a ValueError from deep inside its engine."""
-    if __import__("torch").cuda.is_available():  # fp16 trains there: the same mistake in another form
-        return train(tmp, "train.precision=fp8"), "train.precision"
-    return train(tmp, "train.precision=fp16"), ("train.precision=fp16", "CUDA")
+    if _fp16_trains_here():
+        return train(tmp, "train.precision=fp16", "zero.stage=0"), ("train.precision=fp16", "zero.stage=0")
+    return train(tmp, "train.precision=fp16"), ("train.precision=fp16", "AVX512-FP16")
 
 
 def c_plan_gpus_zero(tmp, base):

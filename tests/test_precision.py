@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from scaletrain.config import load_config
+from scaletrain.errors import UserError
 from scaletrain.train import metrics, precision
 
 CPU = torch.device("cpu")
@@ -106,3 +107,33 @@ def test_nominal_gpu_peak_tells_the_h100_variants_apart(monkeypatch):
                        ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert nominal_peak_flops(cuda, "bf16") == bf16, name
+
+
+def test_ranks_on_different_hardware_agree_on_one_precision(monkeypatch):
+    """`auto` is decided per rank: a job on AVX-512 and AVX2 nodes built bf16 and fp32 engines and hung in its
+    first collective. After setup every rank takes what all of them run."""
+    import torch.distributed as tdist
+
+    def gather(out, mine, others):
+        out[:] = [mine, *others]
+
+    cfg = load_config(None, ["train.precision=bf16"])  # what auto resolved to on this rank
+    monkeypatch.setattr(tdist, "all_gather_object", lambda out, mine: gather(out, mine, ["fp32"]))
+    agreed, note = precision.agree(cfg, "auto", "train.precision auto -> bf16 (...)", 2)
+    assert agreed.train.precision == "fp32" and "hardware differs: bf16, fp32" in note
+    monkeypatch.setattr(tdist, "all_gather_object", lambda out, mine: gather(out, mine, ["fp16"]))  # A100 + V100
+    assert precision.agree(cfg, "auto", None, 2)[0].train.precision == "fp16"
+    monkeypatch.setattr(tdist, "all_gather_object", lambda out, mine: gather(out, mine, ["bf16"]))
+    assert precision.agree(cfg, "auto", "n", 2) == (cfg, "n")
+    assert precision.agree(cfg, "bf16", "n", 2) == (cfg, "n")  # asked for explicitly: as asked
+
+
+def test_fp16_at_zero_0_is_refused(monkeypatch):
+    """DeepSpeed 0.19's fp16 wrapper of a plain optimizer (ZeRO-0) unscales gradients that were never scaled."""
+    monkeypatch.setattr(precision, "cpu_fp16_training", lambda: True)
+    with pytest.raises(UserError, match="zero.stage=0.*zero.stage=1 or higher"):
+        precision.resolve(load_config(None, ["train.precision=fp16", "zero.stage=0"]), CPU)
+    assert precision.resolve(load_config(None, ["train.precision=fp16", "zero.stage=1"]), CPU)[0].train.precision == "fp16"
+    monkeypatch.setattr(precision, "cpu_fp16_training", lambda: False)
+    with pytest.raises(UserError, match="AVX512-FP16"):
+        precision.resolve(load_config(None, ["train.precision=fp16", "zero.stage=1"]), CPU)

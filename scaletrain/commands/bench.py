@@ -74,10 +74,13 @@ def run(a: argparse.Namespace) -> int:
         import torch
 
         from scaletrain.model.attention import check_backend
+        from scaletrain.train.precision import check_fp16_zero, cpu_fp16_training
 
         for p in spec["precisions"]:
-            if a.device == "cpu" and p == "fp16":
-                raise UserError("--precision fp16 needs --device cuda (DeepSpeed has no fp16 training on CPU); use bf16 or fp32")
+            if a.device == "cpu" and p == "fp16" and not cpu_fp16_training():
+                raise UserError("--precision fp16 on this CPU: DeepSpeed trains fp16 on CPU only where oneDNN has fp16 "
+                                "kernels (AVX512-FP16 / AMX-FP16); use bf16 or fp32, or --device cuda")
+            check_fp16_zero(p, a.zero, "--precision fp16")
             cfg = bench_config(spec, p)  # validate the shape once, up front, with the config's own messages
             check_backend(cfg.model.attention, torch.device(a.device), training=True, shape=cfg.model, precision=p)
         report.update(training_bench(spec, memory=not a.no_memory))

@@ -46,14 +46,51 @@ def resolve(cfg: Config, device: torch.device) -> tuple[Config, str | None]:
     asked = cfg.train.precision
     if asked == "auto":
         chosen, why = choose(device)
+        check_fp16_zero(chosen, cfg.zero.stage, f"train.precision auto -> fp16 ({why})")
         return _with_precision(cfg, chosen), f"train.precision auto -> {chosen} ({why})"
-    if asked == "fp16" and device.type == "cpu":  # DeepSpeed refuses it there, with a traceback from deep inside
-        raise UserError("train.precision=fp16 needs a CUDA GPU (DeepSpeed has no fp16 training on CPU); use bf16, fp32 or auto")
+    if asked == "fp16" and device.type == "cpu" and not cpu_fp16_training():  # DeepSpeed: a traceback from deep inside
+        raise UserError("train.precision=fp16 on this CPU: DeepSpeed trains fp16 on CPU only where oneDNN has fp16 kernels "
+                        "(AVX512-FP16 / AMX-FP16); use bf16, fp32 or auto")
+    check_fp16_zero(asked, cfg.zero.stage)
     if asked == "bf16" and device.type == "cpu" and not cpu_bf16_matmuls():
         cap = torch.backends.cpu.get_cpu_capability()
         return cfg, (f"warning: train.precision bf16 on a CPU without bf16 matmul kernels ({cap}): training runs "
                      "~10x slower than in fp32 here; use train.precision=fp32 or auto")
     return cfg, None
+
+
+def cpu_fp16_training() -> bool:
+    """DeepSpeed's CPU accelerator trains fp16 only where oneDNN has fp16 kernels (Sapphire Rapids and later)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_fp16_zero(precision: str, zero_stage: int, what: str = "train.precision=fp16") -> None:
+    """fp16 at ZeRO-0: DeepSpeed 0.19 wraps a plain optimizer in FP16_UnfusedOptimizer, whose step divides the
+    gradients by a loss scale that engine.backward never multiplied in: updates ~65536x too small, silently."""
+    if precision == "fp16" and zero_stage == 0:
+        raise UserError(f"{what} with zero.stage=0: DeepSpeed's fp16 path for a plain optimizer unscales gradients it "
+                        "never scaled (updates ~65536x too small); use zero.stage=1 or higher")
+
+
+def agree(cfg: Config, asked: str, note: str | None, world: int) -> tuple[Config, str | None]:
+    """Collective, after the process group exists. `auto` is decided on each rank's own hardware: a job on mixed
+    nodes (AVX-512 and AVX2 CPUs, A100 and V100 cards) built engines in different dtypes and hung in its first
+    collective. Every rank takes the choice all of them run: fp32 before fp16 before bf16."""
+    if asked != "auto" or world == 1:
+        return cfg, note
+    import torch.distributed as tdist
+
+    choices: list = [None] * world
+    tdist.all_gather_object(choices, cfg.train.precision)
+    if len(set(choices)) == 1:
+        return cfg, note
+    common = next(p for p in ("fp32", "fp16", "bf16") if p in choices)
+    check_fp16_zero(common, cfg.zero.stage, "train.precision auto -> fp16 (the ranks' hardware differs)")
+    return _with_precision(cfg, common), (f"train.precision auto -> {common} (the ranks' hardware differs: "
+                                          f"{', '.join(sorted(set(choices)))}; every rank takes what all of them run)")
 
 
 def planned(cfg: Config, device_type: str) -> Config:

@@ -47,7 +47,8 @@ class Trainer:
     def __init__(self, cfg: Config, lock: RunLock | None = None):
         self.stop = StopFlag()  # before any pid file exists: a USR1 during start-up is a stop request, not a kill
         cfg = init_from.resolve(cfg)  # fails fast on a shape mismatch; sets data.tokenizer from init.from
-        # train.precision auto -> bf16 / fp32 / fp16 for this hardware (every rank decides the same way)
+        # train.precision auto -> bf16 / fp32 / fp16 for this rank's hardware (agreed across ranks after setup)
+        asked = cfg.train.precision
         cfg, self.precision_note = precision.resolve(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = cfg
         self.run = RunDir(cfg.run.dir)
@@ -62,6 +63,8 @@ class Trainer:
         if lock is not None and launcher_rank() == 0:
             lock.acquire()  # a second trainer on this run.dir stops here, before it writes anything in it
         self.dist = setup(cfg.train.threads)
+        cfg, self.precision_note = precision.agree(cfg, asked, self.precision_note, self.dist.world)
+        self.cfg = cfg
         self.growth = RunGrowth(cfg)
         tag = self._find_tag()
         self.stage = self.growth.stage_of(self.run.checkpoints / tag if tag else None)
