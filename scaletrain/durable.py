@@ -43,16 +43,28 @@ def _temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def abandoned_temps(final: Path) -> list[Path]:
-    """Temps of `final` that a killed writer left: written from this host by a pid that is no longer alive
-    (another host's may still be writing; a pid reused since only keeps a leftover, never deletes live work)."""
-    prefix = f".{final.name}.tmp-{socket.gethostname()}-"
-    found = []
-    for p in final.parent.glob(f"{glob.escape(prefix)}*"):
-        pid = p.name[len(prefix):].partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+def abandoned_temps(final: Path, quiet_s: float = 3600) -> list[Path]:
+    """Temps of `final` that a killed writer left: written from this host (the name's host part equal to ours, not
+    a prefix of it) by a pid no longer alive, and untouched for `quiet_s` (containers that share a hostname have
+    pids of their own: a live writer elsewhere looks dead here, but keeps writing). A pid reused since only keeps
+    a leftover longer; live work is never deleted."""
+    host, found = socket.gethostname(), []
+    for p in final.parent.glob(f"{glob.escape(f'.{final.name}.tmp-')}*"):
+        writer, _, pid = p.name[len(f".{final.name}.tmp-"):].rpartition("-")[0].rpartition("-")
+        if writer == host and pid.isdigit() and not _alive(int(pid)) and _quiet_for(p, quiet_s):
             found.append(p)
     return found
+
+
+def _quiet_for(path: Path, seconds: float) -> bool:
+    """Nothing under `path` (itself included) was modified in the last `seconds`."""
+    import time
+
+    try:
+        newest = max([path.stat().st_mtime] + [q.stat().st_mtime for q in path.rglob("*")])
+    except OSError:  # removed meanwhile
+        return False
+    return time.time() - newest > seconds
 
 
 def _alive(pid: int) -> bool:

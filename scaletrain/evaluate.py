@@ -72,13 +72,14 @@ def file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> 
             print(stream.fit_note(), file=sys.stderr)  # stdout may be the JSON
         yield from _stream_windows(stream, batch)
         return
-    ids: list[int] = []
+    docs: list[np.ndarray] = []
     for _, text in iter_documents(src):
-        doc = tok.encode_document(text)
-        ids.extend(doc if doc and doc[-1] == tok.eos_id else doc + [tok.eos_id])
+        doc = np.asarray(tok.encode_document(text), dtype=np.int64)  # a list, or an array (a huge document)
+        docs.append(doc if len(doc) and doc[-1] == tok.eos_id else np.append(doc, tok.eos_id))
+    ids = np.concatenate(docs) if docs else np.zeros(0, dtype=np.int64)
     if len(ids) < 2:
         raise UserError(f"{path} has too little text to evaluate (needs at least 2 tokens)")
-    yield from _text_windows(np.asarray(ids, dtype=np.int64), seq_len, batch)
+    yield from _text_windows(ids, seq_len, batch)
 
 
 def training_cache(src):

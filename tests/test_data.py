@@ -463,6 +463,9 @@ def test_forced_val_doc_is_not_the_bulk_of_the_corpus_nor_a_copy_of_train(cache,
     assert _pick_for_val([(0.5, 0, 900), (0.6, 900, 50), (0.6, 950, 50), (0.7, 1000, 10)], 1010, 0.01) == [(900, 50), (950, 50)]
     assert _pick_for_val([(0.5, 0, 500), (0.6, 500, 400)], 900, 0.01) == [(500, 400)]
     assert _pick_for_val([(0.5, 0, 100), (0.5, 100, 100)], 200, 0.01) == [(0, 100)]
+    # nine copies of the nearest document are 82 % of the tokens: the other one goes instead
+    copies = [(0.5, 100 * i, 100) for i in range(9)]
+    assert _pick_for_val(copies + [(0.6, 900, 100)], 1000, 0.01) == [(900, 100)]
 
 
 def test_a_killed_build_leaves_no_temp_dir_behind_the_next_one(cache, corpus, tmp_path):
@@ -479,17 +482,22 @@ def test_a_killed_build_leaves_no_temp_dir_behind_the_next_one(cache, corpus, tm
     dead = subprocess.Popen(["true"])
     dead.wait()
     host = socket.gethostname()
-    stale = final.with_name(f".{final.name}.tmp-{host}-{dead.pid}-0a1b2c3d")
-    live = final.with_name(f".{final.name}.tmp-{host}-{os.getpid()}-0a1b2c3d")
-    other_host = final.with_name(f".{final.name}.tmp-elsewhere-{dead.pid}-0a1b2c3d")
-    for d in (stale, live, other_host):
+    name = lambda who, pid: final.with_name(f".{final.name}.tmp-{who}-{pid}-0a1b2c3d")  # noqa: E731
+    stale, live = name(host, dead.pid), name(host, os.getpid())
+    # another host's, one whose name only starts with ours (node / node-4000: "4000" is no pid of ours), and a
+    # dead pid's that is still being written (another container with our hostname and pids of its own)
+    other_host, longer_name, recent = name("elsewhere", dead.pid), name(f"{host}-4000", dead.pid), name(host, 999_999_999)
+    for d in (stale, live, other_host, longer_name, recent):
         d.mkdir()
         (d / "train.bin").write_bytes(b"\0" * 64)
+        if d != recent:
+            for q in (d / "train.bin", d):
+                os.utime(q, (0, 0))  # an hour and more untouched
     prepare_data(cfg, progress=False)
-    assert not stale.exists() and live.exists() and other_host.exists()
+    assert not stale.exists() and all(d.exists() for d in (live, other_host, longer_name, recent))
 
 
-def test_a_huge_one_file_document_is_encoded_in_pieces_with_the_same_ids(cache, monkeypatch):
+def test_a_huge_one_file_document_is_encoded_in_pieces_with_the_same_ids(cache, monkeypatch, tmp_path):
     """A whole book or dump in one .txt is one document; one encode call's Python list cost ~50 bytes a character
     (a 1 GB file: ~50 GB in a tokenising worker). Ours is encoded in newline-cut pieces, and the ids must be the
     ones a single call gives; a tokenizer with a dummy prefix (Llama-2's) is never cut."""
@@ -506,6 +514,14 @@ def test_a_huge_one_file_document_is_encoded_in_pieces_with_the_same_ids(cache, 
     pieces = tok.encode_document(text)
     assert len(calls) > 10 and max(calls) < 5000 + 2000
     assert list(pieces) == real(text)
+    # `scaletrain eval --data` of such a file reads the same ids (an array, not a list, came back: a traceback)
+    from scaletrain.evaluate import file_batches
+
+    book = tmp_path / "book.txt"
+    book.write_text(text)
+    monkeypatch.setattr(tok.sp, "encode", real)
+    windows = [x[0].tolist() + [y[0, -1].item()] for x, y in file_batches(book, tok, len(real(text)) + 1, 1, "text")]
+    assert windows == [real(text) + [tok.eos_id]]
     # a dummy-prefix model: encoding pieces apart would add a "▁" at each cut, so it is encoded whole
     proto = tok.sp.serialized_model_proto()
     from sentencepiece import sentencepiece_model_pb2 as pb

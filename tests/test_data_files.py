@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,9 @@ def test_a_dataset_saved_with_save_to_disk_is_a_source(tmp_path):
     assert [t for _, t in iter_documents(src)] == ["alpha beta", "gamma"]
     before = src.fingerprint()
     datasets.Dataset.from_dict({"text": ["other"], "meta": [0]}).save_to_disk(str(tmp_path / "texts2"))
-    assert resolve_source(str(tmp_path / "texts2")).fingerprint() != before
+    shutil.rmtree(tmp_path / "texts")
+    shutil.move(tmp_path / "texts2", tmp_path / "texts")  # the same path, other content: another cache
+    assert resolve_source(str(tmp_path / "texts")).fingerprint() != before
     pairs = datasets.Dataset.from_list(PAIRS)
     datasets.DatasetDict({"train": pairs, "test": pairs.select([0])}).save_to_disk(str(tmp_path / "pc"))
     assert list(iter_examples(resolve_source(str(tmp_path / "pc")))) == [(r["prompt"], r["completion"]) for r in PAIRS]

@@ -134,6 +134,9 @@ def test_fp16_at_zero_0_is_refused(monkeypatch):
     with pytest.raises(UserError, match="zero.stage=0.*zero.stage=1 or higher"):
         precision.resolve(load_config(None, ["train.precision=fp16", "zero.stage=0"]), CPU)
     assert precision.resolve(load_config(None, ["train.precision=fp16", "zero.stage=1"]), CPU)[0].train.precision == "fp16"
+    monkeypatch.setattr(precision, "choose", lambda device: ("fp16", "a V100 has no bf16"))
+    cfg, note = precision.resolve(load_config(None, ["train.precision=auto", "zero.stage=0"]), CPU)
+    assert cfg.train.precision == "fp32" and "needs zero.stage >= 1" in note  # auto: what trains right
     monkeypatch.setattr(precision, "cpu_fp16_training", lambda: False)
     with pytest.raises(UserError, match="AVX512-FP16"):
         precision.resolve(load_config(None, ["train.precision=fp16", "zero.stage=1"]), CPU)

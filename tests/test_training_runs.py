@@ -107,6 +107,11 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sigs):
         assert "has finished: step 40 of train.max_steps 40" in proc.stdout, proc.stdout[-2000:]
         assert "warning: the tokenised data changed since checkpoint global_step40" in proc.stdout  # other val split
         assert {f: (resumed / f).read_text() for f in record} == record and sorted((resumed / "tb").rglob("*")) == events
+        # four more steps at half the window: the tokens count what was trained, not windows x the new seq_len
+        run_training(ranks, [*common, f"run.dir={resumed}", "train.max_steps=44", "train.seq_len=32"])
+        batch = 2  # TINY: micro_batch_size 2 windows a step, one rank, no accumulation
+        assert json.loads((resumed / "status.json").read_text())["consumed_tokens"] == 40 * batch * 64 + 4 * batch * 32
+        assert _curve(resumed, "train/consumed_tokens")[44] == 40 * batch * 64 + 4 * batch * 32
 
 
 def test_second_trainer_on_a_live_run_dir_is_refused(base, tmp_path):

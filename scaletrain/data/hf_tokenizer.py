@@ -48,11 +48,21 @@ def copy_tokenizer_dir(src_dir: Path, dest: Path) -> list[Path]:
     differ the tokenizer is saved whole instead (save_pretrained records the class it loaded as)."""
     files = copy_tokenizer_files(src_dir, dest)
     if (src_dir / "config.json").is_file() and files:
-        original, copy = HFTokenizer(src_dir), HFTokenizer(dest)
-        if (copy.encode(PROBE), copy.encode_document(PROBE)) != (original.encode(PROBE), original.encode_document(PROBE)):
+        original = HFTokenizer(src_dir)
+        if _ids(dest) != (original.encode(PROBE), original.encode_document(PROBE)):
             shutil.rmtree(dest)
             original.tok.save_pretrained(str(dest))
     return files
+
+
+def _ids(tokenizer_dir: Path):
+    """The probe's ids from the tokenizer in `tokenizer_dir`, None where the files alone do not load (their class
+    named only in the config.json left behind)."""
+    try:
+        tok = HFTokenizer(tokenizer_dir)
+    except UserError:
+        return None
+    return tok.encode(PROBE), tok.encode_document(PROBE)
 
 
 class HFTokenizer:

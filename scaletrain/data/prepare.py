@@ -99,6 +99,10 @@ def cache_fingerprint(cfg: Config, src: Source) -> str:
     }
     if d.format != "text":  # only then: existing text caches keep their fingerprint
         key["data_format"] = d.format
+    elif tok is not None and Path(os.path.expanduser(d.tokenizer)).is_dir():
+        # HF tokenizers: special-token strings in documents are text since 2026-12-07 (encode_document); caches
+        # made before read them as control ids, so they are rebuilt once rather than reused
+        key["special_tokens_in_text"] = "text"
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -175,16 +179,18 @@ VAL_CANDIDATES = 64  # train documents nearest the val side, kept while tokenisi
 
 def _pick_for_val(candidates: list[tuple[float, int, int]], train_tokens: int, val_fraction: float) -> list[tuple[int, int]]:
     """A small corpus may hash no document into val. Of the train documents nearest the threshold (key, offset,
-    length), the nearest one no larger than max(val_fraction, 10 %) of the train tokens goes there (else the
-    shortest), with its exact duplicates (same key), so validation never takes the bulk of the corpus nor
-    tests text that train holds. Deterministic: the same choice on every machine."""
-    by_key = sorted(candidates)
+    length), the nearest one that, with its exact duplicates (same key), is no larger than max(val_fraction, 10 %)
+    of the train tokens goes there with them (else the smallest such group), so validation never takes the bulk of
+    the corpus nor tests text that train holds. Deterministic: the same choice on every machine."""
+    groups: dict[float, list[tuple[float, int, int]]] = {}
+    for c in sorted(candidates):  # exact copies share a key
+        groups.setdefault(c[0], []).append(c)
     budget = max(val_fraction, 0.1) * train_tokens
-    chosen = next((c for c in by_key if c[2] <= budget), min(by_key, key=lambda c: (c[2], c[0])))
-    same = [c for c in by_key if c[0] == chosen[0]]
-    if sum(c[2] for c in same) >= train_tokens:  # every train document is a copy of it: keep one for training
-        same = same[:-1]
-    return sorted((c[1], c[2]) for c in same)
+    size = lambda group: sum(c[2] for c in group)  # noqa: E731
+    chosen = next((g for g in groups.values() if size(g) <= budget), min(groups.values(), key=lambda g: (size(g), g[0][0])))
+    if size(chosen) >= train_tokens:  # every train document is a copy of it: keep one for training
+        chosen = chosen[:-1]
+    return sorted((c[1], c[2]) for c in chosen)
 
 
 def _move_to_val(out: Path, dtype: str, segments: list[tuple[int, int]], counts: dict) -> None:

@@ -146,6 +146,7 @@ def _saved_dataset_rows(path: Path, columns: list[str] | None = None) -> Iterato
             raise UserError(f"{path} is a DatasetDict without a 'train' split (splits: {', '.join(ds)}); point data.source at "
                             "the split's own directory")
         path, ds = path / "train", ds["train"]
+    ds = ds.with_format(None)  # saved after set_format("numpy"/"torch"): rows of Python values, as files give
     missing = [c for c in columns or [] if c not in ds.column_names]
     if missing:
         raise UserError(f"{path} has no '{missing[0]}' column (columns: {', '.join(ds.column_names)}); set data.text_field")

@@ -41,6 +41,15 @@ def cpu_has_avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
+def cpu_fp16_training() -> bool:
+    """Whether oneDNN has fp16 kernels here (AVX512-FP16 / AMX-FP16: Sapphire Rapids and later), which is where
+    DeepSpeed's CPU accelerator trains fp16."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def isa() -> str | None:
     """Which build runs here: "avx512", "avx2" (AVX2 + FMA, as PyTorch's own AVX2 kernels need), or None."""
     if cpu_has_avx512():

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from scaletrain.kernels import cpu_matmul
-from scaletrain.kernels.build import cpu_has_avx512
+from scaletrain.kernels.build import cpu_fp16_training, cpu_has_avx512
 
 
 def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
@@ -51,7 +51,7 @@ def measure_peak_flops(dtype: torch.dtype, device: torch.device, size: int = 0, 
         products.append(cpu_matmul.mm_nt)
     # a probe that sizes the product down only where the dtype runs in software: timed probes of small products
     # measure call overhead (and a busy neighbour), and shrank the product to where the peak came out 3-4x low
-    hardware_matmul = dtype != torch.bfloat16 or cpu_has_avx512()
+    hardware_matmul = {torch.bfloat16: cpu_has_avx512, torch.float16: cpu_fp16_training}.get(dtype, lambda: True)()
     rates = []
     gen = torch.Generator(device=device).manual_seed(0)  # not the global stream: a resumed run's restored RNG stays as saved
     for mm in products:

@@ -14,7 +14,7 @@ import torch
 
 from scaletrain.config import Config
 from scaletrain.errors import UserError
-from scaletrain.kernels.build import cpu_has_avx512
+from scaletrain.kernels.build import cpu_fp16_training, cpu_has_avx512
 
 
 def cpu_bf16_matmuls() -> bool:
@@ -46,7 +46,8 @@ def resolve(cfg: Config, device: torch.device) -> tuple[Config, str | None]:
     asked = cfg.train.precision
     if asked == "auto":
         chosen, why = choose(device)
-        check_fp16_zero(chosen, cfg.zero.stage, f"train.precision auto -> fp16 ({why})")
+        if chosen == "fp16" and cfg.zero.stage == 0:  # (check_fp16_zero) fp32 trains right there
+            chosen, why = "fp32", f"{why}, and its fp16 needs zero.stage >= 1"
         return _with_precision(cfg, chosen), f"train.precision auto -> {chosen} ({why})"
     if asked == "fp16" and device.type == "cpu" and not cpu_fp16_training():  # DeepSpeed: a traceback from deep inside
         raise UserError("train.precision=fp16 on this CPU: DeepSpeed trains fp16 on CPU only where oneDNN has fp16 kernels "
@@ -57,14 +58,6 @@ def resolve(cfg: Config, device: torch.device) -> tuple[Config, str | None]:
         return cfg, (f"warning: train.precision bf16 on a CPU without bf16 matmul kernels ({cap}): training runs "
                      "~10x slower than in fp32 here; use train.precision=fp32 or auto")
     return cfg, None
-
-
-def cpu_fp16_training() -> bool:
-    """DeepSpeed's CPU accelerator trains fp16 only where oneDNN has fp16 kernels (Sapphire Rapids and later)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def check_fp16_zero(precision: str, zero_stage: int, what: str = "train.precision=fp16") -> None:

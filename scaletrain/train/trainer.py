@@ -125,6 +125,7 @@ class Trainer:
         reshard = self.resume_plan is not None and self.resume_plan.reshard
         self.engine = self._build_engine(self.resume_plan.tag_dir if reshard else None)  # resharding: saved weights
         self.step, self.consumed, self.saved_step = 0, 0, None
+        self.tokens_seen = 0  # counted, not windows x seq_len: a resume may change train.seq_len
         self.early_stop = finetune.EarlyStop(cfg)
         self.val_metrics: dict = {}
         self._grad_norm: float | None = None
@@ -182,6 +183,7 @@ class Trainer:
         self.guard.total = int(client.get("guard_skipped_steps", client.get("skipped_steps", self.engine.skipped_steps)))
         self.guard.consecutive = int(client.get("guard_consecutive", 0))  # a streak goes on across a resume
         self.step, self.consumed = int(client["step"]), int(client["consumed_samples"])
+        self.tokens_seen = int(client.get("consumed_tokens", self.consumed * self.cfg.train.seq_len))
         self.early_stop.load(client.get("early_stop"))
         self.saved_step = self.step
         saved_gb = int(client["global_batch"])
@@ -190,7 +192,7 @@ class Trainer:
                 f"checkpoint {tag} was trained with {saved_gb} sequences per step, this run has {self.global_batch}; "
                 "keep micro_batch_size x grad_accum x ranks equal when resuming"
             )
-        self.log(f"resumed from {self.run.checkpoints / tag} at step {self.step} ({self.consumed * self.cfg.train.seq_len:,} tokens)")
+        self.log(f"resumed from {self.run.checkpoints / tag} at step {self.step} ({self.tokens_seen:,} tokens)")
         return tag
 
     @property
@@ -218,6 +220,7 @@ class Trainer:
             self.engine.step()
         self.step += 1
         self.consumed += self.global_batch  # a skipped step consumes its data too
+        self.tokens_seen += self.global_batch * t.seq_len
         self.last_skipped = self.guard.after_update(self.step, mean)  # raises after train.max_skipped in a row
         return mean
 
@@ -252,7 +255,7 @@ class Trainer:
     def save(self) -> Path | None:
         client = {
             "step": self.step, "consumed_samples": self.consumed, "global_batch": self.global_batch,
-            "consumed_tokens": self.consumed * self.cfg.train.seq_len, "config_fingerprint": self.cfg.fingerprint(),
+            "consumed_tokens": self.tokens_seen, "config_fingerprint": self.cfg.fingerprint(),
             "scaletrain_version": __version__, "early_stop": self.early_stop.state(), "guard_skipped_steps": self.guard.total,
             "guard_consecutive": self.guard.consecutive,
         }
@@ -289,11 +292,11 @@ class Trainer:
         if self.step >= t.max_steps:  # the same command again after the end: leave status and TensorBoard as they are
             self.log(f"run.dir {self.run.path} has finished: step {self.step} of train.max_steps {t.max_steps}, nothing "
                      "to train (raise train.max_steps to train on, or use a new run.dir)")
-            return {"state": "finished", "step": self.step, "consumed_tokens": self.consumed * t.seq_len}
+            return {"state": "finished", "step": self.step, "consumed_tokens": self.tokens_seen}
         if self.early_stop.stopped():  # the same command again after an early stop: the run is over, as above
             self.log(f"run.dir {self.run.path} stopped early at step {self.step}: {self.early_stop.metric} did not improve "
                      f"for {self.early_stop.bad} evaluations (raise train.early_stop_patience to train on, or use a new run.dir)")
-            return {"state": "early_stopped", "step": self.step, "consumed_tokens": self.consumed * t.seq_len}
+            return {"state": "early_stopped", "step": self.step, "consumed_tokens": self.tokens_seen}
         n_params, fpt = self._sizes()
         tokens_per_step = self.global_batch * t.seq_len
         barrier()  # ranks sharing a CPU's cores measure together: one alone would find idle cores and a peak too high
@@ -341,7 +344,7 @@ class Trainer:
                     metrics.scalars(self.step, {
                         "train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm,
                         "train/tokens_per_sec": tps, "train/mfu": tps * fpt / peak,
-                        "train/consumed_tokens": self.consumed * t.seq_len,
+                        "train/consumed_tokens": self.tokens_seen,
                         "train/step_time_s": step_s, "train/model_params": n_params,
                         "train/skipped_steps": self.guard.total,
                     })
@@ -377,7 +380,7 @@ class Trainer:
         finally:
             metrics.close()
         summary = {"state": state, "step": self.step, "loss": last_loss, "val_loss": val_loss,
-                   "consumed_tokens": self.consumed * t.seq_len, "seconds": round(time.time() - start_time, 1)}
+                   "consumed_tokens": self.tokens_seen, "seconds": round(time.time() - start_time, 1)}
         if d.is_main:
             self.run.write_status(**summary)
         return summary
