@@ -21,7 +21,11 @@ def test_glob_and_single_file_sources(tmp_path):
     d = copy_corpus(tmp_path / "g", TOP_LEVEL[:3])
     (d / "x.md").write_text("# markdown counts as text\n")
     assert len(resolve_source(str(d / "*.txt")).files) == 3
-    assert len(resolve_source(str(d)).files) == 4
+    assert len(resolve_source(str(d)).files) == 4 and resolve_source(str(d)).skipped_note() is None
+    for name in ("rows.csv", "more.csv", "dump.jsonl.gz", ".DS_Store"):
+        (d / name).write_text("x")
+    note = resolve_source(str(d)).skipped_note()  # printed once, when the cache is built
+    assert note.startswith("note: data.source: 3 file(s) of other types not read (.csv x2, .gz x1)"), note
     one = resolve_source(str(d / "x.md"))
     assert [t for _, t in iter_documents(one)] == ["# markdown counts as text\n"]
 

@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import sysconfig
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +31,16 @@ class Source:
     files: tuple[Path, ...]
     kind: str  # "stdlib" | "local"
     text_field: str = "text"
+    skipped: tuple[Path, ...] = field(default=(), compare=False)  # a directory's files of other types
+
+    def skipped_note(self) -> str | None:
+        """A line for the log when a directory source held files that are not read (.csv, .gz, ...)."""
+        if not self.skipped:
+            return None
+        kinds = Counter(p.suffix or p.name for p in self.skipped)
+        listed = ", ".join(f"{k} x{n}" for k, n in sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))[:5])
+        return (f"note: data.source: {len(self.skipped)} file(s) of other types not read ({listed}); convert them to "
+                ".txt/.jsonl/.parquet to include them")
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(f"{self.kind}:{self.text_field}".encode())
@@ -74,8 +85,11 @@ def resolve_source(source: str, text_field: str = "text") -> Source:
     p = Path(pattern)
     if is_saved_dataset(p):
         return Source((p,), "local", text_field)
+    skipped: list[Path] = []
     if p.is_dir():
-        matches = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in SUPPORTED)
+        files = sorted(q for q in p.rglob("*") if q.is_file())
+        matches = [q for q in files if q.suffix in SUPPORTED]
+        skipped = [q for q in files if q.suffix not in SUPPORTED and not q.name.startswith(".")]  # (.DS_Store, ...)
     else:
         matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
     if not matches:
@@ -86,7 +100,7 @@ def resolve_source(source: str, text_field: str = "text") -> Source:
     empty = [m for m in matches if m.stat().st_size == 0]
     if len(empty) == len(matches):
         raise UserError(f"data.source '{source}' holds only empty files; add text to them")
-    return Source(tuple(matches), "local", text_field)
+    return Source(tuple(matches), "local", text_field, tuple(skipped))
 
 
 def _read_text_file(path: Path) -> str:
