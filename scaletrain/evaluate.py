@@ -104,6 +104,9 @@ def val_batches(src, seq_len: int, batch: int) -> Iterator[tuple[torch.Tensor, t
     return _stream_windows(stream, batch)
 
 
+EVAL_ROWS = 1024  # positions whose logits exist at once in `evaluate`
+
+
 @torch.no_grad()
 def evaluate(model, batches, doc_eos: Optional[int] = None) -> dict:
     """{"loss": mean CE over counted tokens, "ppl": exp(loss), "tokens": counted tokens}. `doc_eos`: the EOS id
@@ -112,8 +115,11 @@ def evaluate(model, batches, doc_eos: Optional[int] = None) -> dict:
 
     total, count = 0.0, 0
     for x, y in batches:
-        logits = (model(x) if doc_eos is None else model(x, doc_ids=document_ids(x, doc_eos))).float()
-        total += F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum").item()
+        h = model.hidden_states(x, doc_ids=None if doc_eos is None else document_ids(x, doc_eos))
+        h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
+        for i in range(0, len(h), EVAL_ROWS):  # never [B*T, V] logits at once (4 x 2048 x 128k in fp32: 4 GB, twice)
+            logits = model.lm_head(h[i : i + EVAL_ROWS]).float()
+            total += F.cross_entropy(logits, y[i : i + EVAL_ROWS], ignore_index=IGNORE_INDEX, reduction="sum").item()
         count += int((y != IGNORE_INDEX).sum())
     if count == 0:
         raise UserError("nothing to evaluate: no target tokens")

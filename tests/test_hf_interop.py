@@ -132,7 +132,8 @@ def test_import_export_round_trip_is_bit_exact(tmp_path, hf_dir, imported):
 
 
 def test_import_sharded_pytorch_bin(tmp_path, hf_dir):
-    """pytorch_model-*.bin shards + index (read with weights_only=True) import to the same tensors."""
+    """pytorch_model-*.bin shards + index (read with weights_only=True; zip and legacy format) import to the same
+    tensors."""
     import shutil
 
     src = tmp_path / "bin"
@@ -143,8 +144,8 @@ def test_import_sharded_pytorch_bin(tmp_path, hf_dir):
     sd = tensors_of(hf_dir)
     names = sorted(sd)
     halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2], "pytorch_model-00002-of-00002.bin": names[len(names) // 2 :]}
-    for fname, keys in halves.items():
-        torch.save({k: sd[k] for k in keys}, src / fname)
+    for i, (fname, keys) in enumerate(halves.items()):  # the second in the legacy (pre-1.6, not zip) format
+        torch.save({k: sd[k] for k in keys}, src / fname, _use_new_zipfile_serialization=i == 0)
     (src / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in halves.items() for k in ks}}))
     cli_ok("import-hf", str(src), "--out", str(tmp_path / "ck"))
     got = tensors_of(tmp_path / "ck")
@@ -483,3 +484,19 @@ def test_a_mistral_whose_tokenizer_class_comes_from_config_json_round_trips(tmp_
 
     copy_tokenizer_dir(src, tmp_path / "cache-copy")
     assert load_tokenizer(tmp_path / "cache-copy").encode(text) == want
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_model_loaded_for_inference_computes_what_was_saved(tmp_path, sp_model, tied):
+    """eval/generate build the model on the meta device and fill it from the checkpoint (no initialisation to
+    throw away): every weight and buffer must be the saved model's, and a tied head tied again (to_empty unties)."""
+    from scaletrain.generate import load_model
+
+    cfg = ModelConfig(**SHAPES["gqa"], num_layers=2, intermediate_size=128, vocab_size=VOCAB, max_seq_len=64,
+                      tie_word_embeddings=tied)
+    ours = _our_model(cfg, seed=3)
+    loaded, _, _ = load_model(str(write_checkpoint_dir(tmp_path / "ck", ours, cfg, sp_model)))
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
+    x = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ours(x))

@@ -27,13 +27,25 @@ def run(args: argparse.Namespace) -> int:
     doc_eos = None
     if src.config is not None and src.config.data.doc_mask:  # evaluated as it was trained: within documents
         doc_eos = tok.eos_id if args.data else int(training_cache(src).meta["eos_id"])
-    res = evaluate(model, batches, doc_eos)
+    res = evaluate(model, _limited(batches, args.max_batches), doc_eos)
     if args.json:
         print(json.dumps(res))
     else:
         where = args.data or "the run's val split"
-        print(f"{where}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | {res['tokens']:,} tokens (windows of {seq_len})")
+        first = f", the first {args.max_batches} batches" if args.max_batches else ""
+        print(f"{where}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | {res['tokens']:,} tokens (windows of {seq_len}{first})")
     return 0
+
+
+def _limited(batches, max_batches):
+    """At most `max_batches` batches, with a progress bar on a terminal (a large val split on CPU takes a while)."""
+    import itertools
+
+    from tqdm import tqdm
+
+    if max_batches:
+        batches = itertools.islice(batches, max_batches)
+    return tqdm(batches, desc="eval", unit="batch", total=max_batches, disable=None, leave=False)
 
 
 def _classifier(args, model, tok, src, seq_len: int) -> int:
@@ -47,7 +59,7 @@ def _classifier(args, model, tok, src, seq_len: int) -> int:
         batches = _stream_windows(stream, args.batch_size)
     else:
         batches = val_batches(src, seq_len, args.batch_size)
-    res = evaluate_classifier(model, batches, src.model.num_labels)
+    res = evaluate_classifier(model, _limited(batches, args.max_batches), src.model.num_labels)
     if args.json:
         print(json.dumps(res))
     else:
@@ -64,4 +76,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default: the run's train.seq_len)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass")
     p.add_argument("--text-field", default="text", help="jsonl/parquet field holding the text")
+    p.add_argument("--max-batches", type=positive_int, default=None,
+                   help="score only the first N batches (default: all; a large val split on CPU takes long)")
     p.set_defaults(func=run)

@@ -17,7 +17,7 @@ import torch
 
 from scaletrain.errors import UserError
 from scaletrain.weights.files import EMBED, HEAD
-from scaletrain.weights.zero import RELEASE_BYTES, ZeroTag, _read_range, load_restricted
+from scaletrain.weights.zero import RELEASE_BYTES, ZeroTag, _read_range, gather_fp32, load_restricted
 
 
 class DeepSpeedReader:
@@ -110,8 +110,7 @@ class DeepSpeedReader:
             for f in self.tag.optim_files:
                 groups = self._flat(f, None, kind)
                 parts.extend(_read_range(list(groups), offset, n))
-        flat = torch.cat(parts).float()  # a copy: no view of the maps survives
-        return flat[: math.prod(shape)].reshape(shape).clone()
+        return gather_fp32(parts)[: math.prod(shape)].reshape(shape)  # one copy: no view of the maps survives
 
     def _zero0(self, name: str, index: int, kind: Optional[str]) -> torch.Tensor:
         head = self._load(self.tag.model_files[0])

@@ -166,6 +166,14 @@ class LlamaBody(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
 
+    @torch.no_grad()
+    def fill_buffers(self, s: LlamaShape) -> None:
+        """Compute the buffers of a body built on the meta device and then given real, empty memory."""
+        if s.position == "rope":
+            cos, sin = rope_cache(s)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
 
 ROPE_CACHE_MAX = 16384  # positions whose cos/sin the model keeps as buffers (larger: computed per forward)
 
@@ -256,6 +264,15 @@ class LlamaForCausalLM(nn.Module):
         without full logits when `loss_chunk` > 0)."""
         h = self.hidden_states(input_ids, caches, start_pos, doc_ids)
         return self.lm_head(h, targets, self.loss_chunk)
+
+    def materialize(self) -> "LlamaForCausalLM":
+        """This model, built on the meta device, given real but empty memory on the CPU: buffers computed and a
+        tied head tied again (to_empty gives it memory of its own); filling the weights is the caller's job."""
+        self.to_empty(device="cpu")
+        self.model.fill_buffers(self.shape)
+        if self.shape.tie_word_embeddings and hasattr(self, "lm_head"):
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return self
 
     def new_caches(self) -> list:
         return [[] for _ in self.model.layers]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm import tqdm
 
 from scaletrain import __version__
 from scaletrain.durable import fsync_dir, write_text_atomic
@@ -93,13 +94,19 @@ def verify(tag_dir: Path) -> Optional[str]:
     if _VERIFIED.get(key) == signature:  # nothing was rewritten, replaced or resized since it verified
         return None
     started = time.time_ns()
-    for rel, size, digest in entries:
-        p = tag_dir / rel
-        try:
-            if p.stat().st_size != size or _sha256(p) != digest:
-                return f"{p} does not match its sha256 in the manifest (corrupted or tampered)"
-        except OSError as e:  # an unreadable file (EIO, EACCES), or a tag a live run just pruned
-            return f"{p} cannot be read ({e.strerror or e})"
+    total = sum(size for _, size, _ in entries)
+    # minutes for a large model's tag (Adam moments included): a bar on a terminal, from one process only
+    quiet = total < 1 << 30 or os.environ.get("RANK", "0") != "0"
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {tag_dir.name}", leave=False,
+              disable=True if quiet else None) as bar:
+        for rel, size, digest in entries:
+            p = tag_dir / rel
+            try:
+                if p.stat().st_size != size or _sha256(p) != digest:
+                    return f"{p} does not match its sha256 in the manifest (corrupted or tampered)"
+            except OSError as e:  # an unreadable file (EIO, EACCES), or a tag a live run just pruned
+                return f"{p} cannot be read ({e.strerror or e})"
+            bar.update(size)
     # remembered only when every file is older than a second: a rewrite within the file system's timestamp
     # granularity could otherwise keep the same size and mtime ("racy git")
     if max(mtime for _, _, mtime, _ in signature) < started - 1_000_000_000:

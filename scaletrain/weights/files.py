@@ -6,6 +6,7 @@ Nothing here unpickles arbitrary objects: .bin files go through torch.load(weigh
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -103,8 +104,12 @@ def file_tensors(files: list[Path], skip: frozenset = frozenset()) -> Iterator[t
                 del t
         else:
             sd, done = _load_bin(path), 0
+            mapped = zipfile.is_zipfile(path)  # torch's zip format is memory-mapped; the legacy pickle is read whole
             for name in list(sd):
                 if name in skip or name.endswith(IGNORED_SUFFIXES):
+                    continue
+                if not mapped:  # already in RAM: hand each tensor over (re-reading would hold two copies)
+                    yield name, sd.pop(name)
                     continue
                 t = sd[name].clone()
                 done += t.numel() * t.element_size()

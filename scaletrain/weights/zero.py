@@ -85,6 +85,17 @@ def _read_range(pieces: list[torch.Tensor], start: int, count: int) -> list[torc
     return out
 
 
+def gather_fp32(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The pieces (views of memory-mapped shards) copied into one new fp32 tensor: one copy of the data in RAM,
+    and no view of a map survives (torch.cat then .float() then .clone() held up to three)."""
+    out = torch.empty(sum(p.numel() for p in pieces), dtype=torch.float32)
+    pos = 0
+    for p in pieces:
+        out[pos : pos + p.numel()].copy_(p.view(-1))
+        pos += p.numel()
+    return out
+
+
 class ZeroTag:
     """One checkpoint tag dir (`.../checkpoints/global_stepN`). `tied`: the model ties lm_head to the
     embedding (then lm_head.weight is not yielded)."""
@@ -192,7 +203,7 @@ class ZeroTag:
                     raise UserError(f"{self.dir}: optimizer shards are shorter than the parameters they hold; the checkpoint is damaged")
                 if self.tied and name == "lm_head.weight":
                     continue
-                t = torch.cat(parts).float().view(shape)
+                t = gather_fp32(parts).view(shape)
                 del parts  # keep no view of the map alive across the yield
                 yield name, self._count(t)
 
@@ -205,11 +216,11 @@ class ZeroTag:
             for f in self.optim_files:
                 pieces.extend(_read_range(list(self._load(f)["optimizer_state_dict"]["fp32_flat_groups"]), offset, part))
             offset += part
-            flat = torch.cat(pieces)  # a copy: no view of the maps survives
-            del pieces
-            if flat.numel() != part * self.world:
+            if sum(p.numel() for p in pieces) != part * self.world:
                 raise UserError(f"{self.dir}: ZeRO-3 shards are shorter than the parameters they hold; the checkpoint is damaged")
             if self.tied and name == "lm_head.weight":
                 continue
-            yield name, self._count(flat[:n].float().view(shape).clone())
+            flat = gather_fp32(pieces)  # one copy; the padding past n (under `world` elements) goes with it
+            del pieces
+            yield name, self._count(flat[:n].view(shape))
             del flat
