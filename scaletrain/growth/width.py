@@ -109,11 +109,11 @@ def zero_sum_noise(rows: int, in_map: DimMap, std: torch.Tensor, gen: torch.Gene
 
     Reading identical copies, (W/n + N_1) x + ... + (W/n + N_n) x == W x, so the forward stays exact while
     the copies' upstream gradients differ (HyperCloning's +N/-N, generalised to n copies)."""
-    z = torch.randn(rows, in_map.n_child, generator=gen) * std
+    z = torch.randn(rows, in_map.n_child, generator=gen).mul_(std)  # in place: a child-sized fp32 temporary less
     n, p = in_map.n_child, in_map.n_parent
     if n % p == 0 and torch.equal(in_map.src, torch.arange(n) % p):  # whole tiles (integer factors): same
         z = z.view(rows, n // p, p)                                   # result, without gathers (the hot path)
-        return (z - z.mean(dim=1, keepdim=True)).view(rows, n)
+        return z.sub_(z.mean(dim=1, keepdim=True)).view(rows, n)
     z = torch.where(in_map.copied, z, torch.zeros(()))
     src = in_map.src.clamp(min=0)
     sums = torch.zeros(rows, in_map.n_parent).index_add_(1, src[in_map.copied], z[:, in_map.copied])
