@@ -23,7 +23,7 @@ _E_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # lr=.inf: all steps skipped
 
     @field_validator("*", mode="before")
     @classmethod
@@ -103,7 +103,7 @@ class TrainConfig(_Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where matmuls run natively (train/precision.py)
-    seed: int = Field(1234, ge=0)
+    seed: int = Field(1234, ge=0, lt=2**63)  # torch.manual_seed overflowed past 2^64, after the data was prepared
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, ge=0)
     eval_batches: int = Field(8, gt=0)
@@ -237,6 +237,11 @@ class Config(_Section):
             raise ValueError(f"head size hidden_size/num_heads = {m.head_dim} must be even for RoPE; change model.num_heads")
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower it or raise model.max_seq_len")
+        if t.keep_every and (not t.save_every or t.keep_every % t.save_every):
+            raise ValueError(f"train.keep_every ({t.keep_every}) must be a multiple of train.save_every ({t.save_every}): "
+                             "milestones are kept among the checkpoints that are saved")
+        if t.early_stop_patience and self.data.val_fraction == 0:
+            raise ValueError("train.early_stop_patience needs a validation split: data.val_fraction is 0")
         if t.min_lr > t.lr:
             raise ValueError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
         if m.vocab_size > 2**31 - 1:
@@ -357,12 +362,31 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key written twice in one mapping is an error: YAML keeps the last silently, so a
+    second `model:` section at the end of a file replaced the first one whole (a different model trained)."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"'{key}' appears twice in one mapping (first at line {seen[key] + 1}); keep one", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p} (pass --config with an existing YAML file, e.g. configs/tiny.yaml)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

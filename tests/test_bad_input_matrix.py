@@ -279,6 +279,23 @@ def c_fp16_training_on_cpu(tmp, base):
     return train(tmp, "train.precision=fp16"), ("train.precision=fp16", "AVX512-FP16")
 
 
+def c_deepspeed_passthrough_typo(tmp, base):
+    """DeepSpeed's own config classes refused it inside deepspeed.initialize: a traceback on every rank."""
+    return train(tmp, "deepspeed.zero_optimization.overlap_com=true"), ("overlap_com", "deepspeed:")
+
+
+def c_config_key_twice(tmp, base):
+    """YAML keeps the last of two equal keys: a second model: section replaced the first whole, silently."""
+    _write(tmp / "twice.yaml", "model:\n  hidden_size: 128\ntrain:\n  max_steps: 2\nmodel:\n  num_layers: 3\n")
+    return ["plan", "--config", str(tmp / "twice.yaml")], ("'model' appears twice", "line 1")
+
+
+def c_grow_parent_after_set(tmp, base):
+    """`--set` takes every word after it, the parent dir too: the message said PARENT was missing."""
+    return ["grow", "--set", "model.num_layers=4", str(tmp / "run"), "--out", str(tmp / "child")], \
+        ("PARENT", "before --set")
+
+
 def c_plan_gpus_zero(tmp, base):
     return ["plan", "--config", TINY_YAML, "--gpus", "0"], ("--gpus", "at least 1")
 

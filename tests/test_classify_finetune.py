@@ -123,13 +123,14 @@ def test_two_rank_classification_finetune_learns_evaluates_exports(setup, tmp_pa
 
 @pytest.mark.slow
 def test_early_stopping_and_full_freeze(setup, tmp_path):
-    """Everything frozen: val loss cannot improve, so training stops `patience` evals after the first one,
-    with status early_stopped, and the weights are the parent's bit for bit."""
+    """Nothing learns (the head frozen, the body at lr 0; freezing every parameter is refused): val loss cannot
+    improve, so training stops `patience` evals after the first one, with status early_stopped, and the weights
+    are the parent's bit for bit."""
     s = setup
     run = tmp_path / "frozen"
     args = classify_args(s, run, "train.max_steps=40", "train.eval_every=2", "train.early_stop_patience=2",
                          "train.early_stop_metric=val/loss", "train.precision=fp32",
-                         "train.freeze=[embeddings, layers.0-1, norm, head]")
+                         "train.freeze=[head]", "train.body_lr_scale=0")
     proc = run_training(1, args)
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "early_stopped" and status["step"] == 6, status

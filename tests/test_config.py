@@ -294,3 +294,34 @@ def test_whole_numbers_in_e_notation_and_an_empty_run_dir():
         with pytest.raises(UserError) as exc:
             load_config(None, [bad])
         assert needle in str(exc.value) and "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("sets, words", [
+    (["train.lr=.inf"], "finite number"),  # every step skipped, and the run "finished"
+    (["model.rope_theta=.nan"], "finite number"),
+    (["train.seed=18446744073709551616"], "train.seed"),  # torch.manual_seed overflowed after data preparation
+    (["train.keep_every=3", "train.save_every=2"], "multiple of train.save_every"),  # milestone 3 was never saved
+    (["train.keep_every=4", "train.save_every=0"], "multiple of train.save_every"),
+    (["train.early_stop_patience=2", "data.val_fraction=0"], "needs a validation split"),  # stopped nothing, silently
+    (["train.freeze=[embeddings,layers.0-3,norm]"], "covers every parameter"),  # tiny.yaml ties: the head too
+])
+def test_settings_that_trained_something_else_silently_are_refused(sets, words):
+    with pytest.raises(UserError, match=words):
+        load_config("configs/tiny.yaml", sets)
+
+
+def test_a_key_written_twice_in_a_config_file_is_refused(tmp_path):
+    """YAML keeps the last of two equal keys: a `model:` section appended at the end replaced the whole first one."""
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  hidden_size: 768\n  num_heads: 12\ntrain:\n  max_steps: 10\nmodel:\n  num_layers: 16\n")
+    with pytest.raises(UserError, match="'model' appears twice in one mapping \\(first at line 1\\)"):
+        load_config(str(p), [])
+    assert load_config("configs/tiny.yaml", ["train.freeze=[embeddings,layers.0-2,norm]"]).train.freeze  # one layer left
+
+
+def test_growing_a_model_without_rope_allows_an_odd_head_size():
+    """The even head size is RoPE's need (it rotates pairs); a NoPE or ALiBi model with head size 15 trains, and
+    its growth schedule was refused all the same."""
+    cfg = load_config("configs/tiny.yaml", ["model.position=none", "model.hidden_size=60", "model.num_heads=4",
+                                            "model.num_kv_heads=2", "growth.schedule=[{at_step: 10, set: {model.num_layers: 6}}]"])
+    assert cfg.growth.schedule[0].at_step == 10

@@ -50,7 +50,7 @@ def child_model_config(parent: ModelConfig, overrides: dict[str, Any]) -> ModelC
         if not err["loc"]:  # a check across fields (label_names against num_labels)
             raise UserError(f"child model: {err['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"model.{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})") from None
-    if m.hidden_size % m.num_heads == 0 and m.head_dim % 2:
+    if m.hidden_size % m.num_heads == 0 and m.head_dim % 2 and m.position == "rope":
         raise UserError(f"child head size hidden_size/num_heads = {m.head_dim} must be even for RoPE")
     return m
 

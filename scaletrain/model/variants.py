@@ -64,11 +64,18 @@ def check_task(cfg) -> None:
         raise ValueError(f"train.early_stop_metric={metric} needs train.task=classify (use val/loss)")
     if t.early_stop_patience and not t.eval_every:
         raise ValueError("train.early_stop_patience needs validation: set train.eval_every > 0")
+    parts = []
     for item in t.freeze:
-        parse_freeze_item(item, m.num_layers)
+        parts.append(parse_freeze_item(item, m.num_layers))
         if str(item).strip() == "head" and m.tie_word_embeddings and not m.num_labels:  # (nothing would be frozen)
             raise ValueError("train.freeze: 'head' is the embedding matrix when model.tie_word_embeddings is true; "
                              "freeze 'embeddings' (which freezes the head with it) or untie the embeddings")
+    names = {name for name, _ in parts}
+    layers = {i for _, r in parts if r is not None for i in r}
+    head_frozen = "head" in names or (m.tie_word_embeddings and not m.num_labels and "embeddings" in names)
+    if {"embeddings", "norm"} <= names and len(layers) == m.num_layers and head_frozen:
+        raise ValueError(f"train.freeze {list(t.freeze)} covers every parameter: nothing would train (grad 0 every step); "
+                         "leave some layers, the norm or the head out of it")
 
 
 def parse_freeze_item(item: str, num_layers: int) -> tuple[str, range | None]:

@@ -33,3 +33,25 @@ def build_model(shape: LlamaShape, cfg: Config, pad_id: int = 2) -> LlamaForCaus
     model = classify.build_model(shape, loss_chunk=cfg.train.loss_chunk, pad_id=pad_id)
     use_fused_ops(model, cfg.model.fused_ops, cuda=torch.cuda.is_available())
     return compile_model(model) if cfg.train.compile else model
+
+
+def check_deepspeed_passthrough(cfg: Config) -> None:
+    """The `deepspeed:` mapping through DeepSpeed's own config classes before anything is written: a typo or a
+    wrong type there failed inside deepspeed.initialize, with a traceback on every rank, after data and model
+    were built. (World size 1 here: batch sizes are scaletrain's, checked already.)"""
+    if not cfg.deepspeed:
+        return
+    from pydantic import ValidationError
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from scaletrain.config import deepspeed_config
+    from scaletrain.errors import UserError
+
+    try:
+        DeepSpeedConfig(deepspeed_config(cfg, 1))
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise UserError(f"deepspeed: DeepSpeed refuses {where!r} in {e.title} ({err['msg']}, got {err.get('input')!r}); fix "
+                        "or remove that entry of the deepspeed: mapping") from None
+

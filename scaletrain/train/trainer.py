@@ -30,7 +30,7 @@ from scaletrain.train import checkpoint, finetune, init_from, precision
 from scaletrain.train.distributed import (all_reduce_sum, any_rank, collectives_status, launcher_rank, main_rank_does,
                                           barrier, setup, shutdown)
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
-from scaletrain.train.build import build_model, build_optimizer
+from scaletrain.train.build import build_model, build_optimizer, check_deepspeed_passthrough
 from scaletrain.plan import check_fits
 from scaletrain.train import resume
 from scaletrain.train.guard import StepGuard
@@ -51,6 +51,7 @@ class Trainer:
         asked = cfg.train.precision
         cfg, self.precision_note = precision.resolve(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = cfg
+        check_deepspeed_passthrough(cfg)  # the deepspeed: mapping, through DeepSpeed's own config classes
         self.run = RunDir(cfg.run.dir)
         self.run.preflight(cfg)
         resolve_source(cfg.data.source, cfg.data.text_field)  # missing/empty data fails before DeepSpeed starts
@@ -92,6 +93,9 @@ class Trainer:
         self.train_stream = cache.stream("train", t.seq_len, t.seed)  # packed text or one example per window
         self.val_stream = cache.stream("val", t.seq_len, t.seed, required=False)
         finetune.check_labels(cfg, self.train_stream, self.val_stream)
+        if self.val_stream is None and t.eval_every:  # (a split too small for one window, or val_fraction 0)
+            self.log(f"warning: no validation split (data.val_fraction={cfg.data.val_fraction} gave less than one "
+                     f"train.seq_len={t.seq_len} window): train.eval_every={t.eval_every} evaluates nothing")
         for stream in (self.train_stream, self.val_stream):  # prompt/completion examples that do not fit the window
             note = getattr(stream, "fit_note", lambda: None)()
             if note:
