@@ -16,7 +16,8 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line (and still exit code 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        if "arguments are required" in message and "--set" in sys.argv:  # --set KEY=VALUE... takes the words after it
+        missing = message.partition("arguments are required: ")[2].split(", ")
+        if "--set" in sys.argv and any(m and not m.startswith("-") for m in missing):  # --set takes the words after it
             message += " (--set takes every word after it: put positional arguments before --set)"
         sys.stderr.write(f"error: {self.prog}: {message} (see {self.prog} --help)\n")
         sys.exit(2)

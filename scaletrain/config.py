@@ -103,7 +103,7 @@ class TrainConfig(_Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where matmuls run natively (train/precision.py)
-    seed: int = Field(1234, ge=0, lt=2**63)  # torch.manual_seed overflowed past 2^64, after the data was prepared
+    seed: int = Field(1234, ge=0, lt=2**64)  # torch.manual_seed overflowed past it, after the data was prepared
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, ge=0)
     eval_batches: int = Field(8, gt=0)
@@ -237,11 +237,6 @@ class Config(_Section):
             raise ValueError(f"head size hidden_size/num_heads = {m.head_dim} must be even for RoPE; change model.num_heads")
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower it or raise model.max_seq_len")
-        if t.keep_every and (not t.save_every or t.keep_every % t.save_every):
-            raise ValueError(f"train.keep_every ({t.keep_every}) must be a multiple of train.save_every ({t.save_every}): "
-                             "milestones are kept among the checkpoints that are saved")
-        if t.early_stop_patience and self.data.val_fraction == 0:
-            raise ValueError("train.early_stop_patience needs a validation split: data.val_fraction is 0")
         if t.min_lr > t.lr:
             raise ValueError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
         if m.vocab_size > 2**31 - 1:
@@ -370,7 +365,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden, as YAML says
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(None, None, "a key must be a plain value (not a list or mapping)",
+                                                    key_node.start_mark) from None
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None, f"'{key}' appears twice in one mapping (first at line {seen[key] + 1}); keep one", key_node.start_mark)
@@ -408,10 +410,30 @@ def build_config(tree: dict) -> Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read YAML (or defaults when path is None), apply `--set` overrides, validate."""
+    """Read YAML (or defaults when path is None), apply `--set` overrides, validate (a config to run with: the
+    settings that would quietly do something else are refused too)."""
     tree = read_yaml(path) if path is not None else {}
     tree = deep_merge(tree, parse_overrides(overrides or []))
-    return build_config(tree)
+    cfg = build_config(tree)
+    try:
+        check_settings_to_run(cfg)
+    except ValueError as e:
+        raise UserError(f"config: {e}") from None
+    return cfg
+
+
+def check_settings_to_run(cfg: Config) -> None:
+    """Rules for the configs users give, not for those saved with runs and checkpoints (build_config reads those:
+    a run that trained under older rules must still resume, evaluate and export)."""
+    t = cfg.train
+    if t.keep_every and (not t.save_every or t.keep_every % t.save_every):
+        raise ValueError(f"train.keep_every ({t.keep_every}) must be a multiple of train.save_every ({t.save_every}): "
+                         "milestones are kept among the checkpoints that are saved")
+    if t.early_stop_patience and cfg.data.val_fraction == 0:
+        raise ValueError("train.early_stop_patience needs a validation split: data.val_fraction is 0")
+    from scaletrain.model.variants import check_freeze_leaves_something
+
+    check_freeze_leaves_something(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -325,3 +325,26 @@ def test_growing_a_model_without_rope_allows_an_odd_head_size():
     cfg = load_config("configs/tiny.yaml", ["model.position=none", "model.hidden_size=60", "model.num_heads=4",
                                             "model.num_kv_heads=2", "growth.schedule=[{at_step: 10, set: {model.num_layers: 6}}]"])
     assert cfg.growth.schedule[0].at_step == 10
+
+
+def test_saved_configs_keep_loading_under_the_newer_rules(tmp_path):
+    """The rules for configs users give (keep_every on the save grid, ...) are not applied to a run's saved
+    config.yaml: a run that trained before them must still resume, evaluate and export."""
+    cfg = load_config("configs/tiny.yaml", [])
+    tree = cfg.to_dict()
+    tree["train"].update(save_every=100, keep_every=250, early_stop_patience=2)
+    tree["data"]["val_fraction"] = 0.0
+    assert build_config(tree).train.keep_every == 250
+    p = tmp_path / "old.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    with pytest.raises(UserError, match="multiple of train.save_every"):
+        load_config(str(p), [])  # given again as a config to run with: told what to fix
+
+
+def test_yaml_merge_keys_still_work_and_may_be_overridden(tmp_path):
+    p = tmp_path / "m.yaml"
+    p.write_text("growth:\n  schedule:\n    - &grow {at_step: 100, depth_method: stack, set: {model.num_layers: 6}}\n"
+                 "    - <<: *grow\n      at_step: 200\n      set: {model.num_layers: 8}\n")
+    stages = load_config(str(p), []).growth.schedule
+    assert [(s.at_step, s.depth_method, s.set) for s in stages] == [(100, "stack", {"model.num_layers": 6}),
+                                                                   (200, "stack", {"model.num_layers": 8})]

@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
     if src.config is not None and src.config.data.doc_mask:  # evaluated as it was trained: within documents
         doc_eos = tok.eos_id if args.data else int(training_cache(src).meta["eos_id"])
     res = evaluate(model, _limited(batches, args.max_batches), doc_eos)
+    if args.max_batches:
+        res["max_batches"] = args.max_batches  # a partial score says so
     if args.json:
         print(json.dumps(res))
     else:
@@ -60,11 +62,14 @@ def _classifier(args, model, tok, src, seq_len: int) -> int:
     else:
         batches = val_batches(src, seq_len, args.batch_size)
     res = evaluate_classifier(model, _limited(batches, args.max_batches), src.model.num_labels)
+    if args.max_batches:
+        res["max_batches"] = args.max_batches
     if args.json:
         print(json.dumps(res))
     else:
+        first = f" (the first {args.max_batches} batches)" if args.max_batches else ""
         print(f"{args.data or 'the run' + chr(39) + 's val split'}: accuracy {res['accuracy']:.4f} | macro-F1 {res['f1']:.4f} | "
-              f"loss {res['loss']:.4f} | {res['examples']:,} examples")
+              f"loss {res['loss']:.4f} | {res['examples']:,} examples{first}")
     return 0
 
 

@@ -89,7 +89,8 @@ def resolve_source(source: str, text_field: str = "text") -> Source:
     if p.is_dir():
         files = sorted(q for q in p.rglob("*") if q.is_file())
         matches = [q for q in files if q.suffix in SUPPORTED]
-        skipped = [q for q in files if q.suffix not in SUPPORTED and not q.name.startswith(".")]  # (.DS_Store, ...)
+        skipped = [q for q in files if q.suffix not in SUPPORTED  # not .DS_Store, .git/objects/..., .cache/...
+                   and not any(part.startswith(".") for part in q.relative_to(p).parts)]
     else:
         matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
     if not matches:

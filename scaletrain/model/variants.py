@@ -64,12 +64,17 @@ def check_task(cfg) -> None:
         raise ValueError(f"train.early_stop_metric={metric} needs train.task=classify (use val/loss)")
     if t.early_stop_patience and not t.eval_every:
         raise ValueError("train.early_stop_patience needs validation: set train.eval_every > 0")
-    parts = []
     for item in t.freeze:
-        parts.append(parse_freeze_item(item, m.num_layers))
+        parse_freeze_item(item, m.num_layers)
         if str(item).strip() == "head" and m.tie_word_embeddings and not m.num_labels:  # (nothing would be frozen)
             raise ValueError("train.freeze: 'head' is the embedding matrix when model.tie_word_embeddings is true; "
                              "freeze 'embeddings' (which freezes the head with it) or untie the embeddings")
+
+
+def check_freeze_leaves_something(cfg) -> None:
+    """A freeze of every parameter trains nothing (grad 0 every step), yet saved checkpoints and exited 0."""
+    m, t = cfg.model, cfg.train
+    parts = [parse_freeze_item(item, m.num_layers) for item in t.freeze]
     names = {name for name, _ in parts}
     layers = {i for _, r in parts if r is not None for i in r}
     head_frozen = "head" in names or (m.tie_word_embeddings and not m.num_labels and "embeddings" in names)

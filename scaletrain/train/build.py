@@ -41,17 +41,24 @@ def check_deepspeed_passthrough(cfg: Config) -> None:
     were built. (World size 1 here: batch sizes are scaletrain's, checked already.)"""
     if not cfg.deepspeed:
         return
+    import os
+
+    if not torch.cuda.is_available():  # as distributed.setup does before DeepSpeed picks (and caches) an accelerator
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from pydantic import ValidationError
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from scaletrain.config import deepspeed_config
     from scaletrain.errors import UserError
 
+    fix = "fix or remove that entry of the deepspeed: mapping"
     try:
         DeepSpeedConfig(deepspeed_config(cfg, 1))
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
-        raise UserError(f"deepspeed: DeepSpeed refuses {where!r} in {e.title} ({err['msg']}, got {err.get('input')!r}); fix "
-                        "or remove that entry of the deepspeed: mapping") from None
+        raise UserError(f"deepspeed: DeepSpeed refuses {where!r} in {e.title} ({err['msg']}, got {err.get('input')!r}); {fix}") from None
+    except Exception as e:  # noqa: BLE001 - DeepSpeedConfigError, its asserts, a str where it reads a mapping, ...
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"deepspeed: DeepSpeed refuses the deepspeed: mapping ({type(e).__name__}: {msg}); {fix}") from None
 
