@@ -103,7 +103,7 @@ class TrainConfig(_Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where matmuls run natively (train/precision.py)
-    seed: int = Field(1234, ge=0, lt=2**64)  # torch.manual_seed overflowed past it, after the data was prepared
+    seed: int = Field(1234, ge=0, lt=2**63)  # 2^64 overflowed torch.manual_seed after data preparation; headroom for seed + rank
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(100, ge=0)
     eval_batches: int = Field(8, gt=0)
