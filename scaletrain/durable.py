@@ -51,7 +51,7 @@ def abandoned_temps(final: Path, quiet_s: float = 3600) -> list[Path]:
     host, found = socket.gethostname(), []
     for p in final.parent.glob(f"{glob.escape(f'.{final.name}.tmp-')}*"):
         writer, _, pid = p.name[len(f".{final.name}.tmp-"):].rpartition("-")[0].rpartition("-")
-        if writer == host and pid.isdigit() and not _alive(int(pid)) and _quiet_for(p, quiet_s):
+        if writer == host and pid.isdigit() and not pid_alive(int(pid)) and _quiet_for(p, quiet_s):
             found.append(p)
     return found
 
@@ -67,14 +67,21 @@ def _quiet_for(path: Path, seconds: float) -> bool:
     return time.time() - newest > seconds
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs here: a zombie (exited, not yet reaped by its parent) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
         return False
-    except PermissionError:  # someone else's process
+    except OSError:  # no /proc: ask the kernel, which counts zombies as alive
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, another user's
+            pass
         return True
-    return True
 
 
 def temp_dir_beside(final: Path) -> Path:

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from scaletrain.durable import pid_alive
+
 BACKEND = "scaletrain_shm"
 # Per rank. 1, 4 and 16 MiB timed alike (5.3 M bf16 gradients in 3 pieces or 1); small keeps each group's
 # segment small (Docker's default /dev/shm is 64 MB, DeepSpeed makes 2 groups).
@@ -136,7 +138,7 @@ class ShmProcessGroup(dist.ProcessGroup):
 
     def _check_late(self, timed_out: bool) -> None:
         late = [j for j in range(self._world) if self._flags[j] < self._seq]
-        gone = [j for j in late if self._pids and not _alive(self._pids[j])]
+        gone = [j for j in late if self._pids and not pid_alive(self._pids[j])]
         if gone:  # (gloo would have seen its socket close)
             raise RuntimeError(f"shared-memory collective: rank(s) {gone} exited before joining it")
         if timed_out:
@@ -306,23 +308,6 @@ for _name, _gloo_name in _TO_GLOO.items():
 
 def segment_bytes(world: int) -> int:
     return HEADER_BYTES + world * (FLAG_BYTES + SLOT_BYTES)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` still runs: an exited rank stays a zombie until its launcher reaps it."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel, which counts zombies as alive
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # exists, another user's
-            pass
-        return True
 
 
 def _create(store: dist.Store, rank: int, world: int, timeout: timedelta):
