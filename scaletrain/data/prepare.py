@@ -217,8 +217,9 @@ def _move_to_val(out: Path, dtype: str, segments: list[tuple[int, int]], counts:
 
 def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
     t0 = time.time()
-    if src.skipped_note():  # said once, when the cache is built
-        print(src.skipped_note(), flush=True)
+    note = src.skipped_note()
+    if note:  # said once, when the cache is built
+        print(note, flush=True)
     vocab = cfg.model.vocab_size
     tok_path = out / "tokenizer.model"
     if cfg.data.tokenizer and Path(os.path.expanduser(cfg.data.tokenizer)).is_dir():  # an HF tokenizer, kept as is

@@ -162,9 +162,7 @@ def _saved_dataset_rows(path: Path, columns: list[str] | None = None) -> Iterato
                             "the split's own directory")
         path, ds = path / "train", ds["train"]
     ds = ds.with_format(None)  # saved after set_format("numpy"/"torch"): rows of Python values, as files give
-    missing = [c for c in columns or [] if c not in ds.column_names]
-    if missing:
-        raise UserError(f"{path} has no '{missing[0]}' column (columns: {', '.join(ds.column_names)}); set data.text_field")
+    _require_columns(path, ds.column_names, columns)
     i = 0
     for batch in (ds.select_columns(columns) if columns else ds).iter(batch_size=256):
         for row in (dict(zip(batch, values)) for values in zip(*batch.values())):
@@ -191,6 +189,12 @@ def iter_documents(src: Source) -> Iterator[tuple[str, str]]:
                 yield f"{path}#{i}", text
 
 
+def _require_columns(path: Path, names: list[str], columns: list[str] | None) -> None:
+    missing = [c for c in columns or [] if c not in names]
+    if missing:
+        raise UserError(f"{path} has no '{missing[0]}' column (columns: {', '.join(names)}); set data.text_field")
+
+
 def _parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[str, dict]]:
     """(where, row) of a parquet file, a batch at a time (pyarrow, memory-mapped: no copy in any cache)."""
     import pyarrow.parquet as pq
@@ -202,10 +206,7 @@ def _parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[tupl
         pf = pq.ParquetFile(path, memory_map=True)
     except Exception as e:  # noqa: BLE001
         raise unreadable(e) from None
-    names = pf.schema_arrow.names
-    missing = [c for c in columns or [] if c not in names]
-    if missing:
-        raise UserError(f"{path} has no '{missing[0]}' column (columns: {', '.join(names)}); set data.text_field")
+    _require_columns(path, pf.schema_arrow.names, columns)
     i = 0
     try:
         for batch in pf.iter_batches(batch_size=256, columns=columns):
