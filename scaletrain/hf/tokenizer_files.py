@@ -15,7 +15,7 @@ import json
 import shutil
 from pathlib import Path
 
-from scaletrain.data.hf_tokenizer import PROBE, copy_tokenizer_files  # noqa: F401 - PROBE: the export's check
+from scaletrain.data.hf_tokenizer import PROBE, copy_tokenizer_files
 from scaletrain.errors import UserError
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6

@@ -41,10 +41,9 @@ def check_deepspeed_passthrough(cfg: Config) -> None:
     were built. (World size 1 here: batch sizes are scaletrain's, checked already.)"""
     if not cfg.deepspeed:
         return
-    import os
+    from scaletrain.train.distributed import use_cpu_accelerator_without_cuda
 
-    if not torch.cuda.is_available():  # as distributed.setup does before DeepSpeed picks (and caches) an accelerator
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_cpu_accelerator_without_cuda()  # before this first import of DeepSpeed, as setup() does
     from pydantic import ValidationError
     from deepspeed.runtime.config import DeepSpeedConfig
 

@@ -37,6 +37,13 @@ def launcher_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
 
 
+def use_cpu_accelerator_without_cuda() -> None:
+    """Before DeepSpeed is first imported: without CUDA it is the CPU accelerator (DeepSpeed's own detection picks
+    and caches one at import, warning on every rank, and could choose xpu/mps)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def setup(threads: int = 0) -> Dist:
     """Initialise torch.distributed through DeepSpeed (gloo + shared memory on CPU, nccl on CUDA).
 
@@ -57,8 +64,7 @@ def setup(threads: int = 0) -> Dist:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    use_cpu_accelerator_without_cuda()
     # DeepSpeed 0.19 gathers ZeRO partitions with the name torch 2.13 deprecated (same operation): a warning
     # on every rank that no user of ours can act on
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
