@@ -33,6 +33,10 @@ class WindowStream:
         self._perm_epoch = -1
         self._perm: np.ndarray | None = None
 
+    def fit_note(self) -> str | None:
+        """A line for the log when some of the split does not fit the window (packed text always does)."""
+        return None
+
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)

@@ -96,9 +96,8 @@ class Trainer:
         if self.val_stream is None and t.eval_every:  # (a split too small for one window, or val_fraction 0)
             self.log(f"warning: no validation split (data.val_fraction={cfg.data.val_fraction} gave less than one "
                      f"train.seq_len={t.seq_len} window): train.eval_every={t.eval_every} evaluates nothing")
-        for stream in (self.train_stream, self.val_stream):  # prompt/completion examples that do not fit the window
-            note = getattr(stream, "fit_note", lambda: None)()
-            if note:
+        for note in (s.fit_note() for s in (self.train_stream, self.val_stream) if s is not None):
+            if note:  # prompt/completion examples that do not fit the window
                 self.log(note)
         self.last_val_loss: float | None = None
         self.ds_config = deepspeed_config(cfg, self.dist.world)
