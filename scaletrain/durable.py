@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import os
 import secrets
+import shutil
 import socket
 from pathlib import Path
 
@@ -41,6 +42,14 @@ def publish_dir(tmp: Path, final: Path) -> None:
 
 def _temp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_matching(root: Path, patterns: tuple[str, ...]) -> None:
+    """Delete what the glob `patterns` match under `root`, files and directories alike (the leftovers of writes a
+    kill interrupted; only for names no live writer can be using)."""
+    for pattern in patterns:
+        for p in Path(root).glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def abandoned_temps(final: Path, quiet_s: float = 3600) -> list[Path]:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from scaletrain import __version__
-from scaletrain.durable import fsync_dir, write_text_atomic
+from scaletrain.durable import fsync_dir, remove_matching, write_text_atomic
 from scaletrain.train import rng
 from scaletrain.train.disk_space import check_before_save, num_params
 from scaletrain.train.distributed import Dist, barrier, main_rank_does
@@ -231,9 +231,7 @@ def prune(root: Path, keep_last: int, keep_every: int = 0, protect: Optional[str
 
 def remove_leftovers(root: Path) -> None:
     """Temp dirs and files of saves, prunes and atomic writes that a kill interrupted."""
-    for pattern in (".tmp-global_step*", ".old-global_step*", ".del-global_step*", ".latest.tmp-*"):
-        for p in root.glob(pattern):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    remove_matching(root, (".tmp-global_step*", ".old-global_step*", ".del-global_step*", ".latest.tmp-*"))
 
 
 def load(engine, root: Path, tag: str, dist: Dist) -> dict:

@@ -28,7 +28,7 @@ import yaml
 from scaletrain.config import Config, build_config
 from scaletrain.errors import UserError
 from scaletrain.growth.schedule import stage_models
-from scaletrain.durable import write_text_atomic
+from scaletrain.durable import remove_matching, write_text_atomic
 
 
 def launch_info() -> dict:
@@ -105,9 +105,7 @@ class RunDir:
 
     def remove_stale_temp_files(self) -> None:
         """Rank 0, holding the run lock: no other writer of these files can be alive."""
-        for pattern in self.STALE_TEMP_FILES:
-            for f in self.path.glob(pattern):
-                f.unlink(missing_ok=True)
+        remove_matching(self.path, self.STALE_TEMP_FILES)
 
     def write_start(self, cfg: Config, ds_config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
