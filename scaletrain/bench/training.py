@@ -23,6 +23,7 @@ import torch.distributed as tdist
 
 from scaletrain.bench.models import build_ours, build_peer, step_fn
 from scaletrain.config import Config, build_config
+from scaletrain.train.disk_space import num_params
 from scaletrain.train.distributed import Dist, all_reduce_sum, barrier, collectives_status
 from scaletrain.train.metrics import flops_per_token, measure_peak_flops, nominal_peak_flops
 from scaletrain.model.llama import LlamaShape
@@ -59,11 +60,6 @@ def _sync(dist: Dist) -> None:
 def _peak(dtype: torch.dtype, dist: Dist) -> float:
     barrier()  # all ranks measure at once: they share the machine the way training does
     return all_reduce_sum([measure_peak_flops(dtype, dist.device)])[0]
-
-
-def _params(engine) -> int:
-    """Parameters of a contestant's model as built (ZeRO-3 partitions them: ds_numel is the full count)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
 
 
 def _slowest(value: float) -> float:
@@ -121,7 +117,7 @@ def timing_job(dist: Dist, spec: dict) -> dict:
             step_s = _slowest(statistics.median(ts))
             tps = tokens_per_step / step_s
             out[kind] = {"tokens_per_sec": round(tps, 1), "step_time_s": round(step_s, 6), "mfu": _sig(tps * fpt / peak),
-                         "params": _params(engines[kind]),
+                         "params": num_params(engines[kind].module),  # as built (ZeRO-3: whole, not a partition)
                          "step_times_s": [round(t, 4) for t in ts], "last_loss": round(losses[kind], 4)}
             if nominal:
                 out[kind]["mfu_vs_nominal"] = _sig(tps * fpt / out["nominal_peak_flops"])
