@@ -9,18 +9,15 @@ import copy
 import difflib
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from scaletrain.config_file import read_yaml
+from scaletrain.config_file import parse_scalar, read_yaml
 from scaletrain.errors import UserError
-
-
-_E_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 class _Section(BaseModel):
@@ -28,12 +25,14 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _whole_numbers_in_e_notation(cls, value: Any, info: ValidationInfo) -> Any:
-        """PyYAML reads `5e7` (no dot) as a string: where a whole number is expected, it is one."""
-        if isinstance(value, str) and _E_NUMBER.fullmatch(value.strip()):
-            if cls.model_fields[info.field_name].annotation in (int, Optional[int]) and float(value).is_integer():
-                return int(float(value))
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads `max_steps: true` as 1; a number written as true/false is a mistake, not a number."""
+        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
+            raise PydanticCustomError("number_type", "expects a number, not true/false")
         return value
+
+
+_NUMBERS = (int, float, Optional[int], Optional[float])
 
 
 class RunConfig(_Section):
@@ -198,19 +197,6 @@ class Config(_Section):
     growth: GrowthConfig = GrowthConfig()
     deepspeed: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("deepspeed", mode="before")
-    @classmethod
-    def _numbers_in_deepspeed(cls, value: Any) -> Any:
-        """`5e7` in YAML is a string: DeepSpeed's own config refuses it where a number belongs."""
-        if isinstance(value, dict):
-            return {k: cls._numbers_in_deepspeed(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [cls._numbers_in_deepspeed(v) for v in value]
-        if isinstance(value, str) and _E_NUMBER.fullmatch(value.strip()):
-            number = float(value)
-            return int(number) if number.is_integer() else number
-        return value
-
     @model_validator(mode="after")
     def _check_deepspeed(self) -> "Config":
         """The `deepspeed:` mapping may add anything DeepSpeed reads, but not a value scaletrain sets from its own
@@ -341,7 +327,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not key or any(not p for p in key.split(".")):
             raise UserError(f"--set has an empty key in '{pair}'")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = parse_scalar(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         _set_dotted(tree, key, value)

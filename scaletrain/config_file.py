@@ -1,8 +1,15 @@
-"""Reading a config file: YAML, safely, with a key written twice refused (YAML itself keeps the last one)."""
+"""Reading a config file: YAML, safely, with YAML 1.2's plain scalars and a key written twice refused.
+
+PyYAML follows YAML 1.1, where `seed: 0100` is octal 64, `name: no` is false, `1:30` is 90 and `2026-12-07` a
+date; a config means what it shows, so plain scalars resolve as YAML 1.2's core schema says: ints in decimal
+(or `0o`/`0x`), `true`/`false` only, everything else not a number is a string.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -34,13 +41,39 @@ def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
+_BOOL, _INT, _FLOAT, _TIME = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "timestamp"))
+_UniqueKeyLoader.yaml_implicit_resolvers = {  # PyYAML's own resolvers, less the YAML 1.1 scalars replaced below
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT, _TIME)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+# Underscores between digits stay allowed (`1_000_000`), as PyYAML allowed them.
+_UniqueKeyLoader.add_implicit_resolver(
+    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_UniqueKeyLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
+def _int_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    base = {"0o": 8, "0x": 16}.get(text[:2], 10)
+    return int(text[2:] if base != 10 else text, base)  # decimal keeps leading zeros decimal: 0100 is 100
+
+
+_UniqueKeyLoader.add_constructor(_INT, _int_yaml12)
+
+
+def parse_scalar(raw: str) -> Any:
+    """A `--set key=value` value, read as the same value would be in a config file."""
+    return yaml.load(raw, Loader=_UniqueKeyLoader)
+
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p} (pass --config with an existing YAML file, e.g. configs/tiny.yaml)")
     try:
-        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)
+        data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

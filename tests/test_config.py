@@ -91,7 +91,7 @@ def test_nested_override_into_deepspeed_mapping():
     assert tree == {"deepspeed": {"zero_optimization": {"stage": 3}, "steps_per_print": 7}, "model": {"num_layers": 2}}
     cfg = load_config(None, ["deepspeed.zero_optimization.round_robin_gradients=true", "deepspeed.flops_profiler.enabled=true"])
     assert cfg.deepspeed == {"zero_optimization": {"round_robin_gradients": True}, "flops_profiler": {"enabled": True}}
-    # PyYAML reads 5e7 (no dot) as a string; DeepSpeed's pydantic config would refuse it deep inside initialize
+    # PyYAML (YAML 1.1) read 5e7 (no dot) as a string, which DeepSpeed's pydantic config refused deep inside initialize
     cfg = load_config(None, ["deepspeed.zero_optimization.stage3_prefetch_bucket_size=5e7", "deepspeed.x=[2.5e-1]"])
     assert cfg.deepspeed == {"zero_optimization": {"stage3_prefetch_bucket_size": 50_000_000}, "x": [0.25]}
     with pytest.raises(UserError, match="deepspeed.zero_optimization must be a mapping"):
@@ -286,8 +286,8 @@ def test_ds_user_mapping_merged_last(tmp_path):
 
 
 def test_whole_numbers_in_e_notation_and_an_empty_run_dir():
-    """PyYAML reads 5e7 as a string; where the key is a whole number it is 50,000,000 (as the README writes
-    it). 5.5e0 is not whole: refused. An empty run.dir (an unset shell variable) would train into the cwd."""
+    """5e7 is a number (PyYAML alone reads it as a string); where the key is a whole number it is 50,000,000
+    (as the README writes it). 5.5e0 is not whole: refused. An empty run.dir (an unset shell variable) would train into the cwd."""
     cfg = load_config(None, ["zero.reduce_bucket_size=5e7", "train.max_steps=1e3", "model.attention_window=1E2"])
     assert (cfg.zero.reduce_bucket_size, cfg.train.max_steps, cfg.model.attention_window) == (50_000_000, 1000, 100)
     for bad, needle in [("zero.reduce_bucket_size=5.5e0", "zero.reduce_bucket_size"), ("run.dir=", "run.dir")]:
@@ -348,3 +348,19 @@ def test_yaml_merge_keys_still_work_and_may_be_overridden(tmp_path):
     stages = load_config(str(p), []).growth.schedule
     assert [(s.at_step, s.depth_method, s.set) for s in stages] == [(100, "stack", {"model.num_layers": 6}),
                                                                    (200, "stack", {"model.num_layers": 8})]
+
+
+def test_plain_scalars_mean_what_they_show(tmp_path):
+    """YAML 1.2's core schema, not PyYAML's 1.1: 0100 is not octal 64, `no` is not false, 1:30 is not 90 and a
+    date stays a name; and a number written true/false is refused, not read as 1."""
+    cfg = load_config(None, ["train.max_steps=0100", "run.dir=no", "train.seed=1_000", "train.lr=3e-4"])
+    assert (cfg.train.max_steps, cfg.run.dir, cfg.train.seed, cfg.train.lr) == (100, "no", 1000, 3e-4)
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  dir: 2026-12-07\ntrain:\n  max_steps: 0o17\n  compile: true\n")
+    cfg = load_config(f)
+    assert (cfg.run.dir, cfg.train.max_steps, cfg.train.compile) == ("2026-12-07", 15, True)
+    assert parse_overrides(["a.b=1:30", "a.c=off", "a.d=.5", "a.e=null"])["a"] == {"b": "1:30", "c": "off", "d": 0.5, "e": None}
+    for bad in ["train.max_steps=true", "train.lr=false"]:
+        with pytest.raises(UserError) as exc:
+            load_config(None, [bad])
+        assert bad.split("=")[0] in str(exc.value) and "true/false" in str(exc.value), exc.value
