@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from scaletrain.errors import UserError
-from scaletrain.growth import GrowthPlan, GrowthSpec, grow_state_dict
+from scaletrain.growth import GrowthPlan, GrowthSpec, grow_state_dict, width
 from scaletrain.growth.optimizer_state import grow_moments, moment_tensor
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 
@@ -110,7 +112,10 @@ def test_gqa_trap_is_detected():
 @pytest.mark.parametrize("method", ["zero", "copy"])
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("noise", [0.0, 0.2])
-def test_non_integer_width_exact(method, tied, noise):
+@pytest.mark.parametrize("block", [None, 250])  # 250 elements: each tensor in many row blocks, some ragged
+def test_non_integer_width_exact(method, tied, noise, block, monkeypatch):
+    if block:
+        monkeypatch.setattr(width, "_BLOCK_ELEMENTS", block)
     p = shape(96, 6, 2, 160, 2, tied)
     c = dataclasses.replace(p, hidden_size=144, num_heads=9, num_kv_heads=3, intermediate_size=250, num_layers=3)
     parent, child, sd = grow(p, c, GrowthSpec(width_method=method, noise_std=noise))
@@ -119,6 +124,22 @@ def test_non_integer_width_exact(method, tied, noise):
     # zero coordinates: embedding columns zero, reader columns random (symmetry breaking for free)
     assert sd["model.embed_tokens.weight"][:, 96:].abs().max() == 0
     assert sd["model.layers.0.self_attn.q_proj.weight"][:, 96:].abs().min() > 0
+
+
+def test_width_growth_memory_is_bounded_by_the_child_tensor():
+    """One projection grown 1.75x wide with new rows and columns filled at random and noise: the fp32 temporaries
+    come a block of rows at a time (whole-tensor ones peaked at 4.5x the child in fp32)."""
+    code = ("import resource, torch\n"
+            "from scaletrain.growth import width\n"
+            "w = torch.randn(4096, 1024).to(torch.bfloat16)\n"
+            "out_map, in_map = width.tiled(4096, 6144, False), width.tiled(1024, 1792, False)\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "width.grow_linear(w, out_map, in_map, new_rows='random', new_cols='random', noise=0.1,\n"
+            "                  gen=torch.Generator().manual_seed(0))\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)\n")
+    grown = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    child_fp32 = 6144 * 1792 * 4
+    assert grown < 1.5 * child_fp32, f"peak grew {grown / child_fp32:.2f}x the child tensor in fp32"
 
 
 # ---- noise ------------------------------------------------------------------------------------------------
