@@ -66,6 +66,17 @@ class ModelConfig(_Section):
     label_names: Optional[list[str]] = None  # a classifier's class names by id (HF id2label); None: LABEL_0, ...
 
     @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        """On the section itself, so every model built from it (a growth stage, a grown child) obeys them too."""
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads})")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2 and self.position == "rope":
+            raise ValueError(f"head size hidden_size/num_heads = {self.head_dim} must be even for RoPE; change model.num_heads")
+        return self
+
+    @model_validator(mode="after")
     def _check_label_names(self) -> "ModelConfig":
         names = self.label_names
         if names and (len(names) != self.num_labels or len(set(names)) != len(names)):
@@ -216,12 +227,6 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_shapes(self) -> "Config":
         m, t = self.model, self.train
-        if m.hidden_size % m.num_heads:
-            raise ValueError(f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
-        if m.num_heads % m.num_kv_heads:
-            raise ValueError(f"model.num_heads ({m.num_heads}) must be a multiple of model.num_kv_heads ({m.num_kv_heads})")
-        if m.head_dim % 2 and m.position == "rope":
-            raise ValueError(f"head size hidden_size/num_heads = {m.head_dim} must be even for RoPE; change model.num_heads")
         if t.seq_len > m.max_seq_len:
             raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower it or raise model.max_seq_len")
         if t.min_lr > t.lr:

@@ -148,8 +148,8 @@ def test_cli_streams_shards_and_writes_lineage(cli, parents, tmp_path):
 
 BAD_INPUT = [
     (["--set", "model.hidden_size=32"], "cannot shrink hidden_size"),
-    (["--set", "model.num_heads=5"], "must divide"),
-    (["--set", "model.hidden_size=128", "model.num_heads=6", "model.num_kv_heads=6"], "must divide"),
+    (["--set", "model.num_heads=5"], "must be divisible"),
+    (["--set", "model.hidden_size=128", "model.num_heads=6", "model.num_kv_heads=6"], "must be divisible"),
     (["--set", "model.vocab_size=128"], "vocab"),
     (["--set", "model.num_layers=4", "--depth-method", "zigzag"], "invalid choice"),
     (["--set", "model.num_layers=4", "--insert", "up"], "--insert"),

@@ -47,11 +47,9 @@ def child_model_config(parent: ModelConfig, overrides: dict[str, Any]) -> ModelC
         m = ModelConfig(**{**parent.model_dump(), **overrides})
     except ValidationError as e:
         err = e.errors()[0]
-        if not err["loc"]:  # a check across fields (label_names against num_labels)
+        if not err["loc"]:  # a rule across fields (heads against hidden_size, label_names against num_labels)
             raise UserError(f"child model: {err['msg'].removeprefix('Value error, ')}") from None
         raise UserError(f"model.{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})") from None
-    if m.hidden_size % m.num_heads == 0 and m.head_dim % 2 and m.position == "rope":
-        raise UserError(f"child head size hidden_size/num_heads = {m.head_dim} must be even for RoPE")
     return m
 
 
