@@ -378,9 +378,20 @@ def check_settings_to_run(cfg: Config) -> None:
                          "milestones are kept among the checkpoints that are saved")
     if t.early_stop_patience and cfg.data.val_fraction == 0:
         raise ValueError("train.early_stop_patience needs a validation split: data.val_fraction is 0")
+    if problem := fp16_zero_problem(t.precision, cfg.zero.stage):  # refused at start too; plan must not say "fits"
+        raise ValueError(problem)
     from scaletrain.model.variants import check_freeze_leaves_something
 
     check_freeze_leaves_something(cfg)
+
+
+def fp16_zero_problem(precision: str, zero_stage: int, what: str = "train.precision=fp16") -> str | None:
+    """fp16 at ZeRO-0: DeepSpeed 0.19 wraps a plain optimizer in FP16_UnfusedOptimizer, whose step divides the
+    gradients by a loss scale that engine.backward never multiplied in: updates ~65536x too small, silently."""
+    if precision == "fp16" and zero_stage == 0:
+        return (f"{what} with zero.stage=0: DeepSpeed's fp16 path for a plain optimizer unscales gradients it "
+                "never scaled (updates ~65536x too small); use zero.stage=1 or higher")
+    return None
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -131,8 +131,12 @@ def test_ranks_on_different_hardware_agree_on_one_precision(monkeypatch):
 def test_fp16_at_zero_0_is_refused(monkeypatch):
     """DeepSpeed 0.19's fp16 wrapper of a plain optimizer (ZeRO-0) unscales gradients that were never scaled."""
     monkeypatch.setattr(precision, "cpu_fp16_training", lambda: True)
+    with pytest.raises(UserError, match="zero.stage=0.*zero.stage=1 or higher"):  # a config given to run (plan too)
+        load_config(None, ["train.precision=fp16", "zero.stage=0"])
+    saved = load_config(None, ["train.precision=fp16", "zero.stage=1"])
+    saved.zero.stage = 0  # (a config saved before the rule): refused at start as well
     with pytest.raises(UserError, match="zero.stage=0.*zero.stage=1 or higher"):
-        precision.resolve(load_config(None, ["train.precision=fp16", "zero.stage=0"]), CPU)
+        precision.resolve(saved, CPU)
     assert precision.resolve(load_config(None, ["train.precision=fp16", "zero.stage=1"]), CPU)[0].train.precision == "fp16"
     monkeypatch.setattr(precision, "choose", lambda device: ("fp16", "a V100 has no bf16"))
     cfg, note = precision.resolve(load_config(None, ["train.precision=auto", "zero.stage=0"]), CPU)

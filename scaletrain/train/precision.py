@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from scaletrain.config import Config
+from scaletrain.config import Config, fp16_zero_problem
 from scaletrain.errors import UserError
 from scaletrain.kernels.build import cpu_fp16_training, cpu_has_avx512
 
@@ -61,11 +61,8 @@ def resolve(cfg: Config, device: torch.device) -> tuple[Config, str | None]:
 
 
 def check_fp16_zero(precision: str, zero_stage: int, what: str = "train.precision=fp16") -> None:
-    """fp16 at ZeRO-0: DeepSpeed 0.19 wraps a plain optimizer in FP16_UnfusedOptimizer, whose step divides the
-    gradients by a loss scale that engine.backward never multiplied in: updates ~65536x too small, silently."""
-    if precision == "fp16" and zero_stage == 0:
-        raise UserError(f"{what} with zero.stage=0: DeepSpeed's fp16 path for a plain optimizer unscales gradients it "
-                        "never scaled (updates ~65536x too small); use zero.stage=1 or higher")
+    if problem := fp16_zero_problem(precision, zero_stage, what):
+        raise UserError(problem)
 
 
 def agree(cfg: Config, asked: str, note: str | None, world: int) -> tuple[Config, str | None]:
