@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from scaletrain.errors import UserError
-from scaletrain.growth import GrowthPlan, GrowthSpec, grow_state_dict, width
+from scaletrain.growth import width
+from scaletrain.growth.plan import GrowthPlan, GrowthSpec, grow_state_dict
 from scaletrain.growth.optimizer_state import grow_moments, moment_tensor
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scaletrain.errors import UserError
-from scaletrain.growth import GrowthPlan, GrowthSpec, grow_state_dict
+from scaletrain.growth.plan import GrowthPlan, GrowthSpec, grow_state_dict
 from scaletrain.growth.optimizer_state import grow_moments
 from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
 

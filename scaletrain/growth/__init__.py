@@ -8,8 +8,6 @@ Using them on real checkpoints, streaming (one parent tensor in, one child tenso
 `offline` writes a child checkpoint dir (`scaletrain grow`), `check` compares parent and child one block at
 a time; inside a run `schedule` (growth.schedule), `in_run` (the boundary sequence) and `engine_state`
 (grown masters/moments into a fresh DeepSpeed engine, freeing the old one).
+
+Nothing is imported here: config validation reads `schedule`, which must not pull in torch.
 """
-
-from scaletrain.growth.plan import GrowthPlan, GrowthSpec, Recipe, grow_state_dict, validate
-
-__all__ = ["GrowthPlan", "GrowthSpec", "Recipe", "grow_state_dict", "validate"]

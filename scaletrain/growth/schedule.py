@@ -2,7 +2,7 @@
 
 Stage 0 is the config's `model` section; stage k applies the `set` of schedule entries 1..k on top. The run
 dir records the stage of every checkpoint (manifest "growth_stage"), so a restart builds the right shape
-before loading. Imports no torch unless a schedule is validated, and nothing of `scaletrain.config` (whose
+before loading. Imports no torch until a schedule passes its plain checks, and nothing of `scaletrain.config` (whose
 validation calls `validate_schedule`): `cfg` is always a `Config`, its `model` a `ModelConfig`.
 """
 
@@ -49,12 +49,6 @@ def validate_schedule(cfg) -> None:
     sched = cfg.growth.schedule
     if not sched:
         return
-    from pydantic import ValidationError
-
-    from scaletrain.errors import UserError
-    from scaletrain.growth.plan import validate
-    from scaletrain.model.llama import LlamaShape
-
     prev_step = 0
     for i, s in enumerate(sched):
         where = f"growth.schedule[{i}]"
@@ -66,6 +60,12 @@ def validate_schedule(cfg) -> None:
         if bad or not s.set:
             raise ValueError(f"{where}.set: {bad[0] if bad else 'empty'}: growth sets model.{', model.'.join(GROWABLE)}")
         prev_step = s.at_step
+    from pydantic import ValidationError
+
+    from scaletrain.errors import UserError
+    from scaletrain.growth.plan import validate  # torch: only once the plain checks above have passed
+    from scaletrain.model.llama import LlamaShape
+
     try:
         models = stage_models(cfg)
     except ValidationError as e:
