@@ -5,29 +5,25 @@ Thin on purpose: parse arguments (including the --local_rank the launcher inject
 Also works without a launcher: `python launch/train.py` trains in one process.
 """
 
+import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scaletrain.cli import OneLineParser, add_config_args, run  # noqa: E402
+from scaletrain.cli import OneLineParser, run  # noqa: E402
+from scaletrain.commands.common import add_config_args  # noqa: E402
 from scaletrain.commands.train import run as cmd_train  # noqa: E402
 
 
 def main() -> int:
     parser = OneLineParser(prog="launch/train.py", description=__doc__)
     add_config_args(parser)
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse_hidden())
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     return run(cmd_train, args)
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ import sys
 from typing import Callable, Optional
 
 from scaletrain.commands import MODULES
-from scaletrain.commands.common import DEFAULT_CONFIG, add_config_args  # noqa: F401  (re-exported)
 from scaletrain.errors import UserError
 
 

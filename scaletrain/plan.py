@@ -146,7 +146,7 @@ def _fmt(b: float) -> str:
     return f"{b / GB:.2f} GB" if b >= 0.1 * GB else f"{b / 1e6:.1f} MB"
 
 
-def check_fits(cfg: Config, log=None) -> None:
+def check_fits(cfg: Config) -> None:
     """Training's preflight: refuse (UserError, one line) a config whose estimate exceeds what a rank has.
     World size and local ranks come from the launcher's environment (1 without a launcher)."""
     if not cfg.train.memory_check:

@@ -122,9 +122,6 @@ class Tokenizer:
                                   and not any("\n" in piece.piece for piece in m.pieces))
         return self._newline_safe
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
-
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
 

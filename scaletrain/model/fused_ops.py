@@ -13,7 +13,6 @@ from scaletrain.errors import UserError
 from scaletrain.model.blocks import RMSNorm, SwiGLU
 from scaletrain.model.llama import Attention
 
-FUSED_OPS = ("none", "liger")
 _ops: dict = {}
 
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from scaletrain.kernels import cpu_attention
 from scaletrain.model.attention import attention
-from scaletrain.model.blocks import NORMS, Embedding, Linear, RMSNorm, make_ffn, make_norm, rope_inv_freq  # noqa: F401 (RMSNorm re-exported)
+from scaletrain.model.blocks import NORMS, Embedding, Linear, make_ffn, make_norm, rope_inv_freq
 from scaletrain.model.docmask import document_positions
 from scaletrain.model.masks import attention_mask
 from scaletrain.model.loss import IGNORE_INDEX, cross_entropy, linear_cross_entropy  # noqa: F401 (IGNORE_INDEX re-exported)

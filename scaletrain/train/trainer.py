@@ -133,7 +133,7 @@ class Trainer:
         self.val_metrics: dict = {}
         self._grad_norm: float | None = None
         self.guard = StepGuard(self.engine, cfg.train.max_skipped, self.dist.rank, lambda: self._grad_norm, self.log)
-        self.resumed_from = self._resume(tag)
+        self._resume(tag)
 
     def _build_engine(self, weights_from: Path | None = None):
         """`weights_from`: a checkpoint dir to start from (in-run growth), instead of init / init.from."""
