@@ -65,8 +65,7 @@ def flops_per_token(cfg: Config) -> float:
     from scaletrain.model.llama import LlamaShape
     from scaletrain.train.metrics import flops_per_token as fpt
 
-    s = LlamaShape.from_config(cfg.model)
-    return fpt(s.num_params(include_embedding=False), s.num_layers, s.hidden_size, cfg.train.seq_len)
+    return fpt(LlamaShape.from_config(cfg.model), cfg.train.seq_len)
 
 
 def activation_bytes(cfg: Config) -> float:
@@ -183,10 +182,10 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
     see device_memory); `peak_flops`: per GPU or per CPU machine (default: measured here)."""
     import torch
 
+    from scaletrain.dtypes import DTYPES
+    from scaletrain.growth.schedule import advance
     from scaletrain.train.metrics import measure_peak_flops
     from scaletrain.train.precision import planned
-
-    from scaletrain.growth.schedule import advance
 
     ranks = ranks or gpus * nodes
     here = "cuda" if torch.cuda.is_available() else "cpu"
@@ -233,7 +232,7 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
         verdict = "fits" if need <= have else f"does NOT fit: {advice(plan, cfg)}"
         lines.append(f"available    {_fmt(have)} per rank ({what}) -> zero.stage {z.stage} {verdict}")
     if peak_flops is None and device == here:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[t.precision]
+        dtype = DTYPES[t.precision]
         peak_flops = measure_peak_flops(dtype, torch.device(device))
         source = f"measured on this {device} in {t.precision}"
     else:

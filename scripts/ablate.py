@@ -48,7 +48,7 @@ def plan(spec: dict, budget: float, only: set[str]) -> list[dict]:
         overrides = [*spec.get("set", []), *v.get("set", [])]
         cfg = load_config(REPO / spec["base"], overrides)  # validates every variant before anything runs
         s, t = LlamaShape.from_config(cfg.model), cfg.train
-        fpt = flops_per_token(s.num_params(include_embedding=False), s.num_layers, s.hidden_size, t.seq_len)
+        fpt = flops_per_token(s, t.seq_len)
         out.append({"name": v["name"], "overrides": overrides, "own": list(v.get("set", [])), "params": s.num_params(), "flops_per_token": fpt,
                     "seq_len": t.seq_len, "micro_batch": t.micro_batch_size * t.grad_accum})
     return out

@@ -61,7 +61,7 @@ def step_flops(dims: dict, args) -> float:
     from scaletrain.train.metrics import flops_per_token
 
     s = shape_of(dims)
-    return flops_per_token(s.num_params(include_embedding=False), s.num_layers, s.hidden_size, args.seq_len) * args.batch * args.seq_len
+    return flops_per_token(s, args.seq_len) * args.batch * args.seq_len
 
 
 def train(name: str, run_dir: Path, overrides: list[str], log: Path) -> float:

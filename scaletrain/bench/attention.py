@@ -15,11 +15,11 @@ import time
 
 import torch
 
+from scaletrain.dtypes import DTYPES
 from scaletrain.errors import UserError
 from scaletrain.model.attention import BACKENDS, attention, check_backend
 
 SEQS, BATCH, HEADS, HEAD_DIM = (1024, 4096), 4, 8, 64
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _fwd_bwd(backend: str, q, k, v, grad, rows: int = 0) -> torch.Tensor:

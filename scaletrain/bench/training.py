@@ -23,13 +23,13 @@ import torch.distributed as tdist
 
 from scaletrain.bench.models import build_ours, build_peer, step_fn
 from scaletrain.config import Config, build_config
+from scaletrain.dtypes import DTYPES
 from scaletrain.train.disk_space import num_params
 from scaletrain.train.distributed import Dist, all_reduce_sum, barrier, collectives_status
 from scaletrain.train.metrics import flops_per_token, measure_peak_flops, nominal_peak_flops
 from scaletrain.model.llama import LlamaShape
 from scaletrain.process_memory import max_rss_mb, peak_rss_mb, reset_peak, status_mb
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
 
 
@@ -105,7 +105,7 @@ def timing_job(dist: Dist, spec: dict) -> dict:
             done, r = done + n, r + 1
         peaks.append(_peak(DTYPES[precision], dist))
         shape = LlamaShape.from_config(cfg.model)
-        fpt = flops_per_token(shape.num_params(include_embedding=False), shape.num_layers, shape.hidden_size, cfg.train.seq_len)
+        fpt = flops_per_token(shape, cfg.train.seq_len)
         tokens_per_step = dist.world * cfg.train.micro_batch_size * cfg.train.seq_len
         peak = max(peaks)
         out = {"peak_matmul_flops": peak, "peak_matmul_flops_samples": peaks, "flops_per_token": fpt,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from scaletrain import lineage
+from scaletrain.dtypes import DTYPES
 from scaletrain.errors import UserError
 from scaletrain.hf import generation_config
 from scaletrain.hf.arch_map import export_plan, hf_config
@@ -23,7 +24,7 @@ from scaletrain.hf.tokenizer_files import check_same_ids, write_hf_tokenizer
 from scaletrain.process_memory import max_rss_mb, reset_peak, status_mb
 from scaletrain.weights.checkpoint_dir import DEFAULT_SHARD, check_out, source_parent, staged
 from scaletrain.weights.sources import expected_shapes, open_weights, shape_problems, summarise
-from scaletrain.weights.writer import DTYPES, TO_ST, parse_size, write_safetensors
+from scaletrain.weights.writer import TO_ST, parse_size, write_safetensors
 
 DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 

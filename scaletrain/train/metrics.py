@@ -12,11 +12,11 @@ from scaletrain.kernels import cpu_matmul
 from scaletrain.kernels.build import cpu_fp16_training, cpu_has_avx512
 
 
-def flops_per_token(num_params: int, num_layers: int, hidden: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N (fwd+bwd matmuls over the weights, N counts the output head but
-    not the input embedding lookup) + 12·L·d·T (attention scores and weighted sum, fwd+bwd, causal
-    masking not discounted — the PaLM convention)."""
-    return 6.0 * num_params + 12.0 * num_layers * hidden * seq_len
+def flops_per_token(shape, seq_len: int) -> float:
+    """Training FLOPs per token of a `LlamaShape` at `seq_len`: 6·N (fwd+bwd matmuls over the weights, N counts
+    the output head but not the input embedding lookup) + 12·L·d·T (attention scores and weighted sum, fwd+bwd,
+    causal masking not discounted — the PaLM convention)."""
+    return 6.0 * shape.num_params(include_embedding=False) + 12.0 * shape.num_layers * shape.hidden_size * seq_len
 
 
 # Dense (no sparsity) peaks from NVIDIA's data sheets, FLOP/s: the usual MFU denominator on GPUs. bf16/fp16 on

@@ -19,6 +19,7 @@ from scaletrain import __version__, lineage
 from scaletrain.config import Config, deepspeed_config
 from scaletrain.data.sampler import micro_batch_ids
 from scaletrain.data.sources import resolve_source
+from scaletrain.dtypes import DTYPES
 from scaletrain.errors import UserError
 from scaletrain.growth.in_run import RunGrowth, grow
 from scaletrain.kernels import cpu_matmul
@@ -40,7 +41,6 @@ from scaletrain.train.schedule import WarmupCosine, lr_at
 from scaletrain.train.stop_flag import StopFlag
 from scaletrain.train.validation import load_data, validate
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Trainer:
@@ -287,7 +287,7 @@ class Trainer:
     def _sizes(self) -> tuple[int, float]:
         """(parameters, training FLOPs per token) of the current model (it changes at growth boundaries)."""
         s, t = self.shape, self.cfg.train
-        return s.num_params(), flops_per_token(s.num_params(include_embedding=False), s.num_layers, s.hidden_size, t.seq_len)
+        return s.num_params(), flops_per_token(s, t.seq_len)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
