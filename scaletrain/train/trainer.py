@@ -46,26 +46,54 @@ from scaletrain.train.validation import load_data, validate
 class Trainer:
     def __init__(self, cfg: Config, lock: RunLock | None = None):
         self.stop = StopFlag()  # before any pid file exists: a USR1 during start-up is a stop request, not a kill
+        cfg, asked = self._preflight(cfg, lock)
+        self.dist = setup(cfg.train.threads)
+        cfg, tag = self._starting_point(cfg, asked)
+        self.cfg = cfg  # final from here on: this stage's model, agreed precision, resharded grad_accum
+        self.log = print if self.dist.is_main else (lambda *a, **k: None)
+        cache = self._open_data(cfg)
+        self.ds_config = deepspeed_config(cfg, self.dist.world)
+        # rank 0, while the others wait; its UserError stops every rank with the same line
+        self.lineage = main_rank_does(lambda: self._write_start_files(cache, tag))
+        self.run.check_shared(self.dist)  # a node-local run.dir: one line now, not broken checkpoints later
+        (self.run.path / "pids" / f"rank{self.dist.rank}.pid").write_text(str(os.getpid()))
+        self.shape = LlamaShape.from_config(cfg.model)
+        reshard = self.resume_plan is not None and self.resume_plan.reshard
+        self.engine = self._build_engine(self.resume_plan.tag_dir if reshard else None)  # resharding: saved weights
+        self.step, self.consumed, self.saved_step = 0, 0, None
+        self.tokens_seen = 0  # counted, not windows x seq_len: a resume may change train.seq_len
+        self.early_stop = finetune.EarlyStop(cfg)
+        self.val_metrics: dict = {}
+        self._grad_norm: float | None = None
+        self.guard = StepGuard(self.engine, cfg.train.max_skipped, self.dist.rank, lambda: self._grad_norm, self.log)
+        self._resume(tag)
+
+    def _preflight(self, cfg: Config, lock: RunLock | None) -> tuple[Config, str]:
+        """Every check that needs no process group, before anything is written (but the lock). Returns the config
+        with init.from's settings and this rank's precision, and the precision asked for."""
         cfg = init_from.resolve(cfg)  # fails fast on a shape mismatch; sets data.tokenizer from init.from
         # train.precision auto -> bf16 / fp32 / fp16 for this rank's hardware (agreed across ranks after setup)
         asked = cfg.train.precision
-        cfg, self.precision_note = precision.resolve(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        self.cfg = cfg
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        cfg, self.precision_note = precision.resolve(cfg, device)
         check_deepspeed_passthrough(cfg)  # the deepspeed: mapping, through DeepSpeed's own config classes
         self.run = RunDir(cfg.run.dir)
         self.run.preflight(cfg)
         resolve_source(cfg.data.source, cfg.data.text_field)  # missing/empty data fails before DeepSpeed starts
-        check_fused_ops(cfg.model.fused_ops, cuda=torch.cuda.is_available())
-        check_backend(cfg.model.attention, torch.device("cuda" if torch.cuda.is_available() else "cpu"), training=True,
-                      doc_mask=cfg.data.doc_mask, shape=cfg.model, precision=cfg.train.precision)  # flash without CUDA, ...
+        check_fused_ops(cfg.model.fused_ops, cuda=device.type == "cuda")
+        check_backend(cfg.model.attention, device, training=True, doc_mask=cfg.data.doc_mask, shape=cfg.model,
+                      precision=cfg.train.precision)  # flash without CUDA, ...
         # estimated memory per rank vs what a rank has (scaletrain plan), before anything is written; a growing
         # run is checked at its last (largest) stage
         check_fits(RunGrowth(cfg).config_at(len(cfg.growth.schedule)))
         if lock is not None and launcher_rank() == 0:
             lock.acquire()  # a second trainer on this run.dir stops here, before it writes anything in it
-        self.dist = setup(cfg.train.threads)
+        return cfg, asked
+
+    def _starting_point(self, cfg: Config, asked: str) -> tuple[Config, str | None]:
+        """Collective: the checkpoint this start resumes (None: a fresh run) and the config it runs with: the
+        precision all ranks agree on, the growth stage's model, grad_accum for a changed rank count."""
         cfg, self.precision_note = precision.agree(cfg, asked, self.precision_note, self.dist.world)
-        self.cfg = cfg
         self.growth = RunGrowth(cfg)
         tag = self._find_tag()
         self.stage = self.growth.stage_of(self.run.checkpoints / tag if tag else None)
@@ -76,14 +104,16 @@ class Trainer:
             raise UserError(f"growth.schedule[{self.stage}].at_step {bounds[self.stage]} lies before checkpoint {tag}, which "
                             f"this start resumes before that growth: a boundary cannot be added in the past; set its at_step "
                             f"above {checkpoint.step_of(tag)}")
-        self.cfg = cfg = self.growth.config_at(self.stage)  # grown model, remaining schedule
+        cfg = self.growth.config_at(self.stage)  # grown model, remaining schedule
         # safe pickles, shapes, format; other world size / ZeRO stage: reshard (grad_accum keeps the global batch)
-        self.resume_plan, self.cfg = resume.prepare(self.run.checkpoints, tag, cfg, self.dist)
-        cfg = self.cfg
+        self.resume_plan, cfg = resume.prepare(self.run.checkpoints, tag, cfg, self.dist)
         # init.from on a fresh run: one checkpoint, chosen by rank 0 (a run dir may still be training), gives every
         # rank its weights and the lineage its parent; a resume loads its own checkpoint instead
         self.init_source = init_from.pinned_source(cfg, self.dist) if cfg.init.from_ and tag is None else None
-        self.log = print if self.dist.is_main else (lambda *a, **k: None)
+        return cfg, tag
+
+    def _open_data(self, cfg: Config):
+        """The data cache (built by rank 0 if missing) and its train/val streams; returns the cache."""
         cache = load_data(cfg, self.dist)
         self.data_cache = cache.dir.name
         if self.resume_plan is not None:
@@ -100,40 +130,26 @@ class Trainer:
             if note:  # prompt/completion examples that do not fit the window
                 self.log(note)
         self.last_val_loss: float | None = None
-        self.ds_config = deepspeed_config(cfg, self.dist.world)
+        return cache
 
-        finished = tag is not None and checkpoint.step_of(tag) >= cfg.train.max_steps  # fit() says so and stops
+    def _write_start_files(self, cache, tag: str | None):
+        """Rank 0: config.yaml, ds_config.json, the lineage record, a clean pids/ dir. Returns the RunLineage."""
+        from scaletrain.train.pid_files import rank_pid_files
+        from scaletrain.train.run_lineage import RunLineage, check_tokenizer
 
-        def start_files():  # rank 0, while the others wait; its UserError stops every rank with the same line
-            from scaletrain.train.pid_files import rank_pid_files
-            from scaletrain.train.run_lineage import RunLineage, check_tokenizer
-
-            check_tokenizer(self.run.path, Path(cache.tokenizer_path), resuming=tag is not None)
-            self.run.remove_stale_temp_files()
-            if not finished:  # a finished run's config.yaml keeps the settings it was trained with
-                self.run.write_start(cfg, self.ds_config)
-            lineage = RunLineage(cfg, self.run.path, cache, self.init_source, self.run.checkpoints / tag if tag else None)
-            if self.stage:  # resumed after growth inside this run
-                lineage.grown(self.run.path / "growth" / f"stage{self.stage}", cfg)
-            (self.run.path / "pids").mkdir(exist_ok=True)
-            ranks, strays = rank_pid_files(self.run.path)  # an earlier start's ranks beyond this world: gone
-            for f in strays + [f for r, f in ranks.items() if r >= self.dist.world]:
-                f.unlink(missing_ok=True)
-            return lineage
-
-        self.lineage = main_rank_does(start_files)
-        self.run.check_shared(self.dist)  # a node-local run.dir: one line now, not broken checkpoints later
-        (self.run.path / "pids" / f"rank{self.dist.rank}.pid").write_text(str(os.getpid()))
-        self.shape = LlamaShape.from_config(cfg.model)
-        reshard = self.resume_plan is not None and self.resume_plan.reshard
-        self.engine = self._build_engine(self.resume_plan.tag_dir if reshard else None)  # resharding: saved weights
-        self.step, self.consumed, self.saved_step = 0, 0, None
-        self.tokens_seen = 0  # counted, not windows x seq_len: a resume may change train.seq_len
-        self.early_stop = finetune.EarlyStop(cfg)
-        self.val_metrics: dict = {}
-        self._grad_norm: float | None = None
-        self.guard = StepGuard(self.engine, cfg.train.max_skipped, self.dist.rank, lambda: self._grad_norm, self.log)
-        self._resume(tag)
+        cfg = self.cfg
+        check_tokenizer(self.run.path, Path(cache.tokenizer_path), resuming=tag is not None)
+        self.run.remove_stale_temp_files()
+        if tag is None or checkpoint.step_of(tag) < cfg.train.max_steps:  # a finished run's config.yaml keeps the
+            self.run.write_start(cfg, self.ds_config)                     # settings it was trained with
+        run_lineage = RunLineage(cfg, self.run.path, cache, self.init_source, self.run.checkpoints / tag if tag else None)
+        if self.stage:  # resumed after growth inside this run
+            run_lineage.grown(self.run.path / "growth" / f"stage{self.stage}", cfg)
+        (self.run.path / "pids").mkdir(exist_ok=True)
+        ranks, strays = rank_pid_files(self.run.path)  # an earlier start's ranks beyond this world: gone
+        for f in strays + [f for r, f in ranks.items() if r >= self.dist.world]:
+            f.unlink(missing_ok=True)
+        return run_lineage
 
     def _build_engine(self, weights_from: Path | None = None):
         """`weights_from`: a checkpoint dir to start from (in-run growth), instead of init / init.from."""
