@@ -111,10 +111,12 @@ EVAL_ROWS = 1024  # positions whose logits exist at once in `evaluate`
 def evaluate(model, batches, doc_eos: Optional[int] = None) -> dict:
     """{"loss": mean CE over counted tokens, "ppl": exp(loss), "tokens": counted tokens}. `doc_eos`: the EOS id
     of a model trained with data.doc_mask, whose tokens then attend within their own document, as in training."""
+    from scaletrain.generate import model_device
     from scaletrain.model.docmask import document_ids
 
-    total, count = 0.0, 0
+    total, count, dev = 0.0, 0, model_device(model)
     for x, y in batches:
+        x, y = x.to(dev), y.to(dev)
         h = model.hidden_states(x, doc_ids=None if doc_eos is None else document_ids(x, doc_eos))
         h, y = h.reshape(-1, h.shape[-1]), y.reshape(-1)
         for i in range(0, len(h), EVAL_ROWS):  # never [B*T, V] logits at once (4 x 2048 x 128k in fp32: 4 GB, twice)
@@ -132,10 +134,12 @@ def evaluate_classifier(model, batches, num_labels: int) -> dict:
     """{"accuracy", "f1" (macro), "loss" (mean CE), "examples"} of a sequence classifier on (ids, labels) batches."""
     from scaletrain.train.finetune import classification_metrics, confusion_update
 
+    from scaletrain.generate import model_device
+
     conf = torch.zeros(num_labels, num_labels, dtype=torch.float64)
-    total = 0.0
+    total, dev = 0.0, model_device(model)
     for x, y in batches:
-        logits = model(x).float()
+        logits = model(x.to(dev)).float().cpu()
         total += F.cross_entropy(logits, y, reduction="sum").item()
         confusion_update(conf, logits, y)
     n = int(conf.sum())

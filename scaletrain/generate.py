@@ -10,8 +10,27 @@ import torch
 from scaletrain.errors import UserError
 
 
-def load_model(source: str, need_tokenizer: bool = True):
-    """(model in eval mode, fp32, on CPU; tokenizer or None; WeightSource) for a run/checkpoint/HF dir."""
+INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def inference_device_and_dtype(device: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """`--device auto`: a CUDA GPU when there is one. `--precision auto`: bf16 on a GPU that has it (fp16 on one
+    that does not), fp32 on CPU (exact numbers; bf16 there is a choice: faster where the CPU multiplies it)."""
+    from scaletrain.dtypes import DTYPES
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible here; use --device cpu or auto")
+    dev = torch.device(device)
+    if precision == "auto":
+        precision = "fp32" if dev.type == "cpu" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return dev, DTYPES[precision]
+
+
+def load_model(source: str, need_tokenizer: bool = True, device: str = "auto", precision: str = "auto"):
+    """(model in eval mode on `device` in `precision` (see inference_device_and_dtype); tokenizer or None;
+    WeightSource) for a run/checkpoint/HF dir."""
     from scaletrain.data.tokenizer import load_tokenizer
     from scaletrain.model.classify import build_model
     from scaletrain.model.llama import LlamaShape
@@ -26,16 +45,22 @@ def load_model(source: str, need_tokenizer: bool = True):
         shape = replace(shape, attention="sdpa")  # flash/flex are training kernels; KV-cached decode uses sdpa
     # built on the meta device, then given empty memory that load_into fills: initialising weights only to
     # overwrite them took seconds at 1B parameters (load_into refuses a checkpoint that misses any of them)
+    dev, dtype = inference_device_and_dtype(device, precision)
     with torch.device("meta"):
         model = build_model(shape, pad_id=tok.eos_id if tok is not None else 2)  # num_labels > 0: a classifier
-    load_into(model.materialize(), src, "checkpoint")
-    return model.eval(), tok, src
+    load_into(model.materialize(dev), src, "checkpoint")  # filled in fp32, then cast: one rounding from the source
+    return model.to(dtype).eval(), tok, src
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    logits = (logits.float() - logits.max().float()) / temperature  # max first: a tiny temperature gives 0 and -inf, not inf - inf
+    logits = logits.float().cpu()  # one vocab-sized row; the generator is a CPU one
+    logits = (logits - logits.max().float()) / temperature  # max first: a tiny temperature gives 0 and -inf, not inf - inf
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,8 +85,8 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature
     if len(prompt_ids) >= limit:
         raise UserError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {limit}")
     gen = torch.Generator().manual_seed(seed)
-    caches = model.new_caches()
-    logits = model(torch.tensor([prompt_ids]), caches=caches, start_pos=0)[0, -1]
+    caches, dev = model.new_caches(), model_device(model)
+    logits = model.next_token_logits(torch.tensor([prompt_ids], device=dev), caches, 0)
     out: list[int] = []
     pos = len(prompt_ids)
     while len(out) < max_new_tokens:
@@ -72,6 +97,6 @@ def generate(model, prompt_ids: list[int], max_new_tokens: int = 64, temperature
         out.append(nxt)
         if nxt == eos_id or pos + 1 >= limit:  # it sits at index pos: prompt + output stay within the context
             break
-        logits = model(torch.tensor([[nxt]]), caches=caches, start_pos=pos)[0, -1]
+        logits = model.next_token_logits(torch.tensor([[nxt]], device=dev), caches, pos)
         pos += 1
     return out

@@ -307,11 +307,11 @@ def test_generate_never_picks_an_id_the_tokenizer_cannot_decode():
     inner = LlamaForCausalLM(LlamaShape(32, 1, 4, 2, 64, 50, max_seq_len=64)).eval()
 
     class TailWins:  # the ids past the tokenizer get the highest logits
-        shape, new_caches = inner.shape, inner.new_caches
+        shape, new_caches, parameters = inner.shape, inner.new_caches, inner.parameters
 
-        def __call__(self, *args, **kwargs):
-            logits = inner(*args, **kwargs)
-            logits[..., 40:] += 50.0
+        def next_token_logits(self, *args):
+            logits = inner.next_token_logits(*args)
+            logits[40:] += 50.0
             return logits
 
     with torch.no_grad():

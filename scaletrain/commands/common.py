@@ -7,6 +7,14 @@ import argparse
 DEFAULT_CONFIG = "configs/tiny.yaml"
 
 
+def add_inference_args(p) -> None:
+    """--device / --precision of the commands that run a model without training it (eval, generate)."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the model runs (auto: a CUDA GPU when there is one, else the CPU)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="weights and activations (auto: bf16 on a GPU, fp16 on one without bf16, fp32 on CPU)")
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from scaletrain.commands.common import positive_int
+from scaletrain.commands.common import add_inference_args, positive_int
 
 
 def run(args: argparse.Namespace) -> int:
@@ -15,7 +15,8 @@ def run(args: argparse.Namespace) -> int:
     from scaletrain.evaluate import evaluate, file_batches, training_cache, val_batches
     from scaletrain.generate import load_model
 
-    model, tok, src = load_model(args.source, need_tokenizer=args.data is not None)
+    model, tok, src = load_model(args.source, need_tokenizer=args.data is not None, device=args.device,
+                                 precision=args.precision)
     seq_len = args.seq_len or (src.config.train.seq_len if src.config is not None else min(src.model.max_seq_len, 2048))
     seq_len = min(seq_len, src.model.max_seq_len)
     if src.model.num_labels:  # a sequence classifier: accuracy / macro-F1 on text/label rows
@@ -76,6 +77,7 @@ def _classifier(args, model, tok, src, seq_len: int) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="loss and perplexity of a model on a text/jsonl file or its run's val split")
     p.add_argument("source", metavar="CKPT_OR_RUN_DIR", help="run dir, checkpoint dir, checkpoint tag or HF dir")
+    add_inference_args(p)
     p.add_argument("--data", default=None, metavar="PATH", help=".txt/.jsonl/.parquet file, dir or glob (prompt/completion jsonl: completion tokens only)")
     p.add_argument("--json", action="store_true", help='print {"loss": ..., "ppl": ..., "tokens": ...}')
     p.add_argument("--seq-len", type=positive_int, default=None, help="tokens per window (default: the run's train.seq_len)")

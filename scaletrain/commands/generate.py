@@ -7,6 +7,8 @@ import json
 import math
 import sys
 
+from scaletrain.commands.common import add_inference_args
+
 
 def run(args: argparse.Namespace) -> int:
     from scaletrain.errors import UserError
@@ -19,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--seed {args.seed} is out of range; use a number from 0 to 2^64-1")
     if not _is_unicode(args.prompt):  # bytes that are not UTF-8 in argv arrive as lone surrogates
         raise UserError("--prompt is not valid UTF-8 text; pass it in UTF-8 (check the terminal's locale)")
-    model, tok, src = load_model(args.source)
+    model, tok, src = load_model(args.source, device=args.device, precision=args.precision)
     if src.model.num_labels:
         raise UserError(f"{src.path} is a sequence classifier (model.num_labels={src.model.num_labels}); it has no LM head "
                         "to generate with: use `scaletrain eval` for its accuracy")
@@ -52,6 +54,7 @@ def continuation(tok, prompt_ids: list[int], new_ids: list[int]) -> str:
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt with a trained, imported or exported model")
     p.add_argument("source", metavar="CKPT_OR_RUN_DIR", help="run dir, checkpoint dir, checkpoint tag or HF dir")
+    add_inference_args(p)
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (deterministic)")

@@ -265,10 +265,16 @@ class LlamaForCausalLM(nn.Module):
         h = self.hidden_states(input_ids, caches, start_pos, doc_ids)
         return self.lm_head(h, targets, self.loss_chunk)
 
-    def materialize(self) -> "LlamaForCausalLM":
-        """This model, built on the meta device, given real but empty memory on the CPU: buffers computed and a
+    def next_token_logits(self, input_ids: torch.Tensor, caches: list, start_pos: int) -> torch.Tensor:
+        """[V] logits after the last of `input_ids` ([1, T]), extending `caches`: the head runs on the last
+        position only (a prompt's [T, V] logits were computed and thrown away)."""
+        h = self.hidden_states(input_ids, caches, start_pos)
+        return self.lm_head(h[:, -1:])[0, -1]
+
+    def materialize(self, device: str | torch.device = "cpu") -> "LlamaForCausalLM":
+        """This model, built on the meta device, given real but empty memory on `device`: buffers computed and a
         tied head tied again (to_empty gives it memory of its own); filling the weights is the caller's job."""
-        self.to_empty(device="cpu")
+        self.to_empty(device=device)
         self.model.fill_buffers(self.shape)
         if self.shape.tie_word_embeddings and hasattr(self, "lm_head"):
             self.lm_head.weight = self.model.embed_tokens.weight
