@@ -123,6 +123,15 @@ def tb_scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
+def tb_steps(run_dir: Path, tag: str) -> list[int]:
+    """Every step `tag` has an event at, in order, repeats included (tb_scalars keeps one value per step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
 def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = 120) -> tuple[int, str, str]:
     """`python -m scaletrain.cli ARGS` with the repo on PYTHONPATH -> (returncode, stdout, stderr).
     In a process group of its own: on timeout every process it started is killed too (see run_training)."""

@@ -181,11 +181,14 @@ def _report(trainer, record: Optional[dict], metrics, seconds: float) -> None:
     line = (f"step {trainer.step:>6} | grew to stage {trainer.stage}: {p / 1e6:.2f}M -> {c / 1e6:.2f}M params "
             f"({diff}; depth {g['operators']['depth']}, {'exact' if g['exact'] else 'not exact'}, "
             f"optimizer {g['optimizer']}) in {seconds:.1f} s")
+    # At the grown model's first step: a restart from the boundary checkpoint (step S) purges the events from S + 1
+    # on and grows again; scalars at S would stay and be written twice.
+    first_step = trainer.step + 1
     check = g.get("check")
     if check:
         line += (f" | parent loss {check['parent_loss']:.4f} child loss {check['child_loss']:.4f} "
                  f"max |dlogits| {check['max_abs_dlogits']:.1e}")
-        metrics.scalars(trainer.step, {"growth/parent_loss": check["parent_loss"], "growth/child_loss": check["child_loss"],
+        metrics.scalars(first_step, {"growth/parent_loss": check["parent_loss"], "growth/child_loss": check["child_loss"],
                                        "growth/max_abs_dlogits": check["max_abs_dlogits"]})
-    metrics.scalars(trainer.step, {"growth/stage": trainer.stage})
+    metrics.scalars(first_step, {"growth/stage": trainer.stage})
     trainer.log(line)
