@@ -108,10 +108,15 @@ def test_resume_after_signal_is_exact(base, tmp_path, ranks, stage, sigs):
         assert "warning: the tokenised data changed since checkpoint global_step40" in proc.stdout  # other val split
         assert {f: (resumed / f).read_text() for f in record} == record and sorted((resumed / "tb").rglob("*")) == events
         # four more steps at half the window: the tokens count what was trained, not windows x the new seq_len
-        run_training(ranks, [*common, f"run.dir={resumed}", "train.max_steps=44", "train.seq_len=32"])
+        run_training(ranks, [*common, f"run.dir={resumed}", "train.max_steps=44", "train.seq_len=32", "train.eval_every=100"])
         batch = 2  # TINY: micro_batch_size 2 windows a step, one rank, no accumulation
         assert json.loads((resumed / "status.json").read_text())["consumed_tokens"] == 40 * batch * 64 + 4 * batch * 32
         assert _curve(resumed, "train/consumed_tokens")[44] == 40 * batch * 64 + 4 * batch * 32
+        # the last val loss (of step 44) survives a resume: checkpoint 48's lineage record carries it, as without one
+        run_training(ranks, [*common, f"run.dir={resumed}", "train.max_steps=50", "train.seq_len=32", "train.eval_every=100",
+                                    "train.keep_last=10"])
+        val = [json.loads((resumed / "checkpoints" / f"global_step{s}" / "lineage.json").read_text())["val_loss"] for s in (44, 48)]
+        assert val[0] is not None and val[1] == val[0], val
 
 
 def test_second_trainer_on_a_live_run_dir_is_refused(base, tmp_path):

@@ -204,6 +204,7 @@ class Trainer:
         self.step, self.consumed = int(client["step"]), int(client["consumed_samples"])
         self.tokens_seen = int(client.get("consumed_tokens", self.consumed * self.cfg.train.seq_len))
         self.early_stop.load(client.get("early_stop"))
+        self.last_val_loss = client.get("last_val_loss")
         self.saved_step = self.step
         saved_gb = int(client["global_batch"])
         if saved_gb != self.global_batch:
@@ -277,6 +278,7 @@ class Trainer:
             "consumed_tokens": self.tokens_seen, "config_fingerprint": self.cfg.fingerprint(),
             "scaletrain_version": __version__, "early_stop": self.early_stop.state(), "guard_skipped_steps": self.guard.total,
             "guard_consecutive": self.guard.consecutive,
+            "last_val_loss": self.last_val_loss,  # the lineage records of the checkpoints after a resume carry it too
         }
         meta = {"zero_stage": self.cfg.zero.stage, "precision": self.cfg.train.precision,
                 "data_stream": resume.data_stream(self.cfg, self.data_cache),
