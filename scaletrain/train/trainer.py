@@ -222,7 +222,7 @@ class Trainer:
     # -- one optimizer step ------------------------------------------------------------------
     def train_step(self) -> float:
         t, d = self.cfg.train, self.dist
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=d.device)  # summed where it is: one host sync a step
         batches = [self.train_stream.batch(self.train_stream.window_ids(
             *micro_batch_ids(self.consumed, micro, d.rank, d.world, t.micro_batch_size))) for micro in range(t.grad_accum)]
         weights = finetune.token_weights(self.cfg, [y for _, y in batches], self.dist.world)
@@ -231,11 +231,11 @@ class Trainer:
             if weights is not None:
                 loss = loss * weights[micro]
             self.engine.backward(loss)
-            total += loss.item()
+            total += loss.detach()
             if micro == t.grad_accum - 1:
                 if self.cfg.zero.stage == 0:
                     self._grad_norm = self._full_grad_norm()  # DeepSpeed only records it under ZeRO/mixed precision
-                mean = all_reduce_sum([total / t.grad_accum])[0] / d.world  # before the update: the NaN guard needs it
+                mean = all_reduce_sum([total.item() / t.grad_accum])[0] / d.world  # before the update: the NaN guard needs it
                 self.guard.before_update(self.engine, mean)
             self.engine.step()
         self.step += 1
