@@ -40,13 +40,15 @@ class RunConfig(_Section):
 
 
 class ModelConfig(_Section):
-    hidden_size: int = Field(256, gt=0)
-    num_layers: int = Field(4, gt=0)
-    num_heads: int = Field(4, gt=0)
-    num_kv_heads: int = Field(4, gt=0)
-    intermediate_size: int = Field(688, gt=0)
+    # Upper bounds far beyond any model, so that a garbled config is refused, not built (the meta-device build of
+    # 10^9 layers ran until memory was gone)
+    hidden_size: int = Field(256, gt=0, le=1 << 17)
+    num_layers: int = Field(4, gt=0, le=4096)
+    num_heads: int = Field(4, gt=0, le=4096)
+    num_kv_heads: int = Field(4, gt=0, le=4096)
+    intermediate_size: int = Field(688, gt=0, le=1 << 20)
     vocab_size: int = Field(8192, ge=16)
-    max_seq_len: int = Field(2048, gt=0)
+    max_seq_len: int = Field(2048, gt=0, le=1 << 24)
     rope_theta: float = Field(10000.0, gt=0)
     tie_word_embeddings: bool = True
     norm_eps: float = Field(1e-5, gt=0)
@@ -335,6 +337,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             value = parse_scalar(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        except RecursionError:
+            raise UserError(f"--set {key}: the value nests too deeply") from None
         _set_dotted(tree, key, value)
     return tree
 

@@ -80,6 +80,10 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"config file {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     except UnicodeDecodeError:
         raise UserError(f"config file {p} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file {p} ({e.strerror or e})") from None
+    except RecursionError:
+        raise UserError(f"config file {p} nests too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

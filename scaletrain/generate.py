@@ -59,8 +59,10 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
-    logits = logits.float().cpu()  # one vocab-sized row; the generator is a CPU one
-    logits = (logits - logits.max().float()) / temperature  # max first: a tiny temperature gives 0 and -inf, not inf - inf
+    # one vocab-sized row, on the CPU (the generator is a CPU one), in fp64: a temperature below fp32's range (1e-300)
+    # would be 0 there, and 0/0 NaN. Max first: a tiny temperature gives 0 and -inf, not inf - inf.
+    logits = logits.double().cpu()
+    logits = (logits - logits.max()) / temperature
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

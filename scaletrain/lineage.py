@@ -68,7 +68,7 @@ def read(path: str | Path) -> Optional[dict]:
     p = p / LINEAGE if p.is_dir() else p
     try:
         data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
     return data if _well_formed(data) else None
 

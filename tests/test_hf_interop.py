@@ -327,7 +327,7 @@ def test_a_tiny_temperature_samples_the_argmax():
     from scaletrain.generate import _pick
 
     logits = torch.tensor([5.0, 3.0, 1.0, float("-inf")])
-    for t in (1e-38, 1e-30):
+    for t in (1e-300, 1e-38, 1e-30):
         assert _pick(logits, t, 0, 1.0, torch.Generator().manual_seed(0)) == 0
         assert _pick(logits, t, 2, 0.9, torch.Generator().manual_seed(0)) == 0
 

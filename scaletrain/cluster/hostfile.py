@@ -49,6 +49,9 @@ def parse_hostfile(text: str, source: str = "hostfile") -> "OrderedDict[str, int
         host, slots = m["host"], int(m["slots"])
         if m["slots"].startswith("+"):  # DeepSpeed's own parser refuses a sign
             raise UserError(f"{source}:{lineno}: write slots={slots}, without the '+' (deepspeed --hostfile refuses it)")
+        if slots > 4096:  # no node has that many accelerators; the count would overflow later (ranks lists)
+            raise UserError(f"{source}:{lineno}: host {host} has slots={slots}; a host's slots are its GPUs (or CPU ranks), "
+                            "at most 4096")
         if slots < 1:
             raise UserError(f"{source}:{lineno}: host {host} has slots={slots}; slots must be >= 1 "
                             f"(remove the line to leave the host out)")

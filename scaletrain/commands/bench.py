@@ -46,6 +46,8 @@ def run(a: argparse.Namespace) -> int:
         from pathlib import Path
 
         out = Path(a.out)
+        if out.is_file() or out.is_symlink():
+            raise UserError(f"--out {a.out} already exists; remove it or choose a new file (earlier results are not overwritten)")
         if out.is_dir() or not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
             raise UserError(f"--out {a.out}: not a file that can be written (a directory, or its folder is missing or "
                             "read-only); give a path like results/bench.json in an existing, writable folder")

@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -29,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from scaletrain.checkpoint_names import MANIFEST, TAG_RE
 from scaletrain.cluster.slurm import SUBMITTED, hostfile_job, submitted_job
 from scaletrain.errors import UserError
 
 STALE_AFTER_S = 600
-_TAG = re.compile(r"^global_step(\d+)$")
 
 
 # ---- reading one run dir -------------------------------------------------------------------------------
@@ -72,7 +71,7 @@ def _read_status(run: Path) -> tuple[dict, Optional[float]]:
             return status, p.stat().st_mtime
     except FileNotFoundError:
         return {}, None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass
     return {"state": "unreadable"}, p.stat().st_mtime if p.exists() else None
 
@@ -113,7 +112,7 @@ def newest_checkpoint(run: Path) -> Optional[str]:
             return tag
     except (OSError, ValueError):  # unreadable, or not text (UnicodeDecodeError): the tags decide
         pass
-    tags = [(int(m[1]), p.name) for p in root.glob("global_step*") if (m := _TAG.match(p.name)) and (p / "manifest.json").is_file()]
+    tags = [(int(m[1]), p.name) for p in root.glob("global_step*") if (m := TAG_RE.match(p.name)) and (p / MANIFEST).is_file()]
     return max(tags)[1] if tags else None
 
 

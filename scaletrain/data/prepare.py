@@ -123,13 +123,29 @@ def open_cache(path: Path) -> Optional[DataCache]:
         raise UserError(f"data cache {path} has a damaged meta.json; delete that directory to rebuild it") from None
     if meta.get("fingerprint") != path.name:
         raise UserError(f"data cache {path} holds fingerprint {meta.get('fingerprint')}, not {path.name}; delete that directory")
+    cache = DataCache(path, meta)
+    want = meta.get("tokenizer_sha256")  # caches built before 2026-12-07 have none
+    if want is not None and tokenizer_digest(cache.tokenizer_path) != want:  # trained on, then copied into runs
+        raise UserError(f"data cache {path} is damaged: {cache.tokenizer_path.name} is not the tokenizer it was built "
+                        "with; delete that directory to rebuild it")
     for split, tokens in counts.items():  # a file cut short (disk full, a crash before it reached the disk)
         f = path / f"{split}.bin"
         size = f.stat().st_size if f.is_file() else -1
         if size < int(tokens) * dtype.itemsize:
             raise UserError(f"data cache {path} is damaged: {f.name} holds {max(size, 0):,} bytes, meta.json counts "
                             f"{int(tokens):,} tokens; delete that directory to rebuild it")
-    return DataCache(path, meta)
+    return cache
+
+
+def tokenizer_digest(path: Path) -> Optional[str]:
+    """sha256 over the tokenizer's files (names and bytes); None when one cannot be read."""
+    h = hashlib.sha256()
+    try:
+        for f in tokenizer_files(path):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 # -- tokenisation workers ------------------------------------------------------------------------
@@ -156,6 +172,8 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
         return existing
     if final.exists():  # a cache appears only by renaming a finished build, meta.json included
         raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
+    if final.parent.exists() and not final.parent.is_dir():
+        raise UserError(f"data.cache_dir {final.parent} is a file; set data.cache_dir to a directory")
     final.parent.mkdir(parents=True, exist_ok=True)
     for dead in abandoned_temps(final):  # a build killed midway (a preempted job) left up to a corpus of tokens
         shutil.rmtree(dead, ignore_errors=True)
@@ -277,5 +295,5 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
         "tokenizer_vocab": tok.vocab_size, "eos_id": tok.eos_id, "dtype": dtype,
         "docs": {k: v[0] for k, v in counts.items()}, "tokens": {k: v[1] for k, v in counts.items()},
         "val_fraction": cfg.data.val_fraction, "seconds": round(time.time() - t0, 1), "format": CACHE_FORMAT,
-        "data_format": cfg.data.format,
+        "data_format": cfg.data.format, "tokenizer_sha256": tokenizer_digest(tok_path),
     }

@@ -91,6 +91,8 @@ def resolve_source(source: str, text_field: str = "text") -> Source:
         matches = [q for q in files if q.suffix in SUPPORTED]
         skipped = [q for q in files if q.suffix not in SUPPORTED  # not .DS_Store, .git/objects/..., .cache/...
                    and not any(part.startswith(".") for part in q.relative_to(p).parts)]
+    elif p.is_file():  # a name with [ or * in it is that file, not a pattern
+        matches = [p]
     else:
         matches = sorted(Path(m) for m in glob.glob(pattern, recursive=True) if Path(m).is_file())
     if not matches:
@@ -107,7 +109,10 @@ def resolve_source(source: str, text_field: str = "text") -> Source:
 def _read_text_file(path: Path) -> str:
     """A text file as one document, newlines made universal ("\r\n" and "\r" become "\n", as text mode reads
     them). Read directly, not through datasets, which would keep an Arrow copy of every file in its cache."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read data file {path} ({e.strerror or e}); fix its permissions or remove it") from None
     if b"\0" in raw:
         raise UserError(f"data file {path} looks binary (NUL bytes); remove it from data.source")
     try:
@@ -222,6 +227,15 @@ def _parquet_rows(path: Path, columns: list[str] | None = None) -> Iterator[tupl
 def iter_rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) for each row of a .jsonl (one JSON value per line), a .json array or a .parquet file; `where`
     ("file:line", "file item i" or "file row i") is for messages. Unreadable input is a one-line UserError."""
+    try:
+        yield from _rows(path)
+    except OSError as e:  # EIO, EACCES (a file chmod 000 for anyone but root)
+        raise UserError(f"cannot read data file {path} ({e.strerror or e}); fix its permissions or remove it") from None
+    except RecursionError:  # JSON nested thousands deep
+        raise UserError(f"{path} nests JSON too deeply to read; it is not a data file of rows") from None
+
+
+def _rows(path: Path) -> Iterator[tuple[str, object]]:
     if is_saved_dataset(path):
         yield from _saved_dataset_rows(path)
         return

@@ -29,8 +29,10 @@ def read_hf_config(d: Path) -> dict:
         raise UserError(f"{d} has no config.json; not a Hugging Face model directory")
     try:
         cfg = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{p} is not valid JSON") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise UserError(f"{p} is not valid JSON (or nests too deeply)") from None
+    except OSError as e:
+        raise UserError(f"cannot read {p} ({e.strerror or e})") from None
     if not isinstance(cfg, dict):
         raise UserError(f"{p} does not hold a JSON object")
     return cfg

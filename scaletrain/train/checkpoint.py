@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -24,13 +23,12 @@ import torch
 from tqdm import tqdm
 
 from scaletrain import __version__
+from scaletrain.checkpoint_names import MANIFEST, TAG_RE
 from scaletrain.durable import fsync_dir, remove_matching, write_text_atomic
 from scaletrain.train import rng
 from scaletrain.train.disk_space import check_before_save, num_params
 from scaletrain.train.distributed import Dist, barrier, main_rank_does
 
-TAG_RE = re.compile(r"^global_step(\d+)$")
-MANIFEST = "manifest.json"
 FORMAT = 1  # layout version in every manifest; a newer one is refused on resume (resume.py)
 
 
@@ -95,8 +93,11 @@ def verify(tag_dir: Path) -> Optional[str]:
     try:
         files = json.loads(mpath.read_text())["files"]
         entries = [(str(rel), int(info["bytes"]), str(info["sha256"])) for rel, info in files.items()]
-    except (ValueError, KeyError, TypeError, AttributeError):  # (JSON and Unicode errors are ValueErrors)
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # (JSON, Unicode errors: ValueErrors)
         return f"{mpath} is not a valid manifest"
+    outside = next((rel for rel, _, _ in entries if Path(rel).is_absolute() or ".." in Path(rel).parts), None)
+    if outside is not None:  # a crafted manifest must not make us read (and vouch for) files elsewhere
+        return f"{mpath} is not a valid manifest (it lists {outside!r}, outside its checkpoint)"
     missing = next((tag_dir / rel for rel, _, _ in entries if not (tag_dir / rel).is_file()), None)
     if missing is not None:
         return f"{missing} is missing"

@@ -68,6 +68,9 @@ class RunDir:
                 (p / "config.json").is_file() or any(p.glob("*.safetensors")) or any(p.glob("*model_states.pt"))):
             raise UserError(f"run.dir {p} holds a model's weights (a checkpoint or Hugging Face dir), not a run; training "
                             f"there would overwrite its files: use a new run.dir (init.from={p} starts from its weights)")
+        for f in (self.config_path, p / "ds_config.json", p / "status.json", p / "lineage.json"):
+            if f.exists() and not f.is_file():  # written at start: a directory there failed after the data was built
+                raise UserError(f"{f} is not a file; move it away or use a new run.dir")
         previous = self.saved_config()
         # a growing run records its current (grown) model: any stage of the schedule is the same run. A start
         # that failed before its first step (a key mismatch in init.from, say) trained nothing to protect.

@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 import yaml
 
 from scaletrain import lineage
+from scaletrain.checkpoint_names import TAG_RE
 from scaletrain.config import Config
 from scaletrain.errors import UserError
 from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
@@ -27,6 +28,11 @@ DEFAULT_SHARD = "2GB"
 def check_out(out: Path) -> None:
     """--out must be new or an empty directory; we never overwrite."""
     out = Path(os.path.abspath(out))  # `--out .` has no name to stage beside
+    if out.is_symlink():  # staged output is renamed into place: a link would be replaced, not followed
+        raise UserError(f"--out {out} is a symbolic link; give the directory it points to, or a new path")
+    inside = next((p for p in out.parents if TAG_RE.match(p.name) and p.parent.name == "checkpoints"), None)
+    if inside is not None:  # a run prunes whole tags: this output would go with it
+        raise UserError(f"--out {out} is inside checkpoint {inside}, which its run may prune; choose a path outside checkpoints/")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new directory (nothing was written)")
     if out.is_dir() and os.path.ismount(out):  # staged output is renamed into place: a mount point cannot be replaced

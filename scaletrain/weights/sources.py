@@ -91,7 +91,7 @@ def read_lineage(d: Path) -> Optional[dict]:
     try:
         data = json.loads(p.read_text())
         return data if isinstance(data, dict) else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return None
 
 
@@ -157,11 +157,18 @@ def open_weights(path: str | Path) -> WeightSource:
     if (d / "config.json").is_file():
         return _open_hf_dir(d)
     if (d / "checkpoints").is_dir() or ((d / CONFIG_YAML).is_file() and (d / "status.json").is_file()):
-        from scaletrain.train.checkpoint import find_resumable
+        from scaletrain.train.checkpoint import find_resumable, tags_by_step, verify
 
-        tag = find_resumable(d / "checkpoints", log=lambda msg: print(msg, file=sys.stderr))
+        skipped: list[str] = []
+        tag = find_resumable(d / "checkpoints", log=skipped.append)
         if tag is None:
-            raise UserError(f"run dir {d} has no complete, verified checkpoint yet")
+            tags = tags_by_step(d / "checkpoints")
+            if tags:  # all damaged (or incomplete): why the newest fails, not a fallback that did not happen
+                raise UserError(f"run dir {d} has checkpoints but none passes verification ({verify(d / 'checkpoints' / tags[0][1])}); "
+                                "restore the damaged files from a copy")
+            raise UserError(f"run dir {d} has no checkpoint yet (its run saves one every train.save_every steps)")
+        for line in skipped:
+            print(line, file=sys.stderr)
         src = _open_tag(d / "checkpoints" / tag, d, "run")
         src.path = d
         return src
