@@ -72,6 +72,21 @@ def c_model_too_deep_to_be_real(tmp):
     return train(tmp, "model.num_layers=1000000000"), ("model.num_layers", "4096")
 
 
+def _rows_without_text(tmp):
+    return _write(tmp / "rows" / "a.jsonl", json.dumps({"body": "hello"}) + "\n").parent
+
+
+def c_failed_start_leaves_no_new_run_dir_or_cache_dir(tmp):
+    """The error comes after the run dir's lock was taken and the cache dir made (while tokenising): both new
+    dirs go again."""
+    return train(tmp, f"run.dir={tmp / 'new' / 'run'}", f"data.cache_dir={tmp / 'new-cache' / 'sub'}",
+                 source=_rows_without_text(tmp)), "'text' field"
+
+
+def c_failed_build_leaves_no_new_cache_dir(tmp):
+    return prep(tmp, f"data.cache_dir={tmp / 'new-cache'}", source=_rows_without_text(tmp)), "'text' field"
+
+
 CASES: dict[str, Callable] = {name[2:]: fn for name, fn in sorted(globals().items()) if name.startswith("c_")}
 
 

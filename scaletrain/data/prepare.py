@@ -174,6 +174,7 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
         raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
     if final.parent.exists() and not final.parent.is_dir():
         raise UserError(f"data.cache_dir {final.parent} is a file; set data.cache_dir to a directory")
+    made = [p for p in final.parents if not p.exists()]  # removed again (while empty) if this build fails
     final.parent.mkdir(parents=True, exist_ok=True)
     for dead in abandoned_temps(final):  # a build killed midway (a preempted job) left up to a corpus of tokens
         shutil.rmtree(dead, ignore_errors=True)
@@ -187,8 +188,15 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
         except OSError:  # another process finished the same cache first: keep theirs
             if open_cache(final) is None:
                 raise
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # innermost first; a level that holds something else stays, with those above it
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return open_cache(final)
 
 

@@ -174,8 +174,10 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(os.path.expanduser(str(run_dir))) / self.NAME
         self.handle = None
+        self.created: list[Path] = []  # what acquire made (the lock file, new run dir levels): a failed start removes them
 
     def acquire(self) -> None:
+        new = [p for p in (self.path, *self.path.parents) if not p.exists()]
         try:  # the first write of a run: where the preflight's permission probe was not enough (root, /proc, ...)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(self.path, "a+")
@@ -193,8 +195,17 @@ class RunLock:
             handle.close()
             return
         self.handle = handle  # the file stays empty: a failed start leaves the run dir byte for byte as it was
+        self.created = new
 
-    def release(self) -> None:
+    def release(self, failed_start: bool = False) -> None:
+        """`failed_start`: the start ended before training; what acquire created goes again where nothing else was
+        written into it (a new run.dir that a typo in the data path would otherwise leave behind)."""
         if self.handle is not None:
             self.handle.close()  # closing the file drops the flock
             self.handle = None
+        for p in self.created if failed_start else ():
+            try:
+                p.unlink() if p == self.path else p.rmdir()  # rmdir: only while empty
+            except OSError:
+                break  # a level that holds something: it and those above it stay
+        self.created = []

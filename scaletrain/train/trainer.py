@@ -410,7 +410,11 @@ class Trainer:
 def train(cfg: Config) -> dict:
     lock = RunLock(cfg.run.dir)
     try:
-        trainer = Trainer(cfg, lock)
+        try:
+            trainer = Trainer(cfg, lock)
+        except BaseException:
+            lock.release(failed_start=True)
+            raise
         try:
             summary = trainer.fit()
         finally:
