@@ -64,6 +64,9 @@ class RunGrowth:
         for k, m in enumerate(self.models):
             if same_model(saved, m):
                 return k
+        if len(self.models) == 1:  # no schedule: a plain mismatch (a tag copied in from another run)
+            raise UserError(f"checkpoint {tag_dir} holds a model ({_shape(saved)}) other than this config's "
+                            f"({_shape(self.models[0].model_dump())}); use that run's config, or a new run.dir")
         raise UserError(f"checkpoint {tag_dir} holds a model ({_shape(saved)}) that is no stage of this config's "
                         "growth.schedule; restore the schedule the run was started with or use a new run.dir")
 
