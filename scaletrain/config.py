@@ -398,8 +398,13 @@ def fp16_zero_problem(precision: str, zero_stage: int, what: str = "train.precis
     return None
 
 
+def config_yaml(cfg: Config) -> str:
+    """The text of a saved config.yaml (run dirs, checkpoint dirs): the whole resolved config, in section order."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path.write_text(config_yaml(cfg))
 
 
 # ---- DeepSpeed config ---------------------------------------------------------------------------

@@ -25,7 +25,6 @@ How good is it: see README "Reliability" (estimate vs measured peak RSS on CPU f
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -152,9 +151,9 @@ def check_fits(cfg: Config) -> None:
         return
     import torch
 
-    e = os.environ  # before setup(): under `--launcher openmpi` only mpirun's variables are set yet
-    world = int(e.get("WORLD_SIZE", e.get("OMPI_COMM_WORLD_SIZE", "1")))
-    local = int(e.get("LOCAL_SIZE", e.get("LOCAL_WORLD_SIZE", e.get("OMPI_COMM_WORLD_LOCAL_SIZE", world))))
+    from scaletrain.train.distributed import launcher_world
+
+    world, local = launcher_world()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = memory_per_rank(cfg, world, device)
     have, what = device_memory(device, local)

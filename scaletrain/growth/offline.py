@@ -26,7 +26,8 @@ from scaletrain.errors import UserError
 from scaletrain.growth.check import compare
 from scaletrain.growth.optimizer_state import moment_tensors
 from scaletrain.growth.parent import Parent
-from scaletrain.growth.plan import WIDTH_DIMS, GrowthPlan, GrowthSpec
+from scaletrain.growth.plan import GrowthPlan, GrowthSpec
+from scaletrain.growth.schedule import GROWABLE
 from scaletrain.hf import generation_config
 from scaletrain.model.llama import LlamaShape
 from scaletrain.weights.checkpoint_dir import check_out, copy_tokenizer, staged
@@ -34,7 +35,6 @@ from scaletrain.weights.files import MOMENT_KINDS, FileReader, weight_files
 from scaletrain.weights.sources import expected_shapes
 from scaletrain.weights.writer import write_safetensors
 
-GROWABLE = (*WIDTH_DIMS, "num_layers")
 
 
 def child_model_config(parent: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:

@@ -37,6 +37,14 @@ def launcher_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", 0)))
 
 
+def launcher_world() -> tuple[int, int]:
+    """(world size, ranks on this node) as the launcher set them, before `setup` (1, 1 without a launcher); under
+    `--launcher openmpi` only mpirun's variables are set yet."""
+    e = os.environ
+    world = int(e.get("WORLD_SIZE", e.get("OMPI_COMM_WORLD_SIZE", "1")))
+    return world, int(e.get("LOCAL_SIZE", e.get("LOCAL_WORLD_SIZE", e.get("OMPI_COMM_WORLD_LOCAL_SIZE", world))))
+
+
 def use_cpu_accelerator_without_cuda() -> None:
     """Before DeepSpeed is first imported: without CUDA it is the CPU accelerator (DeepSpeed's own detection picks
     and caches one at import, warning on every rank, and could choose xpu/mps)."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from scaletrain.config import Config, build_config
+from scaletrain.config import Config, build_config, config_yaml
 from scaletrain.errors import UserError
 from scaletrain.growth.schedule import stage_models
 from scaletrain.durable import remove_matching, write_text_atomic
@@ -112,7 +112,7 @@ class RunDir:
 
     def write_start(self, cfg: Config, ds_config: dict) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.config_path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text_atomic(self.config_path, config_yaml(cfg))
         write_text_atomic(self.path / "ds_config.json", json.dumps(ds_config, indent=2))
 
     def check_shared(self, dist) -> None:

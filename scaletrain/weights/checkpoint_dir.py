@@ -10,11 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-import yaml
-
 from scaletrain import lineage
 from scaletrain.checkpoint_names import TAG_RE
-from scaletrain.config import Config
+from scaletrain.config import Config, config_yaml
 from scaletrain.errors import UserError
 from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
 from scaletrain.durable import publish_dir, temp_dir_beside
@@ -81,7 +79,7 @@ def write_checkpoint_dir(tmp: Path, out: Path, src: WeightSource, cfg: Config, k
     """Weights of `src` (stored dtype) + config.yaml + tokenizer/ + lineage.json into `tmp` (renamed to `out`
     by the caller). Returns the lineage record."""
     written = write_safetensors(tmp, src.specs(), src.tensors(), max_shard_bytes, progress=progress)
-    (tmp / CONFIG_YAML).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (tmp / CONFIG_YAML).write_text(config_yaml(cfg))
     if src.tokenizer is not None:
         copy_tokenizer(src.tokenizer, tmp / TOKENIZER_DIR)
     generation_config.keep(src.path, tmp)  # an HF model's stop tokens and sampling defaults travel with it
