@@ -12,6 +12,7 @@ import pytest
 
 from scaletrain.cluster import slurm
 from scaletrain.cluster.hostfile import format_hostfile, parse_hostfile, read_hostfile, resolve_filters
+from scaletrain.commands import submit as submit_cli
 from scaletrain.cluster.slurm import SubmitOptions, render_sbatch, time_limit_seconds
 from scaletrain.errors import UserError
 
@@ -338,17 +339,17 @@ def test_submit_command_dry_run_and_missing_sbatch(tmp_path, monkeypatch, capsys
     p = argparse.ArgumentParser()
     p.add_argument("--config")
     p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[])
-    slurm.add_submit_args(p)
+    submit_cli.add_submit_args(p)
     args = p.parse_args(["--config", str(cfg), "--set", "train.max_steps=5", "--time", "00:10:00", "--dry-run",
                          "--python", sys.executable])
-    assert slurm.submit_command(args) == 0
+    assert submit_cli.run(args) == 0
     assert "--time=00:10:00" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()   # --dry-run only prints
 
     monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
     args.dry_run = False
     with pytest.raises(UserError, match="sbatch not found: install SLURM client or use --dry-run"):
-        slurm.submit_command(args)
+        submit_cli.run(args)
     with pytest.raises(UserError, match="sbatch not found"):
         slurm.submit("/x.sbatch")
 
