@@ -175,31 +175,6 @@ class GrowthConfig(_Section):
     seed: int = 0
 
 
-# ds_config entries generated from scaletrain's own settings (deepspeed_config below), and those settings
-DEEPSPEED_OWNED = {
-    "train_batch_size": "train.micro_batch_size x train.grad_accum x ranks",
-    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum",
-    "gradient_clipping": "train.grad_clip",
-    "bf16.enabled": "train.precision",
-    "fp16.enabled": "train.precision",
-    "optimizer": "train.lr, train.beta1, train.beta2 and train.weight_decay (scaletrain builds the AdamW)",
-    "scheduler": "train.warmup_steps and train.min_lr (scaletrain's warmup + cosine schedule)",
-    "zero_optimization.stage": "zero.stage",
-    "zero_optimization.offload_optimizer.device": "zero.offload_optimizer",
-    "zero_optimization.offload_param.device": "zero.offload_param",
-    "zero_optimization.contiguous_gradients": "zero.contiguous_gradients",
-    "zero_optimization.overlap_comm": "zero.overlap_comm",
-    "zero_optimization.reduce_bucket_size": "zero.reduce_bucket_size",
-    # DeepSpeed's older spellings of the same settings
-    "bfloat16": "train.precision",
-    "zero_optimization.cpu_offload": "zero.offload_optimizer",
-    "zero_optimization.cpu_offload_param": "zero.offload_param",
-}
-_DEEPSPEED_SECTIONS = ("zero_optimization", "bf16", "fp16", "bfloat16")  # mappings in DeepSpeed's config
-_ABSENT = object()
-
-
 class Config(_Section):
     run: RunConfig = RunConfig()
     model: ModelConfig = ModelConfig()
@@ -214,16 +189,10 @@ class Config(_Section):
     def _check_deepspeed(self) -> "Config":
         """The `deepspeed:` mapping may add anything DeepSpeed reads, but not a value scaletrain sets from its own
         keys: checkpoints, resharding, the memory plan and the lr schedule read those, and would disagree."""
-        for path, ours in DEEPSPEED_OWNED.items():
-            node: Any = self.deepspeed
-            for part in path.split("."):
-                node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
-            if node is not _ABSENT:
-                raise ValueError(f"deepspeed.{path} is set by scaletrain from {ours}; set that instead")
-        for section in _DEEPSPEED_SECTIONS:
-            if section in self.deepspeed and not isinstance(self.deepspeed[section], dict):
-                raise ValueError(f"deepspeed.{section} must be a mapping of DeepSpeed settings, not "
-                                 f"{self.deepspeed[section]!r} (e.g. deepspeed.{section}.KEY=VALUE)")
+        from scaletrain.ds_config import mapping_problem
+
+        if problem := mapping_problem(self.deepspeed):
+            raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -405,36 +374,3 @@ def config_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(config_yaml(cfg))
-
-
-# ---- DeepSpeed config ---------------------------------------------------------------------------
-
-
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
-    """The ds_config for this run; the user's `deepspeed:` mapping is merged last."""
-    t, z = cfg.train, cfg.zero
-    zero: dict[str, Any] = {
-        "stage": z.stage,
-        "contiguous_gradients": z.contiguous_gradients,
-        "overlap_comm": z.overlap_comm,
-        "reduce_bucket_size": z.reduce_bucket_size,
-    }
-    if z.offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": z.offload_optimizer}
-    if z.offload_param != "none":
-        zero["offload_param"] = {"device": z.offload_param}
-    ds: dict[str, Any] = {
-        "train_batch_size": cfg.global_batch_windows(world_size),
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10**9,  # our own logger prints; keep DeepSpeed quiet
-        "wall_clock_breakdown": False,
-    }
-    if t.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
-        ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
-    return deep_merge(ds, cfg.deepspeed)

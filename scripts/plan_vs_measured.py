@@ -40,7 +40,8 @@ def child(overrides: list[str], steps: int) -> dict:
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 200))
-    from scaletrain.config import deepspeed_config, load_config
+    from scaletrain.config import load_config
+    from scaletrain.ds_config import deepspeed_config
     from scaletrain.plan import memory_per_rank
     from scaletrain.train.distributed import setup
     from scaletrain.train.schedule import WarmupCosine

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scaletrain.config import Config, build_config, deepspeed_config, load_config, parse_overrides, save_config
+from scaletrain.config import Config, build_config, load_config, parse_overrides, save_config
+from scaletrain.ds_config import deepspeed_config
 from scaletrain.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from typing import Callable
 
 import torch
 
-from scaletrain.config import Config, deepspeed_config
+from scaletrain.config import Config
+from scaletrain.ds_config import deepspeed_config
 from scaletrain.model.attention import check_backend
 from scaletrain.model.docmask import document_ids
 from scaletrain.model.llama import LlamaShape

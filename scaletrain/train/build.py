@@ -33,31 +33,3 @@ def build_model(shape: LlamaShape, cfg: Config, pad_id: int = 2) -> LlamaForCaus
     model = classify.build_model(shape, loss_chunk=cfg.train.loss_chunk, pad_id=pad_id)
     use_fused_ops(model, cfg.model.fused_ops, cuda=torch.cuda.is_available())
     return compile_model(model) if cfg.train.compile else model
-
-
-def check_deepspeed_passthrough(cfg: Config) -> None:
-    """The `deepspeed:` mapping through DeepSpeed's own config classes before anything is written: a typo or a
-    wrong type there failed inside deepspeed.initialize, with a traceback on every rank, after data and model
-    were built. (World size 1 here: batch sizes are scaletrain's, checked already.)"""
-    if not cfg.deepspeed:
-        return
-    from scaletrain.train.distributed import use_cpu_accelerator_without_cuda
-
-    use_cpu_accelerator_without_cuda()  # before this first import of DeepSpeed, as setup() does
-    from pydantic import ValidationError
-    from deepspeed.runtime.config import DeepSpeedConfig
-
-    from scaletrain.config import deepspeed_config
-    from scaletrain.errors import UserError
-
-    fix = "fix or remove that entry of the deepspeed: mapping"
-    try:
-        DeepSpeedConfig(deepspeed_config(cfg, 1))
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise UserError(f"deepspeed: DeepSpeed refuses {where!r} in {e.title} ({err['msg']}, got {err.get('input')!r}); {fix}") from None
-    except Exception as e:  # noqa: BLE001 - DeepSpeedConfigError, its asserts, a str where it reads a mapping, ...
-        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise UserError(f"deepspeed: DeepSpeed refuses the deepspeed: mapping ({type(e).__name__}: {msg}); {fix}") from None
-

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as tdist
 
 from scaletrain import __version__, lineage
-from scaletrain.config import Config, deepspeed_config
+from scaletrain.config import Config
 from scaletrain.data.sampler import micro_batch_ids
 from scaletrain.data.sources import resolve_source
+from scaletrain.ds_config import check_deepspeed_passthrough, deepspeed_config
 from scaletrain.dtypes import DTYPES
 from scaletrain.errors import UserError
 from scaletrain.growth.in_run import RunGrowth, grow
@@ -31,7 +32,7 @@ from scaletrain.train import checkpoint, finetune, init_from, precision
 from scaletrain.train.distributed import (all_reduce_sum, any_rank, collectives_status, launcher_rank, main_rank_does,
                                           barrier, setup, shutdown)
 from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
-from scaletrain.train.build import build_model, build_optimizer, check_deepspeed_passthrough
+from scaletrain.train.build import build_model, build_optimizer
 from scaletrain.plan import check_fits
 from scaletrain.train import resume
 from scaletrain.train.guard import StepGuard
