@@ -144,7 +144,7 @@ def test_kv_cached_decoding_matches_full_forward(shape_id, backend):
             diff = (step - full[:, start:end]).abs().max().item()
             assert diff <= TOL, f"positions {start}..{end - 1}: max |dlogits| = {diff:.3g}"
             pos = end
-        assert all(len(c) == 2 and c[0].shape[2] == 21 for c in caches)
+        assert all(c[2] == 21 and c[0].shape[2] >= 21 for c in caches)  # 21 positions held
         # The last token's logits, the thing generation uses.
         assert (step[:, -1] - full[:, -1]).abs().max() <= TOL
 
@@ -155,3 +155,18 @@ def test_backends_agree_with_each_other():
     ids = ids_for(eager.shape.vocab_size, t=40, seed=8)
     with torch.no_grad():
         assert (eager(ids) - sdpa(ids)).abs().max() <= TOL
+
+
+def test_kv_cache_buffers_grow_and_hold_every_position():
+    """extend_cache against torch.cat of everything appended: chunks that cross the doubling points (64, 128...)."""
+    from scaletrain.model.llama import extend_cache
+
+    torch.manual_seed(0)
+    cache, ks, vs = [], [], []
+    for t in [7, 57, 1, 70, 1, 1, 120]:
+        k, v = torch.randn(2, 3, t, 8), torch.randn(2, 3, t, 8)
+        ks.append(k)
+        vs.append(v)
+        got_k, got_v = extend_cache(cache, k, v)
+        assert torch.equal(got_k, torch.cat(ks, dim=2)) and torch.equal(got_v, torch.cat(vs, dim=2))
+    assert cache[2] == 257 and cache[0].shape[2] >= 257

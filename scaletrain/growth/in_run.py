@@ -112,7 +112,6 @@ def _shape(m: dict) -> str:
 
 def grow(trainer, metrics) -> None:
     """Collective: the boundary sequence above. `trainer` is a scaletrain.train.trainer.Trainer."""
-    from scaletrain.growth.engine_state import release_engine
     from scaletrain.train.distributed import main_rank_does
 
     t0, step, d = time.time(), trainer.step, trainer.dist
@@ -128,22 +127,8 @@ def grow(trainer, metrics) -> None:
     out = trainer.run.path / "growth" / f"stage{stage + 1}"
     # rank 0 grows the files (minutes for a large model) while the others wait; its error stops every rank
     record = main_rank_does(lambda: _grow_files(trainer, parent_cfg, child_cfg, out, stage + 1))
-    if getattr(trainer, "guard", None) is not None:
-        trainer.guard.detach()  # its reference would keep the parent's weights and Adam state alive meanwhile
-    freed = release_engine(trainer.engine)
-    trainer.engine = None
-    freed()  # collect the parent now: on a GPU its memory is needed for the child
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    trainer.cfg, trainer.stage = child_cfg, stage + 1
-    trainer.shape = type(trainer.shape).from_config(child_cfg.model)
-    trainer.engine = trainer._build_engine(weights_from=out)  # + exact masters and grown moments (install)
-    trainer.engine.lr_scheduler.load_state_dict({"steps_done": step})
-    if getattr(trainer, "guard", None) is not None:
-        trainer.guard.attach(trainer.engine)  # the NaN guard (train/guard.py) lets go of the old engine
-    if not freed():
-        trainer.log("warning: the previous DeepSpeed engine is still referenced; memory grows with each stage")
-    if d.is_main and getattr(trainer, "lineage", None) is not None:
+    trainer.switch_model(child_cfg, stage + 1, out)  # a new engine: the child's weights, exact masters, grown moments
+    if d.is_main:
         trainer.lineage.grown(out, child_cfg)  # the next checkpoints descend from the grown child
     _report(trainer, record, metrics, time.time() - t0)
 

@@ -117,10 +117,8 @@ class Attention(nn.Module):
             return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if cos is not None:  # model.position=rope; alibi lives in the mask, none has no positions
             q, k = self.rope(q, k, cos, sin)
-        if cache is not None:  # [k, v] of earlier positions, extended in place
-            if cache:
-                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-            cache[:] = [k, v]
+        if cache is not None:  # keys and values of earlier positions, extended in place
+            k, v = extend_cache(cache, k, v)
         out = attention(q, k, v, self.s.attention, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -133,6 +131,23 @@ class Attention(nn.Module):
     def rope(self, q, k, cos, sin):
         """Rotate queries and keys (a fused kernel may take over: model/fused_ops.py)."""
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def extend_cache(cache: list, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's KV cache, `cache` = [k buffer, v buffer, positions held], with `k`, `v` ([B, H_kv, T, D]) appended;
+    returns views of every position so far. The buffers double when full: a decode step writes one position
+    instead of copying the whole cache (torch.cat per token moved O(T^2) bytes over a generation)."""
+    held, t = (cache[2] if cache else 0), k.shape[2]
+    if not cache or held + t > cache[0].shape[2]:
+        size = max(64, 2 * (held + t))
+        grown = [x.new_empty(x.shape[0], x.shape[1], size, x.shape[3]) for x in (k, v)]
+        for new, old in zip(grown, cache[:2]):
+            new[:, :, :held] = old[:, :, :held]
+        cache[:] = [*grown, held]
+    cache[0][:, :, held:held + t] = k
+    cache[1][:, :, held:held + t] = v
+    cache[2] = held + t
+    return cache[0][:, :, :held + t], cache[1][:, :, :held + t]
 
 
 class DecoderLayer(nn.Module):

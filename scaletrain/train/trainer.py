@@ -182,6 +182,26 @@ class Trainer:
             install(engine, Path(weights_from), t.precision, t.grad_accum)  # exact fp32 masters, grown Adam moments
         return engine
 
+    def switch_model(self, cfg: Config, stage: int, weights_from: Path) -> None:
+        """A growth boundary (growth/in_run.py): the engine is dropped and one is built for `cfg`'s model from the
+        grown checkpoint dir `weights_from`, with its exact fp32 masters and grown Adam moments; the step, the
+        data position and the lr schedule go on."""
+        from scaletrain.growth.engine_state import release_engine
+
+        self.guard.detach()  # its reference would keep the parent's weights and Adam state alive meanwhile
+        freed = release_engine(self.engine)
+        self.engine = None
+        freed()  # collect the parent now: on a GPU its memory is needed for the child
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.cfg, self.stage = cfg, stage
+        self.shape = LlamaShape.from_config(cfg.model)
+        self.engine = self._build_engine(weights_from=weights_from)
+        self.engine.lr_scheduler.load_state_dict({"steps_done": self.step})
+        self.guard.attach(self.engine)
+        if not freed():
+            self.log("warning: the previous DeepSpeed engine is still referenced; memory grows with each stage")
+
     @property
     def lr_restarts(self) -> tuple:
         """(growth boundaries passed, re-warmup steps) for the lr schedule."""
