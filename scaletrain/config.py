@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from scaletrain.config_file import parse_scalar, read_yaml
+from scaletrain.config_file import dump_yaml, parse_scalar, read_yaml
 from scaletrain.errors import UserError
 
 
@@ -369,7 +369,7 @@ def fp16_zero_problem(precision: str, zero_stage: int, what: str = "train.precis
 
 def config_yaml(cfg: Config) -> str:
     """The text of a saved config.yaml (run dirs, checkpoint dirs): the whole resolved config, in section order."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return dump_yaml(cfg.to_dict())
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -45,13 +45,15 @@ _BOOL, _INT, _FLOAT, _TIME = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", 
 _UniqueKeyLoader.yaml_implicit_resolvers = {  # PyYAML's own resolvers, less the YAML 1.1 scalars replaced below
     first: [(tag, rx) for tag, rx in resolvers if tag not in (_BOOL, _INT, _FLOAT, _TIME)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_UniqueKeyLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 # Underscores between digits stay allowed (`1_000_000`), as PyYAML allowed them.
-_UniqueKeyLoader.add_implicit_resolver(
-    _INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
-_UniqueKeyLoader.add_implicit_resolver(
-    _FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
-                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+_SCALARS_12 = [
+    (_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    (_INT, re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*)$"), list("-+0123456789")),
+    (_FLOAT, re.compile(r"^(?:[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789.")),
+]
+for _tag, _regexp, _first in _SCALARS_12:
+    _UniqueKeyLoader.add_implicit_resolver(_tag, _regexp, _first)
 
 
 def _int_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
@@ -60,7 +62,32 @@ def _int_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     return int(text[2:] if base != 10 else text, base)  # decimal keeps leading zeros decimal: 0100 is 100
 
 
+def _float_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | int:
+    """A float, except that a whole number in e-notation without a point (`5e7`, a bucket size) is an int: DeepSpeed
+    passes some of its settings to C++ unchecked, where 50000000.0 is not a size."""
+    text = loader.construct_scalar(node).replace("_", "")
+    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    if "." not in text and text.lower().lstrip("+-")[:1].isdigit() and value == value and abs(value) < 2**63 \
+            and float(value).is_integer():
+        return int(value)
+    return value
+
+
 _UniqueKeyLoader.add_constructor(_INT, _int_yaml12)
+_UniqueKeyLoader.add_constructor(_FLOAT, _float_yaml12)
+
+
+class _QuotingDumper(yaml.SafeDumper):
+    """safe_dump, quoting every string that either YAML 1.1 (PyYAML's safe_load) or YAML 1.2 (read_yaml) would
+    read as a number or a boolean: a saved config.yaml given back with --config means the same."""
+
+
+for _tag, _regexp, _first in _SCALARS_12:
+    _QuotingDumper.add_implicit_resolver(_tag, _regexp, _first)
+
+
+def dump_yaml(tree: dict) -> str:
+    return yaml.dump(tree, Dumper=_QuotingDumper, sort_keys=False)
 
 
 def parse_scalar(raw: str) -> Any:

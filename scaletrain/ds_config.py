@@ -46,6 +46,18 @@ def mapping_problem(mapping: dict) -> str | None:
         if section in mapping and not isinstance(mapping[section], dict):
             return (f"deepspeed.{section} must be a mapping of DeepSpeed settings, not {mapping[section]!r} "
                     f"(e.g. deepspeed.{section}.KEY=VALUE)")
+    return _yaml11_boolean(mapping, "deepspeed")
+
+
+def _yaml11_boolean(node: Any, where: str) -> str | None:
+    """`off`, `no`, `yes`, `on` are text in our YAML (1.2); DeepSpeed reads many settings as given, and any text is
+    true there: `prescale_gradients: off` would switch it on."""
+    if isinstance(node, dict):
+        return next((p for k, v in node.items() if (p := _yaml11_boolean(v, f"{where}.{k}"))), None)
+    if isinstance(node, list):
+        return next((p for i, v in enumerate(node) if (p := _yaml11_boolean(v, f"{where}[{i}]"))), None)
+    if isinstance(node, str) and node.lower() in ("yes", "no", "on", "off", "y", "n"):
+        return f"{where} is the text {node!r}: write true or false"
     return None
 
 

@@ -97,7 +97,7 @@ def temp_dir_beside(final: Path) -> Path:
     """A new, empty hidden directory next to `final`, named for this writer only (mode from the umask, as
     the final directory should have: not tempfile's 0700)."""
     tmp = _temp_name(final)
-    tmp.mkdir()
+    tmp.mkdir(parents=True)  # parents: a failing build elsewhere may have just removed an empty cache dir
     return tmp
 
 

@@ -28,9 +28,9 @@ def inference_device_and_dtype(device: str = "auto", precision: str = "auto") ->
     return dev, DTYPES[precision]
 
 
-def load_model(source: str, need_tokenizer: bool = True, device: str = "auto", precision: str = "auto"):
-    """(model in eval mode on `device` in `precision` (see inference_device_and_dtype); tokenizer or None;
-    WeightSource) for a run/checkpoint/HF dir."""
+def load_model(source: str, need_tokenizer: bool = True, device: str = "cpu", precision: str = "fp32"):
+    """(model in eval mode on `device` in `precision` (the commands pass their flags, `auto` by default: see
+    inference_device_and_dtype); tokenizer or None; WeightSource) for a run/checkpoint/HF dir."""
     from scaletrain.data.tokenizer import load_tokenizer
     from scaletrain.model.classify import build_model
     from scaletrain.model.llama import LlamaShape

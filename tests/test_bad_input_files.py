@@ -153,6 +153,8 @@ def test_outputs_refused_where_they_would_be_replaced_or_pruned(tmp_path):
         check_out(tmp_path / "link")
     tag = tmp_path / "run" / "checkpoints" / "global_step3"
     tag.mkdir(parents=True)
+    check_out(tag / "child")  # (not a run of ours: no config.yaml beside checkpoints/)
+    _write(tmp_path / "run" / "config.yaml", "model: {}\n")
     with pytest.raises(UserError, match="inside checkpoint .*prune"):
         check_out(tag / "child")
     check_out(tmp_path / "run" / "exports" / "child")  # beside the checkpoints: fine

@@ -95,6 +95,9 @@ def test_nested_override_into_deepspeed_mapping():
     # PyYAML (YAML 1.1) read 5e7 (no dot) as a string, which DeepSpeed's pydantic config refused deep inside initialize
     cfg = load_config(None, ["deepspeed.zero_optimization.stage3_prefetch_bucket_size=5e7", "deepspeed.x=[2.5e-1]"])
     assert cfg.deepspeed == {"zero_optimization": {"stage3_prefetch_bucket_size": 50_000_000}, "x": [0.25]}
+    assert type(cfg.deepspeed["zero_optimization"]["stage3_prefetch_bucket_size"]) is int  # DeepSpeed hands some to C++
+    with pytest.raises(UserError, match="deepspeed.prescale_gradients is the text 'off': write true or false"):
+        load_config(None, ["deepspeed.prescale_gradients=off"])
     with pytest.raises(UserError, match="deepspeed.zero_optimization must be a mapping"):
         load_config(None, ["deepspeed.zero_optimization=3"])
 
@@ -361,6 +364,10 @@ def test_plain_scalars_mean_what_they_show(tmp_path):
     cfg = load_config(f)
     assert (cfg.run.dir, cfg.train.max_steps, cfg.train.compile) == ("2026-12-07", 15, True)
     assert parse_overrides(["a.b=1:30", "a.c=off", "a.d=.5", "a.e=null"])["a"] == {"b": "1:30", "c": "off", "d": 0.5, "e": None}
+    saved = tmp_path / "saved.yaml"  # strings that read as numbers in either YAML are written quoted
+    save_config(load_config(None, ["run.dir='5e7'", "data.source='0o17'"]), saved)
+    assert (load_config(saved).run.dir, load_config(saved).data.source) == ("5e7", "0o17")
+    assert parse_overrides(["a.b=0o_"])["a"]["b"] == "0o_"  # no digits after the prefix: text, not a crash
     for bad in ["train.max_steps=true", "train.lr=false"]:
         with pytest.raises(UserError) as exc:
             load_config(None, [bad])

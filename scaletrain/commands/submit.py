@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def add_submit_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of `scaletrain submit` (the caller adds --config/--set via cli.add_config_args)."""
+    """Arguments of `scaletrain submit` besides --config/--set (add_config_args)."""
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="GPUs per node; 0 (default) = CPU nodes, no GPU request at all")

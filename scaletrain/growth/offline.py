@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 from pydantic import ValidationError
 
 from scaletrain import lineage
 from scaletrain.config import ModelConfig, TrainConfig, _closest, build_config
+from scaletrain.config_file import dump_yaml
 from scaletrain.errors import UserError
 from scaletrain.growth.check import compare
 from scaletrain.growth.optimizer_state import moment_tensors
@@ -99,7 +99,7 @@ def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthS
         if parent.src.tokenizer is not None:
             copy_tokenizer(parent.src.tokenizer, tmp / "tokenizer")
         generation_config.keep(parent.src.path, tmp)  # the parent's stop tokens and sampling defaults
-        (tmp / "config.yaml").write_text(yaml.safe_dump(child_tree, sort_keys=False))
+        (tmp / "config.yaml").write_text(dump_yaml(child_tree))
         check = None
         if sample is not None:  # (x, y, description)
             child_reader = FileReader(weight_files(tmp), child.tie_word_embeddings)

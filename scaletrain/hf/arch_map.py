@@ -191,13 +191,13 @@ def import_plan(cfg: dict, where: str, peek: Callable[[str], Optional[bool]] = l
         m = ModelConfig(**values)
     except ValidationError as e:
         err = e.errors()[0]
-        raise UserError(f"{where}: {err['loc'][0] if err['loc'] else 'config'} = {err.get('input')!r} is not valid ({err['msg']})") from None
+        if not err["loc"]:  # a rule across fields (heads against hidden_size, label names): its own sentence
+            raise UserError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+        raise UserError(f"{where}: {err['loc'][0]} = {err.get('input')!r} is not valid ({err['msg']})") from None
     try:
         check_model(m)
     except ValueError as e:
         raise UserError(f"{where}: {e}") from None
-    if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads or (m.position == "rope" and m.head_dim % 2):
-        raise UserError(f"{where}: {m.num_heads} heads / {m.num_kv_heads} KV heads do not fit hidden_size {m.hidden_size}")
     return m, Adapter(rules.import_rule(fam, m, cfg), f"{fam} -> scaletrain")
 
 

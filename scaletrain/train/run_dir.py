@@ -200,12 +200,12 @@ class RunLock:
     def release(self, failed_start: bool = False) -> None:
         """`failed_start`: the start ended before training; what acquire created goes again where nothing else was
         written into it (a new run.dir that a typo in the data path would otherwise leave behind)."""
-        if self.handle is not None:
-            self.handle.close()  # closing the file drops the flock
-            self.handle = None
-        for p in self.created if failed_start else ():
+        for p in self.created if failed_start else ():  # while the lock is held: no trainer can take it meanwhile
             try:
                 p.unlink() if p == self.path else p.rmdir()  # rmdir: only while empty
             except OSError:
                 break  # a level that holds something: it and those above it stay
         self.created = []
+        if self.handle is not None:
+            self.handle.close()  # closing the file drops the flock
+            self.handle = None

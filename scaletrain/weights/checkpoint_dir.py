@@ -28,7 +28,8 @@ def check_out(out: Path) -> None:
     out = Path(os.path.abspath(out))  # `--out .` has no name to stage beside
     if out.is_symlink():  # staged output is renamed into place: a link would be replaced, not followed
         raise UserError(f"--out {out} is a symbolic link; give the directory it points to, or a new path")
-    inside = next((p for p in out.parents if TAG_RE.match(p.name) and p.parent.name == "checkpoints"), None)
+    inside = next((p for p in out.parents if TAG_RE.match(p.name) and p.parent.name == "checkpoints"
+                   and any((p.parent.parent / f).is_file() for f in ("config.yaml", "status.json"))), None)
     if inside is not None:  # a run prunes whole tags: this output would go with it
         raise UserError(f"--out {out} is inside checkpoint {inside}, which its run may prune; choose a path outside checkpoints/")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
