@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from scaletrain.config_file import dump_yaml, parse_scalar, read_yaml
+from scaletrain.deepspeed_keys import mapping_problem
 from scaletrain.errors import UserError
 
 
@@ -189,8 +190,6 @@ class Config(_Section):
     def _check_deepspeed(self) -> "Config":
         """The `deepspeed:` mapping may add anything DeepSpeed reads, but not a value scaletrain sets from its own
         keys: checkpoints, resharding, the memory plan and the lr schedule read those, and would disagree."""
-        from scaletrain.ds_config import mapping_problem
-
         if problem := mapping_problem(self.deepspeed):
             raise ValueError(problem)
         return self
