@@ -129,6 +129,9 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0)
     compile: bool = False  # torch.compile (inductor) the model: fuses norms, RoPE, SwiGLU, residual adds
     loss_chunk: int = Field(0, ge=0)  # tokens per chunk of the fused head + cross-entropy (0 = full logits)
+    # recompute each decoder layer in the backward: autograd keeps every layer's input and one layer's activations
+    # instead of all of them, for about one more forward pass of compute (MFU counts model FLOPs, not the recompute)
+    activation_checkpointing: bool = False
     # Fine-tuning (scaletrain/train/finetune.py)
     task: Literal["lm", "classify"] = "lm"  # classify: data.format=classification, model.num_labels > 0
     freeze: list[str] = Field(default_factory=list)  # [embeddings, layers.0-5, norm, head]: lr 0, no gradient

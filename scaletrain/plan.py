@@ -79,7 +79,10 @@ def activation_bytes(cfg: Config) -> float:
     head_rows = m.num_labels or m.vocab_size
     logit_tokens = tokens if not t.loss_chunk or m.num_labels else min(tokens, t.loss_chunk)
     logits = 4 * 4 * head_rows * (logit_tokens if not m.num_labels else t.micro_batch_size)
-    body = tokens * (per_layer * (m.num_layers + 1) + 4 * m.hidden_size * e)  # +1 layer: gradients in flight
+    if t.activation_checkpointing:  # every layer's input, and one layer recomputed (+1: its gradients in flight)
+        body = tokens * (m.hidden_size * e * m.num_layers + per_layer * 2 + 4 * m.hidden_size * e)
+    else:
+        body = tokens * (per_layer * (m.num_layers + 1) + 4 * m.hidden_size * e)  # +1 layer: gradients in flight
     return float(body + logits)
 
 
@@ -132,7 +135,9 @@ def advice(plan: MemoryPlan, cfg: Config) -> str:
     """The knob to turn for the part that dominates."""
     z = cfg.zero
     if plan.largest() == "activations":
-        return "lower train.micro_batch_size (raise train.grad_accum to keep the batch) or train.seq_len, or set train.loss_chunk"
+        recompute = "" if cfg.train.activation_checkpointing else "set train.activation_checkpointing=true, "
+        return (f"{recompute}lower train.micro_batch_size (raise train.grad_accum to keep the batch) or train.seq_len, "
+                "or set train.loss_chunk")
     if z.stage < 3:
         return f"raise zero.stage (now {z.stage}) to shard {'parameters, ' if z.stage == 2 else ''}gradients and optimizer state over more ranks, or use more ranks"
     if z.offload_optimizer == "none":
@@ -170,7 +175,8 @@ def step_time(cfg: Config, ranks: int, total_peak_flops: float, device: str) -> 
     """(seconds at 100% of peak, seconds at a typical MFU) for one optimizer step; `total_peak_flops` of all
     ranks together (CPU ranks on one machine share its cores: the machine's peak, not ranks x peak)."""
     tokens = cfg.global_batch_windows(ranks) * cfg.train.seq_len
-    best = flops_per_token(cfg) * tokens / total_peak_flops
+    recompute = 4 / 3 if cfg.train.activation_checkpointing else 1.0  # the forward (a third of the work) runs twice
+    best = flops_per_token(cfg) * recompute * tokens / total_peak_flops
     return best, best / TYPICAL_MFU.get(device, 0.4)
 
 

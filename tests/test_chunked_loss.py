@@ -160,3 +160,38 @@ def test_bf16_upstream_scale_is_applied_in_fp32():
         big = one.float().abs() > 1e-3 * one.float().abs().max()
         bias = (third.float()[big] / (one.float()[big] / 3)).mean().item()
         assert abs(bias - 1) < 5e-4, bias
+
+
+@pytest.mark.parametrize("task", ["lm", "classify"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(task):
+    """train.activation_checkpointing recomputes each layer in the backward: no dropout, so the same numbers
+    (bit for bit on CPU in fp32), and autograd keeps the layer inputs only."""
+    from scaletrain.config import load_config
+    from scaletrain.train.build import build_model
+
+    sets = ["model.hidden_size=64", "model.num_layers=3", "model.num_heads=4", "model.num_kv_heads=2",
+            "model.intermediate_size=128", "model.vocab_size=256", "train.seq_len=32"]
+    if task == "classify":
+        sets += ["model.num_labels=3", "train.task=classify", "data.format=classification", "data.source=x.jsonl"]
+    results, saved = [], []
+    for on in (False, True):
+        cfg = load_config(None, [*sets, f"train.activation_checkpointing={str(on).lower()}"])
+        torch.manual_seed(0)
+        model = build_model(LlamaShape.from_config(cfg.model), cfg)
+        assert model.recompute_layers is on
+        x = torch.randint(0, 256, (2, 32))
+        y = torch.randint(0, 3, (2,)) if task == "classify" else torch.randint(0, 256, (2, 32))
+        count = [0]
+
+        def pack(t):
+            count[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x, y)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+        saved.append(count[0])
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert saved[1] < saved[0] / 2, saved  # what autograd holds for the backward

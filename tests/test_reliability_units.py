@@ -192,6 +192,9 @@ def test_plan_counts_and_stage_arithmetic():
     assert p[3].params < p[2].params == p[1].params == 4 * P
     assert p[2].grads < p[1].grads
     assert p[0].activations == p[3].activations > 0
+    body = [memory_per_rank(load_config(TINY_YAML, ["train.precision=fp32", "train.loss_chunk=256", "model.num_layers=12",
+                                                    f"train.activation_checkpointing={on}"]), 4) for on in ("false", "true")]
+    assert 0 < body[1].activations < body[0].activations / 2  # layer inputs + one layer, not every layer's activations
     off = memory_per_rank(load_config(TINY_YAML, ["train.precision=fp32", "zero.stage=3", "zero.offload_optimizer=cpu",
                                                   "zero.offload_param=cpu"]), 4, "cuda")
     # offloading moves bytes to CPU memory and loses none; the layer being computed is still gathered on the

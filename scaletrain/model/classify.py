@@ -28,7 +28,7 @@ class LlamaForSequenceClassification(LlamaForCausalLM):
 
     def __init__(self, shape: LlamaShape, pad_id: int = 2):
         nn.Module.__init__(self)
-        self.shape, self.pad_id, self.loss_chunk = shape, pad_id, 0
+        self.shape, self.pad_id, self.loss_chunk, self.recompute_layers = shape, pad_id, 0, False
         self.model = LlamaBody(shape)
         self.score = nn.Linear(shape.hidden_size, shape.num_labels, bias=False)
         self.reset_parameters()

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from scaletrain.kernels import cpu_attention
 from scaletrain.model.attention import attention
@@ -239,6 +240,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.shape = shape
         self.loss_chunk = loss_chunk  # train.loss_chunk: tokens per chunk of the fused head+loss (0 = plain)
+        self.recompute_layers = False  # train.activation_checkpointing (set by the trainer's build_model)
         self.model = LlamaBody(shape)
         self.lm_head = LMHead(shape.hidden_size, shape.vocab_size, bias=False)
         if shape.tie_word_embeddings:
@@ -268,8 +270,12 @@ class LlamaForCausalLM(nn.Module):
         assert doc_ids is None or caches is None, "document masking is for training windows, not KV-cached decoding"
         cache = (self.model.rope_cos, self.model.rope_sin) if self.shape.position == "rope" else None
         cos, sin, mask = layer_inputs(self.shape, input_ids.shape[1], start_pos, doc_ids, x.device, x.dtype, cache)
+        recompute = self.recompute_layers and caches is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, None if caches is None else caches[i], mask)
+            if recompute:  # only the layer's input is kept; its forward runs again in the backward (no dropout:
+                x = checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)  # the same numbers)
+            else:
+                x = layer(x, cos, sin, None if caches is None else caches[i], mask)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, targets: Optional[torch.Tensor] = None, caches=None, start_pos: int = 0,

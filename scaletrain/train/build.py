@@ -31,5 +31,6 @@ def build_model(shape: LlamaShape, cfg: Config, pad_id: int = 2) -> LlamaForCaus
     """The model (a classifier when model.num_labels > 0) with the configured hot-path options (chunked
     loss, compiled blocks)."""
     model = classify.build_model(shape, loss_chunk=cfg.train.loss_chunk, pad_id=pad_id)
+    model.recompute_layers = cfg.train.activation_checkpointing
     use_fused_ops(model, cfg.model.fused_ops, cuda=torch.cuda.is_available())
     return compile_model(model) if cfg.train.compile else model
