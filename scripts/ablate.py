@@ -66,7 +66,7 @@ def run_variant(v: dict, budget: float, evals: int, ranks: int, runs: Path, base
     if not _reusable(run_dir, {"base": base, "set": sets, "ranks": ranks}):
         t0 = time.time()
         print(f"[{v['name']}] {steps} steps x {tokens_per_step} tokens, {v['params'] / 1e6:.2f}M params", flush=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+        env = {**os.environ, "PYTHONPATH": str(REPO)}  # GPUs where there are some (the trainer picks the accelerator)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"variant {v['name']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CUDA checks and GPU numbers of the kernels issue, in one pass on one NVIDIA GPU (~6–8 min on an H100),
+# The CUDA checks and GPU numbers of the kernels issue, in one pass on one NVIDIA GPU (~5–8 min on an H100),
 # most important first:
 #   1. `bench --attention-only`: fused attention fwd+bwd vs eager, bf16, T = 2048 and 4096
 #   2. `bench --only ours` at configs/llama-1b.yaml's shape on one GPU: MFU (vs measured and data-sheet peak)

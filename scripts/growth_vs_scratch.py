@@ -75,15 +75,21 @@ def train(name: str, run_dir: Path, overrides: list[str], log: Path) -> float:
         raise SystemExit(f"error: {run_dir} exists and was not made by this script; use another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(overrides, indent=1))
+    timing = run_dir / "growth_vs_scratch_wall_s.json"  # the training time of the start(s) that trained it
+    status = run_dir / "status.json"
+    if status.is_file() and json.loads(status.read_text()).get("state") == "finished" and timing.is_file():
+        return json.loads(timing.read_text())  # finished: only re-read (its log and time stay as they were)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    with open(log, "w") as fh:
+    with open(log, "a") as fh:  # a resumed run's log goes on after the first part's
         rc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny.yaml", "--set", *overrides,
                              f"run.dir={run_dir}"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
     if rc:
         raise SystemExit(f"run {name} failed (rc {rc}); see {log}")
-    print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-    return time.time() - t0
+    seconds = time.time() - t0 + (json.loads(timing.read_text()) if timing.is_file() else 0.0)
+    timing.write_text(json.dumps(seconds))
+    print(f"{name}: {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def val_curve(run_dir: Path) -> dict[int, float]:

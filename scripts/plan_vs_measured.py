@@ -17,6 +17,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     # activation-dominated (the default tiny model at its default batch), fp32
@@ -49,7 +52,7 @@ def child(overrides: list[str], steps: int) -> dict:
     from scaletrain.model.llama import LlamaShape
     import deepspeed
 
-    cfg = load_config("configs/tiny.yaml", overrides)
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), overrides)
     setup(cfg.train.threads)
     base = psutil.Process().memory_info().rss
     t = cfg.train
@@ -82,9 +85,9 @@ def main() -> int:
         return 0
     rows = []
     for name in args.shape or list(SHAPES):
-        env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=os.getcwd())
+        env = dict(os.environ, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))  # a CPU measure
         proc = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--child", *SHAPES[name]],
-                              capture_output=True, text=True, env=env)
+                              capture_output=True, text=True, env=env, cwd=REPO)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
