@@ -26,14 +26,19 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        """pydantic reads `max_steps: true` as 1; a number written as true/false is a mistake, not a number."""
-        if isinstance(value, bool) and cls.model_fields[info.field_name].annotation in _NUMBERS:
-            raise PydanticCustomError("number_type", "expects a number, not true/false")
+    def _booleans_only_where_they_belong(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic reads `max_steps: true` as 1 and `compile: off` (text in YAML 1.2) or `compile: 1` as booleans;
+        a switch is written true/false, and true/false is no number."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if annotation in _SWITCHES and value is not None and not isinstance(value, bool):
+            raise PydanticCustomError("bool_type", "expects true or false")
+        if annotation not in _SWITCHES and (isinstance(value, bool) or
+                                            (isinstance(value, list) and any(isinstance(v, bool) for v in value))):
+            raise PydanticCustomError("number_type", "expects a number or text, not true/false")
         return value
 
 
-_NUMBERS = (int, float, Optional[int], Optional[float])
+_SWITCHES = (bool, Optional[bool])
 
 
 class RunConfig(_Section):

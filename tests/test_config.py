@@ -368,6 +368,10 @@ def test_plain_scalars_mean_what_they_show(tmp_path):
     save_config(load_config(None, ["run.dir='5e7'", "data.source='0o17'"]), saved)
     assert (load_config(saved).run.dir, load_config(saved).data.source) == ("5e7", "0o17")
     assert parse_overrides(["a.b=0o_"])["a"]["b"] == "0o_"  # no digits after the prefix: text, not a crash
+    for bad in ["train.compile=off", "model.tie_word_embeddings=1", "growth.insert=[1, true]"]:  # switches: true/false
+        with pytest.raises(UserError) as exc:
+            load_config(None, [bad])
+        assert bad.split("=")[0] in str(exc.value) and "true" in str(exc.value), exc.value
     for bad in ["train.max_steps=true", "train.lr=false"]:
         with pytest.raises(UserError) as exc:
             load_config(None, [bad])

@@ -20,9 +20,13 @@ CPU = torch.device("cpu")
                                               ("AVX512_BF16", "bf16"), ("AMX", "bf16")])
 def test_auto_follows_the_cpu(monkeypatch, capability, want):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(precision, "cpuinfo_field", lambda key: "fpu avx2 avx512f")  # no bf16 instructions named
     cfg, note = precision.resolve(load_config(None, ["train.precision=auto"]), CPU)
     assert cfg.train.precision == want
     assert note.startswith(f"train.precision auto -> {want} (") and capability in note
+    if want == "bf16":  # the bf16 instructions by name, where the CPU has them
+        monkeypatch.setattr(precision, "cpuinfo_field", lambda key: "avx512f avx512_bf16 amx_bf16")
+        assert "natively (AMX-BF16, AVX512-BF16)" in precision.resolve(load_config(None, ["train.precision=auto"]), CPU)[1]
 
 
 def test_explicit_precisions_are_kept_and_bf16_in_software_is_warned_about(monkeypatch):

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"check on {c['sample']}: parent loss {c['parent_loss']:.4f} | child loss {c['child_loss']:.4f} | "
               f"max |dlogits| {c['max_abs_dlogits']:.2e}")
     print(f"train it: scaletrain train --config CONFIG --set init.from={out} "
-          + " ".join(f"model.{k}={b}" for k, (a, b) in changed.items()), file=sys.stderr)
+          + " ".join(f"model.{k}={b}" for k, (a, b) in changed.items()) + f" run.dir=runs/{out.name}", file=sys.stderr)
     return 0
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from scaletrain.config import Config, fp16_zero_problem
+from scaletrain.cpuinfo import cpuinfo_field
 from scaletrain.errors import UserError
 from scaletrain.kernels.build import cpu_fp16_training, cpu_has_avx512
 
@@ -35,8 +36,10 @@ def choose(device: torch.device) -> tuple[str, str]:
             return "bf16", f"{torch.cuda.get_device_name(device)} has bf16"
         return "fp16", f"{torch.cuda.get_device_name(device)} has no bf16"
     cap = torch.backends.cpu.get_cpu_capability()
-    if cpu_bf16_matmuls():
-        return "bf16", f"this CPU multiplies bf16 natively ({cap})"
+    if cpu_bf16_matmuls():  # name the bf16 instructions where the CPU has them (torch's capability says AVX512 only)
+        flags = (cpuinfo_field("flags") or "").split()
+        has = [name for flag, name in (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16")) if flag in flags]
+        return "bf16", f"this CPU multiplies bf16 natively ({', '.join(has) or cap})"
     return "fp32", f"this CPU has no bf16 matmul kernels ({cap}, no AVX-512): bf16 would train ~10x slower"
 
 
