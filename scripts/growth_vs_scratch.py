@@ -77,11 +77,11 @@ def train(name: str, run_dir: Path, overrides: list[str], log: Path) -> float:
     record.write_text(json.dumps(overrides, indent=1))
     timing = run_dir / "growth_vs_scratch_wall_s.json"  # the training time of the start(s) that trained it
     status = run_dir / "status.json"
-    if status.is_file() and json.loads(status.read_text()).get("state") == "finished" and timing.is_file():
-        return json.loads(timing.read_text())  # finished: only re-read (its log and time stay as they were)
+    if status.is_file() and json.loads(status.read_text()).get("state") == "finished":  # only re-read: its log and
+        return json.loads(timing.read_text()) if timing.is_file() else math.nan  # time stay (nan: not recorded)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     t0 = time.time()
-    with open(log, "a") as fh:  # a resumed run's log goes on after the first part's
+    with open(log, "a" if status.is_file() else "w") as fh:  # a resumed run's log goes on after the first part's
         rc = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/tiny.yaml", "--set", *overrides,
                              f"run.dir={run_dir}"], cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
     if rc:
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         pts = [(p["flops"], p["val_loss"]) for p in r["curve"]]
         tok = [(p["tokens"], p["val_loss"]) for p in r["curve"]]
         reach[name] = {"flops": first_reach(pts, target), "tokens": first_reach(tok, target),
-                       "final_val_loss": r["curve"][-1]["val_loss"], "total_flops": sum(r["flops"]), "wall_s": round(wall[name])}
+                       "final_val_loss": r["curve"][-1]["val_loss"], "total_flops": sum(r["flops"]), "wall_s": None if math.isnan(wall[name]) else round(wall[name])}
     for name in runs:
         f = reach[name]["flops"]
         reach[name]["ratio_flops"] = reach["scratch"]["flops"] / f if f else None

@@ -170,3 +170,6 @@ def test_kv_cache_buffers_grow_and_hold_every_position():
         got_k, got_v = extend_cache(cache, k, v)
         assert torch.equal(got_k, torch.cat(ks, dim=2)) and torch.equal(got_v, torch.cat(vs, dim=2))
     assert cache[2] == 257 and cache[0].shape[2] >= 257
+    capped: list = []
+    extend_cache(capped, torch.randn(1, 1, 100, 8), torch.randn(1, 1, 100, 8), limit=128)
+    assert capped[0].shape[2] == 128  # never more positions than the context holds

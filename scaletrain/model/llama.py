@@ -119,7 +119,7 @@ class Attention(nn.Module):
         if cos is not None:  # model.position=rope; alibi lives in the mask, none has no positions
             q, k = self.rope(q, k, cos, sin)
         if cache is not None:  # keys and values of earlier positions, extended in place
-            k, v = extend_cache(cache, k, v)
+            k, v = extend_cache(cache, k, v, self.s.max_seq_len)
         out = attention(q, k, v, self.s.attention, mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -134,13 +134,13 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
 
-def extend_cache(cache: list, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def extend_cache(cache: list, k: torch.Tensor, v: torch.Tensor, limit: int = 1 << 62) -> tuple[torch.Tensor, torch.Tensor]:
     """A layer's KV cache, `cache` = [k buffer, v buffer, positions held], with `k`, `v` ([B, H_kv, T, D]) appended;
-    returns views of every position so far. The buffers double when full: a decode step writes one position
-    instead of copying the whole cache (torch.cat per token moved O(T^2) bytes over a generation)."""
+    returns views of every position so far. The buffers double when full, up to `limit` (the context): a decode
+    step writes one position instead of copying the whole cache (torch.cat per token moved O(T^2) bytes)."""
     held, t = (cache[2] if cache else 0), k.shape[2]
     if not cache or held + t > cache[0].shape[2]:
-        size = max(64, 2 * (held + t))
+        size = max(held + t, min(max(64, 2 * (held + t)), limit))
         grown = [x.new_empty(x.shape[0], x.shape[1], size, x.shape[3]) for x in (k, v)]
         for new, old in zip(grown, cache[:2]):
             new[:, :, :held] = old[:, :, :held]
