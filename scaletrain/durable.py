@@ -52,6 +52,21 @@ def remove_matching(root: Path, patterns: tuple[str, ...]) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
+def missing_levels(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, innermost first: what creating `path` makes."""
+    return [p for p in (Path(path), *Path(path).parents) if not p.exists()]
+
+
+def remove_levels(levels: list[Path]) -> None:
+    """Undo `missing_levels` after a failed attempt: innermost first, a file unlinked, a directory removed while
+    empty; the first level that holds something else stays, with those above it."""
+    for p in levels:
+        try:
+            p.rmdir() if p.is_dir() else p.unlink()
+        except OSError:
+            break
+
+
 def abandoned_temps(final: Path, quiet_s: float = 3600) -> list[Path]:
     """Temps of `final` that a killed writer left: written from this host (the name's host part equal to ours, not
     a prefix of it) by a pid no longer alive, and untouched for `quiet_s` (containers that share a hostname have

@@ -28,7 +28,7 @@ from scaletrain.data.sources import Source, iter_documents, resolve_source
 from scaletrain.data.split import split_key
 from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from scaletrain.data.worker_pool import worker_pool
-from scaletrain.durable import abandoned_temps, publish_dir, temp_dir_beside
+from scaletrain.durable import abandoned_temps, missing_levels, publish_dir, remove_levels, temp_dir_beside
 from scaletrain.errors import UserError
 
 CACHE_FORMAT = 2
@@ -174,7 +174,7 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
         raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
     if final.parent.exists() and not final.parent.is_dir():
         raise UserError(f"data.cache_dir {final.parent} is a file; set data.cache_dir to a directory")
-    made = [p for p in final.parents if not p.exists()]  # removed again (while empty) if this build fails
+    made = missing_levels(final.parent)  # removed again (while empty) if this build fails
     final.parent.mkdir(parents=True, exist_ok=True)
     for dead in abandoned_temps(final):  # a build killed midway (a preempted job) left up to a corpus of tokens
         shutil.rmtree(dead, ignore_errors=True)
@@ -190,11 +190,7 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
                 raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for p in made:  # innermost first; a level that holds something else stays, with those above it
-            try:
-                p.rmdir()
-            except OSError:
-                break
+        remove_levels(made)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     return open_cache(final)

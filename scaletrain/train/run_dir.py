@@ -28,7 +28,7 @@ import yaml
 from scaletrain.config import Config, build_config, config_yaml
 from scaletrain.errors import UserError
 from scaletrain.growth.schedule import stage_models
-from scaletrain.durable import remove_matching, write_text_atomic
+from scaletrain.durable import missing_levels, remove_levels, remove_matching, write_text_atomic
 
 
 def launch_info() -> dict:
@@ -177,7 +177,7 @@ class RunLock:
         self.created: list[Path] = []  # what acquire made (the lock file, new run dir levels): a failed start removes them
 
     def acquire(self) -> None:
-        new = [p for p in (self.path, *self.path.parents) if not p.exists()]
+        new = missing_levels(self.path)
         try:  # the first write of a run: where the preflight's permission probe was not enough (root, /proc, ...)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(self.path, "a+")
@@ -200,11 +200,8 @@ class RunLock:
     def release(self, failed_start: bool = False) -> None:
         """`failed_start`: the start ended before training; what acquire created goes again where nothing else was
         written into it (a new run.dir that a typo in the data path would otherwise leave behind)."""
-        for p in self.created if failed_start else ():  # while the lock is held: no trainer can take it meanwhile
-            try:
-                p.unlink() if p == self.path else p.rmdir()  # rmdir: only while empty
-            except OSError:
-                break  # a level that holds something: it and those above it stay
+        if failed_start:  # while the lock is held: no trainer can take it meanwhile
+            remove_levels(self.created)
         self.created = []
         if self.handle is not None:
             self.handle.close()  # closing the file drops the flock
