@@ -9,3 +9,12 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def model_error_line(error) -> str:
+    """One line for the pydantic ValidationError of a model section built on its own (a growth stage, a grown
+    child, an HF import): a rule across fields says itself; a field error names its `model.` key and the value."""
+    e = error.errors()[0]
+    if not e["loc"]:  # (heads against hidden_size, label names against num_labels)
+        return e["msg"].removeprefix("Value error, ")
+    return f"model.{e['loc'][0]}: {e['msg']} (got {e.get('input')!r})"

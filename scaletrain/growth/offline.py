@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from scaletrain import lineage
 from scaletrain.config import ModelConfig, TrainConfig, _closest, build_config
 from scaletrain.config_file import dump_yaml
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, model_error_line
 from scaletrain.growth.check import compare
 from scaletrain.growth.optimizer_state import moment_tensors
 from scaletrain.growth.parent import Parent
@@ -36,7 +36,6 @@ from scaletrain.weights.sources import expected_shapes
 from scaletrain.weights.writer import write_safetensors
 
 
-
 def child_model_config(parent: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
     """The parent's model section with `overrides` (keys without the "model." prefix) applied."""
     fields = list(ModelConfig.model_fields)
@@ -46,10 +45,7 @@ def child_model_config(parent: ModelConfig, overrides: dict[str, Any]) -> ModelC
     try:
         m = ModelConfig(**{**parent.model_dump(), **overrides})
     except ValidationError as e:
-        err = e.errors()[0]
-        if not err["loc"]:  # a rule across fields (heads against hidden_size, label_names against num_labels)
-            raise UserError(f"child model: {err['msg'].removeprefix('Value error, ')}") from None
-        raise UserError(f"model.{err['loc'][0]}: {err['msg']} (got {err.get('input')!r})") from None
+        raise UserError(f"child model: {model_error_line(e)}") from None
     return m
 
 

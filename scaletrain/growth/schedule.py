@@ -62,17 +62,14 @@ def validate_schedule(cfg) -> None:
         prev_step = s.at_step
     from pydantic import ValidationError
 
-    from scaletrain.errors import UserError
+    from scaletrain.errors import UserError, model_error_line
     from scaletrain.growth.plan import validate  # torch: only once the plain checks above have passed
     from scaletrain.model.llama import LlamaShape
 
     try:
         models = stage_models(cfg)
     except ValidationError as e:
-        err = e.errors()[0]
-        if not err["loc"]:  # a rule across fields (heads against hidden_size)
-            raise ValueError(f"growth.schedule: {err['msg'].removeprefix('Value error, ')}") from None
-        raise ValueError(f"growth.schedule: model.{err['loc'][0]} {err['msg']} (got {err.get('input')!r})") from None
+        raise ValueError(f"growth.schedule: {model_error_line(e)}") from None
     for k in range(1, len(models)):
         a, b = models[k - 1], models[k]
         if a == b:

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 from pydantic import ValidationError
 
 from scaletrain.config import ModelConfig
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, model_error_line
 from scaletrain.hf import arch_rules as rules
 from scaletrain.hf.arch_config import hf_config, model_values  # noqa: F401 (hf_config re-exported)
 from scaletrain.hf.tensor_map import Adapter
@@ -190,10 +190,7 @@ def import_plan(cfg: dict, where: str, peek: Callable[[str], Optional[bool]] = l
     try:
         m = ModelConfig(**values)
     except ValidationError as e:
-        err = e.errors()[0]
-        if not err["loc"]:  # a rule across fields (heads against hidden_size, label names): its own sentence
-            raise UserError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
-        raise UserError(f"{where}: {err['loc'][0]} = {err.get('input')!r} is not valid ({err['msg']})") from None
+        raise UserError(f"{where}: {model_error_line(e)}") from None
     try:
         check_model(m)
     except ValueError as e:
