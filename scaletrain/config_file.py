@@ -17,8 +17,8 @@ from scaletrain.errors import UserError
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load, except that a key written twice in one mapping is an error: YAML keeps the last silently, so a
-    second `model:` section at the end of a file replaced the first one whole (a different model trained)."""
+    """safe_load, except that a key written twice in one mapping is an error (YAML keeps the last silently, so a
+    second `model:` section at the end of a file replaced the first one whole), and plain scalars as YAML 1.2."""
 
 
 def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -67,8 +67,7 @@ def _float_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | int
     passes some of its settings to C++ unchecked, where 50000000.0 is not a size."""
     text = loader.construct_scalar(node).replace("_", "")
     value = yaml.SafeLoader.construct_yaml_float(loader, node)
-    if "." not in text and text.lower().lstrip("+-")[:1].isdigit() and value == value and abs(value) < 2**63 \
-            and float(value).is_integer():
+    if "." not in text and text.lstrip("+-")[:1].isdigit() and abs(value) < 2**63 and value.is_integer():
         return int(value)
     return value
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# ds_config entries generated from scaletrain's own settings (deepspeed_config below), and those settings
+# ds_config entries generated from scaletrain's own settings (ds_config.deepspeed_config), and those settings
 DEEPSPEED_OWNED = {
     "train_batch_size": "train.micro_batch_size x train.grad_accum x ranks",
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",

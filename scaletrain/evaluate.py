@@ -132,9 +132,8 @@ def evaluate(model, batches, doc_eos: Optional[int] = None) -> dict:
 @torch.no_grad()
 def evaluate_classifier(model, batches, num_labels: int) -> dict:
     """{"accuracy", "f1" (macro), "loss" (mean CE), "examples"} of a sequence classifier on (ids, labels) batches."""
-    from scaletrain.train.finetune import classification_metrics, confusion_update
-
     from scaletrain.generate import model_device
+    from scaletrain.train.finetune import classification_metrics, confusion_update
 
     conf = torch.zeros(num_labels, num_labels, dtype=torch.float64)
     total, dev = 0.0, model_device(model)

@@ -10,9 +10,6 @@ import torch
 from scaletrain.errors import UserError
 
 
-INFERENCE_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
 def inference_device_and_dtype(device: str = "auto", precision: str = "auto") -> tuple[torch.device, torch.dtype]:
     """`--device auto`: a CUDA GPU when there is one. `--precision auto`: bf16 on a GPU that has it (fp16 on one
     that does not), fp32 on CPU (exact numbers; bf16 there is a choice: faster where the CPU multiplies it)."""

@@ -151,12 +151,13 @@ def grow_linear(
     for r0 in range(0, n_out, step):
         src = out_map.src[r0:r0 + step]
         rows_ok = src >= 0
+        all_rows = bool(rows_ok.all())
         core = w.index_select(0, src.clamp(min=0)).float().index_select(1, cols).mul_(scale[None, :])
         if noise_std is not None:
             core.add_(zero_sum_noise(len(src), in_map, noise_std, gen))
-        if not (all_cols and bool(rows_ok.all())):
+        if not (all_cols and all_rows):
             fill = torch.zeros(())
-            if (new_rows == "random" and not rows_ok.all()) or (new_cols == "random" and not all_cols):
+            if (new_rows == "random" and not all_rows) or (new_cols == "random" and not all_cols):
                 rnd = torch.randn(core.shape, generator=gen).mul_(init_std)
                 fill = torch.where(rows_ok[:, None], rnd if new_cols == "random" else fill,
                                    rnd if new_rows == "random" else fill)

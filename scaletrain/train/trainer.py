@@ -43,7 +43,6 @@ from scaletrain.train.stop_flag import StopFlag
 from scaletrain.train.validation import load_data, validate
 
 
-
 class Trainer:
     def __init__(self, cfg: Config, lock: RunLock | None = None):
         self.stop = StopFlag()  # before any pid file exists: a USR1 during start-up is a stop request, not a kill
