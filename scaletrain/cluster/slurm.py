@@ -5,7 +5,7 @@ Two modes, both requeue-safe (`#SBATCH --requeue`, `--signal=B:USR1@<grace>`):
   srun       `srun` starts one task per node; each runs DeepSpeed's runner with --no_ssh --node_rank
              $SLURM_NODEID (no ssh between nodes)
 
-The contract with the trainer (scaletrain/train/trainer.py):
+The contract with the trainer (scaletrain/train/loop.py):
   * SIGUSR1 (or SIGTERM) to any rank -> checkpoint at the next step boundary, exit 0, status "preempted";
   * <run.dir>/status.json "state" is "finished" once max_steps is reached;
   * re-running the same command on the same run.dir resumes from the newest checkpoint.

@@ -11,7 +11,7 @@ def run(args: argparse.Namespace) -> int:
     from scaletrain.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # before importing torch: config typos fail fast
-    from scaletrain.train.trainer import train
+    from scaletrain.train.loop import train
 
     summary = train(cfg)
     return 0 if summary["state"] in ("finished", "preempted", "early_stopped") else 1

@@ -1,4 +1,5 @@
-"""The training loop: data -> DeepSpeed engine -> optimizer steps, with eval, checkpoints, resume, metrics.
+"""A training run's state and its parts of a step: start-up (checks, resume, data, engine), one optimizer step,
+evaluation and checkpoints. loop.py drives it to train.max_steps.
 
 Re-running the same command on the same run.dir resumes from the checkpoint `latest` names, once its files
 verify (else the newest one that does); that is all a requeued SLURM job needs. SIGUSR1/SIGTERM ask for a
@@ -7,9 +8,7 @@ checkpoint at the next step boundary and a clean exit (status "preempted").
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -20,25 +19,22 @@ from scaletrain.config import Config
 from scaletrain.data.sampler import micro_batch_ids
 from scaletrain.data.sources import resolve_source
 from scaletrain.ds_config import check_deepspeed_passthrough, deepspeed_config
-from scaletrain.dtypes import DTYPES
 from scaletrain.errors import UserError
-from scaletrain.growth.in_run import RunGrowth, grow
-from scaletrain.kernels import cpu_matmul
+from scaletrain.growth.in_run import RunGrowth
 from scaletrain.model.attention import check_backend
 from scaletrain.model.docmask import document_ids
 from scaletrain.model.fused_ops import check_fused_ops
 from scaletrain.model.llama import LlamaShape
 from scaletrain.train import checkpoint, finetune, init_from, precision
-from scaletrain.train.distributed import (all_reduce_sum, any_rank, collectives_status, launcher_rank, main_rank_does,
-                                          barrier, setup, shutdown)
-from scaletrain.train.metrics import Metrics, ThroughputWindow, flops_per_token, format_duration, measure_peak_flops
+from scaletrain.train.distributed import all_reduce_sum, launcher_rank, main_rank_does, setup
+from scaletrain.train.metrics import flops_per_token
 from scaletrain.train.build import build_model, build_optimizer
 from scaletrain.plan import check_fits
 from scaletrain.train import resume
 from scaletrain.train.guard import StepGuard
-from scaletrain.train.run_dir import RunDir, RunLock, launch_info
+from scaletrain.train.run_dir import RunDir, RunLock
 from scaletrain.train.run_lineage import weights_id
-from scaletrain.train.schedule import WarmupCosine, lr_at
+from scaletrain.train.schedule import WarmupCosine
 from scaletrain.train.stop_flag import StopFlag
 from scaletrain.train.validation import load_data, validate
 
@@ -322,124 +318,7 @@ class Trainer:
             lineage.write(self.run.path, record)
         return path
 
-    def _sizes(self) -> tuple[int, float]:
+    def sizes(self) -> tuple[int, float]:
         """(parameters, training FLOPs per token) of the current model (it changes at growth boundaries)."""
         s, t = self.shape, self.cfg.train
         return s.num_params(), flops_per_token(s, t.seq_len)
-
-    # -- the loop ------------------------------------------------------------------------------
-    def fit(self) -> dict:
-        cfg, t, d = self.cfg, self.cfg.train, self.dist
-        if self.step >= t.max_steps:  # the same command again after the end: leave status and TensorBoard as they are
-            self.log(f"run.dir {self.run.path} has finished: step {self.step} of train.max_steps {t.max_steps}, nothing "
-                     "to train (raise train.max_steps to train on, or use a new run.dir)")
-            return {"state": "finished", "step": self.step, "consumed_tokens": self.tokens_seen}
-        if self.early_stop.stopped():  # the same command again after an early stop: the run is over, as above
-            self.log(f"run.dir {self.run.path} stopped early at step {self.step}: {self.early_stop.metric} did not improve "
-                     f"for {self.early_stop.bad} evaluations (raise train.early_stop_patience to train on, or use a new run.dir)")
-            return {"state": "early_stopped", "step": self.step, "consumed_tokens": self.tokens_seen}
-        n_params, fpt = self._sizes()
-        tokens_per_step = self.global_batch * t.seq_len
-        barrier()  # ranks sharing a CPU's cores measure together: one alone would find idle cores and a peak too high
-        peak = all_reduce_sum([measure_peak_flops(DTYPES[t.precision], d.device)])[0]
-        self.log(
-            f"scaletrain {__version__} | {d.world} rank(s) on {d.device.type} | {n_params / 1e6:.2f}M params | "
-            f"ZeRO-{cfg.zero.stage} {t.precision} | {tokens_per_step:,} tokens/step | run.dir {self.run.path}"
-        )
-        if self.precision_note:
-            self.log(self.precision_note)
-        if t.warmup_steps >= t.max_steps - 1 and t.warmup_steps and self.step == 0:  # the last step would be warmup's
-            self.log(f"warning: train.warmup_steps {t.warmup_steps} >= train.max_steps - 1 ({t.max_steps - 1}): the lr rises "
-                     f"for the whole run and never decays to train.min_lr (lower train.warmup_steps)")
-        self.log(f"TensorBoard: tensorboard --logdir {self.run.path.parent}")
-        if d.device.type == "cpu":  # every rank loads them here (built once, under a lock), not mid-step
-            self.log(f"CPU kernels: {cpu_matmul.kernels_status()} | collectives: {collectives_status()}")
-        metrics = Metrics(self.run.tb if d.is_main else None, purge_step=self.step + 1)  # +1 also on a fresh start: drops a crashed first attempt's events
-        if d.is_main:
-            self.run.write_status(state="running", step=self.step, max_steps=t.max_steps, world_size=d.world,
-                                  local_ranks=d.local_world, **launch_info())  # host/pid, SLURM job id + restart count
-        start_time, window = time.time(), ThroughputWindow()
-        last_loss, val_loss, state = math.nan, None, "finished"
-        first = self.step + 1  # the first step of a start (or after growth) is logged alone: it warms up
-        try:
-            while self.step < t.max_steps:
-                if self.growth.due(self.stage, self.step):
-                    grow(self, metrics)
-                    n_params, fpt = self._sizes()
-                    first, window = self.step + 1, ThroughputWindow()  # the old model's steps must not mix in
-                step_t0, early = time.time(), False
-                last_loss = self.train_step()
-                if d.device.type == "cuda":  # the optimizer step and ZeRO's gathers are still queued on the GPU
-                    torch.cuda.synchronize(d.device)
-                step_s = time.time() - step_t0
-                window.add(tokens_per_step, step_s)
-                if self.step % t.log_every == 0 or self.step == first or self.step == t.max_steps:
-                    tps = window.take()
-                    lr = lr_at(self.step - 1, t.lr, t.min_lr, t.warmup_steps, t.max_steps, *self.lr_restarts)  # the lr this step used
-                    grad_norm = self.grad_norm()
-                    self.log(
-                        f"step {self.step:>6}/{t.max_steps} | loss {last_loss:.4f} | lr {lr:.2e} | "
-                        f"grad {grad_norm if grad_norm is not None else float('nan'):.3f} | {tps:,.0f} tok/s | "
-                        f"{format_duration(time.time() - start_time)}"
-                    )
-                    metrics.scalars(self.step, {
-                        "train/loss": last_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                        "train/tokens_per_sec": tps, "train/mfu": tps * fpt / peak,
-                        "train/consumed_tokens": self.tokens_seen,
-                        "train/step_time_s": step_s, "train/model_params": n_params,
-                        "train/skipped_steps": self.guard.total,
-                    })
-                elif self.last_skipped:
-                    metrics.scalars(self.step, {"train/skipped_steps": self.guard.total})
-                if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
-                    val_loss = self.evaluate()
-                    if val_loss is not None:
-                        acc = "".join(f" | val {k[4:]} {v:.4f}" for k, v in self.val_metrics.items() if k in ("val/accuracy", "val/f1"))
-                        self.log(f"step {self.step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}{acc}")
-                        metrics.scalars(self.step, self.val_metrics)
-                        early = self.early_stop.update(self.val_metrics)  # same metrics on every rank: same decision
-                stopping = any_rank(self.stop.requested)
-                path = None
-                if stopping or early or self.step == t.max_steps or (t.save_every and self.step % t.save_every == 0):
-                    path = self.save()
-                    if path is not None:
-                        self.log(f"saved checkpoint {path}")
-                if stopping and self.step < t.max_steps:  # (a stop at the last step ends the run as finished)
-                    state = "preempted"
-                    saved = f"{'checkpointed' if path is not None else 'could not checkpoint (see above)'} at step {self.step}"
-                    self.log(f"stop requested by signal: {saved}, exiting cleanly")
-                    break
-                if early:
-                    state = "early_stopped"
-                    e = self.early_stop
-                    self.log(f"early stop: {e.metric} did not improve on {e.best:.4f} for {e.patience} evaluations")
-                    break
-        except BaseException:
-            if d.is_main:
-                self.run.write_status(state="failed", step=self.step)
-            raise
-        finally:
-            metrics.close()
-        summary = {"state": state, "step": self.step, "loss": last_loss, "val_loss": val_loss,
-                   "consumed_tokens": self.tokens_seen, "seconds": round(time.time() - start_time, 1)}
-        if d.is_main:
-            self.run.write_status(**summary)
-        return summary
-
-
-def train(cfg: Config) -> dict:
-    lock = RunLock(cfg.run.dir)
-    try:
-        try:
-            trainer = Trainer(cfg, lock)
-        except BaseException:
-            lock.release(failed_start=True)
-            raise
-        try:
-            summary = trainer.fit()
-        finally:
-            trainer.engine.destroy() if hasattr(trainer.engine, "destroy") else None
-    finally:
-        lock.release()
-    shutdown()  # reached by every rank of a run that ended normally (a failing rank raises instead)
-    return summary
