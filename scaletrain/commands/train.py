@@ -9,7 +9,9 @@ from scaletrain.commands.common import add_config_args
 
 def run(args: argparse.Namespace) -> int:
     from scaletrain.config import load_config
+    from scaletrain.train.console import survive_lost_console
 
+    survive_lost_console()  # a rank whose launcher's ssh connection closed still checkpoints when asked to stop
     cfg = load_config(args.config, args.overrides)  # before importing torch: config typos fail fast
     from scaletrain.train.loop import train
 

@@ -181,3 +181,39 @@ def test_openmpi_launcher_two_nodes(cluster, tmp_path):
     status = json.loads((run_dir / "status.json").read_text())
     assert (status["state"], status["step"], status["world_size"], status["host"]) == ("finished", 4, 2, "host1"), status
     log(f"openmpi launcher, 2 hosts: {time.time() - t0:.1f} s")
+
+
+def test_term_to_the_launching_side_still_checkpoints_on_both_hosts(cluster, tmp_path):
+    """What `scancel` does to a deepspeed-mode batch step: SIGTERM to the runner, pdsh and the ssh clients at once.
+    DeepSpeed's runner then pkills each host's launcher, which passes TERM to its ranks and gives them 30 s; but the
+    ssh connections the ranks print through are gone, and rank 0's next log line raised BrokenPipeError: state
+    "failed", no checkpoint. Now both ranks finish the step, checkpoint and stop."""
+    import psutil
+    import signal
+
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, f"data.source={small_corpus(tmp_path / 'corpus')}", f"data.cache_dir={tmp_path / 'cache'}",
+                 f"run.dir={run_dir}", "zero.stage=3", "train.precision=fp32", "train.max_steps=400", "train.log_every=1"]
+    port = random.randint(21000, 29000)
+    t0 = time.time()
+    proc = _launch(cluster, overrides, port)
+    try:
+        started = wait_for(lambda: _state(run_dir) == "running" or proc.poll() is not None, timeout=LAUNCH_TIMEOUT, interval=0.2)
+        assert started and proc.poll() is None, f"training did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}"
+        wait_for(lambda: _steps(run_dir, "train/loss") or proc.poll() is not None, timeout=120, interval=0.5)
+        launching = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        names = [p.name() for p in launching]
+        assert any(n.startswith("pdsh") for n in names) and "ssh" in names, names
+        for p in launching:
+            p.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+        state = wait_for(lambda: _state(run_dir) in ("preempted", "failed", "finished"), timeout=120, interval=0.5)
+    finally:
+        kill_tree(proc)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert state and status["state"] == "preempted", status
+    tag = f"global_step{status['step']}"
+    assert wait_for(lambda: (run_dir / "checkpoints" / "latest").is_file(), timeout=60, interval=0.5)
+    assert (run_dir / "checkpoints" / "latest").read_text() == tag
+    assert len(list((run_dir / "checkpoints" / tag).glob("zero_pp_rank_*_model_states.pt"))) == 2   # both hosts saved
+    log(f"TERM to the launching side: preempted at step {status['step']} with a checkpoint ({time.time() - t0:.1f} s)")

@@ -1,0 +1,51 @@
+"""A rank's console may go away under it (a multi-node launcher's ssh connection closed by scancel): its writes
+are then dropped instead of raising in the middle of a step or a checkpoint. (End to end, on two hosts over
+ssh: tests/cluster/test_multinode.py.)"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scaletrain.train.console import _Survivor
+
+
+def test_writes_after_the_reader_has_gone_are_dropped():
+    read_end, write_end = os.pipe()
+    stream = _Survivor(os.fdopen(write_end, "w", buffering=1))
+    assert stream.fileno() == write_end  # the stream's own attributes pass through
+    print("first line", file=stream, flush=True)
+    assert os.read(read_end, 100) == b"first line\n"
+    os.close(read_end)
+    for _ in range(3):  # the raw stream raises BrokenPipeError here
+        print("nobody reads this", file=stream, flush=True)
+    assert stream.lost
+    stream.flush()
+
+
+def test_other_write_errors_are_not_hidden():
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        _Survivor(Full()).write("x")
+
+
+def test_a_process_whose_stdout_reader_exits_keeps_running(tmp_path):
+    """The same in a whole process: it prints a line after its reader has gone and still finishes its work."""
+    code = ("import sys, time; from scaletrain.train.console import survive_lost_console; survive_lost_console(); "
+            "print('ready', flush=True); sys.stdin.readline(); print('after', flush=True); "
+            "open(sys.argv[1], 'w').write('done')")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "marker")], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.stdout.close()  # the reader goes away
+    proc.stdin.write("go\n")
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+    assert (tmp_path / "marker").read_text() == "done"
