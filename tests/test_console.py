@@ -5,12 +5,15 @@ ssh: tests/cluster/test_multinode.py.)"""
 from __future__ import annotations
 
 import errno
+import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
+from launch_utils import TINY, kill_group, small_corpus, start_training
 from scaletrain.train.console import _Survivor
 
 
@@ -49,3 +52,22 @@ def test_a_process_whose_stdout_reader_exits_keeps_running(tmp_path):
     proc.stdin.close()
     assert proc.wait(timeout=60) == 0
     assert (tmp_path / "marker").read_text() == "done"
+
+
+def test_ctrl_c_after_the_console_has_gone_still_checkpoints(tmp_path, data_cache_dir):
+    """`deepspeed ... | tee log` and Ctrl-C: tee dies of the same SIGINT, and the rank's "stopping after this step"
+    line raised BrokenPipeError inside its signal handler: state failed, no checkpoint."""
+    run = tmp_path / "run"
+    proc = start_training(1, [*TINY, f"data.source={small_corpus(tmp_path / 'corpus')}", f"data.cache_dir={data_cache_dir}",
+                              f"run.dir={run}", "train.max_steps=5000"])
+    try:
+        while not proc.stdout.readline().startswith("step      2/"):
+            assert proc.poll() is None, "training ended before step 2"
+        proc.stdout.close()  # the console goes away, then Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        kill_group(proc)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "preempted", status
+    assert (run / "checkpoints" / "latest").read_text() == f"global_step{status['step']}"
