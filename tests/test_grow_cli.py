@@ -226,3 +226,31 @@ def test_a_child_grown_with_its_moments_grows_again_with_them(parents, tmp_path)
             assert torch.equal(after[name], value), name
         new = [n for n in after if n.startswith(("model.layers.3.", "model.layers.4."))]
         assert new and all(not after[n].any() for n in new)
+
+
+def test_a_damaged_checkpoint_dir_is_refused_in_one_line(cli, parents, tmp_path):
+    """grow and import-hf outputs carry a manifest of their weights: a flipped bit in a grown child was loaded
+    silently (eval gave a loss of 1e36; export-hf vouched for it with the parent's lineage). Without the
+    manifest (older dirs, or deleted on purpose) the files are used as they are."""
+    imported, child = tmp_path / "imported", tmp_path / "child"
+    assert cli("import-hf", str(parents[("mha", False)]), "--out", str(imported))[0] == 0
+    assert set(json.loads((imported / "manifest.json").read_text())["files"]) == {"model.safetensors"}
+    rc, _, stderr = cli("grow", str(imported), "--out", str(child), "--set", "model.num_layers=3")
+    assert rc == 0, stderr
+    assert set(json.loads((child / "manifest.json").read_text())["files"]) == {"model.safetensors"}
+    weights = child / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0x40  # one bit of the last tensor's values
+    weights.write_bytes(data)
+    for args in (["export-hf", str(child), "--out", str(tmp_path / "hf")],
+                 ["grow", str(child), "--out", str(tmp_path / "g2"), "--set", "model.num_layers=4"]):
+        rc, _, stderr = cli(*args)
+        assert rc == 2 and "does not match its sha256" in stderr and len(stderr.strip().splitlines()) == 1, (args, stderr)
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "g2").exists()
+    (child / "manifest.json").unlink()
+    rc, _, stderr = cli("grow", str(child), "--out", str(tmp_path / "g2"), "--set", "model.num_layers=4")
+    assert rc == 0, stderr
+    (child / "optimizer").mkdir()
+    (child / "optimizer" / "state.json").write_text('{"adam_step": "x"}')  # was a ValueError traceback
+    rc, _, stderr = cli("grow", str(child), "--out", str(tmp_path / "g3"), "--set", "model.num_layers=4", "--optimizer", "grow")
+    assert rc == 2 and "state.json cannot be read" in stderr and len(stderr.strip().splitlines()) == 1, stderr

@@ -389,8 +389,10 @@ def test_verify_hashes_an_unchanged_tag_once_and_a_changed_one_again(tmp_path, m
 
     tag = _tag(tmp_path, 7)
     hashed = []
-    real = checkpoint._sha256
-    monkeypatch.setattr(checkpoint, "_sha256", lambda p: hashed.append(p.name) or real(p))
+    from scaletrain import manifest
+
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     assert checkpoint.verify(tag) is None and checkpoint.verify(tag) is None
     assert hashed == ["w.pt", "w.pt"], "files written within the last second are not remembered"
     old = 1_000_000_000

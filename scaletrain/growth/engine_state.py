@@ -10,7 +10,6 @@ one step with zero gradients at lr 0, which changes no weight (AdamW: p -= 0 * .
 from __future__ import annotations
 
 import gc
-import json
 import weakref
 from pathlib import Path
 from typing import Callable, Optional
@@ -89,7 +88,7 @@ def install(engine, source: Path, precision: str, grad_accum: int) -> None:
     bf16/fp16 runs put its exact fp32 weights into the optimizer's masters (the module's low-precision copy lost
     bits); when `source` carries grown Adam moments (`scaletrain grow --optimizer grow`, growth.optimizer
     grow: optimizer/exp_avg, optimizer/exp_avg_sq, optimizer/state.json), install them and Adam's step."""
-    from scaletrain.weights.files import MOMENT_KINDS, FileReader, weight_files
+    from scaletrain.weights.files import MOMENT_KINDS, FileReader, adam_step_of, weight_files
 
     moments = Path(source) / "optimizer"
     # Grown moments belong to a language model's parameters; a classifier started from one has a `score` head
@@ -117,7 +116,7 @@ def install(engine, source: Path, precision: str, grad_accum: int) -> None:
         reader = FileReader(weight_files(moments / kind), tied)
         for name, p in named:
             set_full(p, reader.read(name).float(), kind)
-    step = json.loads((moments / "state.json").read_text())["adam_step"]
+    step = adam_step_of(moments)
     for state in _base_optimizer(engine).state.values():
         if "step" in state:  # bias correction continues where the parent's optimizer was
             state["step"] = torch.full_like(state["step"], float(step)) if torch.is_tensor(state["step"]) else step

@@ -87,7 +87,7 @@ def grow_checkpoint(parent: Parent, out: Path, child: ModelConfig, spec: GrowthS
     recipes = list(plan.child_tensors())
     specs = [(n, shapes[n], parent.dtypes.get(r.sources[0], torch.float32)) for n, r in recipes]
     t0 = time.time()
-    with staged(out) as tmp:  # renamed to `out` when all is written; deleted on any error
+    with staged(out, seal=True) as tmp:  # renamed to `out` when all is written; deleted on any error
         written = write_safetensors(tmp, specs, ((n, r(parent.reader.read)) for n, r in recipes), max_shard_bytes,
                                     progress=progress)
         if optimizer == "grow":

@@ -9,7 +9,6 @@ holds the Adam moments `--optimizer grow` transforms.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -18,7 +17,7 @@ import torch
 
 from scaletrain.errors import UserError
 from scaletrain.growth.ds_reader import DeepSpeedReader
-from scaletrain.weights.files import MOMENT_KINDS, FileReader, file_specs, weight_files
+from scaletrain.weights.files import MOMENT_KINDS, FileReader, adam_step_of, file_specs, weight_files
 from scaletrain.weights.sources import WeightSource, expected_shapes, open_weights, shape_problems, summarise
 
 
@@ -29,8 +28,8 @@ class SavedMoments:
     KINDS = MOMENT_KINDS
 
     def __init__(self, optimizer_dir: Path, tied: bool):
+        self.adam_step = adam_step_of(optimizer_dir)
         self._files = {k: FileReader(weight_files(optimizer_dir / k), tied) for k in self.KINDS}
-        self.adam_step = int(json.loads((optimizer_dir / "state.json").read_text())["adam_step"])
 
     @staticmethod
     def present(weights_dir: Path) -> bool:

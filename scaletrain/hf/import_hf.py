@@ -59,7 +59,7 @@ def import_hf(hf_dir: str, out: str, max_shard_size: str = DEFAULT_SHARD, progre
     if cfg.train.task == "classify":
         print(f"note: a classifier ({src.model.num_labels} labels): its config.yaml trains with train.task=classify; "
               f"set data.source (now {CLASSIFY_SOURCE}) to your text/label rows", file=sys.stderr)
-    with staged(out_dir) as tmp:
+    with staged(out_dir, seal=True) as tmp:
         rec = write_checkpoint_dir(tmp, out_dir, src, cfg, "import-hf", [], max_bytes, progress,
                                    source={"path": str(src_dir.resolve())})
         # The parent is the HF dir: its own lineage id when it is one of our exports, else its content id

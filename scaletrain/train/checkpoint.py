@@ -10,46 +10,22 @@ manifest is skipped in favour of the previous good one.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import secrets
 import shutil
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-from tqdm import tqdm
 
-from scaletrain import __version__
 from scaletrain.checkpoint_names import MANIFEST, TAG_RE
 from scaletrain.durable import fsync_dir, remove_matching, write_text_atomic
+from scaletrain.manifest import read_manifest, verify, write_manifest  # noqa: F401  (verify: this module's API too)
 from scaletrain.train import rng
 from scaletrain.train.disk_space import check_before_save, num_params
 from scaletrain.train.distributed import Dist, barrier, main_rank_does
 
 FORMAT = 1  # layout version in every manifest; a newer one is refused on resume (resume.py)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _in_parallel(fn, items: list) -> list:
-    """fn over items on threads (hashlib and file reads release the GIL): a tag's rank files are hashed at once,
-    where one after another left every rank waiting on rank 0 for seconds per GB at each save and start."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    workers = min(len(items), os.cpu_count() or 1, 8)
-    if workers <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
 
 
 def tag_name(step: int) -> str:
@@ -61,77 +37,6 @@ def step_of(tag: str) -> int:
     if m is None:
         raise ValueError(f"not a checkpoint tag: {tag!r}")
     return int(m.group(1))
-
-
-def write_manifest(tag_dir: Path, meta: dict) -> None:
-    def entry(p: Path) -> dict:
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
-        return {"sha256": _sha256(p), "bytes": p.stat().st_size}
-
-    paths = [p for p in sorted(tag_dir.rglob("*")) if p.is_file() and p.name != MANIFEST]
-    files = {str(p.relative_to(tag_dir)): e for p, e in zip(paths, _in_parallel(entry, paths))}
-    body = {**meta, "files": files, "scaletrain_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    write_text_atomic(tag_dir / MANIFEST, json.dumps(body, indent=1))
-
-
-# tag dir -> stat signature of its manifest and files when they last verified. One start opens init.from several
-# times (config check, rank 0's pin, weights, lineage): a big checkpoint is hashed once per process, not each time.
-_VERIFIED: dict[Path, tuple] = {}
-
-
-def _signature(paths: list[Path]) -> tuple:
-    stats = [(p, p.stat()) for p in paths]
-    return tuple((str(p), st.st_size, st.st_mtime_ns, st.st_ino) for p, st in stats)
-
-
-def verify(tag_dir: Path) -> Optional[str]:
-    """None when every file matches the manifest, else a one-line reason."""
-    mpath = tag_dir / MANIFEST
-    if not mpath.is_file():
-        return f"{tag_dir.name} has no {MANIFEST} (incomplete save)"
-    try:
-        files = json.loads(mpath.read_text())["files"]
-        entries = [(str(rel), int(info["bytes"]), str(info["sha256"])) for rel, info in files.items()]
-    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # (JSON, Unicode errors: ValueErrors)
-        return f"{mpath} is not a valid manifest"
-    outside = next((rel for rel, _, _ in entries if Path(rel).is_absolute() or ".." in Path(rel).parts), None)
-    if outside is not None:  # a crafted manifest must not make us read (and vouch for) files elsewhere
-        return f"{mpath} is not a valid manifest (it lists {outside!r}, outside its checkpoint)"
-    missing = next((tag_dir / rel for rel, _, _ in entries if not (tag_dir / rel).is_file()), None)
-    if missing is not None:
-        return f"{missing} is missing"
-    try:
-        key, signature = tag_dir.resolve(), _signature([mpath, *(tag_dir / rel for rel, _, _ in entries)])
-    except OSError as e:
-        return f"{tag_dir} cannot be read ({e.strerror or e})"
-    if _VERIFIED.get(key) == signature:  # nothing was rewritten, replaced or resized since it verified
-        return None
-    started = time.time_ns()
-    total = sum(size for _, size, _ in entries)
-    # minutes for a large model's tag (Adam moments included): a bar on a terminal, from one process only
-    quiet = total < 1 << 30 or os.environ.get("RANK", "0") != "0"
-    with tqdm(total=total, unit="B", unit_scale=True, desc=f"verify {tag_dir.name}", leave=False,
-              disable=True if quiet else None) as bar:
-        def problem(entry: tuple[str, int, str]) -> Optional[str]:
-            rel, size, digest = entry
-            p = tag_dir / rel
-            try:
-                if p.stat().st_size != size or _sha256(p) != digest:
-                    return f"{p} does not match its sha256 in the manifest (corrupted or tampered)"
-            except OSError as e:  # an unreadable file (EIO, EACCES), or a tag a live run just pruned
-                return f"{p} cannot be read ({e.strerror or e})"
-            bar.update(size)
-            return None
-
-        first = next((reason for reason in _in_parallel(problem, entries) if reason), None)
-        if first is not None:  # (the first in manifest order, whichever thread found it first)
-            return first
-    # remembered only when every file is older than a second: a rewrite within the file system's timestamp
-    # granularity could otherwise keep the same size and mtime ("racy git")
-    if max(mtime for _, _, mtime, _ in signature) < started - 1_000_000_000:
-        _VERIFIED[key] = signature
-    return None
 
 
 def tags_by_step(root: Path) -> list[tuple[int, str]]:
@@ -153,10 +58,6 @@ def previous_checkpoint_bytes(root: Path) -> Optional[tuple[str, int, Optional[i
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return None
-
-
-def read_manifest(tag_dir: Path) -> dict:
-    return json.loads((tag_dir / MANIFEST).read_text())
 
 
 def find_resumable(root: Path, log=print) -> Optional[str]:

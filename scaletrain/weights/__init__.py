@@ -22,6 +22,8 @@ A scaletrain checkpoint dir (written by import-hf and growth, read by init.from,
     config.yaml                a full scaletrain Config; its model section describes the weights
     tokenizer/                 tokenizer.model (ours, sentencepiece) or a Hugging Face tokenizer's files as-is
     lineage.json               see scaletrain.lineage
+    optimizer/                 grown Adam moments (`grow --optimizer grow`): exp_avg/, exp_avg_sq/, state.json
+    manifest.json              sha256 of the weights and optimizer files (scaletrain.manifest), checked on open
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from scaletrain.errors import UserError
 from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
 from scaletrain.durable import publish_dir, temp_dir_beside
 from scaletrain.hf import generation_config
+from scaletrain.manifest import write_manifest
 from scaletrain.weights.sources import CONFIG_YAML, TOKENIZER_DIR, WeightSource
 from scaletrain.weights.writer import write_safetensors
 
@@ -43,9 +44,16 @@ def check_out(out: Path) -> None:
         raise UserError(f"--out {out}: {probe} is not writable")
 
 
+def sealed_file(rel: Path) -> bool:
+    """The files of a checkpoint dir its manifest lists: weights and optimizer state (damage there loads
+    silently). config.yaml, tokenizer/ and lineage.json stay editable; damage there fails loudly anyway."""
+    return rel.suffix in (".safetensors", ".bin") or rel.name.endswith(".index.json") or rel.parts[0] == "optimizer"
+
+
 @contextmanager
-def staged(out: Path) -> Iterator[Path]:
-    """Yield a temp dir next to `out`; on success it becomes `out`, on any error it is deleted."""
+def staged(out: Path, seal: bool = False) -> Iterator[Path]:
+    """Yield a temp dir next to `out`; on success it becomes `out`, on any error it is deleted. `seal`: a
+    checkpoint dir; its manifest.json (sha256 of the weights) is written last, checked when it is opened."""
     out = Path(os.path.abspath(out))
     check_out(out)
     try:  # where the permission probe was not enough (root, /proc, a read-only mount)
@@ -55,6 +63,8 @@ def staged(out: Path) -> Iterator[Path]:
         raise UserError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
     try:
         yield tmp
+        if seal:
+            write_manifest(tmp, {"contents": "checkpoint dir weights"}, include=sealed_file)
         try:  # on disk before it appears complete under its final name
             if out.exists():
                 out.rmdir()  # empty when checked; not if something was put there meanwhile

@@ -25,6 +25,19 @@ EMBED, FINAL_NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_
 MOMENT_KINDS = ("exp_avg", "exp_avg_sq")
 
 
+def adam_step_of(optimizer_dir: Path) -> int:
+    """Adam's step count from a grown checkpoint's optimizer/state.json."""
+    path = optimizer_dir / "state.json"
+    try:
+        step = json.loads(path.read_text())["adam_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise TypeError
+        return step
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise UserError(f"{path} cannot be read as an Adam step count; restore it, or grow again with --optimizer "
+                        "reset (no saved moments)") from None
+
+
 def weight_files(d: Path) -> list[Path]:
     """The weight files of a model dir, via its index when there is one; missing shards are an error."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):

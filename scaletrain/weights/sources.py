@@ -13,6 +13,7 @@ import yaml
 
 from scaletrain.config import Config, ModelConfig, build_config
 from scaletrain.data.hf_tokenizer import tokenizer_files
+from scaletrain.checkpoint_names import MANIFEST
 from scaletrain.errors import UserError
 from scaletrain.weights import files as wfiles
 from scaletrain.weights.files import HEAD
@@ -106,6 +107,13 @@ def checkpoint_tokenizer(d: Path) -> Optional[Path]:
 
 
 def _open_checkpoint_dir(d: Path) -> WeightSource:
+    if (d / MANIFEST).is_file():  # (dirs written before 2026-12-08 have none)
+        from scaletrain.manifest import verify
+
+        problem = verify(d)
+        if problem is not None:
+            raise UserError(f"{problem}: restore {d} or make it again (grow / import-hf); to use its files as they "
+                            f"are, delete {d / MANIFEST}")
     cfg = _read_yaml_config(d / CONFIG_YAML)
     return WeightSource(d, "checkpoint", cfg.model, cfg, checkpoint_tokenizer(d), read_lineage(d), d, wfiles.weight_files(d))
 
