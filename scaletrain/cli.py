@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import Callable, Optional
@@ -39,6 +40,13 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        sys.stderr.write(f"error: {e.strerror}{where}; free space there or write elsewhere (--out, run.dir, "
+                         "data.cache_dir), then run the command again\n")
+        return 2
 
 
 def main(argv: Optional[list[str]] = None) -> int:

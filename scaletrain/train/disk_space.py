@@ -57,5 +57,5 @@ def check_before_save(engine, root: Path, step: int, prev: Optional[tuple[str, i
     free = free_bytes(root)
     if free >= need + SLACK:
         return None
-    return (f"{root} has {_fmt(free)} free but the checkpoint of step {step} needs about {_fmt(need)} ({why}); "
-            "training continues and the previous checkpoints are kept: free disk space or lower train.keep_last")
+    return (f"{root} has {_fmt(free)} free but the checkpoint of step {step} needs about {_fmt(need)} ({why}) and "
+            f"{_fmt(SLACK)} stay free for logs; training continues and the previous checkpoints are kept: free disk space or lower train.keep_last")

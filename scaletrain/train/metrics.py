@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -113,6 +114,22 @@ class ThroughputWindow:
         return rate
 
 
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writer thread prints a traceback of its own when a write fails (a full disk); the failure
+    comes back from the next flush, and Metrics says it in one line."""
+    previous = threading.excepthook
+    if getattr(previous, "scaletrain_quiet", False):
+        return
+
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+            return
+        previous(args)
+
+    hook.scaletrain_quiet = True
+    threading.excepthook = hook
+
+
 class Metrics:
     """Rank 0 writes; other ranks get a no-op instance."""
 
@@ -123,18 +140,30 @@ class Metrics:
 
             # purge_step drops events a crashed run wrote after its last checkpoint: one clean curve.
             self.writer = SummaryWriter(log_dir=str(tb_dir), purge_step=purge_step)
+            _quiet_writer_thread()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
             return
-        for tag, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
+        try:
+            for tag, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        except OSError as e:  # a full disk: training (and its checkpoints, when space returns) matter more
+            self._lost(step, e)
+
+    def _lost(self, step: int, e: OSError) -> None:
+        print(f"warning: TensorBoard logging stopped at step {step}: {e.strerror or e}; training goes on (free space "
+              "and restart from a checkpoint to log again)", flush=True)
+        self.writer = None  # its writer thread has failed for good: every later call would raise again
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:
+                self._lost(-1, e)
 
 
 def format_duration(seconds: float) -> str:

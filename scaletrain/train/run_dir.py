@@ -111,9 +111,13 @@ class RunDir:
         remove_matching(self.path, self.STALE_TEMP_FILES)
 
     def write_start(self, cfg: Config, ds_config: dict) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.config_path, config_yaml(cfg))
-        write_text_atomic(self.path / "ds_config.json", json.dumps(ds_config, indent=2))
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.config_path, config_yaml(cfg))
+            write_text_atomic(self.path / "ds_config.json", json.dumps(ds_config, indent=2))
+        except OSError as e:
+            raise UserError(f"run.dir {self.path} cannot be written ({e.strerror or e}); free space there or choose "
+                            "another run.dir") from None
 
     def check_shared(self, dist) -> None:
         """Collective. Every rank must see the run dir rank 0 writes: a node-local run.dir would get the other
@@ -153,7 +157,11 @@ class RunDir:
         # no NaN in the file (a run stopped before its first step has no loss): strict JSON readers refuse it
         fields = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in fields.items()}
         status.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        write_text_atomic(self.path / "status.json", json.dumps(status, indent=1))
+        try:
+            write_text_atomic(self.path / "status.json", json.dumps(status, indent=1))
+        except OSError as e:  # a full disk: the run goes on (or its real error is raised), status.json stays as it was
+            print(f"warning: {self.path / 'status.json'} could not be updated ({e.strerror or e}); it keeps its "
+                  "last state", flush=True)
 
     def status(self) -> dict:
         try:
