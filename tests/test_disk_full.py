@@ -87,3 +87,14 @@ def test_an_export_to_a_full_disk_is_one_line_and_leaves_nothing(small_disk, dat
     rc, _, stderr = run_cli("export-hf", str(run), "--out", str(small_disk / "hf"), timeout=300)  # ~11 MB of weights
     assert rc == 2 and "No space left on device" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert sorted(p.name for p in small_disk.iterdir()) == before  # no temp dir left behind
+
+
+def test_a_data_cache_build_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk, tmp_path):
+    """numpy's tofile reported a full disk as 'OSError: 9960 requested and 1897 written', with no errno: a traceback."""
+    filler = fill(small_disk)
+    os.truncate(filler, filler.stat().st_size - (200 << 10))  # room for the tokenizer, not for the tokens
+    rc, _, stderr = run_cli("prepare-data", "--config", "configs/tiny.yaml", "--set",
+                            f"data.source={small_corpus(tmp_path / 'corpus')}", f"data.cache_dir={small_disk / 'cache'}",
+                            "model.vocab_size=512", timeout=300)
+    assert rc == 2 and "No space left on device" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]

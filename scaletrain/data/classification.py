@@ -55,7 +55,7 @@ def build_classification(src: Source, tok, out: Path, dtype: str, val_fraction: 
             if not ids:
                 continue
             split = "val" if split_key(text) < val_fraction else "train"
-            np.asarray(ids, dtype=dtype).tofile(f_val if split == "val" else f_train)
+            (f_val if split == "val" else f_train).write(np.asarray(ids, dtype=dtype).data)  # (tofile's errors carry no errno)
             rows[split].append((sizes[split], len(ids), label))
             sizes[split] += len(ids)
     if not rows["train"]:

@@ -72,7 +72,7 @@ def build_examples(src: Source, tok_path: Path, out: Path, dtype: str, val_fract
                 split = "val" if key < val_fraction else "train"
                 if split == "train" and key < nearest[0]:
                     nearest = (key, len(rows["train"]))
-                ids.astype(dtype).tofile(f_val if split == "val" else f_train)
+                (f_val if split == "val" else f_train).write(ids.astype(dtype).data)  # (tofile's errors carry no errno)
                 rows[split].append((sizes[split], len(ids), prompt_len))
                 sizes[split] += len(ids)
                 bar.update(1)
@@ -80,7 +80,8 @@ def build_examples(src: Source, tok_path: Path, out: Path, dtype: str, val_fract
     if val_fraction > 0 and not rows["val"] and len(rows["train"]) > 1:
         # a small set may hash nothing into val: move the nearest example (its tokens stay unused in train.bin)
         start, length, plen = rows["train"].pop(nearest[1])
-        np.fromfile(out / "train.bin", dtype=dtype, count=length, offset=start * np.dtype(dtype).itemsize).tofile(out / "val.bin")
+        (out / "val.bin").write_bytes(np.fromfile(out / "train.bin", dtype=dtype, count=length,
+                                                  offset=start * np.dtype(dtype).itemsize).tobytes())
         rows["val"].append((0, length, plen))
     if not rows["train"]:
         raise UserError(f"data.source {src.files[0].parent} produced no training examples; add rows or lower data.val_fraction")

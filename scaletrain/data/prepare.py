@@ -220,7 +220,7 @@ def _move_to_val(out: Path, dtype: str, segments: list[tuple[int, int]], counts:
     train = np.memmap(out / "train.bin", dtype=dtype, mode="r") if counts["train"][1] else np.zeros(0, dtype)
     with open(out / "val.bin", "wb") as f_val:
         for offset, length in segments:
-            train[offset : offset + length].tofile(f_val)
+            f_val.write(train[offset : offset + length].data)  # (not tofile: its errors carry no errno)
     keep, pos = [], 0
     for offset, length in segments:
         keep.append((pos, offset))
@@ -229,7 +229,7 @@ def _move_to_val(out: Path, dtype: str, segments: list[tuple[int, int]], counts:
     with open(out / "train.bin.new", "wb") as f_train:
         for a, b in keep:
             for i in range(a, b, 1 << 24):  # 16M tokens a write
-                train[i : min(b, i + (1 << 24))].tofile(f_train)
+                f_train.write(train[i : min(b, i + (1 << 24))].data)
     del train
     os.replace(out / "train.bin.new", out / "train.bin")
     moved = sum(length for _, length in segments)
@@ -284,7 +284,7 @@ def _build(cfg: Config, src: Source, out: Path, progress: bool) -> dict:
                     if not val:
                         entry = (-key, counts["train"][1], len(ids))
                         (heapq.heappush if len(nearest_val) < VAL_CANDIDATES else heapq.heappushpop)(nearest_val, entry)
-                    ids.astype(dtype).tofile(f_val if val else f_train)
+                    (f_val if val else f_train).write(ids.astype(dtype).data)  # (tofile's errors carry no errno)
                     counts[split][0] += 1
                     counts[split][1] += len(ids)
                     bar.update(1)
