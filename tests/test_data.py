@@ -416,6 +416,14 @@ def test_a_killed_build_leaves_no_temp_dir_behind_the_next_one(cache, corpus, tm
                 os.utime(q, (0, 0))  # an hour and more untouched
     prepare_data(cfg, progress=False)
     assert not stale.exists() and all(d.exists() for d in (live, other_host, longer_name, recent))
+    # A preempted job's restart rebuilds the cache before the killed build's temp has been quiet an hour, and
+    # never builds it again: the sweep also runs whenever the finished cache is used.
+    stale.mkdir()
+    (stale / "train.bin").write_bytes(b"\0" * 64)
+    for q in (stale / "train.bin", stale):
+        os.utime(q, (0, 0))
+    prepare_data(cfg, progress=False)
+    assert not stale.exists() and live.exists()
 
 
 def test_a_huge_one_file_document_is_encoded_in_pieces_with_the_same_ids(cache, monkeypatch, tmp_path):

@@ -164,11 +164,17 @@ def _encode(text: str) -> tuple[np.ndarray, float]:
     return ids, split_key(text)
 
 
+def _remove_abandoned(final: Path) -> None:
+    for dead in abandoned_temps(final):  # (killed builds on this host, quiet for an hour: never live work)
+        shutil.rmtree(dead, ignore_errors=True)
+
+
 def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
     """Build (or reuse) the token cache for `cfg.data` and `cfg.model.vocab_size`."""
     final, src = find_cache(cfg)
     existing = open_cache(final)
-    if existing is not None:
+    if existing is not None:  # a build of it killed midway (a preempted job that rebuilt it on its restart)
+        _remove_abandoned(final)  # left up to a corpus of tokens beside it: swept whenever the cache is used
         return existing
     if final.exists():  # a cache appears only by renaming a finished build, meta.json included
         raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
@@ -176,8 +182,7 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
         raise UserError(f"data.cache_dir {final.parent} is a file; set data.cache_dir to a directory")
     made = missing_levels(final.parent)  # removed again (while empty) if this build fails
     final.parent.mkdir(parents=True, exist_ok=True)
-    for dead in abandoned_temps(final):  # a build killed midway (a preempted job) left up to a corpus of tokens
-        shutil.rmtree(dead, ignore_errors=True)
+    _remove_abandoned(final)
     tmp = temp_dir_beside(final)  # this build's own: another job building the same cache has another
     try:
         meta = _build(cfg, src, tmp, progress)

@@ -15,7 +15,7 @@ from scaletrain.checkpoint_names import TAG_RE
 from scaletrain.config import Config, config_yaml
 from scaletrain.errors import UserError
 from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
-from scaletrain.durable import publish_dir, temp_dir_beside
+from scaletrain.durable import abandoned_temps, missing_levels, publish_dir, remove_levels, temp_dir_beside
 from scaletrain.hf import generation_config
 from scaletrain.manifest import write_manifest
 from scaletrain.weights.sources import CONFIG_YAML, TOKENIZER_DIR, WeightSource
@@ -56,11 +56,16 @@ def staged(out: Path, seal: bool = False) -> Iterator[Path]:
     checkpoint dir; its manifest.json (sha256 of the weights) is written last, checked when it is opened."""
     out = Path(os.path.abspath(out))
     check_out(out)
+    made = missing_levels(out.parent)  # removed again (while empty) if this write fails
     try:  # where the permission probe was not enough (root, /proc, a read-only mount)
         out.parent.mkdir(parents=True, exist_ok=True)
+        for dead in abandoned_temps(out):  # an earlier write of `out` killed midway (dead pid, an hour quiet)
+            shutil.rmtree(dead, ignore_errors=True)
         tmp = temp_dir_beside(out)
     except OSError as e:
+        remove_levels(made)
         raise UserError(f"--out {out}: cannot create it ({e.strerror}); choose another --out") from None
+    published = False
     try:
         yield tmp
         if seal:
@@ -69,11 +74,14 @@ def staged(out: Path, seal: bool = False) -> Iterator[Path]:
             if out.exists():
                 out.rmdir()  # empty when checked; not if something was put there meanwhile
             publish_dir(tmp, out)
+            published = True
         except OSError as e:
             raise UserError(f"--out {out} could not be put in place ({e.strerror}): something else is writing "
                             f"there; choose a new directory (nothing of it was changed)") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not published:
+            remove_levels(made)
 
 
 def copy_tokenizer(tokenizer: Path, dest: Path) -> None:
