@@ -391,6 +391,17 @@ def test_a_refused_submission_leaves_a_parallel_ones_directories(tmp_path, monke
         slurm.submit_keeping_previous(o, render_sbatch(o))
     assert not (tmp_path / "lone").exists()   # alone, every directory it made is gone again
 
+    def someone_writes_into_it_then_refused(path, *a, **k):  # while a slow sbatch runs
+        (path.parent / "notes.txt").write_text("mine\n")
+        raise UserError("sbatch: error: invalid partition")
+
+    monkeypatch.setattr(slurm, "submit", someone_writes_into_it_then_refused)
+    o = opts(run_dir=str(tmp_path / "busy" / "a"))
+    with pytest.raises(UserError):
+        slurm.submit_keeping_previous(o, render_sbatch(o))
+    assert (tmp_path / "busy" / "a" / "notes.txt").read_text() == "mine\n"  # rmtree deleted it with the run dir
+    assert not (tmp_path / "busy" / "a" / "submit.sbatch").exists()
+
 
 @pytest.mark.parametrize("per_node, want", [("128(x2),96", "96"), ("64", "64"), ("32,48(x3)", "32")])
 def test_srun_mode_asks_each_node_for_the_smallest_nodes_cpus(tmp_path, per_node, want):

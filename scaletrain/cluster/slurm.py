@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from scaletrain.durable import missing_levels, remove_levels
 from scaletrain.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -205,9 +206,7 @@ def submit_keeping_previous(o: SubmitOptions, text: str) -> tuple[str, Path]:
     the cluster does not have), the run dir is left as it was: the previous script back in place, or no
     script and no run dir where there was none."""
     run_dir = Path(o.run_dir)
-    made = [] if run_dir.exists() else [run_dir]  # the directories this submission creates, deepest first
-    while made and not made[-1].parent.exists() and made[-1].parent != made[-1]:
-        made.append(made[-1].parent)
+    made = missing_levels(run_dir)  # the directories this submission creates, deepest first
     script = run_dir / "submit.sbatch"
     previous = script.with_name(".submit.sbatch.previous")
     if script.exists():
@@ -222,13 +221,8 @@ def submit_keeping_previous(o: SubmitOptions, text: str) -> tuple[str, Path]:
         script.unlink(missing_ok=True)
         if previous.exists():
             previous.replace(script)
-        elif made:  # parents included: a refused `run.dir=/shared/new/exp/a` leaves no /shared/new -- but only
-            shutil.rmtree(run_dir, ignore_errors=True)  # while empty: a parallel submission may be using them
-            for parent in made[1:]:
-                try:
-                    parent.rmdir()
-                except OSError:
-                    break
+        else:  # parents included: a refused `run.dir=/shared/new/exp/a` leaves no /shared/new -- but each only
+            remove_levels(made)  # while empty: a parallel submission (or a job already started) may be using it
         raise
     previous.unlink(missing_ok=True)
     return job, path
