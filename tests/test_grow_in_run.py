@@ -115,6 +115,21 @@ def test_grown_child_computes_its_parent_by_transformers(straight, tmp_path, sta
     assert diff <= 1e-5, f"stage {stage}: the grown child differs from its parent by {diff:.2e} (transformers' logits)"
 
 
+def test_checkpoints_from_before_a_boundary_open_with_their_own_model(straight, tmp_path):
+    """After growth the run's config.yaml names the grown model; the tags saved before a boundary (the parents
+    `scaletrain lineage` names) were opened with that shape and refused by eval, export-hf, generate, grow
+    and init.from. Each tag's manifest records its own model."""
+    from launch_utils import run_cli
+
+    for step in (B1, B2):
+        tag = straight / "checkpoints" / f"global_step{step}"
+        saved = json.loads((tag / "manifest.json").read_text())["model"]
+        rc, _, err = run_cli("export-hf", str(tag), "--out", str(tmp_path / f"hf{step}"), timeout=300)
+        assert rc == 0, err
+        hf = json.loads((tmp_path / f"hf{step}" / "config.json").read_text())
+        assert (hf["num_hidden_layers"], hf["hidden_size"]) == (saved["num_layers"], saved["hidden_size"]), (step, hf)
+
+
 def _stopped_at(run_dir: Path) -> int:
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted", status

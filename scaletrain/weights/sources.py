@@ -144,10 +144,23 @@ def _run_tokenizer(run: Path, cfg: Config) -> Optional[Path]:
     return None
 
 
+def _tag_model(tag: Path) -> Optional[ModelConfig]:
+    """The model a tag was saved with (its manifest records it): after growth inside a run, the run's config.yaml
+    names the grown model, while the tags before the boundary (the parent `scaletrain lineage` names) hold the
+    smaller one. None for manifests from before they recorded it."""
+    try:
+        return ModelConfig.model_validate(json.loads((tag / MANIFEST).read_text())["model"])
+    except (OSError, ValueError, KeyError, TypeError):  # (pydantic's ValidationError is a ValueError)
+        return None
+
+
 def _open_tag(tag: Path, run: Optional[Path], kind: str) -> WeightSource:
     cfg = _read_yaml_config(run / CONFIG_YAML) if run is not None and (run / CONFIG_YAML).is_file() else None
     if cfg is None:
         raise UserError(f"{tag} is a DeepSpeed checkpoint without its run's config.yaml (expected in {run}); give the run directory")
+    saved = _tag_model(tag)
+    if saved is not None and saved != cfg.model:
+        cfg = cfg.model_copy(update={"model": saved})
     lineage = read_lineage(tag) or (read_lineage(run) if run else None)
     zero = ZeroTag(tag, cfg.model.tie_word_embeddings)
     return WeightSource(tag, kind, cfg.model, cfg, _run_tokenizer(run, cfg), lineage, tag, _zero=zero)
