@@ -128,3 +128,24 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_text_new(path: Path, text: str) -> None:
+    """Like write_text_atomic, but never replaces a file: FileExistsError if `path` exists by the time the text
+    is on disk (os.link fails where rename would overwrite)."""
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: create it exclusively, not atomically
+            with open(path, "x") as f:
+                f.write(text)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)

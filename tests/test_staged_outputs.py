@@ -65,3 +65,15 @@ def test_an_existing_output_is_never_replaced(tmp_path):
         with staged(out):
             pass
     assert (out / "mine").read_text() == "keep"
+
+
+def test_a_result_file_that_appears_meanwhile_is_not_overwritten(tmp_path):
+    """`bench --out` checks at its start that the file is new, then benchmarks for minutes: a file written there
+    meanwhile (another bench with the same --out) was replaced."""
+    from scaletrain.durable import write_text_new
+
+    out = tmp_path / "bench.json"
+    write_text_new(out, "first\n")
+    with pytest.raises(FileExistsError):
+        write_text_new(out, "second\n")
+    assert out.read_text() == "first\n" and sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]

@@ -92,9 +92,13 @@ def run(a: argparse.Namespace) -> int:
     if a.out:
         from pathlib import Path
 
-        from scaletrain.durable import write_text_atomic
+        from scaletrain.durable import write_text_new
 
-        write_text_atomic(Path(a.out), text + "\n")
+        try:
+            write_text_new(Path(a.out), text + "\n")
+        except FileExistsError:
+            raise UserError(f"--out {a.out} appeared while the bench ran; it was left as it is, and these results are "
+                            "on stdout above") from None
     return 0
 
 
