@@ -121,7 +121,10 @@ def _rope_scaling_from_hf(fam: str, cfg: dict, where: str) -> tuple[float, Optio
         return theta, None, "rope"
     if kind not in ROPE_TYPES:
         raise UserError(f"{where}: RoPE scaling '{kind}' is not supported (valid: default, {', '.join(ROPE_TYPES)})")
-    return theta, {"rope_type": kind, **{k: merged[k] for k in ROPE_TYPES[kind] if k in merged}}, "rope"
+    scaling = {k: merged[k] for k in ROPE_TYPES[kind] if k in merged}
+    if kind == "llama3" and "original_max_position_embeddings" not in scaling:  # transformers' own default
+        scaling["original_max_position_embeddings"] = cfg.get("max_position_embeddings")
+    return theta, {"rope_type": kind, **scaling}, "rope"
 
 
 # Families whose transformers config class defaults tie_word_embeddings to True: config.json files saved by

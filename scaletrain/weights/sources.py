@@ -16,7 +16,7 @@ from scaletrain.data.hf_tokenizer import tokenizer_files
 from scaletrain.checkpoint_names import MANIFEST
 from scaletrain.errors import UserError
 from scaletrain.weights import files as wfiles
-from scaletrain.weights.files import HEAD
+from scaletrain.weights.files import EMBED, HEAD
 from scaletrain.weights.zero import ZeroTag
 
 CONFIG_YAML = "config.yaml"
@@ -118,13 +118,28 @@ def _open_checkpoint_dir(d: Path) -> WeightSource:
     return WeightSource(d, "checkpoint", cfg.model, cfg, checkpoint_tokenizer(d), read_lineage(d), d, wfiles.weight_files(d))
 
 
+def _check_tied_head(d: Path, files: list[Path]) -> None:
+    """A config that ties the head to the embedding, with weights that store a different lm_head.weight: which
+    one is meant is unknown (transformers 5 uses the stored one), and dropping it changed every logit."""
+    names = {n for n, _, _ in wfiles.file_specs(files)}
+    if HEAD in names and EMBED in names:
+        reader = wfiles.FileReader(files, tied=False)
+        if not torch.equal(reader.read(HEAD), reader.read(EMBED)):
+            raise UserError(f"{d}: config.json ties the output head to the embedding (tie_word_embeddings) but the "
+                            "weights store a different lm_head.weight; set tie_word_embeddings to false in config.json "
+                            "to keep that head, or remove lm_head.weight to use the embedding")
+
+
 def _open_hf_dir(d: Path) -> WeightSource:
     from scaletrain.hf.arch_map import import_plan, peeker
     from scaletrain.hf.arch_config import read_hf_config
 
     m, adapter = import_plan(read_hf_config(d), str(d), peeker(d))  # Llama, Qwen3, Starcoder2, ... (names mapped)
+    files = wfiles.weight_files(d)
+    if m.tie_word_embeddings:
+        _check_tied_head(d, files)
     has_tok = bool(tokenizer_files(d))
-    return WeightSource(d, "hf", m, None, d if has_tok else None, read_lineage(d), d, wfiles.weight_files(d), adapter=adapter)
+    return WeightSource(d, "hf", m, None, d if has_tok else None, read_lineage(d), d, files, adapter=adapter)
 
 
 def _run_tokenizer(run: Path, cfg: Config) -> Optional[Path]:
