@@ -56,17 +56,29 @@ for _tag, _regexp, _first in _SCALARS_12:
     _UniqueKeyLoader.add_implicit_resolver(_tag, _regexp, _first)
 
 
+def _not_a(what: str, node: yaml.ScalarNode) -> yaml.constructor.ConstructorError:
+    """An explicit `!!int` / `!!float` on text that is none (`!!int 0b11`): a YAML error with its place, not a
+    ValueError from int()."""
+    return yaml.constructor.ConstructorError(None, None, f"'{node.value}' is not {what}", node.start_mark)
+
+
 def _int_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node).replace("_", "")
     base = {"0o": 8, "0x": 16}.get(text[:2], 10)
-    return int(text[2:] if base != 10 else text, base)  # decimal keeps leading zeros decimal: 0100 is 100
+    try:
+        return int(text[2:] if base != 10 else text, base)  # decimal keeps leading zeros decimal: 0100 is 100
+    except ValueError:
+        raise _not_a("an integer", node) from None
 
 
 def _float_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | int:
     """A float, except that a whole number in e-notation without a point (`5e7`, a bucket size) is an int: DeepSpeed
     passes some of its settings to C++ unchecked, where 50000000.0 is not a size."""
     text = loader.construct_scalar(node).replace("_", "")
-    value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    try:
+        value = yaml.SafeLoader.construct_yaml_float(loader, node)
+    except ValueError:
+        raise _not_a("a number", node) from None
     if "." not in text and text.lstrip("+-")[:1].isdigit() and abs(value) < 2**63 and value.is_integer():
         return int(value)
     return value
@@ -74,6 +86,10 @@ def _float_yaml12(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float | int
 
 _UniqueKeyLoader.add_constructor(_INT, _int_yaml12)
 _UniqueKeyLoader.add_constructor(_FLOAT, _float_yaml12)
+# Explicit tags for values no config holds (a date, bytes, a set, ordered pairs) are unknown tags, i.e. YAML
+# errors: their values failed later, e.g. a date in the deepspeed: mapping when ds_config.json was written.
+for _tag in ("timestamp", "binary", "set", "omap", "pairs"):
+    del _UniqueKeyLoader.yaml_constructors[f"tag:yaml.org,2002:{_tag}"]
 
 
 class _QuotingDumper(yaml.SafeDumper):

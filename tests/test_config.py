@@ -376,3 +376,16 @@ def test_plain_scalars_mean_what_they_show(tmp_path):
         with pytest.raises(UserError) as exc:
             load_config(None, [bad])
         assert bad.split("=")[0] in str(exc.value) and "true/false" in str(exc.value), exc.value
+
+
+@pytest.mark.parametrize("value", ["!!int 0b11", "!!int 1:30", "!!float abc", "!!timestamp 2020-01-01", "!!binary aGk="])
+def test_explicit_tags_that_cannot_hold_are_one_line(tmp_path, value):
+    """int() and float() raised ValueError out of the loader (a traceback); a date or bytes in the deepspeed:
+    mapping passed validation and the run died writing ds_config.json."""
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  seed: {value}\n")
+    with pytest.raises(UserError, match="not valid YAML at line 2"):
+        load_config(f)
+    with pytest.raises(UserError):  # --set: not YAML, so the text itself, which is no seed
+        load_config(None, [f"train.seed={value}"])
+    assert load_config(None, [f"deepspeed.x={value}"]).deepspeed["x"] == value  # text: JSON can hold it
