@@ -116,13 +116,23 @@ def temp_dir_beside(final: Path) -> Path:
     return tmp
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def _write_synced_temp(path: Path, text: str) -> Path:
+    """`text` in a new temp file beside `path`, on disk before it is given its name."""
     tmp = _temp_name(path)
     try:
         with open(tmp, "x") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = _write_synced_temp(path, text)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -133,12 +143,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_text_new(path: Path, text: str) -> None:
     """Like write_text_atomic, but never replaces a file: FileExistsError if `path` exists by the time the text
     is on disk (os.link fails where rename would overwrite)."""
-    tmp = _temp_name(path)
+    tmp = _write_synced_temp(path, text)
     try:
-        with open(tmp, "x") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -61,6 +61,12 @@ def _finish(proc: subprocess.Popen, timeout: float = LAUNCH_TIMEOUT) -> str:
     return out
 
 
+def _wait_running(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Until the trainer says "running" (its signal handlers are installed by then)."""
+    started = wait_for(lambda: _state(run_dir) == "running" or proc.poll() is not None, timeout=LAUNCH_TIMEOUT, interval=0.2)
+    assert started and proc.poll() is None, f"training did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}"
+
+
 def _state(run_dir: Path) -> str | None:
     try:
         return json.loads((run_dir / "status.json").read_text()).get("state")
@@ -95,8 +101,7 @@ def test_two_node_zero3_over_ssh_checkpoint_and_resume(cluster, tmp_path):
     t0 = time.time()
     proc = _launch(cluster, overrides, port)
     try:
-        started = wait_for(lambda: _state(run_dir) == "running" or proc.poll() is not None, timeout=LAUNCH_TIMEOUT, interval=0.2)
-        assert started and proc.poll() is None, f"training did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}"
+        _wait_running(proc, run_dir)
         t_running = time.time() - t0
         pid = (run_dir / "pids" / "rank0.pid").read_text().strip()
         kill = subprocess.run(["ssh", "host1", f"kill -USR1 {pid}"], capture_output=True, text=True, timeout=60)
@@ -198,8 +203,7 @@ def test_term_to_the_launching_side_still_checkpoints_on_both_hosts(cluster, tmp
     t0 = time.time()
     proc = _launch(cluster, overrides, port)
     try:
-        started = wait_for(lambda: _state(run_dir) == "running" or proc.poll() is not None, timeout=LAUNCH_TIMEOUT, interval=0.2)
-        assert started and proc.poll() is None, f"training did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}"
+        _wait_running(proc, run_dir)
         wait_for(lambda: _steps(run_dir, "train/loss") or proc.poll() is not None, timeout=120, interval=0.5)
         launching = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         names = [p.name() for p in launching]
