@@ -223,3 +223,24 @@ def test_collectives_choice_is_checked(monkeypatch):
     monkeypatch.setenv("SCALETRAIN_CPU_COLLECTIVES", "mpi")
     with pytest.raises(UserError, match="SCALETRAIN_CPU_COLLECTIVES='mpi'.*shm .*gloo"):
         cpu_backend()
+
+
+def _setup_then_new_group(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_SIZE=str(world), DEEPSPEED_TIMEOUT="1", DS_ACCELERATOR="cpu")
+    from scaletrain.train.distributed import setup
+
+    setup(1)
+    group = dist.new_group(list(range(world)))  # as DeepSpeed makes ZeRO's data-parallel group
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"world": dist.group.WORLD._timeout_s, "new_group": group._timeout_s}, f)
+    dist.destroy_process_group()
+
+
+def test_every_group_gets_deepspeeds_timeout(tmp_path):
+    """ZeRO's reductions run on a group DeepSpeed makes with a plain new_group: it got torch's 30 minutes, not
+    DeepSpeed's 10 (or DEEPSPEED_TIMEOUT): a stopped rank held the others silently for half an hour."""
+    out = str(tmp_path / "result")
+    mp.start_processes(_setup_then_new_group, args=(2, free_port(), out), nprocs=2, start_method="spawn", join=True)
+    for r in range(2):
+        assert json.loads(Path(f"{out}.{r}").read_text()) == {"world": 60.0, "new_group": 60.0}

@@ -7,6 +7,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -101,8 +102,21 @@ def setup(threads: int = 0) -> Dist:
         skip_cpu_shm_comm_op()
 
     if not dist.is_initialized():
+        one_timeout_for_every_group()
         deepspeed.init_distributed(dist_backend=cpu_backend() if device.type == "cpu" else None, verbose=False)
     return Dist(rank, world, local_rank, local_world, device)
+
+
+def one_timeout_for_every_group() -> None:
+    """DeepSpeed gives its collective timeout (10 minutes, or DEEPSPEED_TIMEOUT) to the world group only; ZeRO's
+    data-parallel group comes from a plain new_group with torch's default, 30 minutes on CPU: a hung rank (stopped,
+    deadlocked, swapping) held all the others silently for 30 minutes, whatever DEEPSPEED_TIMEOUT said."""
+    from deepspeed.constants import default_pg_timeout
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = default_pg_timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = default_pg_timeout
 
 
 def cpu_backend() -> str:
