@@ -55,3 +55,27 @@ def test_sigint_to_the_launcher_reaches_the_ranks_as_sigterm(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=40)
     assert proc.returncode == 1 and out.split() == ["TERM", "TERM"], out
+
+
+def test_nothing_a_killed_rank_started_outlives_the_launcher(tmp_path):
+    """A rank killed while its compiler ran (the first kernel build) left ninja and cc1plus compiling after the
+    launcher had exited (and held its output pipe). Here rank 0 starts a long child and is killed; rank 1 then
+    fails the run."""
+    import psutil
+
+    script = tmp_path / "rank.py"
+    script.write_text("import os, signal, subprocess, sys, time\n"
+                      "if os.environ['RANK'] == '0':\n"
+                      "    child = subprocess.Popen(['sleep', '300'])\n"
+                      f"    open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\n"
+                      "    os.kill(os.getpid(), signal.SIGKILL)\n"
+                      "time.sleep(2)\n"
+                      "sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, LAUNCHER, "2", str(script)], capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 137, proc.stderr  # the first failure's code: killed by SIGKILL
+    pid = int((tmp_path / "child.pid").read_text())
+    try:
+        alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        alive = False
+    assert not alive, f"rank 0's child {pid} still runs"
