@@ -84,13 +84,18 @@ def file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> 
 
 def training_cache(src):
     """The data cache the source was trained on (its val split, and the EOS id its documents end with)."""
-    from scaletrain.data.prepare import find_cache, open_cache
+    from scaletrain.data.prepare import find_cache, open_cache, tokenizer_digest
 
     if src.config is None:
         raise UserError(f"{src.path} has no training config; pass --data FILE")
+    if (src.lineage or {}).get("kind") == "import-hf":  # its config.yaml is a fine-tuning template, not its past
+        raise UserError(f"{src.path} holds imported weights (import-hf): it has no val split of its own; pass --data FILE")
     cache = open_cache(find_cache(src.config)[0])
     if cache is None:
         raise UserError(f"no val split for {src.path}: its training data cache is not in {src.config.data.cache_dir}; pass --data FILE")
+    if src.tokenizer is not None and tokenizer_digest(src.tokenizer) != tokenizer_digest(cache.tokenizer_path):
+        raise UserError(f"no val split for {src.path}: the data cache its config names ({cache.dir}) was built with "
+                        "another tokenizer than the model's; pass --data FILE")
     return cache
 
 

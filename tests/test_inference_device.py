@@ -63,3 +63,10 @@ def test_eval_on_the_gpu_matches_the_cpu(tmp_path, imported):
     assert abs(res["cpu"] - res["cuda"]) < 1e-4, res
     out = cli_ok("generate", str(imported), "--prompt", "import os\n", "--max-new-tokens", "8", "--json")
     assert '"ids"' in out
+
+
+def test_an_imported_model_has_no_val_split_of_its_own(imported):
+    """import-hf's config.yaml is a fine-tuning template (data.source: stdlib): eval without --data scored the
+    val split of whatever stdlib cache had the same vocab size, tokenised by another tokenizer."""
+    rc, _, err = run_cli("eval", str(imported), "--max-batches", "1")
+    assert rc == 2 and "no val split of its own" in err and len(err.strip().splitlines()) == 1, err
