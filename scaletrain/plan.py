@@ -131,18 +131,32 @@ def device_memory(device: str, local_ranks: int) -> tuple[float, str]:
     return total / max(1, local_ranks), f"{total / GB:.1f} GB RAM / {local_ranks} rank(s)"
 
 
-def advice(plan: MemoryPlan, cfg: Config) -> str:
-    """The knob to turn for the part that dominates."""
+def needed(plan: MemoryPlan, device: str) -> float:
+    """Bytes a rank needs: offloading to CPU saves nothing on a CPU run."""
+    return plan.total + (plan.offloaded if device == "cpu" else 0)
+
+
+def advice(plan: MemoryPlan, cfg: Config, ranks: int, device: str, have: float) -> str:
+    """The knob to turn for the part that dominates, checked to fit where it is a ZeRO setting."""
     z = cfg.zero
     if plan.largest() == "activations":
         recompute = "" if cfg.train.activation_checkpointing else "set train.activation_checkpointing=true, "
         return (f"{recompute}lower train.micro_batch_size (raise train.grad_accum to keep the batch) or train.seq_len, "
                 "or set train.loss_chunk")
-    if z.stage < 3:
-        return f"raise zero.stage (now {z.stage}) to shard {'parameters, ' if z.stage == 2 else ''}gradients and optimizer state over more ranks, or use more ranks"
-    if z.offload_optimizer == "none":
-        return "set zero.offload_optimizer=cpu (and zero.offload_param=cpu), or use more ranks"
-    return "use more ranks or a smaller model"
+    settings = [{"zero.stage": s} for s in range(z.stage + 1, 4)]
+    if device == "cuda":  # on a CPU run the host's memory is the same memory
+        settings += [{"zero.stage": 3, "zero.offload_optimizer": "cpu"},
+                     {"zero.stage": 3, "zero.offload_optimizer": "cpu", "zero.offload_param": "cpu"}]
+    for setting in settings:
+        c = cfg.model_copy(deep=True)
+        for key, value in setting.items():
+            setattr(c.zero, key.split(".")[1], value)
+        trial = memory_per_rank(c, ranks, device)
+        if needed(trial, device) <= have:
+            what = " ".join(f"{k}={v}" for k, v in setting.items())
+            return f"set {what} (about {_fmt(needed(trial, device))} per rank)"
+    more = "more GPUs" if device == "cuda" else "more machines (ranks on one machine share its RAM)"
+    return f"no ZeRO setting fits on {ranks} rank(s): use {more}, train.precision=bf16, or a smaller model"
 
 
 def _fmt(b: float) -> str:
@@ -162,12 +176,12 @@ def check_fits(cfg: Config) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     plan = memory_per_rank(cfg, world, device)
     have, what = device_memory(device, local)
-    need = plan.total + (plan.offloaded if device == "cpu" else 0)  # offloading to CPU saves nothing on a CPU run
+    need = needed(plan, device)
     if need > have:
         raise UserError(
             f"this config needs about {_fmt(need)} per rank (params {_fmt(plan.params)}, grads {_fmt(plan.grads)}, "
             f"optimizer {_fmt(plan.optimizer + (plan.offloaded if device == 'cpu' else 0))}, activations {_fmt(plan.activations)}) "
-            f"but each of the {world} rank(s) has {_fmt(have)} ({what}): {advice(plan, cfg)} "
+            f"but each of the {world} rank(s) has {_fmt(have)} ({what}): {advice(plan, cfg, world, device, have)} "
             "(or train.memory_check=false to start anyway)")
 
 
@@ -224,7 +238,7 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
         lines.append(f" {mark}{stage:<7}{_fmt(p.params):>11}{_fmt(p.grads):>11}{_fmt(p.optimizer):>11}"
                      f"{_fmt(p.activations):>13}{_fmt(p.runtime):>10}{_fmt(p.total):>11}{_fmt(p.offloaded):>11}")
     plan = memory_per_rank(cfg, ranks, device)
-    need = plan.total + (plan.offloaded if device == "cpu" else 0)
+    need = needed(plan, device)
     if memory is not None:
         have, what = memory, "given with --memory-gb"
     elif device == here:
@@ -234,7 +248,7 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
     if have is None:
         lines.append(f"available    unknown ({what})")
     else:
-        verdict = "fits" if need <= have else f"does NOT fit: {advice(plan, cfg)}"
+        verdict = "fits" if need <= have else f"does NOT fit: {advice(plan, cfg, ranks, device, have)}"
         lines.append(f"available    {_fmt(have)} per rank ({what}) -> zero.stage {z.stage} {verdict}")
     if peak_flops is None and device == here:
         dtype = DTYPES[t.precision]

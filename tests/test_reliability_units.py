@@ -211,8 +211,8 @@ def test_training_refuses_a_config_that_cannot_fit(monkeypatch):
     check_fits(load_config(TINY_YAML))  # the default fits anywhere
     huge = load_config(TINY_YAML, ["model.hidden_size=8192", "model.num_layers=64", "model.num_heads=64",
                                    "model.num_kv_heads=8", "model.intermediate_size=22016"])
-    with pytest.raises(UserError, match=r"needs about .* per rank .*raise zero.stage"):
-        check_fits(huge)
+    with pytest.raises(UserError, match=r"needs about .* per rank .*no ZeRO setting fits on 1 rank"):
+        check_fits(huge)  # one rank: sharding has no one to share with, and on CPU offloading saves nothing
     check_fits(load_config(TINY_YAML, ["model.hidden_size=8192", "model.num_layers=64", "model.num_heads=64",
                                        "model.num_kv_heads=8", "model.intermediate_size=22016", "train.memory_check=false"]))
 
@@ -223,6 +223,25 @@ def test_plan_report_lines():
     text = report(load_config(TINY_YAML), gpus=2, nodes=1, device="cuda", memory=80e9, peak_flops=100e12)
     assert "4,999,424 parameters" in text and "4,096 tokens/step" in text
     assert " *2 " in text and "80.00 GB per rank" in text and "fits" in text and "step time" in text
+
+
+def test_the_suggested_zero_setting_fits():
+    """The advice said "raise zero.stage" whatever the ranks (on 1 rank ZeRO-3 needed more than ZeRO-0) and
+    "offload to CPU" on CPU runs (where it saves nothing): now it names a setting that the same plan says fits."""
+    from scaletrain.plan import report
+
+    big = ["model.hidden_size=4096", "model.num_layers=32", "model.num_heads=32", "model.num_kv_heads=8",
+           "model.intermediate_size=11008", "train.micro_batch_size=1", "train.precision=bf16", "zero.stage=0"]
+    cfg = load_config(TINY_YAML, big)
+    text = report(cfg, gpus=8, nodes=1, device="cuda", memory=40e9, peak_flops=100e12)
+    assert "does NOT fit: set zero.stage=1 (about 37.01 GB per rank)" in text, text
+    text = report(load_config(TINY_YAML, [*big, "zero.stage=1"]), gpus=8, nodes=1, device="cuda", memory=40e9,
+                  peak_flops=100e12)
+    assert "zero.stage 1 fits" in text, text
+    text = report(cfg, gpus=1, nodes=1, device="cuda", memory=40e9, peak_flops=100e12)
+    assert "does NOT fit: set zero.stage=3 zero.offload_optimizer=cpu" in text, text
+    text = report(cfg, gpus=1, nodes=1, device="cpu", memory=40e9, peak_flops=1e12)
+    assert "no ZeRO setting fits on 1 rank(s): use more machines" in text, text
 
 
 def test_plan_of_a_growing_run_is_the_final_stages():
