@@ -106,9 +106,15 @@ def inspect(root: Path, tag: Optional[str], cfg: Config, world: int, log=print) 
     if saved["world_size"] != world and saved["global_batch"]:
         gb, per_accum = saved["global_batch"], t.micro_batch_size * world
         if gb % per_accum:
+            if gb % world:  # no micro-batch size helps: every one of them times this rank count misses gb
+                fix = (f"no train.micro_batch_size works on {world} rank(s); resume on a rank count that divides {gb} "
+                       f"(e.g. {saved['world_size']}), or start a new run.dir")
+            else:
+                sizes = [b for b in range(1, gb // world + 1) if (gb // world) % b == 0]
+                fix = f"set train.micro_batch_size to one of {', '.join(map(str, sizes))}"
             raise UserError(f"checkpoint {tag} was trained with {gb} sequences per step; with train.micro_batch_size "
                             f"{t.micro_batch_size} on {world} rank(s) that needs grad_accum {gb}/{per_accum}, not a whole "
-                            "number: choose train.micro_batch_size so that micro_batch_size x ranks divides it")
+                            f"number: {fix}")
         if gb // per_accum != t.grad_accum:
             log(f"resuming a {saved['world_size']}-rank checkpoint on {world} rank(s): train.grad_accum {t.grad_accum} -> "
                 f"{gb // per_accum} keeps the global batch at {gb} sequences (and the data position exact)")
