@@ -62,4 +62,16 @@ def check_deepspeed_passthrough(cfg: Config) -> None:
     except Exception as e:  # noqa: BLE001 - DeepSpeedConfigError, its asserts, a str where it reads a mapping, ...
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(f"deepspeed: DeepSpeed refuses the deepspeed: mapping ({type(e).__name__}: {msg}); {fix}") from None
-
+    # DeepSpeed takes top-level scalars unchecked: steps_per_print "abc" or 0 failed at the first step (% by it)
+    scalars = {k: v for k, v in cfg.deepspeed.items() if not isinstance(v, (dict, list))}
+    if scalars:
+        defaults = DeepSpeedConfig(deepspeed_config(cfg.model_copy(update={"deepspeed": {}}), 1))
+        for key, value in scalars.items():
+            default = getattr(defaults, key, None)
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise UserError(f"deepspeed: {key} must be true or false (got {value!r}); {fix}")
+            if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UserError(f"deepspeed: {key} must be a number (got {value!r}); {fix}")
+        if scalars.get("steps_per_print", 1) < 1:
+            raise UserError(f"deepspeed: steps_per_print must be at least 1 (got {scalars['steps_per_print']!r}); {fix}")

@@ -284,6 +284,16 @@ def c_deepspeed_passthrough_typo(tmp, base):
     return train(tmp, "deepspeed.zero_optimization.overlap_com=true"), ("overlap_com", "deepspeed:")
 
 
+def c_deepspeed_top_level_scalar_text(tmp, base):
+    """DeepSpeed takes top-level scalars unchecked: steps_per_print=abc died at step 1 (a traceback)."""
+    return train(tmp, "deepspeed.steps_per_print=abc"), ("steps_per_print", "must be a number")
+
+
+def c_deepspeed_steps_per_print_zero(tmp, base):
+    """A ZeroDivisionError at step 1."""
+    return train(tmp, "deepspeed.steps_per_print=0"), ("steps_per_print", "at least 1")
+
+
 def c_config_key_twice(tmp, base):
     """YAML keeps the last of two equal keys: a second model: section replaced the first whole, silently."""
     _write(tmp / "twice.yaml", "model:\n  hidden_size: 128\ntrain:\n  max_steps: 2\nmodel:\n  num_layers: 3\n")
