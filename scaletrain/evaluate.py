@@ -54,6 +54,15 @@ def _stream_windows(stream, batch: int) -> Iterator[tuple[torch.Tensor, torch.Te
 
 
 def file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Windows of `--data`: its errors name eval's flags (the data code names training's config keys, which
+    `scaletrain eval` does not take: "set data.text_field" led to "unrecognized arguments")."""
+    try:
+        yield from _file_batches(path, tok, seq_len, batch, text_field)
+    except UserError as e:
+        raise UserError(str(e).replace("data.text_field", "--text-field").replace("data.source", "--data")) from None
+
+
+def _file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     from scaletrain.data.sources import iter_documents, resolve_source
 
     src = resolve_source(str(path), text_field)

@@ -306,6 +306,13 @@ def c_grow_parent_after_set(tmp, base):
         ("PARENT", "before --set")
 
 
+def c_eval_data_without_its_field(tmp, base):
+    """The data code's message said "set data.text_field", which eval does not take (unrecognized arguments)."""
+    _run(tmp, base)
+    _write(tmp / "rows.jsonl", '{"content": "some text here"}\n')
+    return ["eval", str(tmp / "run"), "--data", str(tmp / "rows.jsonl")], ("no 'text' field", "set --text-field")
+
+
 def c_plan_gpus_zero(tmp, base):
     return ["plan", "--config", TINY_YAML, "--gpus", "0"], ("--gpus", "at least 1")
 
@@ -410,8 +417,8 @@ def base(tmp_path_factory) -> Path:
 
 
 def _uses_base(name: str) -> bool:
-    """Cases that read `base` (the good run) are named ckpt_*, untrusted_* or export_*; the others get None."""
-    return name.startswith(("ckpt", "untrusted", "export"))
+    """Cases that read `base` (the good run) are named ckpt_*, untrusted_*, export_* or eval_*; the others get None."""
+    return name.startswith(("ckpt", "untrusted", "export", "eval"))
 
 
 @pytest.fixture(scope="module")
