@@ -257,7 +257,12 @@ def c_bench_out_in_a_missing_folder(tmp, base):
 
 
 def c_bench_flash_attention_on_cpu(tmp, base):
-    return ["bench", "--device", "cpu", "--attention", "flash", "--precision", "fp32"], ("model.attention=flash",)
+    return ["bench", "--device", "cpu", "--attention", "flash", "--precision", "fp32"], ("--attention flash", "--attention sdpa")
+
+
+def c_bench_heads_that_do_not_divide(tmp, base):
+    """The config's own check named model.hidden_size and model.num_heads, which the bench takes as --hidden, --heads."""
+    return ["bench", "--heads", "3", "--precision", "fp32"], ("--hidden (256)", "--heads (3)")
 
 
 def _fp16_trains_here() -> bool:
@@ -268,7 +273,7 @@ def _fp16_trains_here() -> bool:
 
 def c_bench_fp16_on_cpu(tmp, base):
     if _fp16_trains_here():  # (a Sapphire Rapids CPU, a GPU): the ZeRO-0 refusal instead
-        return ["bench", "--precision", "fp16", "--zero", "0"], ("--precision fp16", "zero.stage=0")
+        return ["bench", "--precision", "fp16", "--zero", "0"], ("--precision fp16", "--zero 0")
     return ["bench", "--device", "cpu", "--precision", "fp16"], ("--precision fp16", "AVX512-FP16")
 
 

@@ -82,9 +82,12 @@ def run(a: argparse.Namespace) -> int:
             if a.device == "cpu" and p == "fp16" and not cpu_fp16_training():
                 raise UserError("--precision fp16 on this CPU: DeepSpeed trains fp16 on CPU only where oneDNN has fp16 "
                                 "kernels (AVX512-FP16 / AMX-FP16); use bf16 or fp32, or --device cuda")
-            check_fp16_zero(p, a.zero, "--precision fp16")
-            cfg = bench_config(spec, p)  # validate the shape once, up front, with the config's own messages
-            check_backend(cfg.model.attention, torch.device(a.device), training=True, shape=cfg.model, precision=p)
+            try:  # the config's own checks, up front; their messages name config keys, the bench has flags
+                check_fp16_zero(p, a.zero, "--precision fp16")
+                cfg = bench_config(spec, p)
+                check_backend(cfg.model.attention, torch.device(a.device), training=True, shape=cfg.model, precision=p)
+            except UserError as e:
+                raise UserError(_as_flags(str(e))) from None
         report.update(training_bench(spec, memory=not a.no_memory))
     text = json.dumps(report, indent=1)
     sys.stdout.write(text + "\n")  # first: the numbers are not lost if the file cannot be written after all
@@ -100,6 +103,20 @@ def run(a: argparse.Namespace) -> int:
             raise UserError(f"--out {a.out} appeared while the bench ran; it was left as it is, and these results are "
                             "on stdout above") from None
     return 0
+
+
+# config keys in the shared checks' messages -> the bench's flags for them
+_FLAGS = {"model.hidden_size": "--hidden", "model.num_layers": "--layers", "model.num_kv_heads": "--kv-heads",
+          "model.num_heads": "--heads", "model.intermediate_size": "--intermediate", "model.vocab_size": "--vocab",
+          "train.seq_len": "--seq", "train.micro_batch_size": "--micro-batch", "model.attention=": "--attention ",
+          "model.attention": "--attention", "zero.stage=": "--zero ", "zero.stage": "--zero", "train.precision": "--precision",
+          "train.loss_chunk": "--loss-chunk", "model.fused_ops": "--fused-ops"}
+
+
+def _as_flags(message: str) -> str:
+    for key, flag in _FLAGS.items():
+        message = message.replace(key, flag)
+    return message
 
 
 def add_parser(sub) -> None:
