@@ -113,7 +113,9 @@ def parse_scalar(raw: str) -> Any:
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"config file not found: {p} (pass --config with an existing YAML file, e.g. configs/tiny.yaml)")
+        example = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"  # the repo's, from any directory
+        example = example if example.is_file() and example.resolve() != p.resolve() else "configs/tiny.yaml"
+        raise UserError(f"config file not found: {p} (pass --config with an existing YAML file, e.g. {example})")
     try:
         data = yaml.load(p.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:

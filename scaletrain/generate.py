@@ -35,7 +35,8 @@ def load_model(source: str, need_tokenizer: bool = True, device: str = "cpu", pr
 
     src = open_weights(source)
     if need_tokenizer and src.tokenizer is None:
-        raise UserError(f"{src.path}: no tokenizer found (tokenizer/ or the run's data cache)")
+        raise UserError(f"{src.path}: no tokenizer found (tokenizer/ or the run's data cache); copy the tokenizer "
+                        f"files its ids come from into {src.path / 'tokenizer'}")
     tok = load_tokenizer(src.tokenizer) if src.tokenizer is not None else None
     shape = LlamaShape.from_config(src.model)
     if shape.attention not in ("sdpa", "eager"):

@@ -178,6 +178,8 @@ def tree_lines(path: str | Path, max_depth: int = 32) -> list[str]:
         if _why_unread(root) != f"no {LINEAGE}":
             raise UserError(f"{root / LINEAGE if root.is_dir() else root} is damaged (not a lineage record); restore it "
                             "from a copy, or give another checkpoint")
+        if not root.exists():
+            raise UserError(f"{root} does not exist; give a checkpoint dir, run dir, checkpoint tag or export made by scaletrain")
         raise UserError(f"{root} has no lineage.json (give a checkpoint dir, run dir, checkpoint tag or export made by scaletrain)")
     node(rec, {"path": str(root)}, "", True, 0, set())
     return lines

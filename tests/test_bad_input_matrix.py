@@ -318,6 +318,23 @@ def c_eval_data_without_its_field(tmp, base):
     return ["eval", str(tmp / "run"), "--data", str(tmp / "rows.jsonl")], ("no 'text' field", "set --text-field")
 
 
+def c_rope_scaling_without_its_type(tmp, base):
+    """It said "type '?' is not supported"."""
+    return ["plan", "--config", TINY_YAML, "--set", "model.rope_scaling={factor: 2}"], ("needs rope_type", "llama3")
+
+
+def c_lineage_of_a_missing_path(tmp, base):
+    """It said the path had no lineage.json."""
+    return ["lineage", str(tmp / "nowhere")], ("does not exist",)
+
+
+def c_tokenizer_dir_without_files(tmp, base):
+    """AutoTokenizer's message trailed off ("Couldn't instantiate the backend tokenizer from one of: ")."""
+    (tmp / "empty").mkdir()
+    return ["prepare-data", "--config", TINY_YAML, "--set", f"data.tokenizer={tmp / 'empty'}",
+            f"data.cache_dir={tmp / 'cache'}"], ("holds no tokenizer files",)
+
+
 def c_plan_gpus_zero(tmp, base):
     return ["plan", "--config", TINY_YAML, "--gpus", "0"], ("--gpus", "at least 1")
 

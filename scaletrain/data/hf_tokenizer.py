@@ -73,6 +73,9 @@ class HFTokenizer:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # "sequence longer than model_max_length": we window ourselves
+        if self.path.is_dir() and not tokenizer_files(self.path):  # AutoTokenizer's own words trail off here
+            raise UserError(f"{self.path} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); give the "
+                            "directory that has them, or a sentencepiece .model file")
         try:
             self.tok = AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         except Exception as e:  # noqa: BLE001 - OSError, ValueError, JSON errors, missing sentencepiece...

@@ -60,7 +60,7 @@ def export_hf(source: str, out: str, dtype: Optional[str] = None, max_shard_size
         raise UserError(f"{src.path}: weights do not match its config: {summarise(problems)}")
     if src.tokenizer is None:
         raise UserError(f"{src.path}: no tokenizer found (looked for tokenizer/ and the run's data cache); "
-                        "an export must ship the tokenizer its ids come from")
+                        f"an export must ship the tokenizer its ids come from: copy its files into {src.path / 'tokenizer'}")
     from scaletrain.data.tokenizer import load_tokenizer
 
     ours = load_tokenizer(src.tokenizer)

@@ -29,6 +29,8 @@ def check_model(m) -> None:
     if kind != "default":
         if m.position != "rope":
             raise ValueError(f"model.rope_scaling needs model.position=rope (got position={m.position})")
+        if kind == "?":
+            raise ValueError(f"model.rope_scaling needs rope_type: {' or '.join(ROPE_TYPES)}")
         if kind not in ROPE_TYPES:
             raise ValueError(f"model.rope_scaling type '{kind}' is not supported (valid: {', '.join(ROPE_TYPES)})")
         for key in ROPE_TYPES[kind]:
