@@ -44,8 +44,9 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
         if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         where = f" ({e.filename})" if e.filename else ""
-        sys.stderr.write(f"error: {e.strerror}{where}; free space there or write elsewhere (--out, run.dir, "
-                         "data.cache_dir), then run the command again\n")
+        free = "" if e.errno == errno.EROFS else "free space there or "
+        sys.stderr.write(f"error: {e.strerror}{where}; {free}write elsewhere (--out, run.dir, data.cache_dir), then "
+                         "run the command again\n")
         return 2
 
 

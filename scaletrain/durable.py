@@ -151,7 +151,13 @@ def write_text_new(path: Path, text: str) -> None:
             raise
         except OSError:  # a file system without hard links: create it exclusively, not atomically
             with open(path, "x") as f:
-                f.write(text)
+                try:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except BaseException:
+                    path.unlink(missing_ok=True)  # not a truncated result that the next run would refuse to replace
+                    raise
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

@@ -156,7 +156,8 @@ def advice(plan: MemoryPlan, cfg: Config, ranks: int, device: str, have: float) 
             what = " ".join(f"{k}={v}" for k, v in setting.items())
             return f"set {what} (about {_fmt(needed(trial, device))} per rank)"
     more = "more GPUs" if device == "cuda" else "more machines (ranks on one machine share its RAM)"
-    return f"no ZeRO setting fits on {ranks} rank(s): use {more}, train.precision=bf16, or a smaller model"
+    bf16 = "" if cfg.train.precision == "bf16" else " train.precision=bf16,"
+    return f"no ZeRO setting fits on {ranks} rank(s): use {more},{bf16} or a smaller model"
 
 
 def _fmt(b: float) -> str:

@@ -30,13 +30,33 @@ def test_writes_after_the_reader_has_gone_are_dropped():
     stream.flush()
 
 
-def test_other_write_errors_are_not_hidden():
-    class Full:
-        def write(self, text):
-            raise OSError(errno.ENOSPC, "No space left on device")
+def test_a_full_disk_under_the_log_drops_lines_while_it_lasts_and_other_errors_are_not_hidden():
+    """SLURM writes the job's output into run.dir: when that disk filled, the next step line killed the run."""
+    class Disk:
+        full, lines = True, []
 
-    with pytest.raises(OSError, match="No space"):
-        _Survivor(Full()).write("x")
+        def write(self, text):
+            if self.full:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.lines.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    disk = Disk()
+    out = _Survivor(disk)
+    assert out.write("lost\n") == 5 and not out.lost
+    disk.full = False
+    out.write("back\n")
+    assert disk.lines == ["back\n"]
+
+    class Broken:
+        def write(self, text):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(OSError, match="Bad file"):
+        _Survivor(Broken()).write("x")
 
 
 def test_a_process_whose_stdout_reader_exits_keeps_running(tmp_path):

@@ -98,3 +98,27 @@ def test_a_data_cache_build_on_a_full_disk_is_one_line_and_leaves_nothing(small_
                             "model.vocab_size=512", timeout=300)
     assert rc == 2 and "No space left on device" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]
+
+
+def test_a_log_file_on_the_full_disk_does_not_stop_training(small_disk, data_cache_dir, tmp_path):
+    """SLURM writes the job's output into run.dir (slurm-<job>.out), on the disk that fills up: the next step line
+    raised ENOSPC out of print and the run died mid-line. Lines are dropped while the disk is full."""
+    import time
+
+    from launch_utils import REPO, env, train_cmd
+
+    run, log = small_disk / "run", small_disk / "slurm.out"
+    overrides = [*TINY, f"data.source={small_corpus(tmp_path / 'corpus')}", f"data.cache_dir={data_cache_dir}",
+                 f"run.dir={run}", "train.max_steps=30", "train.save_every=5", "train.keep_last=1"]
+    with open(log, "w") as f:
+        proc = subprocess.Popen(train_cmd(1, overrides), cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        while "saved checkpoint" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        fill(small_disk)
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (run / "checkpoints" / "latest").is_file()

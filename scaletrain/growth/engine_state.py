@@ -83,7 +83,7 @@ def _materialise_adam_state(engine, grad_accum: int) -> None:
         zero._lazy_init_hp_params_optimizer_state()
 
 
-def install(engine, source: Path, precision: str, grad_accum: int) -> None:
+def install(engine, source: Path, precision: str, grad_accum: int, verify_files: bool = True) -> None:
     """Collective. After `deepspeed.initialize` on a model loaded from `source` (checkpoint, run or HF dir): in
     bf16/fp16 runs put its exact fp32 weights into the optimizer's masters (the module's low-precision copy lost
     bits); when `source` carries grown Adam moments (`scaletrain grow --optimizer grow`, growth.optimizer
@@ -107,7 +107,7 @@ def install(engine, source: Path, precision: str, grad_accum: int) -> None:
         params = dict(named)
         # Through open_weights: an HF dir of another architecture yields our names; a classifier started from a
         # language model skips the LM head (and its new `score` keeps its init). Same order on every rank.
-        for name, t in open_weights(source).tensors():
+        for name, t in open_weights(source, verify_files).tensors():
             if name in params:
                 set_full(params[name], t.float(), None)
     if not has_moments:

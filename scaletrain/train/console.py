@@ -4,7 +4,8 @@ Ranks a multi-node launcher starts over ssh print through that ssh connection. W
 launcher, pdsh and ssh on the first node die first and the connection closes; the ranks are asked to checkpoint
 and stop (our stop flag) but their next log line raised BrokenPipeError, killing rank 0 between steps, or in
 the middle of a save while the others waited in a collective. Console output is the one thing a rank can lose:
-once its reader is gone, writes are dropped and training (or the stop) goes on.
+once its reader is gone, writes are dropped and training (or the stop) goes on. The same while the disk under
+a log file is full.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import errno
 import sys
 
 _LOST = (errno.EPIPE, errno.ECONNRESET, errno.EIO)  # reader gone; EIO: a hung-up terminal
+# A full disk under a log file (SLURM writes the job's output into run.dir, beside the checkpoints): the lines
+# are dropped while it lasts, and written again once there is space.
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class _Survivor:
@@ -26,9 +30,7 @@ class _Survivor:
             try:
                 return self._stream.write(text)
             except OSError as e:
-                if e.errno not in _LOST:
-                    raise
-                self.lost = True
+                self._failed(e)
         return len(text)
 
     def flush(self) -> None:
@@ -36,9 +38,13 @@ class _Survivor:
             try:
                 self._stream.flush()
             except OSError as e:
-                if e.errno not in _LOST:
-                    raise
-                self.lost = True
+                self._failed(e)
+
+    def _failed(self, e: OSError) -> None:
+        if e.errno in _LOST:
+            self.lost = True
+        elif e.errno not in _FULL:
+            raise e
 
     def __getattr__(self, name):  # fileno, isatty, encoding, ...: the stream's own
         return getattr(self._stream, name)

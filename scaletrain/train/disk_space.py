@@ -15,7 +15,7 @@ from typing import Optional
 
 BYTES_PER_PARAM = 16
 MARGIN = 1.10
-SLACK = 64 << 20  # never fill a disk to its last bytes: logs, TensorBoard and the OS need some too
+SLACK = 64_000_000  # never fill a disk to its last bytes: logs, TensorBoard and the OS need some too
 
 
 def _fmt(n: float) -> str:

@@ -158,7 +158,7 @@ class Trainer:
         if weights_from is not None:
             from scaletrain.weights import load_into, open_weights
 
-            load_into(model, open_weights(weights_from), "grown weights")
+            load_into(model, open_weights(weights_from, verify_files=False), "grown weights")  # (this run's own)
         elif self.init_source is not None:  # init.from, not resuming
             weights_from = self.init_source
             init_from.load_weights(model, weights_from)  # weights only: the optimizer below starts fresh
@@ -174,7 +174,8 @@ class Trainer:
         if weights_from is not None:
             from scaletrain.growth.engine_state import install
 
-            install(engine, Path(weights_from), t.precision, t.grad_accum)  # exact fp32 masters, grown Adam moments
+            # exact fp32 masters, grown Adam moments (init.from's files were verified when they were loaded above)
+            install(engine, Path(weights_from), t.precision, t.grad_accum, verify_files=False)
         return engine
 
     def switch_model(self, cfg: Config, stage: int, weights_from: Path) -> None:

@@ -106,8 +106,8 @@ def checkpoint_tokenizer(d: Path) -> Optional[Path]:
     return t / "tokenizer.model" if (t / "tokenizer.model").is_file() else None
 
 
-def _open_checkpoint_dir(d: Path) -> WeightSource:
-    if (d / MANIFEST).is_file():  # (dirs written before 2026-12-08 have none)
+def _open_checkpoint_dir(d: Path, verify_files: bool = True) -> WeightSource:
+    if verify_files and (d / MANIFEST).is_file():  # (dirs written before 2026-12-08 have none)
         from scaletrain.manifest import verify
 
         problem = verify(d)
@@ -181,15 +181,17 @@ def _open_tag(tag: Path, run: Optional[Path], kind: str) -> WeightSource:
     return WeightSource(tag, kind, cfg.model, cfg, _run_tokenizer(run, cfg), lineage, tag, _zero=zero)
 
 
-def open_weights(path: str | Path) -> WeightSource:
-    """A run dir (its newest verified checkpoint), a DeepSpeed tag dir, a scaletrain checkpoint dir or an HF dir."""
+def open_weights(path: str | Path, verify_files: bool = True) -> WeightSource:
+    """A run dir (its newest verified checkpoint), a DeepSpeed tag dir, a scaletrain checkpoint dir or an HF dir.
+    `verify_files=False`: files this run wrote moments ago (a growth stage) or verified already (a resharded
+    resume): every rank hashing a grown child, moments included, at each boundary cost minutes at scale."""
     d = Path(path).expanduser()
     if not d.exists():
         raise UserError(f"{d} does not exist; give a run dir, a checkpoint dir or a Hugging Face model dir")
     if not d.is_dir():
         raise UserError(f"{d} is not a directory; give a checkpoint, run or Hugging Face model directory")
     if (d / CONFIG_YAML).is_file() and not (d / "checkpoints").is_dir() and any(d.glob("*.safetensors")):
-        return _open_checkpoint_dir(d)
+        return _open_checkpoint_dir(d, verify_files)
     if (d / "config.json").is_file():
         return _open_hf_dir(d)
     if (d / "checkpoints").is_dir() or ((d / CONFIG_YAML).is_file() and (d / "status.json").is_file()):
@@ -211,7 +213,7 @@ def open_weights(path: str | Path) -> WeightSource:
     if any(d.glob("*model_states.pt")):
         from scaletrain.train.checkpoint import verify
 
-        damaged = verify(d)  # what resuming checks for every tag; named directly, a tag gets no fallback
+        damaged = verify(d) if verify_files else None  # what resuming checks for every tag; named directly, no fallback
         if damaged:
             raise UserError(f"checkpoint {d} is not usable: {damaged}; give its run dir to use the newest good checkpoint")
         run = d.parent.parent if d.parent.name == "checkpoints" else None
