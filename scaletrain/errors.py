@@ -18,3 +18,12 @@ def model_error_line(error) -> str:
     if not e["loc"]:  # (heads against hidden_size, label names against num_labels)
         return e["msg"].removeprefix("Value error, ")
     return f"model.{e['loc'][0]}: {e['msg']} (got {e.get('input')!r})"
+
+
+def in_flag_words(error: UserError, names: dict[str, str]) -> UserError:
+    """`error` with the config keys it names (`names`' keys) written as the flags a command takes for them: the
+    checks are shared with training, whose messages name config keys the command would refuse."""
+    message = str(error)
+    for key, flag in names.items():
+        message = message.replace(key, flag)
+    return UserError(message)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, in_flag_words
 from scaletrain.model.loss import IGNORE_INDEX
 
 
@@ -59,7 +59,7 @@ def file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> 
     try:
         yield from _file_batches(path, tok, seq_len, batch, text_field)
     except UserError as e:
-        raise UserError(str(e).replace("data.text_field", "--text-field").replace("data.source", "--data")) from None
+        raise in_flag_words(e, {"data.text_field": "--text-field", "data.source": "--data"}) from None
 
 
 def _file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

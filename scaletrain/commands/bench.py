@@ -29,7 +29,7 @@ def spec_from_args(a: argparse.Namespace) -> dict:
 
 def run(a: argparse.Namespace) -> int:
     from scaletrain.bench.machine import machine_info
-    from scaletrain.errors import UserError
+    from scaletrain.errors import UserError, in_flag_words
 
     if a.device == "cuda":  # else it would time the CPU and call it cuda, or die picking a GPU that is not there
         import torch
@@ -87,7 +87,7 @@ def run(a: argparse.Namespace) -> int:
                 cfg = bench_config(spec, p)
                 check_backend(cfg.model.attention, torch.device(a.device), training=True, shape=cfg.model, precision=p)
             except UserError as e:
-                raise UserError(_as_flags(str(e))) from None
+                raise in_flag_words(e, _FLAGS) from None
         report.update(training_bench(spec, memory=not a.no_memory))
     text = json.dumps(report, indent=1)
     sys.stdout.write(text + "\n")  # first: the numbers are not lost if the file cannot be written after all
@@ -111,12 +111,6 @@ _FLAGS = {"model.hidden_size": "--hidden", "model.num_layers": "--layers", "mode
           "train.seq_len": "--seq", "train.micro_batch_size": "--micro-batch", "model.attention=": "--attention ",
           "model.attention": "--attention", "zero.stage=": "--zero ", "zero.stage": "--zero", "train.precision": "--precision",
           "train.loss_chunk": "--loss-chunk", "model.fused_ops": "--fused-ops"}
-
-
-def _as_flags(message: str) -> str:
-    for key, flag in _FLAGS.items():
-        message = message.replace(key, flag)
-    return message
 
 
 def add_parser(sub) -> None:

@@ -33,24 +33,24 @@ def finetune_defaults(model) -> Config:
     return Config(model=model, train=train, data=data)
 
 
-def _check_tokenizer(hf_dir: Path, vocab_size: int) -> None:
+def _checked_tokenizer(hf_dir: Path, vocab_size: int):
+    """The HF dir's tokenizer, once it loads and fits the vocabulary (else a one-line UserError naming the dir)."""
     from scaletrain.data.hf_tokenizer import HFTokenizer
 
-    tok = HFTokenizer(hf_dir)  # unreadable -> one-line UserError naming the dir
+    tok = HFTokenizer(hf_dir)
     if tok.vocab_size > vocab_size:
         raise UserError(f"{hf_dir}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    return tok
 
 
-def _check_classifier_pooling(hf_dir: Path, tokenizer: Path) -> None:
+def _check_classifier_pooling(hf_dir: Path, tok) -> None:
     """HF's classifier reads the rightmost token that is not pad_token_id; ours read the last text token
     (examples right-padded with EOS, a trailing EOS dropped). The same token, unless the tokenizer appends EOS
     to every text and pad_token_id is another id (or none): that model reads its EOS, and imported it would
     predict something else."""
-    from scaletrain.data.hf_tokenizer import HFTokenizer
     from scaletrain.hf.arch_config import read_hf_config
 
-    pad, tok = read_hf_config(hf_dir).get("pad_token_id"), HFTokenizer(tokenizer)
-    ids = tok.encode("a")
+    pad, ids = read_hf_config(hf_dir).get("pad_token_id"), tok.encode("a")
     if pad != tok.eos_id and ids and ids[-1] == tok.eos_id:
         raise UserError(f"{hf_dir}: this classifier reads the EOS its tokenizer appends to every text (pad_token_id "
                         f"{pad} is not EOS {tok.eos_id}); scaletrain's classifiers read the last text token, so its "
@@ -69,9 +69,9 @@ def import_hf(hf_dir: str, out: str, max_shard_size: str = DEFAULT_SHARD, progre
     if problems:
         raise UserError(f"{src_dir}: weights do not match config.json: {summarise(problems)}")
     if src.tokenizer is not None:
-        _check_tokenizer(src.tokenizer, src.model.vocab_size)
+        tok = _checked_tokenizer(src.tokenizer, src.model.vocab_size)
         if src.model.num_labels:
-            _check_classifier_pooling(src_dir, src.tokenizer)
+            _check_classifier_pooling(src_dir, tok)
     else:
         print(f"warning: {src_dir} has no tokenizer files; set data.tokenizer when training from this checkpoint", file=sys.stderr)
     cfg = finetune_defaults(src.model)

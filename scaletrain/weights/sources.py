@@ -163,8 +163,10 @@ def _tag_model(tag: Path) -> Optional[ModelConfig]:
     """The model a tag was saved with (its manifest records it): after growth inside a run, the run's config.yaml
     names the grown model, while the tags before the boundary (the parent `scaletrain lineage` names) hold the
     smaller one. None for manifests from before they recorded it."""
+    from scaletrain.manifest import read_manifest
+
     try:
-        return ModelConfig.model_validate(json.loads((tag / MANIFEST).read_text())["model"])
+        return ModelConfig.model_validate(read_manifest(tag)["model"])
     except (OSError, ValueError, KeyError, TypeError):  # (pydantic's ValidationError is a ValueError)
         return None
 
@@ -211,7 +213,7 @@ def open_weights(path: str | Path, verify_files: bool = True) -> WeightSource:
         src.path = d
         return src
     if any(d.glob("*model_states.pt")):
-        from scaletrain.train.checkpoint import verify
+        from scaletrain.manifest import verify
 
         damaged = verify(d) if verify_files else None  # what resuming checks for every tag; named directly, no fallback
         if damaged:
