@@ -152,3 +152,25 @@ def test_zero_offload_optimizer_trains_like_the_plain_optimizer(base, tmp_path):
     assert got[5] < got[1]
     for s in want:
         assert got[s] == pytest.approx(want[s], rel=1e-5), f"offloaded optimizer differs at step {s}"
+
+
+def test_status_json_follows_the_checkpoints_and_forgets_the_last_start(base, tmp_path):
+    """status.json was written at a start and at the end only: a rank killed mid-run left the start's step,
+    and a resumed run showed the previous start's loss and seconds as its own until it ended."""
+    d = tmp_path / "status"
+    args = [*base, "train.precision=fp32", f"run.dir={d}"]
+    run_training(1, [*args, "train.max_steps=4", "train.save_every=0"])
+    before = json.loads((d / "status.json").read_text())
+    assert before["state"] == "finished" and math.isfinite(before["loss"]) and before["seconds"] > 0
+    proc = start_training(1, [*args, "train.max_steps=100000", "train.save_every=3"])
+    try:
+        assert wait_for(lambda: json.loads((d / "status.json").read_text())["state"] == "running", timeout=180)
+        status = json.loads((d / "status.json").read_text())
+        assert status["step"] == 4 and status["loss"] is None and status["seconds"] is None, status
+        assert wait_for(lambda: (d / "checkpoints" / "latest").read_text() != "global_step4", timeout=180)
+        assert wait_for(lambda: json.loads((d / "status.json").read_text())["step"] >= 6, timeout=30)
+    finally:
+        kill_group(proc)  # SIGKILL: nothing more is written
+    status = json.loads((d / "status.json").read_text())
+    assert status["state"] == "running" and status["step"] >= 6 and math.isfinite(status["loss"]), status
+    assert status["consumed_tokens"] == status["step"] * 2 * 64  # TINY: 2 windows of 64 tokens a step

@@ -206,7 +206,7 @@ def run_info(run: Path, queue: Optional[dict[str, str]] = None, now: Optional[fl
     tb = tb_last(run / "tb")
     written = status.get("state", "unknown" if status_mtime is None else "unreadable")
     step, loss = status.get("step"), status.get("loss")
-    # status.json is written at start and end only: while a run goes (or after it died without a word),
+    # status.json is written at start, at each checkpoint and at the end: while a run goes (or after it died without a word),
     # TensorBoard's newest event is the position; the final status is authoritative once written.
     if "train/loss" in tb and (written in ("running", "unknown", "unreadable") or loss is None) \
             and (status_mtime is None or tb["train/loss"][2] >= status_mtime - 1):

@@ -95,8 +95,10 @@ def fit(tr: Trainer) -> dict:
     _announce(tr, n_params)
     metrics = Metrics(tr.run.tb if d.is_main else None, purge_step=tr.step + 1)  # +1 also on a fresh start: drops a crashed first attempt's events
     if d.is_main:
+        # a resumed run's file held the last start's summary: its loss and seconds must not pass for this start's
         tr.run.write_status(state="running", step=tr.step, max_steps=t.max_steps, world_size=d.world,
-                            local_ranks=d.local_world, **launch_info())  # host/pid, SLURM job id + restart count
+                            local_ranks=d.local_world, loss=None, val_loss=None, seconds=None,
+                            consumed_tokens=tr.tokens_seen, **launch_info())  # host/pid, SLURM job id + restart count
     start_time, window = time.time(), ThroughputWindow()
     last_loss, val_loss, state = math.nan, None, "finished"
     first = tr.step + 1  # the first step of a start (or after growth) is logged alone: it warms up
@@ -124,6 +126,9 @@ def fit(tr: Trainer) -> dict:
                 path = tr.save()
                 if path is not None:
                     tr.log(f"saved checkpoint {path}")
+                    if d.is_main:  # where a reader of status.json finds the run now, not only at its start and end
+                        tr.run.write_status(step=tr.step, loss=last_loss, val_loss=val_loss, consumed_tokens=tr.tokens_seen,
+                                            seconds=round(time.time() - start_time, 1))
             if stopping and tr.step < t.max_steps:  # (a stop at the last step ends the run as finished)
                 state = "preempted"
                 saved = f"{'checkpointed' if path is not None else 'could not checkpoint (see above)'} at step {tr.step}"

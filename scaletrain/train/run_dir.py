@@ -5,7 +5,8 @@
     <run.dir>/growth/stageK/   the grown weights each growth boundary started from (with lineage.json)
     <run.dir>/ds_config.json   generated DeepSpeed config
     <run.dir>/status.json      state (running|finished|preempted|failed), step, last loss, rank 0's host/pid,
-                               SLURM job id + restart count (launch_info)
+                               SLURM job id + restart count (launch_info); written at a start (loss cleared),
+                               at each checkpoint and at the end
     <run.dir>/pids/            rank<N>.pid of every rank (pids in that rank's host's namespace)
     <run.dir>/checkpoints/     see checkpoint.py
     <run.dir>/tb/              TensorBoard event files
