@@ -35,6 +35,8 @@ def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> 
     try:
         return func(args)
     except UserError as e:
+        if e.heard_elsewhere:
+            return e.exit_code
         sys.stderr.write("error: " + " ".join(s.strip() for s in str(e).splitlines() if s.strip()) + "\n")
         return e.exit_code
     except KeyboardInterrupt:

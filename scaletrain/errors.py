@@ -1,5 +1,7 @@
 """One error type for users' mistakes: the CLI prints it as one line and exits with code 2."""
 
+import os
+
 
 class UserError(Exception):
     """A problem with what the user gave us (config, data, checkpoint, flags), not a bug.
@@ -9,6 +11,22 @@ class UserError(Exception):
     """
 
     exit_code = 2
+    # True where another rank of the same job prints this same line (rank 0, or this host's first rank): under a
+    # launcher every rank raises a config error or a collective's verdict, and N identical lines bury the one
+    heard_elsewhere = False
+
+
+def heard_elsewhere(error: UserError, quiet: bool = True) -> UserError:
+    """`error`, printed by the CLI only if `quiet` is False (see UserError.heard_elsewhere)."""
+    error.heard_elsewhere = quiet
+    return error
+
+
+def alike_on_this_host(error: UserError) -> UserError:
+    """`error` from a check every rank of a host makes alike (same files, flags, hardware), before the ranks can
+    talk: printed by the host's first rank only."""
+    local = os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+    return heard_elsewhere(error, local != "0")
 
 
 def model_error_line(error) -> str:

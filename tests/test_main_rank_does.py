@@ -26,7 +26,7 @@ def _failing_work(rank: int, world: int):
     try:
         main_rank_does(work)
     except UserError as e:
-        return {"error": str(e)}
+        return {"error": str(e), "printed": not e.heard_elsewhere}
     return {"error": None}
 
 
@@ -39,6 +39,7 @@ def test_the_others_outwait_the_collective_timeout(tmp_path):
 def test_rank_0s_error_is_every_rank_s_error(tmp_path):
     results = _run(_failing_work, 3, tmp_path, timeout_s=30)
     assert [r["error"] for r in results] == ["data.source /nowhere does not exist; give a file or directory"] * 3
+    assert [r["printed"] for r in results] == [True, False, False]  # the CLI prints it once, on rank 0
 
 
 def _one_rank_cannot(rank: int, world: int):
@@ -47,7 +48,7 @@ def _one_rank_cannot(rank: int, world: int):
     try:
         stop_all_if("rank 1 cannot see /shared/cache" if rank == 1 else None, "another rank cannot (its error says)")
     except UserError as e:
-        return {"error": str(e)}
+        return {"error": str(e), "printed": not e.heard_elsewhere}
     return {"error": None}
 
 
@@ -55,3 +56,4 @@ def test_a_problem_on_one_rank_stops_every_rank_with_a_reason(tmp_path):
     results = _run(_one_rank_cannot, 3, tmp_path, timeout_s=30)
     assert [r["error"] for r in results] == ["another rank cannot (its error says)", "rank 1 cannot see /shared/cache",
                                              "another rank cannot (its error says)"]
+    assert [r["printed"] for r in results] == [True, True, False]  # the reason, and once that another rank has one

@@ -174,3 +174,14 @@ def test_status_json_follows_the_checkpoints_and_forgets_the_last_start(base, tm
     status = json.loads((d / "status.json").read_text())
     assert status["state"] == "running" and status["step"] >= 6 and math.isfinite(status["loss"]), status
     assert status["consumed_tokens"] == status["step"] * 2 * 64  # TINY: 2 windows of 64 tokens a step
+
+
+@pytest.mark.parametrize("problem, needle", [
+    ("train.lr=abc", "train.lr"),                              # the config, read by every rank before they can talk
+    ("data.source=/nonexistent/corpus", "/nonexistent/corpus"),  # a check every rank makes before the process group
+])
+def test_an_error_every_rank_reaches_is_printed_once(base, tmp_path, problem, needle):
+    """Under a launcher every rank raised the same error and printed it: N identical lines for N ranks."""
+    proc = run_training(2, [*base, f"run.dir={tmp_path / 'run'}", problem], check=False)
+    errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stdout[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from scaletrain.commands.common import add_config_args
+from scaletrain.errors import UserError, alike_on_this_host
 
 
 def run(args: argparse.Namespace) -> int:
@@ -12,7 +13,10 @@ def run(args: argparse.Namespace) -> int:
     from scaletrain.train.console import survive_lost_console
 
     survive_lost_console()  # a rank whose launcher's ssh connection closed still checkpoints when asked to stop
-    cfg = load_config(args.config, args.overrides)  # before importing torch: config typos fail fast
+    try:
+        cfg = load_config(args.config, args.overrides)  # before importing torch: config typos fail fast
+    except UserError as e:  # every rank of this host read the same file and flags
+        raise alike_on_this_host(e)
     from scaletrain.train.loop import train
 
     summary = train(cfg)

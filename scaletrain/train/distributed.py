@@ -170,7 +170,7 @@ def main_rank_does(work, poll_s: float = 0.5):
     error if rank 0 dies. Returns work()'s result on rank 0 (None elsewhere); a UserError there is raised on
     every rank with the same message, any other failure as "rank 0 failed"."""
     global _solo_calls
-    from scaletrain.errors import UserError
+    from scaletrain.errors import UserError, heard_elsewhere
 
     _solo_calls += 1
     key = f"scaletrain/solo/{_solo_calls}"
@@ -202,8 +202,8 @@ def main_rank_does(work, poll_s: float = 0.5):
         said = store.get(key).decode(errors="replace")
         if said != "ok":
             store.add(f"{key}/seen", 1)
-            if said.startswith("user:"):
-                raise UserError(said[len("user:"):])
+            if said.startswith("user:"):  # rank 0 prints it
+                raise heard_elsewhere(UserError(said[len("user:"):]))
             raise RuntimeError(f"rank 0 failed ({said[len('fail:'):]})")
     barrier()
     return None
@@ -236,7 +236,7 @@ def any_rank(flag: bool) -> bool:
 def stop_all_if(problem: str | None, elsewhere: str) -> None:
     """Collective. When any rank has a problem, every rank stops with a UserError: its own reason, or `elsewhere`
     (a rank must not raise alone: the others would wait for it in their next collective)."""
-    from scaletrain.errors import UserError
+    from scaletrain.errors import UserError, heard_elsewhere
 
-    if any_rank(problem is not None):
-        raise UserError(problem or elsewhere)
+    if any_rank(problem is not None):  # `elsewhere` is said once, by rank 0; a rank's own problem by that rank
+        raise heard_elsewhere(UserError(problem or elsewhere), problem is None and dist.is_initialized() and dist.get_rank() != 0)

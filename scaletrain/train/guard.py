@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, heard_elsewhere
 
 INJECT_ENV, INJECT_RANK_ENV = "SCALETRAIN_INJECT_NAN_AT_STEP", "SCALETRAIN_INJECT_NAN_RANK"
 
@@ -134,8 +134,9 @@ class StepGuard:
         self.log(f"warning: step {step} skipped: loss {loss:.4g}, grad norm {float(norm) if norm is not None else float('nan'):.4g} "
                  f"(not finite); weights and optimizer unchanged ({self.consecutive} in a row, {self.total} in this run)")
         if self.consecutive >= self.max_skipped:
-            raise TrainingDiverged(
+            raise heard_elsewhere(TrainingDiverged(
                 f"training stopped at step {step}: the last {self.consecutive} steps all had a non-finite loss or "
                 f"gradient norm (train.max_skipped={self.max_skipped}); skipped steps change no weights, so the newest "
-                "checkpoint holds the last good ones: lower train.lr or raise train.warmup_steps (or check the data), then resume")
+                "checkpoint holds the last good ones: lower train.lr or raise train.warmup_steps (or check the data), then resume"),
+                self.rank != 0)  # every rank reaches the same verdict (the norm and the loss check are global)
         return True

@@ -19,7 +19,7 @@ from scaletrain.config import Config
 from scaletrain.data.sampler import micro_batch_ids
 from scaletrain.data.sources import resolve_source
 from scaletrain.ds_config import check_deepspeed_passthrough, deepspeed_config
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, alike_on_this_host
 from scaletrain.growth.in_run import RunGrowth
 from scaletrain.model.attention import check_backend
 from scaletrain.model.docmask import document_ids
@@ -42,7 +42,10 @@ from scaletrain.train.validation import load_data, validate
 class Trainer:
     def __init__(self, cfg: Config, lock: RunLock | None = None):
         self.stop = StopFlag()  # before any pid file exists: a USR1 during start-up is a stop request, not a kill
-        cfg, asked = self._preflight(cfg, lock)
+        try:
+            cfg, asked = self._preflight(cfg, lock)
+        except UserError as e:
+            raise alike_on_this_host(e)
         self.dist = setup(cfg.train.threads)
         cfg, tag = self._starting_point(cfg, asked)
         self.cfg = cfg  # final from here on: this stage's model, agreed precision, resharded grad_accum
