@@ -345,6 +345,7 @@ def test_generation_settings_travel_from_import_to_export(tmp_path, hf_dir):
     from transformers import GenerationConfig
 
     assert GenerationConfig.from_pretrained(str(tmp_path / "hf")).eos_token_id == [2, 7]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == [2, 7]  # was 2 alone
     cli_ok("grow", str(tmp_path / "ck"), "--out", str(tmp_path / "grown"), "--set", "model.num_layers=4")
     assert generation_config.find(tmp_path / "grown") == settings  # a grown child keeps its parent's
     from scaletrain.errors import UserError

@@ -72,8 +72,9 @@ def export_hf(source: str, out: str, dtype: Optional[str] = None, max_shard_size
         bos = ours.bos_id if ours.bos_id >= 0 else None
         pad = ours.eos_id if src.model.num_labels else None  # classifiers pool at the last non-pad token
         cfg = hf_config(plan, src.model, bos, ours.eos_id, name, pad)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         gen = generation_config.for_export(generation_config.find(src.path), bos, ours.eos_id, cfg["transformers_version"])
+        cfg["eos_token_id"] = gen["eos_token_id"]  # a source's extra stop tokens (Llama 3's list) in both files, as HF has them
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / generation_config.GENERATION_CONFIG).write_text(json.dumps(gen, indent=2))
         write_hf_tokenizer(src.tokenizer, tmp, src.model.max_seq_len, pad_with_eos=pad is not None)
         check_same_ids(tmp, ours)
