@@ -97,8 +97,16 @@ class ModelConfig(_Section):
         return self.hidden_size // self.num_heads
 
 
+class MixPart(_Section):
+    """One source of a data mixture: its windows make up `weight` / (sum of weights) of every step's batch."""
+    source: str = Field(min_length=1)
+    weight: float = Field(gt=0)
+    name: Optional[str] = None  # in val/<name>/loss; default: the source's file or directory name
+
+
 class DataConfig(_Section):
     source: str = "stdlib"
+    mix: list[MixPart] = []  # several sources in fixed proportions instead of data.source (scaletrain/data/mixture.py)
     text_field: str = "text"
     tokenizer: Optional[str] = None
     cache_dir: str = "~/.cache/scaletrain/data"
@@ -218,6 +226,10 @@ class Config(_Section):
         if self.train.compile and self.zero.stage == 3:
             raise ValueError("train.compile needs zero.stage <= 2: ZeRO-3's per-module parameter hooks make "
                              "torch.compile recompile on every call (use zero.stage=2, or train.compile=false)")
+        if self.data.mix:
+            from scaletrain.data.mixture import validate_mix
+
+            validate_mix(self.data)
         if self.data.format == "prompt_completion" and self.data.source == "stdlib":
             raise ValueError("data.format=prompt_completion needs data.source pointing at .jsonl/.parquet files with prompt and completion fields")
         from scaletrain.model.variants import validate_variants

@@ -108,14 +108,27 @@ def training_cache(src):
     return cache
 
 
-def val_batches(src, seq_len: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The val split of the data the source was trained on (from its config's data cache)."""
+def _val_stream(src, seq_len: int):
     stream = training_cache(src).stream("val", seq_len, src.config.train.seed, required=False)
     if stream is None:
         what = (f"fewer than {seq_len + 1} tokens" if src.config.data.format == "text"
                 else f"no example that fits in {seq_len} tokens")
         raise UserError(f"{src.path}: the val split has {what}; pass --data FILE or another --seq-len")
-    return _stream_windows(stream, batch)
+    return stream
+
+
+def val_batches(src, seq_len: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The val split of the data the source was trained on (from its config's data cache)."""
+    return _stream_windows(_val_stream(src, seq_len), batch)
+
+
+def val_parts(src, seq_len: int, batch: int) -> Optional[list[tuple[str, float, Iterator]]]:
+    """A model trained on a data.mix: (name, weight, batches) of each source's val split, scored apart as
+    training scores them (val/<name>/loss); None for one data.source."""
+    if src.config is None or not src.config.data.mix:
+        return None
+    parts = getattr(_val_stream(src, seq_len), "parts", [])
+    return [(name, weight, _stream_windows(stream, batch)) for name, weight, stream in parts]
 
 
 EVAL_ROWS = 1024  # positions whose logits exist at once in `evaluate`

@@ -12,7 +12,7 @@ from scaletrain.commands.common import add_inference_args, positive_int
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from scaletrain.evaluate import evaluate, file_batches, training_cache, val_batches
+    from scaletrain.evaluate import evaluate, file_batches, training_cache, val_batches, val_parts
     from scaletrain.generate import load_model
 
     model, tok, src = load_model(args.source, need_tokenizer=args.data is not None, device=args.device,
@@ -21,13 +21,16 @@ def run(args: argparse.Namespace) -> int:
     seq_len = min(seq_len, src.model.max_seq_len)
     if src.model.num_labels:  # a sequence classifier: accuracy / macro-F1 on text/label rows
         return _classifier(args, model, tok, src, seq_len)
+    doc_eos = None
+    if src.config is not None and src.config.data.doc_mask:  # evaluated as it was trained: within documents
+        doc_eos = tok.eos_id if args.data else int(training_cache(src).meta["eos_id"])
+    parts = None if args.data else val_parts(src, seq_len, args.batch_size)
+    if parts:
+        return _mixture(args, model, parts, doc_eos, seq_len)
     if args.data:
         batches = file_batches(Path(args.data), tok, seq_len, args.batch_size, args.text_field)
     else:
         batches = val_batches(src, seq_len, args.batch_size)
-    doc_eos = None
-    if src.config is not None and src.config.data.doc_mask:  # evaluated as it was trained: within documents
-        doc_eos = tok.eos_id if args.data else int(training_cache(src).meta["eos_id"])
     res = evaluate(model, _limited(batches, args.max_batches), doc_eos)
     if args.max_batches:
         res["max_batches"] = args.max_batches  # a partial score says so
@@ -37,6 +40,29 @@ def run(args: argparse.Namespace) -> int:
         where = args.data or "the run's val split"
         first = f", the first {args.max_batches} batches" if args.max_batches else ""
         print(f"{where}: loss {res['loss']:.4f} | ppl {res['ppl']:.2f} | {res['tokens']:,} tokens (windows of {seq_len}{first})")
+    return 0
+
+
+def _mixture(args, model, parts, doc_eos, seq_len: int) -> int:
+    """Each source's val split apart, and their mean weighted as the mixture weighs them (training's val/loss)."""
+    import math
+
+    from scaletrain.evaluate import evaluate
+
+    sources = {name: {**evaluate(model, _limited(batches, args.max_batches), doc_eos), "weight": weight}
+               for name, weight, batches in parts}
+    weights = sum(r["weight"] for r in sources.values())
+    loss = sum(r["weight"] * r["loss"] for r in sources.values()) / weights
+    res = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": sum(r["tokens"] for r in sources.values()),
+           "sources": sources, **({"max_batches": args.max_batches} if args.max_batches else {})}
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    first = f", the first {args.max_batches} batches of each" if args.max_batches else ""
+    print(f"the run's val split (data.mix, weighted): loss {loss:.4f} | ppl {res['ppl']:.2f} | {res['tokens']:,} tokens "
+          f"(windows of {seq_len}{first})")
+    for name, r in sources.items():
+        print(f"  {name} (weight {r['weight']:g}): loss {r['loss']:.4f} | ppl {r['ppl']:.2f} | {r['tokens']:,} tokens")
     return 0
 
 

@@ -17,6 +17,10 @@ def run(args: argparse.Namespace) -> int:
     m = cache.meta
     print(f"data cache {cache.dir}: {m['docs']['train']} train / {m['docs']['val']} val docs, "
           f"{m['tokens']['train']:,} / {m['tokens']['val']:,} tokens, vocab {m['tokenizer_vocab']}")
+    for info, part in zip(m.get("mixture", []), getattr(cache, "parts", [])):  # a data.mix: each source's cache
+        p = part.meta
+        print(f"  {info['name']} (weight {info['weight']:g}): {part.dir}: {p['docs']['train']} / {p['docs']['val']} docs, "
+              f"{p['tokens']['train']:,} / {p['tokens']['val']:,} tokens")
     return 0
 
 

@@ -106,13 +106,18 @@ def cache_fingerprint(cfg: Config, src: Source) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def find_cache(cfg: Config) -> tuple[Path, Source]:
+def find_cache(cfg: Config) -> tuple[Path, Optional[Source]]:
+    """The cache dir `cfg.data` tokenises into, and its source (None for a data.mix: see mixture.py)."""
+    if cfg.data.mix:
+        from scaletrain.data.mixture import find_mixture
+
+        return find_mixture(cfg), None
     src = resolve_source(cfg.data.source, cfg.data.text_field)
     root = Path(os.path.expanduser(cfg.data.cache_dir))
     return root / cache_fingerprint(cfg, src), src
 
 
-def open_cache(path: Path) -> Optional[DataCache]:
+def open_cache(path: Path):  # -> DataCache | MixtureCache | None
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         return None
@@ -128,6 +133,10 @@ def open_cache(path: Path) -> Optional[DataCache]:
     if want is not None and tokenizer_digest(cache.tokenizer_path) != want:  # trained on, then copied into runs
         raise UserError(f"data cache {path} is damaged: {cache.tokenizer_path.name} is not the tokenizer it was built "
                         "with; delete that directory to rebuild it")
+    if "mixture" in meta:  # its tokens are in its parts' caches
+        from scaletrain.data.mixture import open_mixture
+
+        return open_mixture(path, meta)
     for split, tokens in counts.items():  # a file cut short (disk full, a crash before it reached the disk)
         f = path / f"{split}.bin"
         size = f.stat().st_size if f.is_file() else -1
@@ -164,17 +173,21 @@ def _encode(text: str) -> tuple[np.ndarray, float]:
     return ids, split_key(text)
 
 
-def _remove_abandoned(final: Path) -> None:
+def sweep_abandoned(final: Path) -> None:
     for dead in abandoned_temps(final):  # (killed builds on this host, quiet for an hour: never live work)
         shutil.rmtree(dead, ignore_errors=True)
 
 
 def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
     """Build (or reuse) the token cache for `cfg.data` and `cfg.model.vocab_size`."""
+    if cfg.data.mix:
+        from scaletrain.data.mixture import prepare_mixture
+
+        return prepare_mixture(cfg, progress)
     final, src = find_cache(cfg)
     existing = open_cache(final)
     if existing is not None:  # a build of it killed midway (a preempted job that rebuilt it on its restart)
-        _remove_abandoned(final)  # left up to a corpus of tokens beside it: swept whenever the cache is used
+        sweep_abandoned(final)  # left up to a corpus of tokens beside it: swept whenever the cache is used
         return existing
     if final.exists():  # a cache appears only by renaming a finished build, meta.json included
         raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
@@ -182,7 +195,7 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
         raise UserError(f"data.cache_dir {final.parent} is a file; set data.cache_dir to a directory")
     made = missing_levels(final.parent)  # removed again (while empty) if this build fails
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(final)
+    sweep_abandoned(final)
     tmp = temp_dir_beside(final)  # this build's own: another job building the same cache has another
     try:
         meta = _build(cfg, src, tmp, progress)

@@ -76,6 +76,7 @@ def _evaluate(tr: Trainer, metrics: Metrics) -> tuple[float | None, bool]:
     if val_loss is None:
         return None, False
     acc = "".join(f" | val {k[4:]} {v:.4f}" for k, v in tr.val_metrics.items() if k in ("val/accuracy", "val/f1"))
+    acc += "".join(f" | {k[4:-5]} {v:.4f}" for k, v in tr.val_metrics.items() if k.endswith("/loss") and k.count("/") == 2)
     tr.log(f"step {tr.step:>6} | val loss {val_loss:.4f} | val ppl {math.exp(min(val_loss, 50)):.2f}{acc}")
     metrics.scalars(tr.step, tr.val_metrics)
     return val_loss, tr.early_stop.update(tr.val_metrics)  # same metrics on every rank: same decision

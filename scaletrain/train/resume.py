@@ -50,12 +50,15 @@ def _manifest(tag_dir: Path) -> dict:
     return m
 
 
-STREAM_KEYS = ("train.seq_len", "train.seed", "data.source")  # what the data position (a window count) depends on
+STREAM_KEYS = ("train.seq_len", "train.seed", "data.source", "data.mix")  # what the data position (a window count) depends on
 
 
 def _stream_value(cfg: Config, key: str):
     section, name = key.split(".")
-    return getattr(getattr(cfg, section), name, None)
+    value = getattr(getattr(cfg, section), name, None)
+    if key == "data.mix":  # (JSON in the manifest; checkpoints from before data.mix have none: not a change)
+        return [p.model_dump() for p in value] or None
+    return value
 
 
 def data_stream(cfg: Config, cache_name: str) -> dict:

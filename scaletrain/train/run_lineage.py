@@ -68,6 +68,8 @@ class RunLineage:
         init.from says now: the weights come from that tag, not from init.from."""
         self.cfg, self.run = cfg, Path(run_dir)
         self.data = {"source": cfg.data.source, "fingerprint": cache.dir.name, "format": cfg.data.format}
+        if cfg.data.mix:
+            self.data = {"mix": [p.model_dump() for p in cfg.data.mix], "fingerprint": cache.dir.name, "format": cfg.data.format}
         self._copy_tokenizer(Path(cache.tokenizer_path))
         earlier = lineage.read(resumed_tag) if resumed_tag is not None else None  # verified with the tag's weights
         if earlier is not None and earlier.get("kind") in ("pre-train", "fine-tune"):

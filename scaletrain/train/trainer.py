@@ -78,7 +78,8 @@ class Trainer:
         check_deepspeed_passthrough(cfg)  # the deepspeed: mapping, through DeepSpeed's own config classes
         self.run = RunDir(cfg.run.dir)
         self.run.preflight(cfg)
-        resolve_source(cfg.data.source, cfg.data.text_field)  # missing/empty data fails before DeepSpeed starts
+        for source in [p.source for p in cfg.data.mix] or [cfg.data.source]:  # missing/empty data fails before DeepSpeed starts
+            resolve_source(source, cfg.data.text_field)
         check_fused_ops(cfg.model.fused_ops, cuda=device.type == "cuda")
         check_backend(cfg.model.attention, device, training=True, doc_mask=cfg.data.doc_mask, shape=cfg.model,
                       precision=cfg.train.precision)  # flash without CUDA, ...

@@ -42,10 +42,27 @@ def load_data(cfg: Config, dist: Dist):
     return cache
 
 
-@torch.no_grad()
 def validate(engine, stream, cfg: Config, dist: Dist, loss_of: Callable) -> Optional[dict]:
     """Collective. {"val/loss", "val/ppl"} (+ "val/accuracy", "val/f1" for a classifier); None when no val
-    window has a target. `loss_of(x, y)`: the training loss of one micro-batch (doc masks included)."""
+    window has a target. `loss_of(x, y)`: the training loss of one micro-batch (doc masks included).
+    A data.mix: each source's val split on its own ("val/<name>/loss"), and val/loss their mean weighted as
+    the mixture weighs them (the loss on the training mixture)."""
+    parts = getattr(stream, "parts", None)
+    if parts is None:
+        return _validate_stream(engine, stream, cfg, dist, loss_of)
+    metrics, total, weights = {}, 0.0, 0.0
+    for name, weight, part in parts:
+        got = _validate_stream(engine, part, cfg, dist, loss_of)
+        if got is not None:  # (the same on every rank: the sums are all-reduced)
+            metrics[f"val/{name}/loss"] = got["val/loss"]
+            total, weights = total + weight * got["val/loss"], weights + weight
+    if not weights:
+        return None
+    return {"val/loss": total / weights, "val/ppl": math.exp(min(total / weights, 50)), **metrics}
+
+
+@torch.no_grad()
+def _validate_stream(engine, stream, cfg: Config, dist: Dist, loss_of: Callable) -> Optional[dict]:
     t = cfg.train
     total = eval_window_count(t.eval_batches * t.micro_batch_size, stream.num_windows)
     if total == 0:

@@ -1,0 +1,265 @@
+"""A data mixture: several sources, each tokenised into its own cache with one shared tokenizer, drawn in fixed
+proportions (`data.mix: [{source, weight, name}]` instead of `data.source`).
+
+    <data.cache_dir>/mix-<fingerprint>/   meta.json (the parts: name, source, weight, their cache dirs), the
+                                          shared tokenizer; each part is an ordinary cache beside it (prepare.py)
+
+Sampling keeps the one-integer data position of `sampler.py`: global sample g lies in block g // BLOCK, and
+each block of BLOCK samples holds exactly `counts[s]` windows of source s (the weights rounded to 1/BLOCK) at
+positions shuffled by (seed, block). Sample g is then the k-th window source s gives, k = counts[s] * block +
+its draws earlier in the block, taken from that source's own shuffled, epoch-cycling stream. So any sample's
+window follows from g alone: the same batches for any world size, exact resume, and a small source is simply
+repeated (more epochs) when its weight asks for more windows than it has.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from scaletrain.errors import UserError
+
+BLOCK = 4096  # samples per block: weights are kept to 1/4096 of a batch stream
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def part_names(mix) -> list[str]:
+    """Each part's name: given, else its source's file or directory name."""
+    return [p.name or Path(os.path.expanduser(p.source.rstrip("/"))).name.split(".")[0] or "source" for p in mix]
+
+
+def block_counts(weights: list[float]) -> list[int]:
+    """Windows of each source in a block of BLOCK: the weights' shares, rounded by largest remainder."""
+    total = sum(weights)
+    exact = [BLOCK * w / total for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])[: BLOCK - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def validate_mix(data) -> None:
+    """Config rules (config.py calls this when data.mix is set)."""
+    if data.source != "stdlib":
+        raise ValueError("set data.source or data.mix, not both: data.mix's entries name their own sources")
+    if data.format != "text":
+        raise ValueError(f"data.mix mixes running text; data.format={data.format} takes one data.source")
+    names = part_names(data.mix)
+    for name in names:
+        if not _NAME.match(name):
+            raise ValueError(f"data.mix name {name!r} must be letters, digits, '_', '.' or '-' (it names val/<name>/loss); "
+                             "set the entry's name")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"data.mix has two sources named {twice[0]!r}; give the entries distinct names")
+    counts = block_counts([p.weight for p in data.mix])
+    if 0 in counts:
+        small = data.mix[counts.index(0)]
+        raise ValueError(f"data.mix weight {small.weight} of {small.source} is below 1/{BLOCK} of the total; raise it")
+
+
+def _tokenizer_key(tokenizer: Optional[str]) -> Optional[str]:
+    from scaletrain.data.hf_tokenizer import tokenizer_files
+
+    if not tokenizer:
+        return None
+    p = Path(os.path.expanduser(tokenizer))
+    if not p.exists():
+        raise UserError(f"data.tokenizer {p} does not exist; give a sentencepiece .model file, an HF tokenizer "
+                        "directory, or leave it unset to train one")
+    return hashlib.sha256(b"".join(f.name.encode() + hashlib.sha256(f.read_bytes()).digest()
+                                   for f in sorted(tokenizer_files(p)))).hexdigest()
+
+
+def find_mixture(cfg) -> Path:
+    """The mixture's cache dir: named after every part's files, weights and names, and the tokenizer settings."""
+    from scaletrain.data.prepare import CACHE_FORMAT
+    from scaletrain.data.sources import resolve_source
+
+    d = cfg.data
+    key = {"format": CACHE_FORMAT, "vocab_size": cfg.model.vocab_size, "tokenizer": _tokenizer_key(d.tokenizer),
+           "val_fraction": d.val_fraction, "sample_lines": d.tokenizer_sample_lines,
+           "parts": [[resolve_source(p.source, d.text_field).fingerprint(), p.weight, name]
+                     for p, name in zip(d.mix, part_names(d.mix))]}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(os.path.expanduser(d.cache_dir)) / f"mix-{digest}"
+
+
+def _part_config(cfg, source: str, tokenizer: Path):
+    part = cfg.model_copy(deep=True)
+    part.data.mix = []
+    part.data.source, part.data.tokenizer = source, str(tokenizer)
+    return part
+
+
+def _shared_tokenizer(cfg, out: Path, progress: bool) -> Path:
+    """The given data.tokenizer copied into `out`, else one trained on a sample of every part's lines."""
+    from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
+    from scaletrain.data.prepare import TOKENIZER_SAMPLE_SEED
+    from scaletrain.data.sources import iter_documents, resolve_source
+    from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+
+    d = cfg.data
+    if d.tokenizer:
+        given = Path(os.path.expanduser(d.tokenizer))
+        if given.is_dir():
+            load_tokenizer(given)  # a bad dir's error names it, not our copy
+            copy_tokenizer_dir(given, out / "tokenizer")
+            return out / "tokenizer"
+        Tokenizer(given)
+        shutil.copyfile(given, out / "tokenizer.model")
+        return out / "tokenizer.model"
+    if progress:
+        print(f"data.mix: training one tokenizer on a sample of all {len(d.mix)} sources' lines", flush=True)
+    docs = (text for p in d.mix for _, text in iter_documents(resolve_source(p.source, d.text_field)))
+    train_tokenizer(docs, cfg.model.vocab_size, out / "tokenizer.model", d.tokenizer_sample_lines, seed=TOKENIZER_SAMPLE_SEED)
+    return out / "tokenizer.model"
+
+
+def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
+    """Build (or reuse) every part's cache and the mixture's own dir; the dir appears only once all parts exist."""
+    from scaletrain.data.prepare import CACHE_FORMAT, sweep_abandoned, open_cache, prepare_data, tokenizer_digest
+    from scaletrain.durable import missing_levels, publish_dir, remove_levels, temp_dir_beside
+
+    final = find_mixture(cfg)
+    existing = open_cache(final)
+    if existing is not None:
+        sweep_abandoned(final)
+        return existing
+    if final.exists():
+        raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
+    made = missing_levels(final.parent)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_abandoned(final)
+    tmp = temp_dir_beside(final)
+    try:
+        tokenizer = _shared_tokenizer(cfg, tmp, progress)
+        parts, infos = [], []
+        for p, name in zip(cfg.data.mix, part_names(cfg.data.mix)):
+            if progress:
+                print(f"data.mix: {name} ({p.source})", flush=True)
+            part = prepare_data(_part_config(cfg, p.source, tokenizer), progress)
+            parts.append(part)
+            infos.append({"name": name, "source": p.source, "weight": p.weight, "cache": part.dir.name})
+        first = parts[0].meta
+        meta = {"mixture": infos, "fingerprint": final.name, "format": CACHE_FORMAT, "data_format": "text",
+                "vocab_size": cfg.model.vocab_size, "tokenizer_vocab": first["tokenizer_vocab"], "eos_id": first["eos_id"],
+                "dtype": first["dtype"], "tokenizer_sha256": tokenizer_digest(tokenizer),
+                "docs": {k: sum(c.meta["docs"][k] for c in parts) for k in ("train", "val")},
+                "tokens": {k: sum(c.meta["tokens"][k] for c in parts) for k in ("train", "val")}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            publish_dir(tmp, final)
+        except OSError:  # another process finished the same mixture first: keep theirs
+            if open_cache(final) is None:
+                raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_levels(made)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return open_cache(final)
+
+
+def open_mixture(path: Path, meta: dict) -> "MixtureCache":
+    """The mixture whose meta.json `open_cache` has read; its parts must all be there."""
+    from scaletrain.data.prepare import open_cache
+
+    parts = []
+    for info in meta["mixture"]:
+        part = open_cache(path.parent / info["cache"])
+        if part is None:
+            raise UserError(f"data cache {path} names part {info['name']} in {path.parent / info['cache']}, which is "
+                            "missing; delete the mixture's directory to rebuild it")
+        parts.append(part)
+    return MixtureCache(path, meta, parts)
+
+
+@dataclass
+class MixtureCache:
+    dir: Path
+    meta: dict
+    parts: list
+
+    @property
+    def tokenizer_path(self) -> Path:
+        hf = self.dir / "tokenizer"
+        return hf if hf.is_dir() else self.dir / "tokenizer.model"
+
+    def tokenizer(self):
+        from scaletrain.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.tokenizer_path)
+
+    def tokens(self, split: str) -> np.ndarray:
+        return np.concatenate([np.asarray(p.tokens(split)) for p in self.parts])
+
+    def stream(self, split: str, seq_len: int, seed: int, required: bool = True) -> Optional["MixtureStream"]:
+        """Train: every part must hold a window. Val: the parts that do (a part without is left out of val)."""
+        parts = []
+        for i, (info, cache) in enumerate(zip(self.meta["mixture"], self.parts)):
+            s = cache.stream(split, seq_len, seed + i, required=False)  # each part its own shuffle
+            if s is None and required:
+                raise UserError(f"data.mix source {info['name']} ({info['source']}) has {len(cache.tokens(split)):,} "
+                                f"{split} tokens, fewer than train.seq_len+1 = {seq_len + 1}; lower train.seq_len or add data")
+            if s is not None:
+                parts.append((info["name"], info["weight"], s))
+        return MixtureStream(parts, seed) if parts else None
+
+
+class MixtureStream:
+    """The window-stream interface of `sampler.WindowStream` over several parts. A window id is the part's
+    offset (the windows of the parts before it) plus the part's own window id."""
+
+    def __init__(self, parts: list[tuple[str, float, object]], seed: int):
+        self.parts = parts  # (name, weight, stream)
+        self.seed = seed
+        self.counts = np.asarray(block_counts([w for _, w, _ in parts]), dtype=np.int64)
+        sizes = [s.num_windows for _, _, s in parts]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.num_windows = int(self.offsets[-1])
+        self._block, self._source, self._draw = -1, None, None
+
+    def fit_note(self) -> Optional[str]:
+        return None
+
+    def _layout(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each position of the block, how many of its source's windows come before it in the block)."""
+        if block != self._block:
+            source = np.random.default_rng([self.seed, block, 0x6D6978]).permutation(
+                np.repeat(np.arange(len(self.parts)), self.counts))
+            draw = np.empty(BLOCK, dtype=np.int64)
+            for s in range(len(self.parts)):
+                draw[source == s] = np.arange(self.counts[s])
+            self._block, self._source, self._draw = block, source, draw
+        return self._source, self._draw
+
+    def window_ids(self, start: int, count: int) -> np.ndarray:
+        out = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            block, pos = divmod(start + i, BLOCK)
+            source, draw = self._layout(block)
+            s = int(source[pos])
+            k = block * int(self.counts[s]) + int(draw[pos])
+            out[i] = self.offsets[s] + self.parts[s][2].window_ids(k, 1)[0]
+        return out
+
+    def batch(self, window_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = np.asarray(window_ids, dtype=np.int64)
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        rows: list = [None] * len(ids)
+        for s in np.unique(which):
+            at = np.nonzero(which == s)[0]
+            x, y = self.parts[s][2].batch(ids[at] - self.offsets[s])
+            for j, r in enumerate(at):
+                rows[r] = (x[j], y[j])
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])

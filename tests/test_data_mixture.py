@@ -1,0 +1,132 @@
+"""data.mix: several sources in fixed proportions. The sampler's draws (exact shares, each source's own stream
+order, the same windows however the stream is cut into calls), the caches (one shared tokenizer, reused, a
+missing part named), the config rules, and training: val/<name>/loss per source, and 1 rank x 2 accumulated
+micro-batches equal to 2 ranks (the mixture's data position is one integer, like a single source's)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launch_utils import TINY, run_cli, run_training, tb_scalars
+from scaletrain.config import load_config
+from scaletrain.data.mixture import BLOCK, MixtureStream, block_counts
+from scaletrain.data.prepare import find_cache, open_cache, prepare_data
+from scaletrain.data.sampler import WindowStream
+from scaletrain.errors import UserError
+
+STDLIB = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+
+
+def _corpus(dest: Path, files: list[Path]) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in files:
+        shutil.copyfile(p, dest / (p.stem + ".txt"))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("mix")
+    return _corpus(root / "prose", STDLIB[:20]), _corpus(root / "code", STDLIB[20:45])
+
+
+def _mix(prose: Path, code: Path, w1: float = 3, w2: float = 1) -> str:
+    return f"data.mix=[{{source: {prose}, weight: {w1}}}, {{source: {code}, weight: {w2}, name: code}}]"
+
+
+def test_block_counts_are_the_weights_in_4096ths():
+    assert block_counts([3, 1]) == [3072, 1024]
+    counts = block_counts([1, 1, 1])
+    assert sum(counts) == BLOCK and max(counts) - min(counts) == 1
+
+
+def test_draws_keep_the_shares_and_each_source_s_own_order():
+    a = WindowStream(np.arange(10_000) % 500, 8, seed=1)   # 1,249 windows
+    b = WindowStream(np.arange(801) % 500, 8, seed=2)      # 100 windows: repeated in epochs
+    mix = MixtureStream([("a", 0.7, a), ("b", 0.3, b)], seed=5)
+    ids = mix.window_ids(0, 3 * BLOCK)
+    from_b = ids >= a.num_windows
+    counts = block_counts([0.7, 0.3])
+    for blk in range(3):
+        assert int(from_b[blk * BLOCK:(blk + 1) * BLOCK].sum()) == counts[1]
+    # the k-th window a source gives is the k-th of its own stream
+    assert np.array_equal(ids[~from_b], a.window_ids(0, int((~from_b).sum())))
+    assert np.array_equal(ids[from_b] - a.num_windows, b.window_ids(0, int(from_b.sum())))
+    # any cut of the stream into calls (ranks, micro-batches, a resume) gives the same windows
+    again = MixtureStream([("a", 0.7, a), ("b", 0.3, b)], seed=5)
+    pieces = [again.window_ids(s, n) for s, n in ((0, 5), (5, BLOCK - 1), (BLOCK + 4, 2 * BLOCK - 4))]
+    assert np.array_equal(np.concatenate(pieces), ids)
+    assert not np.array_equal(MixtureStream([("a", 0.7, a), ("b", 0.3, b)], seed=6).window_ids(0, 64), ids[:64])
+    x, y = mix.batch(ids[:6])
+    for row, w in zip(x, ids[:6]):
+        part, local = (a, w) if w < a.num_windows else (b, w - a.num_windows)
+        assert row.tolist() == part.batch(np.array([local]))[0][0].tolist()
+    assert y.shape == x.shape == (6, 8)
+
+
+def test_caches_share_one_tokenizer_and_are_reused(corpora, tmp_path):
+    prose, code = corpora
+    cfg = load_config(None, [_mix(prose, code), f"data.cache_dir={tmp_path}", "model.vocab_size=512"])
+    cache = prepare_data(cfg, progress=False)
+    assert cache.dir.name.startswith("mix-") and [p.dir.parent for p in cache.parts] == [tmp_path, tmp_path]
+    assert len({p.meta["tokenizer_sha256"] for p in cache.parts} | {cache.meta["tokenizer_sha256"]}) == 1
+    assert cache.meta["tokens"]["train"] == sum(p.meta["tokens"]["train"] for p in cache.parts)
+    assert [m["name"] for m in cache.meta["mixture"]] == ["prose", "code"]
+    stamp = (cache.dir / "meta.json").stat().st_mtime_ns
+    again = open_cache(find_cache(cfg)[0])
+    assert again.dir == cache.dir and (cache.dir / "meta.json").stat().st_mtime_ns == stamp
+    assert prepare_data(cfg, progress=False).dir == cache.dir
+    other = load_config(None, [_mix(prose, code, 1, 1), f"data.cache_dir={tmp_path}", "model.vocab_size=512"])
+    assert find_cache(other)[0] != cache.dir  # weights are part of the mixture's name (its parts are shared)
+    assert [p.dir for p in prepare_data(other, progress=False).parts] == [p.dir for p in cache.parts]
+    shutil.rmtree(cache.parts[1].dir)
+    with pytest.raises(UserError, match=r"names part code in .*missing; delete the mixture's directory"):
+        open_cache(cache.dir)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["data.source=/x"], "set data.source or data.mix, not both"),
+    (["data.format=prompt_completion"], "data.mix mixes running text"),
+    (["data.mix=[{source: /a/web, weight: 1}, {source: /b/web, weight: 1}]"], "two sources named 'web'"),
+    (["data.mix=[{source: /a, weight: 10000}, {source: /b, weight: 1}]"], "below 1/4096 of the total"),
+    (["data.mix=[{source: /a, weight: 1, name: 'a b'}]"], "must be letters, digits"),
+    (["data.mix=[{source: /a, weight: 0}]"], "weight"),
+])
+def test_config_rules(sets, message):
+    base = ["data.mix=[{source: /a/web, weight: 1}]"] if not any(s.startswith("data.mix") for s in sets) else []
+    with pytest.raises(UserError, match=message):
+        load_config(None, [*base, *sets])
+
+
+@pytest.mark.slow
+def test_training_reports_each_source_and_ranks_do_not_change_the_batches(corpora, tmp_path):
+    prose, code = corpora
+    common = [*TINY, _mix(prose, code), f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=4",
+              "train.eval_every=2", "train.precision=fp32", "train.save_every=0"]
+    one = tmp_path / "one"
+    out = run_training(1, [*common, f"run.dir={one}", "train.grad_accum=2", "train.micro_batch_size=1"]).stdout
+    assert "| prose " in out and "| code " in out  # the val line names each source's loss
+    parts = {n: tb_scalars(one, f"val/{n}/loss") for n in ("prose", "code")}
+    total = tb_scalars(one, "val/loss")
+    assert sorted(total) == [2, 4]
+    for step in total:
+        assert total[step] == pytest.approx((3 * parts["prose"][step] + parts["code"][step]) / 4, rel=1e-6)
+        assert math.isfinite(parts["code"][step])
+    rc, out, err = run_cli("eval", str(one), "--json")  # the same per-source scores, on the whole val splits
+    assert rc == 0, err[-2000:]
+    res = json.loads(out)
+    assert sorted(res["sources"]) == ["code", "prose"]
+    assert res["loss"] == pytest.approx((3 * res["sources"]["prose"]["loss"] + res["sources"]["code"]["loss"]) / 4)
+    two = tmp_path / "two"
+    run_training(2, [*common, f"run.dir={two}", "train.grad_accum=1", "train.micro_batch_size=1"])
+    want, got = tb_scalars(one, "train/loss"), tb_scalars(two, "train/loss")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
