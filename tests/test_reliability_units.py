@@ -57,6 +57,21 @@ def test_prune_keeps_growth_boundaries(tmp_path):
     assert sorted(s for s, _ in checkpoint.tags_by_step(tmp_path)) == [2, 5, 7]
 
 
+def test_prune_leaves_a_tag_someone_is_reading_for_a_later_save(tmp_path):
+    """eval / export-hf / a child's init.from reading a run that still trains: the tag vanished under them."""
+    from scaletrain.tag_lock import read_lock
+
+    for s in range(1, 5):
+        _tag(tmp_path, s)
+    reading = read_lock(tmp_path / "global_step1")
+    checkpoint.prune(tmp_path, keep_last=1, protect="global_step4")
+    assert sorted(s for s, _ in checkpoint.tags_by_step(tmp_path)) == [1, 4]
+    reading.release()
+    checkpoint.prune(tmp_path, keep_last=1, protect="global_step4")
+    assert sorted(s for s, _ in checkpoint.tags_by_step(tmp_path)) == [4]
+    assert read_lock(tmp_path / "global_step1") is None  # a tag pruned before the reader could hold it
+
+
 class _Engine:
     """Enough of a DeepSpeed engine for checkpoint.save's disk check; saving would be a failure here."""
 

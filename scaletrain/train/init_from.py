@@ -83,10 +83,21 @@ def _resume_without_source(cfg: Config, problem: str, warn) -> Config:
     return cfg
 
 
+_PINNED: list = []  # rank 0's read lock on the pinned tag of a run that may still be training
+
+
+def release_pinned() -> None:
+    """After every rank has loaded init.from's weights: the parent run may prune that tag again."""
+    for lock in _PINNED:
+        if lock is not None:
+            lock.release()
+    _PINNED.clear()
+
+
 def pinned_source(cfg: Config, dist) -> Path:
     """Collective: init.from as one directory for every rank. A run dir may still be training (saving new tags,
     pruning old ones) while the ranks read it: it becomes the tag rank 0 finds newest, so all ranks load the
-    same checkpoint."""
+    same checkpoint, and rank 0 holds it against pruning until `release_pinned`."""
     from scaletrain.train.distributed import main_rank_does
 
     def pick() -> tuple:  # (hashes the checkpoint's files: minutes for a large one, while the others wait)
@@ -94,6 +105,7 @@ def pinned_source(cfg: Config, dist) -> Path:
 
         try:
             src = open_weights(cfg.init.from_)
+            _PINNED.append(src.read_lock)  # the tag stays until every rank has loaded it (release_pinned)
             return ("ok", str(src.weights_at if src.kind == "run" else cfg.init.from_))
         except UserError as e:
             return ("error", f"init.from: {e}")

@@ -66,6 +66,7 @@ class Trainer:
         self._grad_norm: float | None = None
         self.guard = StepGuard(self.engine, cfg.train.max_skipped, self.dist.rank, lambda: self._grad_norm, self.log)
         self._resume(tag)
+        init_from.release_pinned()  # every rank has its weights (DeepSpeed's start is collective)
 
     def _preflight(self, cfg: Config, lock: RunLock | None) -> tuple[Config, str]:
         """Every check that needs no process group, before anything is written (but the lock). Returns the config

@@ -15,6 +15,7 @@ from scaletrain.config import Config, ModelConfig, build_config
 from scaletrain.data.hf_tokenizer import tokenizer_files
 from scaletrain.checkpoint_names import MANIFEST
 from scaletrain.errors import UserError
+from scaletrain.tag_lock import read_lock
 from scaletrain.weights import files as wfiles
 from scaletrain.weights.files import EMBED, HEAD
 from scaletrain.weights.zero import ZeroTag
@@ -36,6 +37,7 @@ class WeightSource:
     _files: list[Path] = field(default_factory=list)
     _zero: Optional[ZeroTag] = None
     adapter: Optional[object] = None  # HF dirs of other architectures: their names -> ours (hf/arch_map.py)
+    read_lock: Optional[object] = None  # a run's tag: held against its trainer's pruning while this object lives
 
     def specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) in the order `tensors()` yields them; reads no tensor data."""
@@ -171,7 +173,31 @@ def _tag_model(tag: Path) -> Optional[ModelConfig]:
         return None
 
 
-def _open_tag(tag: Path, run: Optional[Path], kind: str) -> WeightSource:
+def _newest_good_tag(run: Path) -> tuple[Path, object]:
+    """(the run's newest tag that verifies, the read lock held on it). The run may be training meanwhile: a tag it
+    prunes while this looks is skipped, and a look that found nothing but pruned tags is made again."""
+    from scaletrain.train.checkpoint import find_resumable, tags_by_step, verify
+
+    root = run / "checkpoints"
+    for _ in range(5):
+        skipped: list[str] = []
+        held: dict[str, object] = {}
+        tag = find_resumable(root, log=skipped.append, hold=lambda t: held.setdefault(t.name, read_lock(t)) is not None)
+        if tag is not None:
+            for line in skipped:
+                print(line, file=sys.stderr)
+            return root / tag, held[tag]
+        tags = tags_by_step(root)
+        if not tags:
+            raise UserError(f"run dir {run} has no checkpoint yet (its run saves one every train.save_every steps)")
+        reason = verify(root / tags[0][1])
+        if reason is not None:  # all damaged (or incomplete): why the newest fails, not a fallback that did not happen
+            raise UserError(f"run dir {run} has checkpoints but none passes verification ({reason}); restore the "
+                            "damaged files from a copy")
+    raise UserError(f"run dir {run}: its checkpoints were replaced faster than they could be read; run the command again")
+
+
+def _open_tag(tag: Path, run: Optional[Path], kind: str, lock: object = None) -> WeightSource:
     cfg = _read_yaml_config(run / CONFIG_YAML) if run is not None and (run / CONFIG_YAML).is_file() else None
     if cfg is None:
         raise UserError(f"{tag} is a DeepSpeed checkpoint without its run's config.yaml (expected in {run}); give the run directory")
@@ -180,7 +206,7 @@ def _open_tag(tag: Path, run: Optional[Path], kind: str) -> WeightSource:
         cfg = cfg.model_copy(update={"model": saved})
     lineage = read_lineage(tag) or (read_lineage(run) if run else None)
     zero = ZeroTag(tag, cfg.model.tie_word_embeddings)
-    return WeightSource(tag, kind, cfg.model, cfg, _run_tokenizer(run, cfg), lineage, tag, _zero=zero)
+    return WeightSource(tag, kind, cfg.model, cfg, _run_tokenizer(run, cfg), lineage, tag, _zero=zero, read_lock=lock)
 
 
 def open_weights(path: str | Path, verify_files: bool = True) -> WeightSource:
@@ -197,29 +223,22 @@ def open_weights(path: str | Path, verify_files: bool = True) -> WeightSource:
     if (d / "config.json").is_file():
         return _open_hf_dir(d)
     if (d / "checkpoints").is_dir() or ((d / CONFIG_YAML).is_file() and (d / "status.json").is_file()):
-        from scaletrain.train.checkpoint import find_resumable, tags_by_step, verify
-
-        skipped: list[str] = []
-        tag = find_resumable(d / "checkpoints", log=skipped.append)
-        if tag is None:
-            tags = tags_by_step(d / "checkpoints")
-            if tags:  # all damaged (or incomplete): why the newest fails, not a fallback that did not happen
-                raise UserError(f"run dir {d} has checkpoints but none passes verification ({verify(d / 'checkpoints' / tags[0][1])}); "
-                                "restore the damaged files from a copy")
-            raise UserError(f"run dir {d} has no checkpoint yet (its run saves one every train.save_every steps)")
-        for line in skipped:
-            print(line, file=sys.stderr)
-        src = _open_tag(d / "checkpoints" / tag, d, "run")
+        tag, lock = _newest_good_tag(d)
+        src = _open_tag(tag, d, "run", lock)
         src.path = d
         return src
     if any(d.glob("*model_states.pt")):
         from scaletrain.manifest import verify
 
+        run = d.parent.parent if d.parent.name == "checkpoints" else None
+        lock = read_lock(d) if run is not None else None  # a run still training must not prune it under us
+        if run is not None and lock is None:
+            raise UserError(f"checkpoint {d} was just deleted by its run (train.keep_last); give the run dir for its "
+                            "newest checkpoint, or keep milestones with train.keep_every")
         damaged = verify(d) if verify_files else None  # what resuming checks for every tag; named directly, no fallback
         if damaged:
             raise UserError(f"checkpoint {d} is not usable: {damaged}; give its run dir to use the newest good checkpoint")
-        run = d.parent.parent if d.parent.name == "checkpoints" else None
-        return _open_tag(d, run, "deepspeed")
+        return _open_tag(d, run, "deepspeed", lock)
     if (d / CONFIG_YAML).is_file():
         raise UserError(f"{d} has a config.yaml but no model.safetensors; the checkpoint is incomplete")
     raise UserError(f"{d} is not a model: no config.json (Hugging Face), config.yaml + model.safetensors "
