@@ -185,3 +185,32 @@ def test_an_error_every_rank_reaches_is_printed_once(base, tmp_path, problem, ne
     proc = run_training(2, [*base, f"run.dir={tmp_path / 'run'}", problem], check=False)
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stdout[-3000:]
+
+
+def test_a_resume_that_lengthens_the_run_takes_the_new_schedule_from_its_first_step(base, tmp_path):
+    """ZeRO-1/2 load the optimizer after the lr scheduler: its saved lr (of the old train.max_steps' cosine) was
+    used for the first step after the resume, while the log printed the new schedule's. ZeRO-0 was right."""
+    curves = {}
+    for stage in (0, 2):
+        d = tmp_path / f"z{stage}"
+        args = [*base, "train.precision=fp32", f"zero.stage={stage}", f"run.dir={d}"]
+        run_training(1, [*args, "train.max_steps=4"])
+        run_training(1, [*args, "train.max_steps=6"])
+        curves[stage] = _curve(d)
+    assert sorted(curves[2]) == list(range(1, 7))
+    for step in (5, 6):
+        assert curves[2][step] == pytest.approx(curves[0][step], rel=1e-5), f"step {step}: {curves}"
+
+
+def test_a_checkpoint_whose_manifest_does_not_name_its_data_cache_still_warns_of_other_data(base, tmp_path):
+    """Manifests of older versions did not record the data cache: a resume onto other tokenised data (a newer
+    version keys an HF tokenizer's cache differently) went on silently. The tag's lineage record names it."""
+    d = tmp_path / "old"
+    args = [*base, "train.precision=fp32", f"run.dir={d}"]
+    run_training(1, [*args, "train.max_steps=2"])
+    manifest = d / "checkpoints" / "global_step2" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["data_stream"]["data.cache"]
+    manifest.write_text(json.dumps(m))
+    out = run_training(1, [*args, "train.max_steps=3", "data.val_fraction=0.3"]).stdout
+    assert "warning: the tokenised data changed since checkpoint global_step2" in out, out[-2000:]

@@ -14,13 +14,14 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from scaletrain.checkpoint_names import MANIFEST, TAG_RE
 from scaletrain.durable import fsync_dir, remove_matching, write_text_atomic
 from scaletrain.manifest import read_manifest, verify, write_manifest  # noqa: F401  (verify: this module's API too)
+from scaletrain.tag_lock import lock_to_delete
 from scaletrain.train import rng
 from scaletrain.train.disk_space import check_before_save, num_params
 from scaletrain.train.distributed import Dist, barrier, main_rank_does
@@ -60,8 +61,9 @@ def previous_checkpoint_bytes(root: Path) -> Optional[tuple[str, int, Optional[i
     return None
 
 
-def find_resumable(root: Path, log=print) -> Optional[str]:
-    """The newest tag whose files verify, preferring the one `latest` names; says what it skipped."""
+def find_resumable(root: Path, log=print, hold: Optional[Callable[[Path], bool]] = None) -> Optional[str]:
+    """The newest tag whose files verify, preferring the one `latest` names; says what it skipped. `hold(tag_dir)`:
+    called before a tag is verified (a reader's lock against pruning); False skips the tag (it is gone)."""
     candidates = [tag for _, tag in tags_by_step(root)]
     latest = root / "latest"
     try:
@@ -73,6 +75,8 @@ def find_resumable(root: Path, log=print) -> Optional[str]:
             candidates.remove(named)
             candidates.insert(0, named)
     for tag in candidates:
+        if hold is not None and not hold(root / tag):
+            continue
         problem = verify(root / tag)
         if problem is None:
             return tag
@@ -139,6 +143,9 @@ def prune(root: Path, keep_last: int, keep_every: int = 0, protect: Optional[str
     for step, tag in complete[keep_last:]:
         if (keep_every and step % keep_every == 0) or step in keep_steps or tag == protect:
             continue
+        free, fd = lock_to_delete(root / tag)
+        if not free:  # eval, export-hf, a child's init.from... is reading it: a later save removes it
+            continue
         # out of the tag namespace in one rename: a kill mid-delete leaves no manifest-less global_stepN that
         # no later prune would count or remove (a rename that fails deletes in place, as before)
         doomed = root / f".del-{tag}-{secrets.token_hex(4)}"
@@ -146,6 +153,9 @@ def prune(root: Path, keep_last: int, keep_every: int = 0, protect: Optional[str
             os.rename(root / tag, doomed)
         except OSError:
             doomed = root / tag
+        finally:
+            if fd is not None:
+                os.close(fd)
         shutil.rmtree(doomed, ignore_errors=True)
     remove_leftovers(root)
 
@@ -163,6 +173,9 @@ def load(engine, root: Path, tag: str, dist: Dist) -> dict:
     path, client = engine.load_checkpoint(str(root), tag=tag)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {root / tag}")
+    if engine.lr_scheduler is not None:  # ZeRO-1/2 load the optimizer after the scheduler, and with it the lr saved
+        sched = engine.lr_scheduler      # then: a resume with another train.max_steps took its first step at that
+        sched.load_state_dict(sched.state_dict())  # lr, not the schedule's (the log showed the schedule's)
     rng_file = root / tag / f"rng_rank{dist.rank}.pt"
     if rng_file.is_file():
         rng.restore(torch.load(rng_file, weights_only=True))

@@ -129,6 +129,11 @@ def inspect(root: Path, tag: Optional[str], cfg: Config, world: int, log=print) 
                         f"{cfg.global_batch_windows(world)}; keep micro_batch_size x grad_accum x ranks equal when resuming")
     stream = m.get("data_stream")
     saved["data_cache"] = stream.get("data.cache") if isinstance(stream, dict) else None
+    if saved["data_cache"] is None:  # older manifests do not name it; the tag's lineage record does
+        from scaletrain import lineage
+
+        data = (lineage.read(tag_dir) or {}).get("data")
+        saved["data_cache"] = data.get("fingerprint") if isinstance(data, dict) else None
     for key in STREAM_KEYS if isinstance(stream, dict) else ():
         was, now_value = stream.get(key), _stream_value(cfg, key)
         if was is not None and was != now_value:
