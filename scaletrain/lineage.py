@@ -39,9 +39,15 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_diff(parent: Optional[dict], child: dict) -> dict[str, list]:
-    """{dotted key: [parent value, child value]} for every key that differs (None where absent)."""
+    """{dotted key: [parent value, child value]} for every key that differs (None where absent). A key the
+    parent's config lacks because an older scaletrain wrote it (a setting added since) is no change while the
+    child keeps its default."""
+    from scaletrain.config import Config
+
     a, b = flatten(parent or {}), flatten(child)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    defaults = flatten(Config().to_dict()) if parent else {}
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not (k not in a and k in defaults and b.get(k) == defaults[k])}
 
 
 def make(kind: str, content_id: str, parents: list[dict], model: dict, config_diff: Optional[dict] = None,

@@ -146,6 +146,15 @@ def test_early_stopping_and_full_freeze(setup, tmp_path):
     before = dict(open_weights(s["parent"]).tensors())
     after = dict(open_weights(run).tensors())
     assert all(torch.equal(after[k], before[k]) for k in before if k != "lm_head.weight")
+    # class names the run's config.yaml has but a tag's manifest lacks (written before manifests kept them):
+    # the tag's model is that model, names included (they were dropped, and export-hf wrote LABEL_k)
+    import yaml
+
+    conf = yaml.safe_load((run / "config.yaml").read_text())
+    names = [f"class{i}" for i in range(conf["model"]["num_labels"])]
+    conf["model"]["label_names"] = names
+    (run / "config.yaml").write_text(yaml.safe_dump(conf))
+    assert open_weights(run).model.label_names == names
 
 
 def test_param_groups_freeze_and_body_lr():

@@ -87,3 +87,14 @@ def test_malformed_records_are_damaged_not_tracebacks(tmp_path):
     (tmp_path / "good").mkdir()
     (tmp_path / "good" / "lineage.json").write_text(json.dumps(good))
     assert "10 steps" in "".join(lineage.tree_lines(tmp_path / "good"))
+
+
+def test_settings_added_since_the_parent_was_written_are_no_change():
+    """A parent written by an older scaletrain lacks keys added since: `train.activation_checkpointing None ->
+    False` was listed as if the user had changed it. A child that sets a non-default value still shows it."""
+    old = {"train": {"max_steps": 4, "lr": 0.003}}
+    assert lineage.config_diff(old, {"train": {"max_steps": 6, "lr": 0.003, "activation_checkpointing": False}}) == \
+        {"train.max_steps": [4, 6]}
+    assert lineage.config_diff(old, {"train": {"max_steps": 4, "lr": 0.003, "activation_checkpointing": True}}) == \
+        {"train.activation_checkpointing": [None, True]}
+    assert lineage.config_diff({"train": {"lr": 0.003, "max_steps": 4}}, {"train": {"max_steps": 4}}) == {"train.lr": [0.003, None]}

@@ -202,6 +202,8 @@ def _open_tag(tag: Path, run: Optional[Path], kind: str, lock: object = None) ->
     if cfg is None:
         raise UserError(f"{tag} is a DeepSpeed checkpoint without its run's config.yaml (expected in {run}); give the run directory")
     saved = _tag_model(tag)
+    if saved is not None and saved.label_names is None and saved.num_labels == cfg.model.num_labels:
+        saved = saved.model_copy(update={"label_names": cfg.model.label_names})  # (older manifests lack them)
     if saved is not None and saved != cfg.model:
         cfg = cfg.model_copy(update={"model": saved})
     lineage = read_lineage(tag) or (read_lineage(run) if run else None)
