@@ -227,7 +227,7 @@ class Config(_Section):
             raise ValueError("train.compile needs zero.stage <= 2: ZeRO-3's per-module parameter hooks make "
                              "torch.compile recompile on every call (use zero.stage=2, or train.compile=false)")
         if self.data.mix:
-            from scaletrain.data.mixture import validate_mix
+            from scaletrain.data.mix_rules import validate_mix
 
             validate_mix(self.data)
         if self.data.format == "prompt_completion" and self.data.source == "stdlib":

@@ -99,10 +99,14 @@ def training_cache(src):
         raise UserError(f"{src.path} has no training config; pass --data FILE")
     if (src.lineage or {}).get("kind") == "import-hf":  # its config.yaml is a fine-tuning template, not its past
         raise UserError(f"{src.path} holds imported weights (import-hf): it has no val split of its own; pass --data FILE")
-    path = find_cache(src.config)[0]
-    recorded = ((src.lineage or {}).get("data") or {}).get("fingerprint")  # the cache it was trained on, by name:
-    if isinstance(recorded, str) and recorded.replace("-", "").isalnum() and (path.parent / recorded).is_dir():  # a newer scaletrain may key
-        path = path.parent / recorded                                                  # the same data otherwise
+    # the cache it was trained on, by the name its lineage records: a newer scaletrain may key the same data
+    # otherwise, and the sources need not be there any more
+    recorded = ((src.lineage or {}).get("data") or {}).get("fingerprint")
+    root = Path(src.config.data.cache_dir).expanduser()
+    if isinstance(recorded, str) and recorded.replace("-", "").isalnum() and (root / recorded).is_dir():
+        path = root / recorded
+    else:
+        path = find_cache(src.config)[0]
     cache = open_cache(path)
     if cache is None:
         raise UserError(f"no val split for {src.path}: its training data cache is not in {src.config.data.cache_dir}; pass --data FILE")

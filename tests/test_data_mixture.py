@@ -16,7 +16,8 @@ import pytest
 
 from launch_utils import TINY, run_cli, run_training, tb_scalars
 from scaletrain.config import load_config
-from scaletrain.data.mixture import BLOCK, MixtureStream, block_counts
+from scaletrain.data.mix_rules import BLOCK, block_counts
+from scaletrain.data.mixture import MixtureStream
 from scaletrain.data.prepare import find_cache, open_cache, prepare_data
 from scaletrain.data.sampler import WindowStream
 from scaletrain.errors import UserError
@@ -45,6 +46,7 @@ def test_block_counts_are_the_weights_in_4096ths():
     assert block_counts([3, 1]) == [3072, 1024]
     counts = block_counts([1, 1, 1])
     assert sum(counts) == BLOCK and max(counts) - min(counts) == 1
+    assert block_counts([1e308, 1e308]) == [2048, 2048]  # (their sum is inf: it said "cannot convert float NaN")
 
 
 def test_draws_keep_the_shares_and_each_source_s_own_order():
@@ -91,6 +93,34 @@ def test_caches_share_one_tokenizer_and_are_reused(corpora, tmp_path):
         open_cache(cache.dir)
 
 
+def test_the_tokenizer_is_trained_once_per_set_of_sources(corpora, tmp_path):
+    """A sample larger than the line budget: the list's order chose other lines, so reordering trained another
+    tokenizer and re-tokenised every source; new weights read every source again to train the same one."""
+    prose, code = corpora
+    small = ["model.vocab_size=512", "data.tokenizer_sample_lines=3000", f"data.cache_dir={tmp_path}"]
+    first = prepare_data(load_config(None, [_mix(prose, code), *small]), progress=False)
+    trained = sorted(tmp_path.glob("mixtok-*/tokenizer.model"))
+    assert len(trained) == 1
+    stamp = trained[0].stat().st_mtime_ns
+    reordered = f"data.mix=[{{source: {code}, weight: 1, name: code}}, {{source: {prose}, weight: 3}}]"
+    again = prepare_data(load_config(None, [reordered, *small]), progress=False)
+    assert sorted(p.dir for p in again.parts) == sorted(p.dir for p in first.parts)
+    prepare_data(load_config(None, [_mix(prose, code, 5, 1), *small]), progress=False)
+    assert sorted(tmp_path.glob("mixtok-*/tokenizer.model")) == trained and trained[0].stat().st_mtime_ns == stamp
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="is a file; set data.cache_dir to a directory"):
+        prepare_data(load_config(None, [_mix(prose, code), "model.vocab_size=512", f"data.cache_dir={tmp_path / 'afile'}"]),
+                     progress=False)
+
+
+def test_the_model_card_names_a_mixture_s_sources():
+    from scaletrain.hf.model_card import _data_sources
+
+    mix = [{"source": "/d/web", "weight": 7.0, "name": None}, {"source": "/d/code", "weight": 2.0, "name": "code"}]
+    assert _data_sources({"mix": mix}) == "mixture of /d/web ×7, code ×2"
+    assert _data_sources({"source": "stdlib"}) == "stdlib" and _data_sources({}) == "n/a"
+
+
 @pytest.mark.parametrize("sets, message", [
     (["data.source=/x"], "set data.source or data.mix, not both"),
     (["data.format=prompt_completion"], "data.mix mixes running text"),
@@ -108,11 +138,14 @@ def test_config_rules(sets, message):
 @pytest.mark.slow
 def test_training_reports_each_source_and_ranks_do_not_change_the_batches(corpora, tmp_path):
     prose, code = corpora
-    common = [*TINY, _mix(prose, code), f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=4",
+    tiny = _corpus(tmp_path / "tiny", STDLIB[45:46])  # one document: no val window, left out of val/loss (a note says so)
+    mix = _mix(prose, code)[:-1] + f", {{source: {tiny}, weight: 1}}]"
+    common = [*TINY, mix, f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=4",
               "train.eval_every=2", "train.precision=fp32", "train.save_every=0"]
     one = tmp_path / "one"
     out = run_training(1, [*common, f"run.dir={one}", "train.grad_accum=2", "train.micro_batch_size=1"]).stdout
     assert "| prose " in out and "| code " in out  # the val line names each source's loss
+    assert "note: val/loss leaves out data.mix source(s) tiny" in out
     parts = {n: tb_scalars(one, f"val/{n}/loss") for n in ("prose", "code")}
     total = tb_scalars(one, "val/loss")
     assert sorted(total) == [2, 4]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from scaletrain.commands.common import add_inference_args, positive_int
 
@@ -26,6 +27,11 @@ def run(args: argparse.Namespace) -> int:
         doc_eos = tok.eos_id if args.data else int(training_cache(src).meta["eos_id"])
     parts = None if args.data else val_parts(src, seq_len, args.batch_size)
     if parts:
+        from scaletrain.data.mix_rules import part_names
+
+        left_out = sorted(set(part_names(src.config.data.mix)) - {name for name, _, _ in parts})
+        if left_out:
+            print(f"note: left out (no val window of {seq_len} tokens): {', '.join(left_out)}", file=sys.stderr)
         return _mixture(args, model, parts, doc_eos, seq_len)
     if args.data:
         batches = file_batches(Path(args.data), tok, seq_len, args.batch_size, args.text_field)

@@ -17,55 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from scaletrain.data.prepare import DataCache
+from scaletrain.data.mix_rules import BLOCK, block_counts, part_names
 from scaletrain.errors import UserError
-
-BLOCK = 4096  # samples per block: weights are kept to 1/4096 of a batch stream
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def part_names(mix) -> list[str]:
-    """Each part's name: given, else its source's file or directory name."""
-    return [p.name or Path(os.path.expanduser(p.source.rstrip("/"))).name.split(".")[0] or "source" for p in mix]
-
-
-def block_counts(weights: list[float]) -> list[int]:
-    """Windows of each source in a block of BLOCK: the weights' shares, rounded by largest remainder."""
-    total = sum(weights)
-    exact = [BLOCK * w / total for w in weights]
-    counts = [int(x) for x in exact]
-    for i in sorted(range(len(weights)), key=lambda i: counts[i] - exact[i])[: BLOCK - sum(counts)]:
-        counts[i] += 1
-    return counts
-
-
-def validate_mix(data) -> None:
-    """Config rules (config.py calls this when data.mix is set)."""
-    if data.source != "stdlib":
-        raise ValueError("set data.source or data.mix, not both: data.mix's entries name their own sources")
-    if data.format != "text":
-        raise ValueError(f"data.mix mixes running text; data.format={data.format} takes one data.source")
-    names = part_names(data.mix)
-    for name in names:
-        if not _NAME.match(name):
-            raise ValueError(f"data.mix name {name!r} must be letters, digits, '_', '.' or '-' (it names val/<name>/loss); "
-                             "set the entry's name")
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ValueError(f"data.mix has two sources named {twice[0]!r}; give the entries distinct names")
-    counts = block_counts([p.weight for p in data.mix])
-    if 0 in counts:
-        small = data.mix[counts.index(0)]
-        raise ValueError(f"data.mix weight {small.weight} of {small.source} is below 1/{BLOCK} of the total; raise it")
-
 
 def _tokenizer_key(tokenizer: Optional[str]) -> Optional[str]:
     from scaletrain.data.hf_tokenizer import tokenizer_files
@@ -83,12 +45,11 @@ def _tokenizer_key(tokenizer: Optional[str]) -> Optional[str]:
 def find_mixture(cfg) -> Path:
     """The mixture's cache dir: named after every part's files, weights and names, and the tokenizer settings."""
     from scaletrain.data.prepare import CACHE_FORMAT
-    from scaletrain.data.sources import resolve_source
 
     d = cfg.data
     key = {"format": CACHE_FORMAT, "vocab_size": cfg.model.vocab_size, "tokenizer": _tokenizer_key(d.tokenizer),
            "val_fraction": d.val_fraction, "sample_lines": d.tokenizer_sample_lines,
-           "parts": [[resolve_source(p.source, d.text_field).fingerprint(), p.weight, name]
+           "parts": [[resolve_part(p, d.text_field).fingerprint(), p.weight, name]
                      for p, name in zip(d.mix, part_names(d.mix))]}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(os.path.expanduser(d.cache_dir)) / f"mix-{digest}"
@@ -101,27 +62,71 @@ def _part_config(cfg, source: str, tokenizer: Path):
     return part
 
 
-def _shared_tokenizer(cfg, out: Path, progress: bool) -> Path:
-    """The given data.tokenizer copied into `out`, else one trained on a sample of every part's lines."""
-    from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
-    from scaletrain.data.prepare import TOKENIZER_SAMPLE_SEED
-    from scaletrain.data.sources import iter_documents, resolve_source
-    from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+def resolve_part(part, text_field: str):
+    """The part's Source; its errors name the data.mix entry (they say data.source for a single source)."""
+    from scaletrain.data.sources import resolve_source
+
+    try:
+        return resolve_source(part.source, text_field)
+    except UserError as e:
+        raise UserError(str(e).replace("data.source '", "data.mix source '", 1)) from None
+
+
+def _trained_tokenizer(cfg, progress: bool) -> Path:
+    """One tokenizer for the mixture's sources, trained on a line sample of all of them, once per set of sources:
+    `<data.cache_dir>/mixtok-<key>/tokenizer.model`. The order of the list, the weights and the names do not
+    change it (a reordered list would otherwise sample other lines, train another tokenizer and re-tokenise
+    every source; new weights would read every source again)."""
+    from scaletrain.data.prepare import CACHE_FORMAT, TOKENIZER_SAMPLE_SEED, sweep_abandoned
+    from scaletrain.data.sources import iter_documents
+    from scaletrain.data.tokenizer import train_tokenizer
+    from scaletrain.durable import publish_dir, temp_dir_beside
 
     d = cfg.data
-    if d.tokenizer:
-        given = Path(os.path.expanduser(d.tokenizer))
-        if given.is_dir():
-            load_tokenizer(given)  # a bad dir's error names it, not our copy
-            copy_tokenizer_dir(given, out / "tokenizer")
-            return out / "tokenizer"
-        Tokenizer(given)
-        shutil.copyfile(given, out / "tokenizer.model")
-        return out / "tokenizer.model"
+    sources = {}
+    for p in d.mix:  # (a source named twice is sampled once)
+        src = resolve_part(p, d.text_field)
+        sources.setdefault(src.fingerprint(), src)
+    key = {"format": CACHE_FORMAT, "sources": sorted(sources), "vocab_size": cfg.model.vocab_size,
+           "sample_lines": d.tokenizer_sample_lines, "text_field": d.text_field}
+    final = Path(os.path.expanduser(d.cache_dir)) / f"mixtok-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
+    if (final / "tokenizer.model").is_file():
+        return final / "tokenizer.model"
+    sweep_abandoned(final)
     if progress:
-        print(f"data.mix: training one tokenizer on a sample of all {len(d.mix)} sources' lines", flush=True)
-    docs = (text for p in d.mix for _, text in iter_documents(resolve_source(p.source, d.text_field)))
-    train_tokenizer(docs, cfg.model.vocab_size, out / "tokenizer.model", d.tokenizer_sample_lines, seed=TOKENIZER_SAMPLE_SEED)
+        print(f"data.mix: training one tokenizer on a sample of the lines of all {len(sources)} sources", flush=True)
+    tmp = temp_dir_beside(final)
+    try:
+        docs = (text for fp in sorted(sources) for _, text in iter_documents(sources[fp]))
+        train_tokenizer(docs, cfg.model.vocab_size, tmp / "tokenizer.model", d.tokenizer_sample_lines, seed=TOKENIZER_SAMPLE_SEED)
+        try:
+            publish_dir(tmp, final)
+        except OSError:  # another process trained the same one first: keep theirs
+            if not (final / "tokenizer.model").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final / "tokenizer.model"
+
+
+def _shared_tokenizer(cfg, progress: bool) -> Path:
+    """data.tokenizer (checked), else the mixture's trained one."""
+    from scaletrain.data.tokenizer import Tokenizer, load_tokenizer
+
+    if not cfg.data.tokenizer:
+        return _trained_tokenizer(cfg, progress)
+    given = Path(os.path.expanduser(cfg.data.tokenizer))
+    load_tokenizer(given) if given.is_dir() else Tokenizer(given)  # a bad one's error names it, not a copy
+    return given
+
+
+def _copy_tokenizer(tokenizer: Path, out: Path) -> Path:
+    from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
+
+    if tokenizer.is_dir():
+        copy_tokenizer_dir(tokenizer, out / "tokenizer")
+        return out / "tokenizer"
+    shutil.copyfile(tokenizer, out / "tokenizer.model")
     return out / "tokenizer.model"
 
 
@@ -137,12 +142,14 @@ def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
         return existing
     if final.exists():
         raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
+    if final.parent.exists() and not final.parent.is_dir():
+        raise UserError(f"data.cache_dir {final.parent} is a file; set data.cache_dir to a directory")
     made = missing_levels(final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_abandoned(final)
     tmp = temp_dir_beside(final)
     try:
-        tokenizer = _shared_tokenizer(cfg, tmp, progress)
+        tokenizer = _copy_tokenizer(_shared_tokenizer(cfg, progress), tmp)
         parts, infos = [], []
         for p, name in zip(cfg.data.mix, part_names(cfg.data.mix)):
             if progress:
@@ -185,20 +192,9 @@ def open_mixture(path: Path, meta: dict) -> "MixtureCache":
 
 
 @dataclass
-class MixtureCache:
-    dir: Path
-    meta: dict
-    parts: list
-
-    @property
-    def tokenizer_path(self) -> Path:
-        hf = self.dir / "tokenizer"
-        return hf if hf.is_dir() else self.dir / "tokenizer.model"
-
-    def tokenizer(self):
-        from scaletrain.data.tokenizer import load_tokenizer
-
-        return load_tokenizer(self.tokenizer_path)
+class MixtureCache(DataCache):
+    """The mixture's dir (meta.json, the shared tokenizer) and its parts' caches."""
+    parts: list = field(default_factory=list)
 
     def tokens(self, split: str) -> np.ndarray:
         return np.concatenate([np.asarray(p.tokens(split)) for p in self.parts])

@@ -13,6 +13,14 @@ def _fmt(value, spec: str = ",") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _data_sources(data: dict) -> str:
+    """data.source, or a data.mix's sources with their weights."""
+    mix = data.get("mix") if isinstance(data.get("mix"), list) else []
+    parts = [f"{m.get('name') or m.get('source')} ×{m.get('weight'):g}" for m in mix
+             if isinstance(m, dict) and isinstance(m.get("weight"), (int, float))]
+    return data.get("source") or (f"mixture of {', '.join(parts)}" if parts else "n/a")
+
+
 FFN = {"swiglu": "SwiGLU (gated, SiLU)", "gelu": "MLP with exact (erf) GELU", "relu2": "MLP with squared ReLU"}
 NORM = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
 
@@ -86,7 +94,7 @@ which computes the same function. Loads with `transformers.{arch}`.
 
 | | |
 |---|---|
-| data | {data.get('source', 'n/a')} (format {data.get('format', 'text')}, cache fingerprint {data.get('fingerprint', 'n/a')}) |
+| data | {_data_sources(data)} (format {data.get('format', 'text')}, cache fingerprint {data.get('fingerprint', 'n/a')}) |
 | optimizer steps | {_fmt(rec.get('steps'))} |
 | training tokens | {_fmt(rec.get('tokens'))} |
 | final validation loss | {_fmt(val, '.4f')}{'' if val is None else f' (perplexity {2.718281828459045 ** min(val, 50):.2f})'} |

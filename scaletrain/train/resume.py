@@ -57,7 +57,9 @@ def _stream_value(cfg: Config, key: str):
     section, name = key.split(".")
     value = getattr(getattr(cfg, section), name, None)
     if key == "data.mix":  # (JSON in the manifest; checkpoints from before data.mix have none: not a change)
-        return [p.model_dump() for p in value] or None
+        from scaletrain.data.mix_rules import part_names
+
+        return [{**p.model_dump(), "name": name} for p, name in zip(value, part_names(value))] or None
     return value
 
 
@@ -72,7 +74,8 @@ def warn_if_data_changed(plan: ResumePlan, cache_name: str, log=print) -> None:
     was = plan.saved.get("data_cache")
     if was and was != cache_name:
         log(f"warning: the tokenised data changed since checkpoint {plan.tag_dir.name} was saved (data cache {was}, now "
-            f"{cache_name}: files under data.source, data.tokenizer, data.format or data.val_fraction changed): the data "
+            f"{cache_name}: files under data.source, data.mix's sources or weights, data.tokenizer, data.format or "
+            "data.val_fraction changed): the data "
             "position (a count of windows) is carried over, so this run does not see the data an uninterrupted run would")
 
 

@@ -17,6 +17,7 @@ import torch.distributed as tdist
 from scaletrain import __version__, lineage
 from scaletrain.config import Config
 from scaletrain.data.sampler import micro_batch_ids
+from scaletrain.data.mixture import resolve_part
 from scaletrain.data.sources import resolve_source
 from scaletrain.ds_config import check_deepspeed_passthrough, deepspeed_config
 from scaletrain.errors import UserError, alike_on_this_host
@@ -79,8 +80,10 @@ class Trainer:
         check_deepspeed_passthrough(cfg)  # the deepspeed: mapping, through DeepSpeed's own config classes
         self.run = RunDir(cfg.run.dir)
         self.run.preflight(cfg)
-        for source in [p.source for p in cfg.data.mix] or [cfg.data.source]:  # missing/empty data fails before DeepSpeed starts
-            resolve_source(source, cfg.data.text_field)
+        for part in cfg.data.mix:  # missing/empty data fails before DeepSpeed starts
+            resolve_part(part, cfg.data.text_field)
+        if not cfg.data.mix:
+            resolve_source(cfg.data.source, cfg.data.text_field)
         check_fused_ops(cfg.model.fused_ops, cuda=device.type == "cuda")
         check_backend(cfg.model.attention, device, training=True, doc_mask=cfg.data.doc_mask, shape=cfg.model,
                       precision=cfg.train.precision)  # flash without CUDA, ...
@@ -127,6 +130,11 @@ class Trainer:
         if self.val_stream is None and t.eval_every:  # (a split too small for one window, or val_fraction 0)
             self.log(f"warning: no validation split (data.val_fraction={cfg.data.val_fraction} gave less than one "
                      f"train.seq_len={t.seq_len} window): train.eval_every={t.eval_every} evaluates nothing")
+        left_out = sorted({n for n, _, _ in getattr(self.train_stream, "parts", [])} -
+                          {n for n, _, _ in getattr(self.val_stream, "parts", [])})
+        if left_out and t.eval_every:  # a data.mix source whose val split holds no window
+            self.log(f"note: val/loss leaves out data.mix source(s) {', '.join(left_out)}: fewer than train.seq_len+1 "
+                     "val tokens (raise data.val_fraction or add data to score them)")
         for note in (s.fit_note() for s in (self.train_stream, self.val_stream) if s is not None):
             if note:  # prompt/completion examples that do not fit the window
                 self.log(note)
