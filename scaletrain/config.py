@@ -125,6 +125,8 @@ class TrainConfig(_Section):
     lr: float = Field(3e-3, gt=0)
     min_lr: float = Field(3e-4, ge=0)
     warmup_steps: int = Field(30, ge=0)
+    lr_schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"  # after warmup (train/schedule.py)
+    decay_steps: int = Field(0, ge=0)  # wsd: steps of its final decay to min_lr (0 = the last 20 % after warmup)
     weight_decay: float = Field(0.1, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
@@ -217,6 +219,9 @@ class Config(_Section):
             raise ValueError(f"train.seq_len ({t.seq_len}) exceeds model.max_seq_len ({m.max_seq_len}); lower it or raise model.max_seq_len")
         if t.min_lr > t.lr:
             raise ValueError(f"train.min_lr ({t.min_lr}) must not exceed train.lr ({t.lr})")
+        from scaletrain.train.schedule import check_schedule
+
+        check_schedule(t)
         if m.vocab_size > 2**31 - 1:
             raise ValueError("model.vocab_size is too large")
         if self.zero.offload_param != "none" and self.zero.stage != 3:

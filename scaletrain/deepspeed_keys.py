@@ -14,7 +14,7 @@ DEEPSPEED_OWNED = {
     "bf16.enabled": "train.precision",
     "fp16.enabled": "train.precision",
     "optimizer": "train.lr, train.beta1, train.beta2 and train.weight_decay (scaletrain builds the AdamW)",
-    "scheduler": "train.warmup_steps and train.min_lr (scaletrain's warmup + cosine schedule)",
+    "scheduler": "train.lr_schedule, train.warmup_steps and train.min_lr (scaletrain's schedule)",
     "zero_optimization.stage": "zero.stage",
     "zero_optimization.offload_optimizer.device": "zero.offload_optimizer",
     "zero_optimization.offload_param.device": "zero.offload_param",

@@ -20,7 +20,7 @@ from scaletrain.config import load_config
 from scaletrain.model.classify import build_model, last_token_index
 from scaletrain.model.llama import LlamaShape
 from scaletrain.train import finetune
-from scaletrain.train.schedule import WarmupCosine
+from scaletrain.train.schedule import LrSchedule
 
 
 def labelled_lines(files: list[Path], n: int, seed: int) -> list[dict]:
@@ -173,7 +173,7 @@ def test_param_groups_freeze_and_body_lr():
     assert scale["model.layers.0.mlp.up_proj.weight"] == 0.25 and scale["model.norm.weight"] == 0.25
     assert scale["score.weight"] == 1.0
     opt = torch.optim.AdamW(groups, lr=1.0)
-    WarmupCosine(opt, 1e-3, 1e-4, 0, 10)
+    LrSchedule(opt, 1e-3, 1e-4, 0, 10)
     assert sorted({g["lr"] for g in opt.param_groups}) == [0.0, 0.25e-3, 1e-3]
 
 

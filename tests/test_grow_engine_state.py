@@ -23,7 +23,7 @@ SCRIPT = textwrap.dedent('''
     from scaletrain.model.classify import LlamaForSequenceClassification
     from scaletrain.model.llama import LlamaForCausalLM, LlamaShape
     from scaletrain.train.distributed import setup
-    from scaletrain.train.schedule import WarmupCosine
+    from scaletrain.train.schedule import LrSchedule
     from scaletrain.train.build import build_optimizer
     from scaletrain.weights.writer import write_safetensors
 
@@ -68,7 +68,7 @@ SCRIPT = textwrap.dedent('''
             if precision == "bf16":
                 ds["bf16"] = {"enabled": True}
             engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=ds,
-                                              lr_scheduler=lambda opt: WarmupCosine(opt, 1e-3, 1e-4, 5, 100))
+                                              lr_scheduler=lambda opt: LrSchedule(opt, 1e-3, 1e-4, 5, 100))
             install(engine, src, precision, grad_accum=2)
             # the lr-0 step that creates Adam's state is not a training step: schedule and counters stay at 0
             assert engine.lr_scheduler.steps_done == 0 and engine.global_steps == 0, (stage, precision)

@@ -19,7 +19,7 @@ from scaletrain.ds_config import deepspeed_config
 from scaletrain.model.attention import check_backend
 from scaletrain.model.docmask import document_ids
 from scaletrain.model.llama import LlamaShape
-from scaletrain.train.schedule import WarmupCosine
+from scaletrain.train.schedule import LrSchedule
 from scaletrain.train.build import build_model, build_optimizer
 
 
@@ -29,7 +29,7 @@ def _initialize(model: torch.nn.Module, optimizer, cfg: Config, world: int):
     t = cfg.train
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world),
-        lr_scheduler=lambda opt: WarmupCosine(opt, t.lr, t.min_lr, t.warmup_steps, t.max_steps),
+        lr_scheduler=lambda opt: LrSchedule.of(opt, t),
     )
     return engine
 

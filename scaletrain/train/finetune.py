@@ -46,7 +46,7 @@ def lr_scale(name: str, frozen: set[str], cfg: Config) -> float:
 
 
 def param_groups(model: torch.nn.Module, cfg: Config) -> list[dict]:
-    """AdamW groups: weight decay on matrices only; `lr_scale` per group (schedule.WarmupCosine applies it)."""
+    """AdamW groups: weight decay on matrices only; `lr_scale` per group (schedule.LrSchedule applies it)."""
     frozen = frozen_names(model, cfg)
     groups: list[dict] = []
     for matrices in (True, False):

@@ -19,7 +19,7 @@ from scaletrain.kernels import cpu_matmul
 from scaletrain.train.distributed import all_reduce_sum, any_rank, barrier, collectives_status, shutdown
 from scaletrain.train.metrics import Metrics, ThroughputWindow, format_duration, measure_peak_flops
 from scaletrain.train.run_dir import RunLock, launch_info
-from scaletrain.train.schedule import lr_at
+from scaletrain.train.schedule import train_lr_at
 from scaletrain.train.trainer import Trainer
 
 
@@ -56,7 +56,7 @@ def _log_step(tr: Trainer, metrics: Metrics, loss: float, tps: float, step_s: fl
               n_params: int, elapsed: float) -> None:
     """The step line and the train/* scalars (tokens/s and MFU over the steps since the last line)."""
     t = tr.cfg.train
-    lr = lr_at(tr.step - 1, t.lr, t.min_lr, t.warmup_steps, t.max_steps, *tr.lr_restarts)  # the lr this step used
+    lr = train_lr_at(tr.step - 1, t, *tr.lr_restarts)  # the lr this step used
     grad_norm = tr.grad_norm()
     tr.log(f"step {tr.step:>6}/{t.max_steps} | loss {loss:.4f} | lr {lr:.2e} | "
            f"grad {grad_norm if grad_norm is not None else float('nan'):.3f} | {tps:,.0f} tok/s | "

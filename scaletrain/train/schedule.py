@@ -1,36 +1,80 @@
-"""Learning rate: linear warmup to `lr`, then cosine decay to `min_lr`, which the last step takes."""
+"""Learning rate: linear warmup to `lr`, then (train.lr_schedule) down to `min_lr`, which the last step takes:
+
+    cosine    half a cosine from lr to min_lr over the steps after warmup (the default)
+    linear    a straight line from lr to min_lr
+    constant  lr to the end (min_lr unused)
+    wsd       warmup-stable-decay: lr until the last `decay_steps` steps, then a straight line to min_lr. Raising
+              train.max_steps of a run still in its stable phase extends it without changing a step already
+              taken (cosine and linear would stretch the whole decay), which suits continued and staged training.
+"""
 
 from __future__ import annotations
 
 import math
 
+WSD_DECAY_SHARE = 0.2  # decay_steps 0: the last 20 % of the steps after warmup
+
+
+def wsd_decay_steps(warmup: int, max_steps: int, decay_steps: int) -> int:
+    after = max(1, max_steps - warmup)
+    return min(after, decay_steps or max(1, round(WSD_DECAY_SHARE * after)))
+
+
+def check_schedule(t) -> None:
+    """Config rules of the train section's schedule keys (config.py calls this)."""
+    if t.decay_steps and t.lr_schedule != "wsd":
+        raise ValueError(f"train.decay_steps is the decay of train.lr_schedule=wsd (this run's is {t.lr_schedule}); "
+                         "set train.lr_schedule=wsd or leave decay_steps at 0")
+    if t.decay_steps and t.decay_steps > t.max_steps - t.warmup_steps:
+        raise ValueError(f"train.decay_steps ({t.decay_steps}) exceeds the {t.max_steps - t.warmup_steps} steps after "
+                         f"warmup (train.max_steps {t.max_steps} - train.warmup_steps {t.warmup_steps}); lower it")
+
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
-          restarts: tuple[int, ...] = (), rewarmup: int = 0) -> float:
+          restarts: tuple[int, ...] = (), rewarmup: int = 0, kind: str = "cosine", decay_steps: int = 0) -> float:
     """Learning rate for optimizer step `step` (0-based: the step about to be taken). `restarts`: growth
     boundaries (growth.schedule); for `rewarmup` steps after each the lr ramps up again linearly to the
     value the schedule has reached (the schedule itself continues)."""
     if warmup and step < warmup:
         value = lr * (step + 1) / warmup
+    elif kind == "constant":
+        value = lr
+    elif kind == "wsd":
+        decay = wsd_decay_steps(warmup, max_steps, decay_steps)
+        start = max_steps - decay  # steps start .. max_steps - 1 decay; the last takes min_lr
+        value = lr if step < start else lr + (min_lr - lr) * min(1.0, (step - start + 1) / decay)
     else:
         span = max(1, max_steps - 1 - warmup)  # step warmup takes lr, step max_steps - 1 (the last) min_lr
         progress = min(1.0, (step - warmup) / span)
-        value = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+        if kind == "linear":
+            value = lr + (min_lr - lr) * progress
+        else:
+            value = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
     last = max((b for b in restarts if b <= step), default=None)
     if rewarmup and last is not None and step - last < rewarmup:
         value *= (step - last + 1) / rewarmup
     return value
 
 
-class WarmupCosine:
+def train_lr_at(step: int, t, restarts: tuple[int, ...] = (), rewarmup: int = 0) -> float:
+    """`lr_at` for the train section `t` of a config."""
+    return lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps, restarts, rewarmup, t.lr_schedule, t.decay_steps)
+
+
+class LrSchedule:
     """Scheduler object DeepSpeed steps after each optimizer step (and saves in its checkpoints)."""
 
     def __init__(self, optimizer, lr: float, min_lr: float, warmup: int, max_steps: int,
-                 restarts: tuple[int, ...] = (), rewarmup: int = 0):
+                 restarts: tuple[int, ...] = (), rewarmup: int = 0, kind: str = "cosine", decay_steps: int = 0):
         self.optimizer = optimizer
-        self.args = (lr, min_lr, warmup, max_steps, tuple(restarts), rewarmup)
+        self.args = (lr, min_lr, warmup, max_steps, tuple(restarts), rewarmup, kind, decay_steps)
         self.steps_done = 0
         self._apply()
+
+    @classmethod
+    def of(cls, optimizer, t, restarts: tuple[int, ...] = (), rewarmup: int = 0) -> "LrSchedule":
+        """The schedule of the train section `t` of a config."""
+        return cls(optimizer, t.lr, t.min_lr, t.warmup_steps, t.max_steps, restarts, rewarmup, t.lr_schedule, t.decay_steps)
 
     def _apply(self) -> None:
         value = lr_at(self.steps_done, *self.args)

@@ -35,7 +35,7 @@ from scaletrain.train import resume
 from scaletrain.train.guard import StepGuard
 from scaletrain.train.run_dir import RunDir, RunLock
 from scaletrain.train.run_lineage import weights_id
-from scaletrain.train.schedule import WarmupCosine
+from scaletrain.train.schedule import LrSchedule
 from scaletrain.train.stop_flag import StopFlag
 from scaletrain.train.validation import load_data, validate
 
@@ -182,7 +182,7 @@ class Trainer:
         t = self.cfg.train
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: WarmupCosine(opt, t.lr, t.min_lr, t.warmup_steps, t.max_steps, *self.lr_restarts),
+            lr_scheduler=lambda opt: LrSchedule.of(opt, t, *self.lr_restarts),
         )
         if weights_from is not None:
             from scaletrain.growth.engine_state import install
