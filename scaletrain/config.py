@@ -104,9 +104,16 @@ class MixPart(_Section):
     name: Optional[str] = None  # in val/<name>/loss; default: the source's file or directory name
 
 
+class MixPhase(_Section):
+    """From the step after `at_step` on, these data.mix weights (by name; sources not named keep theirs)."""
+    at_step: int = Field(gt=0)
+    weights: dict[str, float]
+
+
 class DataConfig(_Section):
     source: str = "stdlib"
     mix: list[MixPart] = []  # several sources in fixed proportions instead of data.source (scaletrain/data/mixture.py)
+    mix_phases: list[MixPhase] = []  # later weights of data.mix (an annealing phase on the best data, say)
     text_field: str = "text"
     tokenizer: Optional[str] = None
     cache_dir: str = "~/.cache/scaletrain/data"
@@ -231,7 +238,7 @@ class Config(_Section):
         if self.train.compile and self.zero.stage == 3:
             raise ValueError("train.compile needs zero.stage <= 2: ZeRO-3's per-module parameter hooks make "
                              "torch.compile recompile on every call (use zero.stage=2, or train.compile=false)")
-        if self.data.mix:
+        if self.data.mix or self.data.mix_phases:
             from scaletrain.data.mix_rules import validate_mix
 
             validate_mix(self.data)

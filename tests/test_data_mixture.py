@@ -73,6 +73,30 @@ def test_draws_keep_the_shares_and_each_source_s_own_order():
     assert y.shape == x.shape == (6, 8)
 
 
+def test_phases_change_the_shares_and_each_source_carries_on_where_it_was():
+    a = WindowStream(np.arange(20_000) % 500, 8, seed=1)
+    b = WindowStream(np.arange(4_001) % 500, 8, seed=2)
+    c = WindowStream(np.arange(4_001) % 500, 8, seed=3)
+    first, second = BLOCK + 1000, 2 * BLOCK + 1500  # boundaries inside blocks
+    phases = [(0, [2, 1, 1]), (first, [1, 0, 3]), (second, [1, 1, 1])]
+    mix = MixtureStream([("a", 2, a), ("b", 1, b), ("c", 1, c)], seed=5, phases=phases)
+    ids = mix.window_ids(0, second + 2 * BLOCK)
+    part = np.searchsorted(mix.offsets, ids, side="right") - 1
+    assert np.bincount(part[:BLOCK], minlength=3).tolist() == block_counts([2, 1, 1])
+    in_second = part[first:first + BLOCK]
+    assert np.bincount(in_second, minlength=3).tolist() == block_counts([1, 0, 3])  # b left out
+    assert np.bincount(part[second:second + BLOCK], minlength=3).tolist() == block_counts([1, 1, 1])
+    for s, stream in enumerate((a, b, c)):  # each source's k-th draw is its stream's k-th window, across phases
+        mine = ids[part == s] - mix.offsets[s]
+        assert np.array_equal(mine, stream.window_ids(0, len(mine)))
+    # the first phase is the stream without phases; any cut into calls gives the same windows
+    plain = MixtureStream([("a", 2, a), ("b", 1, b), ("c", 1, c)], seed=5)
+    assert np.array_equal(plain.window_ids(0, first), ids[:first])
+    again = MixtureStream([("a", 2, a), ("b", 1, b), ("c", 1, c)], seed=5, phases=phases)
+    assert np.array_equal(np.concatenate([again.window_ids(second + 7, 50), again.window_ids(first - 3, 10)]),
+                          np.concatenate([ids[second + 7:second + 57], ids[first - 3:first + 7]]))
+
+
 def test_caches_share_one_tokenizer_and_are_reused(corpora, tmp_path):
     prose, code = corpora
     cfg = load_config(None, [_mix(prose, code), f"data.cache_dir={tmp_path}", "model.vocab_size=512"])
@@ -128,9 +152,14 @@ def test_the_model_card_names_a_mixture_s_sources():
     (["data.mix=[{source: /a, weight: 10000}, {source: /b, weight: 1}]"], "below 1/4096 of the total"),
     (["data.mix=[{source: /a, weight: 1, name: 'a b'}]"], "must be letters, digits"),
     (["data.mix=[{source: /a, weight: 0}]"], "weight"),
+    (["data.mix_phases=[{at_step: 5, weights: {web: 2}}]", "data.mix=[]"], "set data.mix too"),
+    (["data.mix_phases=[{at_step: 5, weights: {blog: 2}}]"], "names 'blog', which is no data.mix source"),
+    (["data.mix_phases=[{at_step: 9, weights: {web: 2}}, {at_step: 5, weights: {web: 1}}]"], "must rise"),
+    (["data.mix_phases=[{at_step: 5, weights: {web: 0}}]"], "leaves no source with a weight above 0"),
+    (["data.mix_phases=[{at_step: 5, weights: {web: -1}}]"], "weights must be >= 0"),
 ])
 def test_config_rules(sets, message):
-    base = ["data.mix=[{source: /a/web, weight: 1}]"] if not any(s.startswith("data.mix") for s in sets) else []
+    base = ["data.mix=[{source: /a/web, weight: 1}]"] if not any(s.startswith("data.mix=") for s in sets) else []
     with pytest.raises(UserError, match=message):
         load_config(None, [*base, *sets])
 
@@ -140,12 +169,14 @@ def test_training_reports_each_source_and_ranks_do_not_change_the_batches(corpor
     prose, code = corpora
     tiny = _corpus(tmp_path / "tiny", STDLIB[45:46])  # one document: no val window, left out of val/loss (a note says so)
     mix = _mix(prose, code)[:-1] + f", {{source: {tiny}, weight: 1}}]"
-    common = [*TINY, mix, f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=4",
+    phases = "data.mix_phases=[{at_step: 2, weights: {code: 0, prose: 1}}]"  # steps 3-4: prose and tiny only
+    common = [*TINY, mix, phases, f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=4",
               "train.eval_every=2", "train.precision=fp32", "train.save_every=0"]
     one = tmp_path / "one"
     out = run_training(1, [*common, f"run.dir={one}", "train.grad_accum=2", "train.micro_batch_size=1"]).stdout
     assert "| prose " in out and "| code " in out  # the val line names each source's loss
     assert "note: val/loss leaves out data.mix source(s) tiny" in out
+    assert "data.mix weights from step 3: prose 1, code 0, tiny 1" in out
     parts = {n: tb_scalars(one, f"val/{n}/loss") for n in ("prose", "code")}
     total = tb_scalars(one, "val/loss")
     assert sorted(total) == [2, 4]

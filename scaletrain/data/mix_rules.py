@@ -27,8 +27,40 @@ def block_counts(weights: list[float]) -> list[int]:
     return counts
 
 
+def phase_weights(data) -> list[tuple[int, list[float]]]:
+    """[(at_step, weight of each data.mix part)]: (0, data.mix's weights), then one entry per data.mix_phases
+    entry, each starting from the weights before it."""
+    names = part_names(data.mix)
+    out = [(0, [p.weight for p in data.mix])]
+    for phase in data.mix_phases:
+        out.append((phase.at_step, [phase.weights.get(n, w) for n, w in zip(names, out[-1][1])]))
+    return out
+
+
+def _validate_phases(data, names: list[str]) -> None:
+    steps = [p.at_step for p in data.mix_phases]
+    if steps != sorted(set(steps)):
+        raise ValueError(f"data.mix_phases at_step values must rise ({steps}); order the phases by step")
+    for phase in data.mix_phases:
+        unknown = sorted(set(phase.weights) - set(names))
+        if unknown:
+            raise ValueError(f"data.mix_phases at_step {phase.at_step} names {unknown[0]!r}, which is no data.mix source "
+                             f"(names: {', '.join(names)})")
+        if any(w < 0 for w in phase.weights.values()):
+            raise ValueError(f"data.mix_phases at_step {phase.at_step}: weights must be >= 0 (0 leaves a source out)")
+    for step, weights in phase_weights(data)[1:]:
+        if not any(weights):
+            raise ValueError(f"data.mix_phases at_step {step} leaves no source with a weight above 0")
+        counts = block_counts(weights)
+        small = [n for n, w, c in zip(names, weights, counts) if w > 0 and c == 0]
+        if small:
+            raise ValueError(f"data.mix_phases at_step {step}: the weight of {small[0]} is below 1/{BLOCK} of the total; raise it")
+
+
 def validate_mix(data) -> None:
-    """Config rules (config.py calls this when data.mix is set)."""
+    """Config rules (config.py calls this when data.mix or data.mix_phases is set)."""
+    if not data.mix:
+        raise ValueError("data.mix_phases changes the weights of data.mix: set data.mix too")
     if data.source != "stdlib":
         raise ValueError("set data.source or data.mix, not both: data.mix's entries name their own sources")
     if data.format != "text":
@@ -45,3 +77,4 @@ def validate_mix(data) -> None:
     if 0 in counts:
         small = data.mix[counts.index(0)]
         raise ValueError(f"data.mix weight {small.weight} of {small.source} is below 1/{BLOCK} of the total; raise it")
+    _validate_phases(data, names)

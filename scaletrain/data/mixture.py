@@ -199,8 +199,10 @@ class MixtureCache(DataCache):
     def tokens(self, split: str) -> np.ndarray:
         return np.concatenate([np.asarray(p.tokens(split)) for p in self.parts])
 
-    def stream(self, split: str, seq_len: int, seed: int, required: bool = True) -> Optional["MixtureStream"]:
-        """Train: every part must hold a window. Val: the parts that do (a part without is left out of val)."""
+    def stream(self, split: str, seq_len: int, seed: int, required: bool = True,
+               phases: Optional[list[tuple[int, list[float]]]] = None) -> Optional["MixtureStream"]:
+        """Train: every part must hold a window. Val: the parts that do (a part without is left out of val), in
+        data.mix's weights. `phases`: see MixtureStream (train only)."""
         parts = []
         for i, (info, cache) in enumerate(zip(self.meta["mixture"], self.parts)):
             s = cache.stream(split, seq_len, seed + i, required=False)  # each part its own shuffle
@@ -209,43 +211,62 @@ class MixtureCache(DataCache):
                                 f"{split} tokens, fewer than train.seq_len+1 = {seq_len + 1}; lower train.seq_len or add data")
             if s is not None:
                 parts.append((info["name"], info["weight"], s))
-        return MixtureStream(parts, seed) if parts else None
+        if phases is not None and len(parts) != len(self.parts):
+            raise ValueError("phases need every part")
+        return MixtureStream(parts, seed, phases) if parts else None
 
 
 class MixtureStream:
     """The window-stream interface of `sampler.WindowStream` over several parts. A window id is the part's
-    offset (the windows of the parts before it) plus the part's own window id."""
+    offset (the windows of the parts before it) plus the part's own window id.
 
-    def __init__(self, parts: list[tuple[str, float, object]], seed: int):
+    `phases`: [(first sample, weight of each part)], the first at sample 0 (data.mix_phases, in samples). A phase
+    lays out its own blocks from its first sample, and each part's draws carry on from where the phases before
+    it left them: no window of a part is skipped or drawn twice at a boundary."""
+
+    def __init__(self, parts: list[tuple[str, float, object]], seed: int,
+                 phases: Optional[list[tuple[int, list[float]]]] = None):
         self.parts = parts  # (name, weight, stream)
         self.seed = seed
-        self.counts = np.asarray(block_counts([w for _, w, _ in parts]), dtype=np.int64)
+        phases = phases or [(0, [w for _, w, _ in parts])]
+        self.starts = np.asarray([start for start, _ in phases], dtype=np.int64)
+        self.counts = np.asarray([block_counts(w) for _, w in phases], dtype=np.int64)  # [phase, part]
         sizes = [s.num_windows for _, _, s in parts]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self.num_windows = int(self.offsets[-1])
-        self._block, self._source, self._draw = -1, None, None
+        self._key, self._source, self._draw = None, None, None
+        self.drawn_before = np.zeros_like(self.counts)  # [phase, part]: the part's windows drawn by earlier phases
+        for p in range(1, len(phases)):
+            length = int(self.starts[p] - self.starts[p - 1])
+            full, rest = divmod(length, BLOCK)
+            source, _ = self._layout(p - 1, full)
+            self.drawn_before[p] = self.drawn_before[p - 1] + full * self.counts[p - 1] + \
+                np.bincount(source[:rest], minlength=len(parts))
 
     def fit_note(self) -> Optional[str]:
         return None
 
-    def _layout(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """(source of each position of the block, how many of its source's windows come before it in the block)."""
-        if block != self._block:
-            source = np.random.default_rng([self.seed, block, 0x6D6978]).permutation(
-                np.repeat(np.arange(len(self.parts)), self.counts))
+    def _layout(self, phase: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each position of a phase's block, how many of its source's windows come before it there)."""
+        if (phase, block) != self._key:
+            counts = self.counts[phase]
+            seed = [self.seed, block, 0x6D6978] if phase == 0 else [self.seed, phase, block, 0x6D6978]
+            source = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(self.parts)), counts))
             draw = np.empty(BLOCK, dtype=np.int64)
             for s in range(len(self.parts)):
-                draw[source == s] = np.arange(self.counts[s])
-            self._block, self._source, self._draw = block, source, draw
+                draw[source == s] = np.arange(counts[s])
+            self._key, self._source, self._draw = (phase, block), source, draw
         return self._source, self._draw
 
     def window_ids(self, start: int, count: int) -> np.ndarray:
         out = np.empty(count, dtype=np.int64)
         for i in range(count):
-            block, pos = divmod(start + i, BLOCK)
-            source, draw = self._layout(block)
+            g = start + i
+            phase = int(np.searchsorted(self.starts, g, side="right")) - 1
+            block, pos = divmod(g - int(self.starts[phase]), BLOCK)
+            source, draw = self._layout(phase, block)
             s = int(source[pos])
-            k = block * int(self.counts[s]) + int(draw[pos])
+            k = int(self.drawn_before[phase, s]) + block * int(self.counts[phase, s]) + int(draw[pos])
             out[i] = self.offsets[s] + self.parts[s][2].window_ids(k, 1)[0]
         return out
 

@@ -114,6 +114,8 @@ def fit(tr: Trainer) -> dict:
             if d.device.type == "cuda":  # the optimizer step and ZeRO's gathers are still queued on the GPU
                 torch.cuda.synchronize(d.device)
             step_s = time.time() - step_t0
+            if tr.step in tr.mix_phase_lines:  # (said when the last step of the old weights is done)
+                tr.log(tr.mix_phase_lines[tr.step])
             window.add(tokens_per_step, step_s)
             if tr.step % t.log_every == 0 or tr.step == first or tr.step == t.max_steps:
                 _log_step(tr, metrics, last_loss, window.take(), step_s, fpt, peak, n_params, time.time() - start_time)

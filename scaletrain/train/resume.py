@@ -50,7 +50,7 @@ def _manifest(tag_dir: Path) -> dict:
     return m
 
 
-STREAM_KEYS = ("train.seq_len", "train.seed", "data.source", "data.mix")  # what the data position (a window count) depends on
+STREAM_KEYS = ("train.seq_len", "train.seed", "data.source", "data.mix", "data.mix_phases")  # what the data position (a window count) depends on
 
 
 def _stream_value(cfg: Config, key: str):
@@ -60,6 +60,8 @@ def _stream_value(cfg: Config, key: str):
         from scaletrain.data.mix_rules import part_names
 
         return [{**p.model_dump(), "name": name} for p, name in zip(value, part_names(value))] or None
+    if key == "data.mix_phases":
+        return [p.model_dump() for p in value] or None
     return value
 
 

@@ -17,6 +17,7 @@ import torch.distributed as tdist
 from scaletrain import __version__, lineage
 from scaletrain.config import Config
 from scaletrain.data.sampler import micro_batch_ids
+from scaletrain.data.mix_rules import part_names, phase_weights
 from scaletrain.data.mixture import resolve_part
 from scaletrain.data.sources import resolve_source
 from scaletrain.ds_config import check_deepspeed_passthrough, deepspeed_config
@@ -124,7 +125,14 @@ class Trainer:
             resume.warn_if_data_changed(self.resume_plan, self.data_cache, self.log)
         self.eos_id = int(cache.meta.get("eos_id", 2))  # document boundaries for data.doc_mask
         t = cfg.train
-        self.train_stream = cache.stream("train", t.seq_len, t.seed)  # packed text or one example per window
+        phases, self.mix_phase_lines = None, {}
+        if cfg.data.mix_phases:  # data.mix's weights by step, in samples: the global batch is the same all run
+            phases = [(at * self.global_batch, weights) for at, weights in phase_weights(cfg.data)]
+            names = part_names(cfg.data.mix)
+            self.mix_phase_lines = {at: f"data.mix weights from step {at + 1}: " + ", ".join(
+                f"{n} {w:g}" for n, w in zip(names, weights)) for at, weights in phase_weights(cfg.data)[1:]}
+        extra = {"phases": phases} if phases else {}
+        self.train_stream = cache.stream("train", t.seq_len, t.seed, **extra)  # packed text or one example per window
         self.val_stream = cache.stream("val", t.seq_len, t.seed, required=False)
         finetune.check_labels(cfg, self.train_stream, self.val_stream)
         if self.val_stream is None and t.eval_every:  # (a split too small for one window, or val_fraction 0)
