@@ -93,7 +93,8 @@ def _file_batches(path: Path, tok, seq_len: int, batch: int, text_field: str) ->
 
 def training_cache(src):
     """The data cache the source was trained on (its val split, and the EOS id its documents end with)."""
-    from scaletrain.data.prepare import find_cache, open_cache, tokenizer_digest
+    from scaletrain.data.cache import find_cache, open_cache
+    from scaletrain.data.prepare import tokenizer_digest
 
     if src.config is None:
         raise UserError(f"{src.path} has no training config; pass --data FILE")
@@ -106,7 +107,7 @@ def training_cache(src):
     if isinstance(recorded, str) and recorded.replace("-", "").isalnum() and (root / recorded).is_dir():
         path = root / recorded
     else:
-        path = find_cache(src.config)[0]
+        path = find_cache(src.config)
     cache = open_cache(path)
     if cache is None:
         raise UserError(f"no val split for {src.path}: its training data cache is not in {src.config.data.cache_dir}; pass --data FILE")

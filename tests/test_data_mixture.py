@@ -18,7 +18,7 @@ from launch_utils import TINY, run_cli, run_training, tb_scalars
 from scaletrain.config import load_config
 from scaletrain.data.mix_rules import BLOCK, block_counts
 from scaletrain.data.mixture import MixtureStream
-from scaletrain.data.prepare import find_cache, open_cache, prepare_data
+from scaletrain.data.cache import find_cache, open_cache, prepare_data
 from scaletrain.data.sampler import WindowStream
 from scaletrain.errors import UserError
 
@@ -106,11 +106,11 @@ def test_caches_share_one_tokenizer_and_are_reused(corpora, tmp_path):
     assert cache.meta["tokens"]["train"] == sum(p.meta["tokens"]["train"] for p in cache.parts)
     assert [m["name"] for m in cache.meta["mixture"]] == ["prose", "code"]
     stamp = (cache.dir / "meta.json").stat().st_mtime_ns
-    again = open_cache(find_cache(cfg)[0])
+    again = open_cache(find_cache(cfg))
     assert again.dir == cache.dir and (cache.dir / "meta.json").stat().st_mtime_ns == stamp
     assert prepare_data(cfg, progress=False).dir == cache.dir
     other = load_config(None, [_mix(prose, code, 1, 1), f"data.cache_dir={tmp_path}", "model.vocab_size=512"])
-    assert find_cache(other)[0] != cache.dir  # weights are part of the mixture's name (its parts are shared)
+    assert find_cache(other) != cache.dir  # weights are part of the mixture's name (its parts are shared)
     assert [p.dir for p in prepare_data(other, progress=False).parts] == [p.dir for p in cache.parts]
     shutil.rmtree(cache.parts[1].dir)
     with pytest.raises(UserError, match=r"names part code in .*missing; delete the mixture's directory"):

@@ -21,13 +21,13 @@ def _insert(text: str):
 
 def _val_tokens(parent):
     """The parent's validation tokens when its data cache is on this machine, else None."""
-    from scaletrain.data.prepare import find_cache, open_cache
+    from scaletrain.data.cache import find_cache, open_cache
     from scaletrain.errors import UserError
 
     if parent.src.config is None:
         return None
     try:
-        cache = open_cache(find_cache(parent.src.config)[0])
+        cache = open_cache(find_cache(parent.src.config))
     except (UserError, OSError):
         return None
     return cache.tokens("val") if cache is not None else None

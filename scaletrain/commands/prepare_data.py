@@ -9,7 +9,7 @@ from scaletrain.commands.common import add_config_args
 
 def run(args: argparse.Namespace) -> int:
     from scaletrain.config import load_config
-    from scaletrain.data.prepare import prepare_data
+    from scaletrain.data.cache import prepare_data
 
     from scaletrain.train.init_from import resolve
 

@@ -132,14 +132,14 @@ def _copy_tokenizer(tokenizer: Path, out: Path) -> Path:
 
 def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
     """Build (or reuse) every part's cache and the mixture's own dir; the dir appears only once all parts exist."""
-    from scaletrain.data.prepare import CACHE_FORMAT, sweep_abandoned, open_cache, prepare_data, tokenizer_digest
+    from scaletrain.data.prepare import CACHE_FORMAT, prepare_data, read_meta, sweep_abandoned, tokenizer_digest
     from scaletrain.durable import missing_levels, publish_dir, remove_levels, temp_dir_beside
 
     final = find_mixture(cfg)
-    existing = open_cache(final)
-    if existing is not None:
+    meta = read_meta(final)
+    if meta is not None:
         sweep_abandoned(final)
-        return existing
+        return open_mixture(final, meta)
     if final.exists():
         raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
     if final.parent.exists() and not final.parent.is_dir():
@@ -167,14 +167,14 @@ def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
         try:
             publish_dir(tmp, final)
         except OSError:  # another process finished the same mixture first: keep theirs
-            if open_cache(final) is None:
+            if read_meta(final) is None:
                 raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_levels(made)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
-    return open_cache(final)
+    return open_mixture(final, read_meta(final))
 
 
 def open_mixture(path: Path, meta: dict) -> "MixtureCache":

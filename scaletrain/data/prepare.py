@@ -106,44 +106,48 @@ def cache_fingerprint(cfg: Config, src: Source) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def find_cache(cfg: Config) -> tuple[Path, Optional[Source]]:
-    """The cache dir `cfg.data` tokenises into, and its source (None for a data.mix: see mixture.py)."""
-    if cfg.data.mix:
-        from scaletrain.data.mixture import find_mixture
-
-        return find_mixture(cfg), None
+def find_cache(cfg: Config) -> tuple[Path, Source]:
+    """The cache dir one data.source tokenises into, and the source (a data.mix: scaletrain/data/cache.py)."""
     src = resolve_source(cfg.data.source, cfg.data.text_field)
     root = Path(os.path.expanduser(cfg.data.cache_dir))
     return root / cache_fingerprint(cfg, src), src
 
 
-def open_cache(path: Path):  # -> DataCache | MixtureCache | None
+def read_meta(path: Path) -> Optional[dict]:
+    """A cache dir's meta.json, checked against the dir's name and its tokenizer; None when there is none."""
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         return None
     try:
         meta = json.loads(meta_path.read_text())
-        counts, dtype = dict(meta["tokens"]), np.dtype(meta["dtype"])
+        dict(meta["tokens"]), np.dtype(meta["dtype"])
     except (ValueError, KeyError, TypeError):
         raise UserError(f"data cache {path} has a damaged meta.json; delete that directory to rebuild it") from None
     if meta.get("fingerprint") != path.name:
         raise UserError(f"data cache {path} holds fingerprint {meta.get('fingerprint')}, not {path.name}; delete that directory")
-    cache = DataCache(path, meta)
+    tokenizer = DataCache(path, meta).tokenizer_path
     want = meta.get("tokenizer_sha256")  # caches built before 2026-12-07 have none
-    if want is not None and tokenizer_digest(cache.tokenizer_path) != want:  # trained on, then copied into runs
-        raise UserError(f"data cache {path} is damaged: {cache.tokenizer_path.name} is not the tokenizer it was built "
+    if want is not None and tokenizer_digest(tokenizer) != want:  # trained on, then copied into runs
+        raise UserError(f"data cache {path} is damaged: {tokenizer.name} is not the tokenizer it was built "
                         "with; delete that directory to rebuild it")
-    if "mixture" in meta:  # its tokens are in its parts' caches
-        from scaletrain.data.mixture import open_mixture
+    return meta
 
-        return open_mixture(path, meta)
-    for split, tokens in counts.items():  # a file cut short (disk full, a crash before it reached the disk)
+
+def open_cache(path: Path) -> Optional[DataCache]:
+    """One source's cache (a data.mix's: scaletrain/data/cache.py), its token files checked against meta.json."""
+    meta = read_meta(path)
+    if meta is None:
+        return None
+    if "mixture" in meta:
+        raise UserError(f"data cache {path} is a data.mix's, not one source's; open it through scaletrain.data.cache")
+    dtype = np.dtype(meta["dtype"])
+    for split, tokens in dict(meta["tokens"]).items():  # a file cut short (disk full, a crash before it reached the disk)
         f = path / f"{split}.bin"
         size = f.stat().st_size if f.is_file() else -1
         if size < int(tokens) * dtype.itemsize:
             raise UserError(f"data cache {path} is damaged: {f.name} holds {max(size, 0):,} bytes, meta.json counts "
                             f"{int(tokens):,} tokens; delete that directory to rebuild it")
-    return cache
+    return DataCache(path, meta)
 
 
 def tokenizer_digest(path: Path) -> Optional[str]:
@@ -179,11 +183,8 @@ def sweep_abandoned(final: Path) -> None:
 
 
 def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
-    """Build (or reuse) the token cache for `cfg.data` and `cfg.model.vocab_size`."""
-    if cfg.data.mix:
-        from scaletrain.data.mixture import prepare_mixture
-
-        return prepare_mixture(cfg, progress)
+    """Build (or reuse) the token cache of one data.source for `cfg.model.vocab_size` (a data.mix's:
+    scaletrain/data/cache.py)."""
     final, src = find_cache(cfg)
     existing = open_cache(final)
     if existing is not None:  # a build of it killed midway (a preempted job that rebuilt it on its restart)

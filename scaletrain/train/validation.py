@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from scaletrain.config import Config
-from scaletrain.data.prepare import find_cache, open_cache, prepare_data
+from scaletrain.data.cache import find_cache, open_cache, prepare_data
 from scaletrain.data.sampler import eval_window_count, eval_window_ids
 from scaletrain.errors import UserError
 from scaletrain.model.loss import IGNORE_INDEX
@@ -30,7 +30,7 @@ def load_data(cfg: Config, dist: Dist):
     problem = None
     if not dist.is_main:
         try:  # (data.tokenizer missing on this node, a damaged node-local copy: its reason, after the agreement)
-            path = find_cache(cfg)[0]
+            path = find_cache(cfg)
             cache = open_cache(path)
             if cache is None:
                 problem = (f"rank {dist.rank} on {socket.gethostname()} cannot see the data cache {path} rank 0 prepared: "

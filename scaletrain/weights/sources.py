@@ -150,9 +150,9 @@ def _run_tokenizer(run: Path, cfg: Config) -> Optional[Path]:
     if own is not None:
         return own
     try:
-        from scaletrain.data.prepare import find_cache
+        from scaletrain.data.cache import find_cache
 
-        cache = find_cache(cfg)[0]
+        cache = find_cache(cfg)
     except UserError:
         return None
     for name in ("tokenizer.model", TOKENIZER_DIR):
