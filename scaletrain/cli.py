@@ -31,12 +31,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+QUIET_RANK_WAIT_S = 30.0
+
+
+def _wait_to_be_stopped() -> None:
+    """A rank whose error another rank prints (UserError.heard_elsewhere) waits for the launcher to stop it once
+    that rank has exited; when nothing stops it within QUIET_RANK_WAIT_S (a launcher that waits for every rank,
+    or the other rank did not fail after all) it prints its line too: a line twice, never none."""
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the trainer's stop handler would make the launcher's TERM a flag)
+    try:
+        time.sleep(QUIET_RANK_WAIT_S)
+    except KeyboardInterrupt:
+        pass
+
+
 def run(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
         return func(args)
     except UserError as e:
-        if e.heard_elsewhere:
-            return e.exit_code
+        if e.heard_elsewhere:  # another rank prints it; exiting first would let the launcher kill that rank
+            _wait_to_be_stopped()  # before it could (its line is the one the user needs)
         sys.stderr.write("error: " + " ".join(s.strip() for s in str(e).splitlines() if s.strip()) + "\n")
         return e.exit_code
     except KeyboardInterrupt:

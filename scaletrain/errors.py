@@ -25,8 +25,10 @@ def heard_elsewhere(error: UserError, quiet: bool = True) -> UserError:
 def alike_on_this_host(error: UserError) -> UserError:
     """`error` from a check every rank of a host makes alike (same files, flags, hardware), before the ranks can
     talk: printed by the host's first rank only."""
-    local = os.environ.get("LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
-    return heard_elsewhere(error, local != "0")
+    e = os.environ
+    local = e.get("LOCAL_RANK", e.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
+    world = e.get("WORLD_SIZE", e.get("OMPI_COMM_WORLD_SIZE", "1"))  # (LOCAL_RANK alone: no launcher started us)
+    return heard_elsewhere(error, local != "0" and world.strip() not in ("", "0", "1"))
 
 
 def model_error_line(error) -> str:

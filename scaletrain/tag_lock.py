@@ -1,10 +1,15 @@
-"""Readers of a checkpoint tag and the trainer that prunes it, on one filesystem: `eval`, `export-hf`,
-`generate`, `grow` or a child run's `init.from` may read a run's newest tag while that run is still training,
-and its next save prunes the oldest tags -- mid-read, the reader's next file was gone ("damaged").
+"""Readers of a checkpoint tag and the trainer that prunes it: `eval`, `export-hf`, `generate`, `grow` or a
+child run's `init.from` may read a run's newest tag while that run is still training, and its next save prunes
+the oldest tags -- mid-read, the reader's next file was gone ("damaged").
 
-A reader holds a shared `flock` on the tag directory for as long as it reads (the `ReadLock` object's life);
-`prune` takes an exclusive one without waiting, and a tag someone is reading is left for a later save to
-remove. Where the filesystem has no locks (some network mounts) both sides go on without them, as before.
+A reader holds a shared `flock` on the tag's `reading.lock` (an empty file every save writes into the tag) for
+as long as it reads (the `ReadLock` object's life); `prune` takes an exclusive one without waiting, and a tag
+someone is reading is left for a later save to remove. A regular file, not the directory: NFS shares locks
+between machines only on files (a login node's `eval` against a run training on compute nodes). NFS turns
+flock into POSIX locks, which any close of the same file in the process drops: nothing else opens
+`reading.lock`, and readers take the lock after verifying the tag's files, not before. Tags written before
+this file existed are locked through their directory (one host's readers only). Where the filesystem has no
+locks at all, both sides go on without them.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import os
 from pathlib import Path
 from typing import Optional
 
+READ_LOCK = "reading.lock"
+
 
 class ReadLock:
-    """A shared lock on one tag dir, released by `release()` or when the object is dropped."""
+    """A shared lock on one tag, released by `release()` or when the object is dropped."""
 
     def __init__(self, fd: int):
         self._fd: Optional[int] = fd
@@ -30,10 +37,16 @@ class ReadLock:
         self.release()
 
 
+def _target(tag_dir: Path) -> tuple[Path, int]:
+    f = tag_dir / READ_LOCK
+    return (f, os.O_RDONLY) if f.is_file() else (tag_dir, os.O_RDONLY | os.O_DIRECTORY)
+
+
 def read_lock(tag_dir: Path) -> Optional[ReadLock]:
     """Hold `tag_dir` against pruning; None when it is no longer there (pruned just before)."""
+    path, flags = _target(tag_dir)
     try:
-        fd = os.open(tag_dir, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(path, flags)
     except OSError:
         return None
     try:
@@ -41,7 +54,7 @@ def read_lock(tag_dir: Path) -> Optional[ReadLock]:
     except OSError:  # no locks on this filesystem
         return ReadLock(fd)
     try:
-        still_there = os.stat(tag_dir).st_ino == os.fstat(fd).st_ino  # (a prune renames the tag away first)
+        still_there = os.stat(path).st_ino == os.fstat(fd).st_ino  # (a prune renames the tag away first)
     except OSError:
         still_there = False
     if not still_there:
@@ -52,10 +65,14 @@ def read_lock(tag_dir: Path) -> Optional[ReadLock]:
 
 def lock_to_delete(tag_dir: Path) -> tuple[bool, Optional[int]]:
     """(may delete, descriptor to close after deleting): False while a reader holds the tag."""
-    try:
-        fd = os.open(tag_dir, os.O_RDONLY | os.O_DIRECTORY)
+    path, flags = _target(tag_dir)
+    try:  # (an exclusive lock over NFS needs the file open for writing)
+        fd = os.open(path, os.O_RDWR if flags == os.O_RDONLY else flags)
     except OSError:
-        return True, None
+        try:
+            fd = os.open(path, flags)
+        except OSError:
+            return True, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -18,6 +18,7 @@ def test_export_eval_and_init_from_of_a_run_that_prunes_every_step(tmp_path, dat
                               "train.keep_last=1"])
     try:
         assert wait_for((run / "checkpoints" / "latest").exists, timeout=180)
+        assert any((run / "checkpoints").glob("global_step*/reading.lock"))  # a file: NFS shares locks on files only
         for i in range(2):
             rc, out, err = run_cli("export-hf", str(run), "--out", str(tmp_path / f"hf{i}"))
             assert rc == 0, err[-2000:]

@@ -70,6 +70,14 @@ def test_prune_leaves_a_tag_someone_is_reading_for_a_later_save(tmp_path):
     checkpoint.prune(tmp_path, keep_last=1, protect="global_step4")
     assert sorted(s for s, _ in checkpoint.tags_by_step(tmp_path)) == [4]
     assert read_lock(tmp_path / "global_step1") is None  # a tag pruned before the reader could hold it
+    (tmp_path / "global_step4" / "reading.lock").touch()  # what saves write: the lock is on this file
+    reading = read_lock(tmp_path / "global_step4")
+    _tag(tmp_path, 5)
+    checkpoint.prune(tmp_path, keep_last=1, protect="global_step5")
+    assert sorted(s for s, _ in checkpoint.tags_by_step(tmp_path)) == [4, 5]
+    del reading
+    checkpoint.prune(tmp_path, keep_last=1, protect="global_step5")
+    assert sorted(s for s, _ in checkpoint.tags_by_step(tmp_path)) == [5]
 
 
 class _Engine:

@@ -181,10 +181,30 @@ def test_status_json_follows_the_checkpoints_and_forgets_the_last_start(base, tm
     ("data.source=/nonexistent/corpus", "/nonexistent/corpus"),  # a check every rank makes before the process group
 ])
 def test_an_error_every_rank_reaches_is_printed_once(base, tmp_path, problem, needle):
-    """Under a launcher every rank raised the same error and printed it: N identical lines for N ranks."""
-    proc = run_training(2, [*base, f"run.dir={tmp_path / 'run'}", problem], check=False)
+    """Under a launcher every rank raised the same error and printed it: N identical lines for N ranks. The quiet
+    rank must not exit first either: the launcher then killed the printing one before its line (1 run in 12)."""
+    for _ in range(3):
+        proc = run_training(2, [*base, f"run.dir={tmp_path / 'run'}", problem], check=False)
+        errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("error: ")]
+        assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stdout[-3000:]
+
+
+def test_errors_after_the_ranks_connect_are_printed_once_and_lone_processes_always_print(base, tmp_path):
+    """rank 0's resume verdict reached every rank through a broadcast and each printed it; and a single process
+    with LOCAL_RANK in its environment (a batch script's export) printed nothing at all."""
+    import subprocess
+    import sys
+
+    from launch_utils import REPO, env
+
+    d = tmp_path / "run"
+    run_training(1, [*base, f"run.dir={d}", "train.max_steps=2", "train.micro_batch_size=3", "train.precision=fp32"])
+    proc = run_training(2, [*base, f"run.dir={d}", "train.max_steps=4", "train.micro_batch_size=3"], check=False)
     errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("error: ")]
-    assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stdout[-3000:]
+    assert proc.returncode == 2 and len(errors) == 1 and "sequences per step" in errors[0], proc.stdout[-3000:]
+    lone = subprocess.run([sys.executable, "launch/train.py", "--set", "train.bogus=1"], cwd=REPO, capture_output=True,
+                          text=True, env={**env(), "LOCAL_RANK": "1"}, timeout=120)
+    assert lone.returncode == 2 and lone.stderr.count("error: ") == 1, lone.stderr[-2000:]
 
 
 def test_a_resume_that_lengthens_the_run_takes_the_new_schedule_from_its_first_step(base, tmp_path):

@@ -21,7 +21,7 @@ import torch
 from scaletrain.checkpoint_names import MANIFEST, TAG_RE
 from scaletrain.durable import fsync_dir, remove_matching, write_text_atomic
 from scaletrain.manifest import read_manifest, verify, write_manifest  # noqa: F401  (verify: this module's API too)
-from scaletrain.tag_lock import lock_to_delete
+from scaletrain.tag_lock import READ_LOCK, lock_to_delete
 from scaletrain.train import rng
 from scaletrain.train.disk_space import check_before_save, num_params
 from scaletrain.train.distributed import Dist, barrier, main_rank_does
@@ -63,7 +63,7 @@ def previous_checkpoint_bytes(root: Path) -> Optional[tuple[str, int, Optional[i
 
 def find_resumable(root: Path, log=print, hold: Optional[Callable[[Path], bool]] = None) -> Optional[str]:
     """The newest tag whose files verify, preferring the one `latest` names; says what it skipped. `hold(tag_dir)`:
-    called before a tag is verified (a reader's lock against pruning); False skips the tag (it is gone)."""
+    called once a tag has verified (a reader's lock against pruning); False skips the tag (pruned meanwhile)."""
     candidates = [tag for _, tag in tags_by_step(root)]
     latest = root / "latest"
     try:
@@ -75,10 +75,10 @@ def find_resumable(root: Path, log=print, hold: Optional[Callable[[Path], bool]]
             candidates.remove(named)
             candidates.insert(0, named)
     for tag in candidates:
-        if hold is not None and not hold(root / tag):
-            continue
         problem = verify(root / tag)
         if problem is None:
+            if hold is not None and not hold(root / tag):
+                continue
             return tag
         log(f"warning: skipping checkpoint {tag}: {problem}; falling back to an earlier one")
     return None
@@ -114,6 +114,7 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
     def finish() -> None:  # rank 0 hashes every file of the tag (minutes for a large model) while the others wait
         for name, text in (extra_files or {}).items():
             write_text_atomic(tmp / name, text)
+        (tmp / READ_LOCK).touch()  # what readers of a live run lock against pruning (tag_lock.py)
         write_manifest(tmp, {"format": FORMAT, "step": step, "world_size": dist.world, "params": num_params(engine.module),
                              "global_batch": client_state.get("global_batch"), **meta})
         old = root / f".old-{tag}"

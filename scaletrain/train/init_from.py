@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from scaletrain.config import Config
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, heard_elsewhere
 
 # Keys that decide the tensors' shapes: any difference is an error.
 SHAPE_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size", "tie_word_embeddings",
@@ -116,8 +116,8 @@ def pinned_source(cfg: Config, dist) -> Path:
 
         tdist.broadcast_object_list(out, src=0)
     kind, value = out[0]
-    if kind == "error":
-        raise UserError(value)
+    if kind == "error":  # rank 0's verdict, on every rank: rank 0 prints it
+        raise heard_elsewhere(UserError(value), not dist.is_main)
     return Path(value)
 
 

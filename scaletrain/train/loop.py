@@ -16,6 +16,7 @@ from scaletrain.config import Config
 from scaletrain.dtypes import DTYPES
 from scaletrain.growth.in_run import grow
 from scaletrain.kernels import cpu_matmul
+from scaletrain.train import init_from
 from scaletrain.train.distributed import all_reduce_sum, any_rank, barrier, collectives_status, shutdown
 from scaletrain.train.metrics import Metrics, ThroughputWindow, format_duration, measure_peak_flops
 from scaletrain.train.run_dir import RunLock, launch_info
@@ -144,7 +145,7 @@ def fit(tr: Trainer) -> dict:
                 break
     except BaseException:
         if d.is_main:
-            tr.run.write_status(state="failed", step=tr.step)
+            tr.run.write_status(state="failed", step=tr.step, loss=last_loss)  # (not the last checkpoint's loss)
         raise
     finally:
         metrics.close()
@@ -163,6 +164,7 @@ def train(cfg: Config) -> dict:
             trainer = Trainer(cfg, lock)
         except BaseException:
             lock.release(failed_start=True)
+            init_from.release_pinned()  # (a process that lives on -- a notebook, tests -- must not hold the parent's tag)
             raise
         try:
             summary = fit(trainer)

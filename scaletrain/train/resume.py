@@ -25,7 +25,7 @@ import torch
 import torch.distributed as tdist
 
 from scaletrain.config import Config
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, heard_elsewhere
 from scaletrain.train import checkpoint
 from scaletrain.train import rng as rng_states
 from scaletrain.train.distributed import Dist
@@ -162,8 +162,8 @@ def prepare(root: Path, tag: Optional[str], cfg: Config, dist: Dist) -> tuple[Op
     if dist.world > 1:
         tdist.broadcast_object_list(out, src=0)
     kind, plan, cfg_dict = out[0]
-    if kind == "error":
-        raise UserError(plan)
+    if kind == "error":  # rank 0's verdict, on every rank: rank 0 prints it
+        raise heard_elsewhere(UserError(plan), not dist.is_main)
     if cfg_dict is None:
         return plan, cfg
     from scaletrain.config import build_config

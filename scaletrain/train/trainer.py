@@ -21,7 +21,7 @@ from scaletrain.data.mix_rules import part_names, phase_weights
 from scaletrain.data.mixture import resolve_part
 from scaletrain.data.sources import resolve_source
 from scaletrain.ds_config import check_deepspeed_passthrough, deepspeed_config
-from scaletrain.errors import UserError, alike_on_this_host
+from scaletrain.errors import UserError, alike_on_this_host, heard_elsewhere
 from scaletrain.growth.in_run import RunGrowth
 from scaletrain.model.attention import check_backend
 from scaletrain.model.docmask import document_ids
@@ -106,9 +106,10 @@ class Trainer:
             self.growth.check_numbering(self.run.path, self.stage)
         bounds = self.growth.bounds
         if tag is not None and self.stage < len(bounds) and bounds[self.stage] < checkpoint.step_of(tag):
-            raise UserError(f"growth.schedule[{self.stage}].at_step {bounds[self.stage]} lies before checkpoint {tag}, which "
-                            f"this start resumes before that growth: a boundary cannot be added in the past; set its at_step "
-                            f"above {checkpoint.step_of(tag)}")
+            raise heard_elsewhere(UserError(
+                f"growth.schedule[{self.stage}].at_step {bounds[self.stage]} lies before checkpoint {tag}, which this start "
+                f"resumes before that growth: a boundary cannot be added in the past; set its at_step above "
+                f"{checkpoint.step_of(tag)}"), not self.dist.is_main)  # (every rank: rank 0 prints it)
         cfg = self.growth.config_at(self.stage)  # grown model, remaining schedule
         # safe pickles, shapes, format; other world size / ZeRO stage: reshard (grad_accum keeps the global batch)
         self.resume_plan, cfg = resume.prepare(self.run.checkpoints, tag, cfg, self.dist)
@@ -245,11 +246,10 @@ class Trainer:
         self.last_val_loss = client.get("last_val_loss")
         self.saved_step = self.step
         saved_gb = int(client["global_batch"])
-        if saved_gb != self.global_batch:
-            raise UserError(
+        if saved_gb != self.global_batch:  # (the same on every rank: rank 0 prints it)
+            raise heard_elsewhere(UserError(
                 f"checkpoint {tag} was trained with {saved_gb} sequences per step, this run has {self.global_batch}; "
-                "keep micro_batch_size x grad_accum x ranks equal when resuming"
-            )
+                "keep micro_batch_size x grad_accum x ranks equal when resuming"), not self.dist.is_main)
         self.log(f"resumed from {self.run.checkpoints / tag} at step {self.step} ({self.tokens_seen:,} tokens)")
         return tag
 
