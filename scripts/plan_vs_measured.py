@@ -47,7 +47,7 @@ def child(overrides: list[str], steps: int) -> dict:
     from scaletrain.ds_config import deepspeed_config
     from scaletrain.plan import memory_per_rank
     from scaletrain.train.distributed import setup
-    from scaletrain.train.schedule import WarmupCosine
+    from scaletrain.train.schedule import LrSchedule
     from scaletrain.train.build import build_model, build_optimizer
     from scaletrain.model.llama import LlamaShape
     import deepspeed
@@ -59,7 +59,7 @@ def child(overrides: list[str], steps: int) -> dict:
     torch.manual_seed(0)
     model = build_model(LlamaShape.from_config(cfg.model), cfg)
     engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg), config=deepspeed_config(cfg, 1),
-                                      lr_scheduler=lambda o: WarmupCosine(o, t.lr, t.min_lr, t.warmup_steps, t.max_steps))
+                                      lr_scheduler=lambda o: LrSchedule.of(o, t))
     for _ in range(steps):
         for _ in range(t.grad_accum):
             x = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_len))

@@ -194,3 +194,11 @@ def test_training_reports_each_source_and_ranks_do_not_change_the_batches(corpor
     assert sorted(got) == [1, 2, 3, 4]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), f"step {step}"
+    # a resume warns when the phases already passed differ, not when a later one moves (with max_steps, say)
+    later = [a for a in common if not a.startswith(("data.mix_phases", "train.max_steps"))]
+    one_args = [*later, f"run.dir={one}", "train.grad_accum=2", "train.micro_batch_size=1"]
+    out = run_training(1, [*one_args, "train.max_steps=6", "data.mix_phases=[{at_step: 2, weights: {code: 0, prose: 1}}, "
+                                                          "{at_step: 5, weights: {code: 1}}]"]).stdout
+    assert "warning: data.mix_phases" not in out and "data.mix weights from step 6: prose 1, code 1, tiny 1" in out
+    out = run_training(1, [*one_args, "train.max_steps=8", "data.mix_phases=[{at_step: 3, weights: {code: 0, prose: 1}}]"]).stdout
+    assert "warning: data.mix_phases was" in out, out[-2000:]  # steps 3-6 trained on other weights than it says

@@ -45,7 +45,8 @@ def _announce(tr: Trainer, n_params: int) -> None:
            f"ZeRO-{cfg.zero.stage} {t.precision} | {tr.global_batch * t.seq_len:,} tokens/step | run.dir {tr.run.path}")
     if tr.precision_note:
         tr.log(tr.precision_note)
-    if t.warmup_steps >= t.max_steps - 1 and t.warmup_steps and tr.step == 0:  # the last step would be warmup's
+    if t.lr_schedule != "constant" and t.warmup_steps and tr.step == 0 and \
+            train_lr_at(t.max_steps - 1, t) > t.min_lr:  # the last step would be warmup's
         tr.log(f"warning: train.warmup_steps {t.warmup_steps} >= train.max_steps - 1 ({t.max_steps - 1}): the lr rises "
                f"for the whole run and never decays to train.min_lr (lower train.warmup_steps)")
     tr.log(f"TensorBoard: tensorboard --logdir {tr.run.path.parent}")

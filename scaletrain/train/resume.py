@@ -141,6 +141,11 @@ def inspect(root: Path, tag: Optional[str], cfg: Config, world: int, log=print) 
         saved["data_cache"] = data.get("fingerprint") if isinstance(data, dict) else None
     for key in STREAM_KEYS if isinstance(stream, dict) else ():
         was, now_value = stream.get(key), _stream_value(cfg, key)
+        if key == "data.mix_phases":  # only boundaries already passed shape the windows seen so far (a phase moved
+            step = checkpoint.step_of(tag)  # further out, with max_steps, changes nothing; one added before does)
+            was, now_value = ([p for p in (v or []) if p["at_step"] < step] or None for v in (was, now_value))
+            if was != now_value:
+                was = was or []
         if was is not None and was != now_value:
             log(f"warning: {key} was {was!r} when checkpoint {tag} was saved, now {now_value!r}: the data position (a "
                 "count of windows) is carried over, so this run does not see the data an uninterrupted run would")

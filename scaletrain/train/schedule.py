@@ -25,6 +25,9 @@ def check_schedule(t) -> None:
     if t.decay_steps and t.lr_schedule != "wsd":
         raise ValueError(f"train.decay_steps is the decay of train.lr_schedule=wsd (this run's is {t.lr_schedule}); "
                          "set train.lr_schedule=wsd or leave decay_steps at 0")
+    if t.decay_steps and t.warmup_steps >= t.max_steps:
+        raise ValueError(f"train.decay_steps needs steps after warmup: train.warmup_steps ({t.warmup_steps}) >= "
+                         f"train.max_steps ({t.max_steps}); lower train.warmup_steps")
     if t.decay_steps and t.decay_steps > t.max_steps - t.warmup_steps:
         raise ValueError(f"train.decay_steps ({t.decay_steps}) exceeds the {t.max_steps - t.warmup_steps} steps after "
                          f"warmup (train.max_steps {t.max_steps} - train.warmup_steps {t.warmup_steps}); lower it")

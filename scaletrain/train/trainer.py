@@ -131,7 +131,8 @@ class Trainer:
             phases = [(at * self.global_batch, weights) for at, weights in phase_weights(cfg.data)]
             names = part_names(cfg.data.mix)
             self.mix_phase_lines = {at: f"data.mix weights from step {at + 1}: " + ", ".join(
-                f"{n} {w:g}" for n, w in zip(names, weights)) for at, weights in phase_weights(cfg.data)[1:]}
+                f"{n} {w:g}" for n, w in zip(names, weights)) for at, weights in phase_weights(cfg.data)[1:]
+                if at < t.max_steps}
         extra = {"phases": phases} if phases else {}
         self.train_stream = cache.stream("train", t.seq_len, t.seed, **extra)  # packed text or one example per window
         self.val_stream = cache.stream("val", t.seq_len, t.seed, required=False)
