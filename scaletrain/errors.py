@@ -17,14 +17,15 @@ class UserError(Exception):
 
 
 def heard_elsewhere(error: UserError, quiet: bool = True) -> UserError:
-    """`error`, printed by the CLI only if `quiet` is False (see UserError.heard_elsewhere)."""
+    """`error`: the CLI prints it at once if `quiet` is False, else only after waiting up to QUIET_RANK_WAIT_S for the
+    launcher to stop this rank (cli._wait_to_be_stopped; see UserError.heard_elsewhere)."""
     error.heard_elsewhere = quiet
     return error
 
 
 def alike_on_this_host(error: UserError) -> UserError:
     """`error` from a check every rank of a host makes alike (same files, flags, hardware), before the ranks can
-    talk: printed by the host's first rank only."""
+    talk: printed by the host's first rank (the others only if the launcher has not stopped them within 30 s)."""
     e = os.environ
     local = e.get("LOCAL_RANK", e.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"))
     world = e.get("WORLD_SIZE", e.get("OMPI_COMM_WORLD_SIZE", "1"))  # (LOCAL_RANK alone: no launcher started us)

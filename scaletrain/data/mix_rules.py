@@ -62,7 +62,8 @@ def validate_mix(data) -> None:
     if not data.mix:
         raise ValueError("data.mix_phases changes the weights of data.mix: set data.mix too")
     if data.source != "stdlib":
-        raise ValueError("set data.source or data.mix, not both: data.mix's entries name their own sources")
+        raise ValueError("set data.source or data.mix, not both: data.mix's entries name their own sources "
+                         "(--set data.source=stdlib clears a config file's data.source)")
     if data.format != "text":
         raise ValueError(f"data.mix mixes running text; data.format={data.format} takes one data.source")
     names = part_names(data.mix)

@@ -114,9 +114,9 @@ def save(engine, root: Path, step: int, client_state: dict, dist: Dist, keep_las
     def finish() -> None:  # rank 0 hashes every file of the tag (minutes for a large model) while the others wait
         for name, text in (extra_files or {}).items():
             write_text_atomic(tmp / name, text)
-        (tmp / READ_LOCK).touch()  # what readers of a live run lock against pruning (tag_lock.py)
         write_manifest(tmp, {"format": FORMAT, "step": step, "world_size": dist.world, "params": num_params(engine.module),
                              "global_batch": client_state.get("global_batch"), **meta})
+        (tmp / READ_LOCK).touch()  # what readers of a live run lock against pruning (tag_lock.py); not in the manifest
         old = root / f".old-{tag}"
         if final.exists():  # an older save of the same step (e.g. re-run after a crash): move it aside in one
             shutil.rmtree(old, ignore_errors=True)  # rename, so a kill never leaves a half-deleted tag dir

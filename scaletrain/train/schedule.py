@@ -1,4 +1,5 @@
-"""Learning rate: linear warmup to `lr`, then (train.lr_schedule) down to `min_lr`, which the last step takes:
+"""Learning rate: linear warmup to `lr`, then (train.lr_schedule) down to `min_lr`, which the last step takes
+(but `constant`'s):
 
     cosine    half a cosine from lr to min_lr over the steps after warmup (the default)
     linear    a straight line from lr to min_lr

@@ -46,7 +46,7 @@ def validate(engine, stream, cfg: Config, dist: Dist, loss_of: Callable) -> Opti
     """Collective. {"val/loss", "val/ppl"} (+ "val/accuracy", "val/f1" for a classifier); None when no val
     window has a target. `loss_of(x, y)`: the training loss of one micro-batch (doc masks included).
     A data.mix: each source's val split on its own ("val/<name>/loss"), and val/loss their mean weighted as
-    the mixture weighs them (the loss on the training mixture)."""
+    data.mix weighs them (its own weights, in every phase of data.mix_phases)."""
     parts = getattr(stream, "parts", None)
     if parts is None:
         return _validate_stream(engine, stream, cfg, dist, loss_of)
