@@ -41,7 +41,8 @@ def _wait_to_be_stopped() -> None:
     import signal
     import time
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the trainer's stop handler would make the launcher's TERM a flag)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # (the trainer's stop handlers would make the launcher's TERM
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # and a Ctrl-C mere flags)
     try:
         time.sleep(QUIET_RANK_WAIT_S)
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ wrapper (the multi-rank behaviour is in test_resilience_runs.py; the memory plan
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,21 @@ def test_a_fine_tune_resumes_after_its_init_from_source_is_gone(tmp_path, named)
     (run / "checkpoints" / "global_step4" / "manifest.json").unlink()  # nothing saved yet: the source is needed
     with pytest.raises(UserError, match="init.from"):
         resolve(cfg, warn=said.append)
+
+
+def test_one_process_opens_a_tag_s_lock_file_once_however_many_readers_it_has(tmp_path):
+    """A child run's rank 0 pins init.from's tag, then loads and records it through more readers: under NFS's POSIX
+    locks, closing a second descriptor of reading.lock dropped the pin's lock too."""
+    from scaletrain import tag_lock
+
+    tag = _tag(tmp_path, 1)
+    (tag / tag_lock.READ_LOCK).touch()
+    pin, load = tag_lock.read_lock(tag), tag_lock.read_lock(tag)
+    assert len(tag_lock._HELD) == 1 and next(iter(tag_lock._HELD.values()))[1] == 2
+    load.release()
+    assert tag_lock.lock_to_delete(tag) == (False, None)  # the pin still holds it
+    pin.release()
+    assert not tag_lock._HELD
+    free, fd = tag_lock.lock_to_delete(tag)
+    assert free and fd is not None
+    os.close(fd)

@@ -76,3 +76,11 @@ def test_schedule_settings_that_cannot_hold(sets, message):
 
     with pytest.raises(UserError, match=message):
         load_config(None, sets)
+
+
+def test_the_last_step_takes_min_lr_exactly():
+    """lr + (min_lr - lr) * 1.0 landed a hair above min_lr (6.000000000000005e-05), and the start's warning,
+    which asks whether the last step reaches min_lr, fired on every linear and wsd run of 6e-4 -> 6e-5."""
+    for kind in ("linear", "wsd", "cosine"):
+        for steps in range(3, 300, 7):
+            assert lr_at(steps - 1, 6e-4, 6e-5, 1, steps, kind=kind) == 6e-5, (kind, steps)

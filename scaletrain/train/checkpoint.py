@@ -63,7 +63,8 @@ def previous_checkpoint_bytes(root: Path) -> Optional[tuple[str, int, Optional[i
 
 def find_resumable(root: Path, log=print, hold: Optional[Callable[[Path], bool]] = None) -> Optional[str]:
     """The newest tag whose files verify, preferring the one `latest` names; says what it skipped. `hold(tag_dir)`:
-    called once a tag has verified (a reader's lock against pruning); False skips the tag (pruned meanwhile)."""
+    called before a tag is verified (a reader's lock against pruning: hashing a large tag takes minutes); False
+    skips the tag (pruned meanwhile)."""
     candidates = [tag for _, tag in tags_by_step(root)]
     latest = root / "latest"
     try:
@@ -75,10 +76,10 @@ def find_resumable(root: Path, log=print, hold: Optional[Callable[[Path], bool]]
             candidates.remove(named)
             candidates.insert(0, named)
     for tag in candidates:
+        if hold is not None and not hold(root / tag):
+            continue
         problem = verify(root / tag)
         if problem is None:
-            if hold is not None and not hold(root / tag):
-                continue
             return tag
         log(f"warning: skipping checkpoint {tag}: {problem}; falling back to an earlier one")
     return None

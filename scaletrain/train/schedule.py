@@ -46,12 +46,14 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
     elif kind == "wsd":
         decay = wsd_decay_steps(warmup, max_steps, decay_steps)
         start = max_steps - decay  # steps start .. max_steps - 1 decay; the last takes min_lr
-        value = lr if step < start else lr + (min_lr - lr) * min(1.0, (step - start + 1) / decay)
+        done = min(1.0, (step - start + 1) / decay)
+        value = lr if step < start else (min_lr if done >= 1 else lr + (min_lr - lr) * done)  # (exactly min_lr: the
+        # warmup warning compares with it, and lr + (min_lr - lr) * 1.0 lands a hair above)
     else:
         span = max(1, max_steps - 1 - warmup)  # step warmup takes lr, step max_steps - 1 (the last) min_lr
         progress = min(1.0, (step - warmup) / span)
         if kind == "linear":
-            value = lr + (min_lr - lr) * progress
+            value = min_lr if progress >= 1 else lr + (min_lr - lr) * progress
         else:
             value = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
     last = max((b for b in restarts if b <= step), default=None)

@@ -174,9 +174,8 @@ def _tag_model(tag: Path) -> Optional[ModelConfig]:
 
 
 def _newest_good_tag(run: Path) -> tuple[Path, object]:
-    """(the run's newest tag that verifies, the read lock held on it from then on). The run may be training
-    meanwhile: a tag it prunes while this looks is skipped, and a look that found nothing but pruned tags is made
-    again."""
+    """(the run's newest tag that verifies, the read lock held on it). The run may be training meanwhile: a tag it
+    prunes while this looks is skipped, and a look that found nothing but pruned tags is made again."""
     from scaletrain.train.checkpoint import find_resumable, tags_by_step, verify
 
     root = run / "checkpoints"
@@ -234,11 +233,11 @@ def open_weights(path: str | Path, verify_files: bool = True) -> WeightSource:
         from scaletrain.manifest import verify
 
         run = d.parent.parent if d.parent.name == "checkpoints" else None
-        damaged = verify(d) if verify_files else None  # what resuming checks for every tag; named directly, no fallback
         lock = read_lock(d) if run is not None else None  # a run still training must not prune it under us
         if run is not None and lock is None:
             raise UserError(f"checkpoint {d} was just deleted by its run (train.keep_last); give the run dir for its "
                             "newest checkpoint, or keep milestones with train.keep_every")
+        damaged = verify(d) if verify_files else None  # what resuming checks for every tag; named directly, no fallback
         if damaged:
             raise UserError(f"checkpoint {d} is not usable: {damaged}; give its run dir to use the newest good checkpoint")
         return _open_tag(d, run, "deepspeed", lock)
