@@ -132,8 +132,8 @@ def _copy_tokenizer(tokenizer: Path, out: Path) -> Path:
 
 def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
     """Build (or reuse) every part's cache and the mixture's own dir; the dir appears only once all parts exist."""
-    from scaletrain.data.prepare import CACHE_FORMAT, prepare_data, read_meta, sweep_abandoned, tokenizer_digest
-    from scaletrain.durable import missing_levels, publish_dir, remove_levels, temp_dir_beside
+    from scaletrain.data.prepare import CACHE_FORMAT, prepare_data, publish_cache, read_meta, sweep_abandoned, tokenizer_digest
+    from scaletrain.durable import missing_levels
 
     final = find_mixture(cfg)
     meta = read_meta(final)
@@ -147,8 +147,8 @@ def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
     made = missing_levels(final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_abandoned(final)
-    tmp = temp_dir_beside(final)
-    try:
+
+    def build(tmp: Path) -> dict:  # the parts' caches (each published on its own), then the mixture's meta
         tokenizer = _copy_tokenizer(_shared_tokenizer(cfg, progress), tmp)
         parts, infos = [], []
         for p, name in zip(cfg.data.mix, part_names(cfg.data.mix)):
@@ -158,22 +158,13 @@ def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
             parts.append(part)
             infos.append({"name": name, "source": p.source, "weight": p.weight, "cache": part.dir.name})
         first = parts[0].meta
-        meta = {"mixture": infos, "fingerprint": final.name, "format": CACHE_FORMAT, "data_format": "text",
-                "vocab_size": cfg.model.vocab_size, "tokenizer_vocab": first["tokenizer_vocab"], "eos_id": first["eos_id"],
-                "dtype": first["dtype"], "tokenizer_sha256": tokenizer_digest(tokenizer),
+        return {"mixture": infos, "format": CACHE_FORMAT, "data_format": "text", "vocab_size": cfg.model.vocab_size,
+                "tokenizer_vocab": first["tokenizer_vocab"], "eos_id": first["eos_id"], "dtype": first["dtype"],
+                "tokenizer_sha256": tokenizer_digest(tokenizer),
                 "docs": {k: sum(c.meta["docs"][k] for c in parts) for k in ("train", "val")},
                 "tokens": {k: sum(c.meta["tokens"][k] for c in parts) for k in ("train", "val")}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            publish_dir(tmp, final)
-        except OSError:  # another process finished the same mixture first: keep theirs
-            if read_meta(final) is None:
-                raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_levels(made)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_cache(final, made, build)
     return open_mixture(final, read_meta(final))
 
 

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -197,22 +197,29 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
     made = missing_levels(final.parent)  # removed again (while empty) if this build fails
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_abandoned(final)
-    tmp = temp_dir_beside(final)  # this build's own: another job building the same cache has another
+    publish_cache(final, made, lambda tmp: _build(cfg, src, tmp, progress))
+    return open_cache(final)
+
+
+def publish_cache(final: Path, made: list, build: Callable[[Path], dict]) -> None:
+    """`build(tmp)` fills a temp dir of this build's own beside `final` (another job building the same cache has
+    another) and returns its meta; the dir is renamed into place once on disk. Another process that finished the
+    same cache first wins; a failed build leaves nothing behind, nor the parent levels `made` for it."""
+    tmp = temp_dir_beside(final)
     try:
-        meta = _build(cfg, src, tmp, progress)
+        meta = build(tmp)
         meta["fingerprint"] = final.name
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         try:  # on disk before it counts: a power cut must not leave a short cache that looks complete
             publish_dir(tmp, final)
         except OSError:  # another process finished the same cache first: keep theirs
-            if open_cache(final) is None:
+            if read_meta(final) is None:
                 raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_levels(made)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
-    return open_cache(final)
 
 
 VAL_CANDIDATES = 64  # train documents nearest the val side, kept while tokenising in case val stays empty
