@@ -166,8 +166,8 @@ def test_status_json_follows_the_checkpoints_and_forgets_the_last_start(base, tm
     try:
         assert wait_for(lambda: json.loads((d / "status.json").read_text())["state"] == "running", timeout=180)
         status = json.loads((d / "status.json").read_text())  # (this start's, or already a checkpoint's)
-        assert status["loss"] != before["loss"] and status["seconds"] != before["seconds"], status
-        assert status["loss"] is None or status["step"] >= 6, status
+        assert status["loss"] != before["loss"], status  # (seconds may round alike: 0.1 s then, 0.1 s now)
+        assert (status["loss"] is None and status["seconds"] is None) or status["step"] >= 6, status
         assert wait_for(lambda: json.loads((d / "status.json").read_text())["step"] >= 6, timeout=180)
     finally:
         kill_group(proc)  # SIGKILL: nothing more is written
@@ -183,7 +183,7 @@ def test_status_json_follows_the_checkpoints_and_forgets_the_last_start(base, tm
 def test_an_error_every_rank_reaches_is_printed_once(base, tmp_path, problem, needle):
     """Under a launcher every rank raised the same error and printed it: N identical lines for N ranks. The quiet
     rank must not exit first either: the launcher then killed the printing one before its line (1 run in 12)."""
-    for _ in range(3 if problem.startswith("train.") else 1):  # (the config case is the quickest to fail)
+    for _ in range(2 if problem.startswith("train.") else 1):  # (the config case is the quickest to fail)
         proc = run_training(2, [*base, f"run.dir={tmp_path / 'run'}", problem], check=False)
         errors = [ln for ln in proc.stdout.splitlines() if ln.startswith("error: ")]
         assert proc.returncode == 2 and len(errors) == 1 and needle in errors[0], proc.stdout[-3000:]
