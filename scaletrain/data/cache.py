@@ -20,7 +20,7 @@ def open_cache(path: Path) -> Optional[DataCache]:
     meta = prepare.read_meta(path)
     if meta is None:
         return None
-    return mixture.open_mixture(path, meta) if "mixture" in meta else prepare.open_cache(path)
+    return mixture.open_mixture(path, meta) if "mixture" in meta else prepare.open_cache(path, meta)
 
 
 def prepare_data(cfg, progress: bool = True) -> DataCache:

@@ -29,25 +29,12 @@ from scaletrain.data.prepare import DataCache
 from scaletrain.data.mix_rules import BLOCK, block_counts, part_names
 from scaletrain.errors import UserError
 
-def _tokenizer_key(tokenizer: Optional[str]) -> Optional[str]:
-    from scaletrain.data.hf_tokenizer import tokenizer_files
-
-    if not tokenizer:
-        return None
-    p = Path(os.path.expanduser(tokenizer))
-    if not p.exists():
-        raise UserError(f"data.tokenizer {p} does not exist; give a sentencepiece .model file, an HF tokenizer "
-                        "directory, or leave it unset to train one")
-    return hashlib.sha256(b"".join(f.name.encode() + hashlib.sha256(f.read_bytes()).digest()
-                                   for f in sorted(tokenizer_files(p)))).hexdigest()
-
-
 def find_mixture(cfg) -> Path:
     """The mixture's cache dir: named after every part's files, weights and names, and the tokenizer settings."""
-    from scaletrain.data.prepare import CACHE_FORMAT
+    from scaletrain.data.prepare import CACHE_FORMAT, tokenizer_key
 
     d = cfg.data
-    key = {"format": CACHE_FORMAT, "vocab_size": cfg.model.vocab_size, "tokenizer": _tokenizer_key(d.tokenizer),
+    key = {"format": CACHE_FORMAT, "vocab_size": cfg.model.vocab_size, "tokenizer": tokenizer_key(d.tokenizer),
            "val_fraction": d.val_fraction, "sample_lines": d.tokenizer_sample_lines,
            "parts": [[resolve_part(p, d.text_field).fingerprint(), p.weight, name]
                      for p, name in zip(d.mix, part_names(d.mix))]}
@@ -132,21 +119,7 @@ def _copy_tokenizer(tokenizer: Path, out: Path) -> Path:
 
 def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
     """Build (or reuse) every part's cache and the mixture's own dir; the dir appears only once all parts exist."""
-    from scaletrain.data.prepare import CACHE_FORMAT, prepare_data, publish_cache, read_meta, sweep_abandoned, tokenizer_digest
-    from scaletrain.durable import missing_levels
-
-    final = find_mixture(cfg)
-    meta = read_meta(final)
-    if meta is not None:
-        sweep_abandoned(final)
-        return open_mixture(final, meta)
-    if final.exists():
-        raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
-    if final.parent.exists() and not final.parent.is_dir():
-        raise UserError(f"data.cache_dir {final.parent} is a file; set data.cache_dir to a directory")
-    made = missing_levels(final.parent)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    sweep_abandoned(final)
+    from scaletrain.data.prepare import CACHE_FORMAT, open_or_build, prepare_data, tokenizer_digest
 
     def build(tmp: Path) -> dict:  # the parts' caches (each published on its own), then the mixture's meta
         tokenizer = _copy_tokenizer(_shared_tokenizer(cfg, progress), tmp)
@@ -164,8 +137,7 @@ def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
                 "docs": {k: sum(c.meta["docs"][k] for c in parts) for k in ("train", "val")},
                 "tokens": {k: sum(c.meta["tokens"][k] for c in parts) for k in ("train", "val")}}
 
-    publish_cache(final, made, build)
-    return open_mixture(final, read_meta(final))
+    return open_or_build(find_mixture(cfg), open_mixture, build)
 
 
 def open_mixture(path: Path, meta: dict) -> "MixtureCache":

@@ -84,15 +84,21 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size < 2**16 else "uint32"
 
 
+def tokenizer_key(tokenizer: Optional[str]) -> Optional[str]:
+    """What data.tokenizer contributes to a cache's name: a hash of its tokenizer files' names and bytes (a model
+    dir's weights are not the tokenizer); None when unset (a tokenizer is trained)."""
+    if not tokenizer:
+        return None
+    p = Path(os.path.expanduser(tokenizer))
+    if not p.exists():
+        raise UserError(f"data.tokenizer {p} does not exist; give a sentencepiece .model file, an HF tokenizer directory, or leave it unset to train one")
+    files = sorted(tokenizer_files(p))
+    return hashlib.sha256(b"".join(q.name.encode() + hashlib.sha256(q.read_bytes()).digest() for q in files)).hexdigest()
+
+
 def cache_fingerprint(cfg: Config, src: Source) -> str:
     d = cfg.data
-    tok = None
-    if d.tokenizer:
-        p = Path(os.path.expanduser(d.tokenizer))
-        if not p.exists():
-            raise UserError(f"data.tokenizer {p} does not exist; give a sentencepiece .model file, an HF tokenizer directory, or leave it unset to train one")
-        files = sorted(tokenizer_files(p))  # (a model dir's weights are not the tokenizer)
-        tok = hashlib.sha256(b"".join(q.name.encode() + hashlib.sha256(q.read_bytes()).digest() for q in files)).hexdigest()
+    tok = tokenizer_key(d.tokenizer)
     key = {
         "format": CACHE_FORMAT, "source": src.fingerprint(), "vocab_size": cfg.model.vocab_size,
         "tokenizer": tok, "val_fraction": d.val_fraction, "sample_lines": d.tokenizer_sample_lines,
@@ -133,9 +139,10 @@ def read_meta(path: Path) -> Optional[dict]:
     return meta
 
 
-def open_cache(path: Path) -> Optional[DataCache]:
-    """One source's cache (a data.mix's: scaletrain/data/cache.py), its token files checked against meta.json."""
-    meta = read_meta(path)
+def open_cache(path: Path, meta: Optional[dict] = None) -> Optional[DataCache]:
+    """One source's cache (a data.mix's: scaletrain/data/cache.py), its token files checked against meta.json
+    (`meta`: what `read_meta(path)` gave already)."""
+    meta = meta if meta is not None else read_meta(path)
     if meta is None:
         return None
     if "mixture" in meta:
@@ -186,10 +193,18 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
     """Build (or reuse) the token cache of one data.source for `cfg.model.vocab_size` (a data.mix's:
     scaletrain/data/cache.py)."""
     final, src = find_cache(cfg)
-    existing = open_cache(final)
-    if existing is not None:  # a build of it killed midway (a preempted job that rebuilt it on its restart)
+    return open_or_build(final, open_cache, lambda tmp: _build(cfg, src, tmp, progress))
+
+
+def open_or_build(final: Path, open_dir: Callable[[Path, dict], DataCache], build: Callable[[Path], dict]) -> DataCache:
+    """The cache in `final` (`open_dir(final, meta)`), built first when missing: `build(tmp)` fills a temp dir of
+    this build's own beside `final` (another job building the same cache has another) and returns its meta; the
+    dir is renamed into place once on disk. Another process that finished the same cache first wins; a failed
+    build leaves nothing behind, nor the parent levels it made."""
+    meta = read_meta(final)
+    if meta is not None:  # a build of it killed midway (a preempted job that rebuilt it on its restart)
         sweep_abandoned(final)  # left up to a corpus of tokens beside it: swept whenever the cache is used
-        return existing
+        return open_dir(final, meta)
     if final.exists():  # a cache appears only by renaming a finished build, meta.json included
         raise UserError(f"data cache {final} has no meta.json (damaged, or not ours); delete that directory to rebuild it")
     if final.parent.exists() and not final.parent.is_dir():
@@ -197,14 +212,6 @@ def prepare_data(cfg: Config, progress: bool = True) -> DataCache:
     made = missing_levels(final.parent)  # removed again (while empty) if this build fails
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_abandoned(final)
-    publish_cache(final, made, lambda tmp: _build(cfg, src, tmp, progress))
-    return open_cache(final)
-
-
-def publish_cache(final: Path, made: list, build: Callable[[Path], dict]) -> None:
-    """`build(tmp)` fills a temp dir of this build's own beside `final` (another job building the same cache has
-    another) and returns its meta; the dir is renamed into place once on disk. Another process that finished the
-    same cache first wins; a failed build leaves nothing behind, nor the parent levels `made` for it."""
     tmp = temp_dir_beside(final)
     try:
         meta = build(tmp)
@@ -220,6 +227,7 @@ def publish_cache(final: Path, made: list, build: Callable[[Path], dict]) -> Non
         remove_levels(made)
         raise
     shutil.rmtree(tmp, ignore_errors=True)
+    return open_dir(final, read_meta(final))
 
 
 VAL_CANDIDATES = 64  # train documents nearest the val side, kept while tokenising in case val stays empty
