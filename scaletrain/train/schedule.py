@@ -62,9 +62,14 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int,
     return value
 
 
+def _args_of(t, restarts: tuple[int, ...], rewarmup: int) -> tuple:
+    """`lr_at`'s arguments after the step, from the train section `t` of a config."""
+    return t.lr, t.min_lr, t.warmup_steps, t.max_steps, tuple(restarts), rewarmup, t.lr_schedule, t.decay_steps
+
+
 def train_lr_at(step: int, t, restarts: tuple[int, ...] = (), rewarmup: int = 0) -> float:
     """`lr_at` for the train section `t` of a config."""
-    return lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps, restarts, rewarmup, t.lr_schedule, t.decay_steps)
+    return lr_at(step, *_args_of(t, restarts, rewarmup))
 
 
 class LrSchedule:
@@ -80,7 +85,7 @@ class LrSchedule:
     @classmethod
     def of(cls, optimizer, t, restarts: tuple[int, ...] = (), rewarmup: int = 0) -> "LrSchedule":
         """The schedule of the train section `t` of a config."""
-        return cls(optimizer, t.lr, t.min_lr, t.warmup_steps, t.max_steps, restarts, rewarmup, t.lr_schedule, t.decay_steps)
+        return cls(optimizer, *_args_of(t, restarts, rewarmup))
 
     def _apply(self) -> None:
         value = lr_at(self.steps_done, *self.args)

@@ -128,11 +128,10 @@ class Trainer:
         t = cfg.train
         phases, self.mix_phase_lines = None, {}
         if cfg.data.mix_phases:  # data.mix's weights by step, in samples: the global batch is the same all run
-            phases = [(at * self.global_batch, weights) for at, weights in phase_weights(cfg.data)]
-            names = part_names(cfg.data.mix)
+            by_step, names = phase_weights(cfg.data), part_names(cfg.data.mix)
+            phases = [(at * self.global_batch, weights) for at, weights in by_step]
             self.mix_phase_lines = {at: f"data.mix weights from step {at + 1}: " + ", ".join(
-                f"{n} {w:g}" for n, w in zip(names, weights)) for at, weights in phase_weights(cfg.data)[1:]
-                if at < t.max_steps}
+                f"{n} {w:g}" for n, w in zip(names, weights)) for at, weights in by_step[1:] if at < t.max_steps}
         extra = {"phases": phases} if phases else {}
         self.train_stream = cache.stream("train", t.seq_len, t.seed, **extra)  # packed text or one example per window
         self.val_stream = cache.stream("val", t.seq_len, t.seed, required=False)
