@@ -21,6 +21,7 @@ TINY = [
     "model.intermediate_size=172", "model.vocab_size=512", "model.max_seq_len=128",
     "train.seq_len=64", "train.micro_batch_size=2", "train.warmup_steps=2", "train.lr=1e-2", "train.min_lr=1e-3",
     "train.log_every=1", "train.eval_every=0", "train.eval_batches=2",
+    "train.peak_flops=1e11",  # MFU against a given figure: measuring costs ~1 s a start (test_training_runs measures)
 ]
 
 

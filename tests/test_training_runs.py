@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 from pathlib import Path
 
 import pytest
+
+from scaletrain.config import load_config
+from scaletrain.model.llama import LlamaShape
+from scaletrain.train.metrics import flops_per_token
 
 from launch_utils import TINY, kill_group, run_training, small_corpus, signal_ranks, start_training, tb_scalars, wait_for
 
@@ -35,10 +40,14 @@ def test_data_parallel_parity_zero_0_and_2(base, tmp_path):
     ref_loss, ref_grad = _curve(ref_dir), _curve(ref_dir, "train/grad_norm")
     assert sorted(ref_loss) == [1, 2, 3, 4, 5]
     assert ref_loss[5] < ref_loss[1]
+    fpt = flops_per_token(LlamaShape.from_config(load_config(ref_dir / "config.yaml").model), 64)
+    tokens_per_sec, mfu = _curve(ref_dir, "train/tokens_per_sec"), _curve(ref_dir, "train/mfu")
+    assert mfu[5] == pytest.approx(tokens_per_sec[5] * fpt / 1e11, rel=1e-6)  # TINY's train.peak_flops, 1 rank
     for stage in (0, 2):
         d = tmp_path / f"z{stage}"
         run_training(2, [*base, *steps, f"run.dir={d}", f"zero.stage={stage}", "train.grad_accum=1"])
         loss, grad = _curve(d), _curve(d, "train/grad_norm")
+        assert _curve(d, "train/mfu")[5] == pytest.approx(_curve(d, "train/tokens_per_sec")[5] * fpt / 2e11, rel=1e-6)
         for s in ref_loss:
             assert loss[s] == pytest.approx(ref_loss[s], rel=2e-5), f"ZeRO-{stage} loss differs at step {s}"
             assert grad[s] == pytest.approx(ref_grad[s], rel=1e-4), f"ZeRO-{stage} grad-norm differs at step {s}"
@@ -46,9 +55,15 @@ def test_data_parallel_parity_zero_0_and_2(base, tmp_path):
 
 def test_zero2_bf16_two_ranks_learns_and_logs(base, tmp_path):
     d = tmp_path / "bf16"
-    proc = run_training(2, [*base, "train.max_steps=30", "train.precision=bf16", "zero.stage=2",
+    proc = run_training(2, [*base, "train.max_steps=30", "train.precision=bf16", "zero.stage=2", "train.peak_flops=0",
                             "train.eval_every=15", "train.save_every=15", f"run.dir={d}"], launcher="deepspeed")
     assert "TensorBoard: tensorboard --logdir" in proc.stdout
+    said = re.search(r"MFU peak: ([\d.e+]+) TFLOP/s over 2 rank\(s\) in bf16 \(measured now; train.peak_flops=([\d.e+]+) reuses it\)",
+                     proc.stdout)
+    assert said and float(said[1]) * 1e12 == pytest.approx(2 * float(said[2]), rel=1e-3), proc.stdout[:3000]
+    tokens_per_sec, mfu = _curve(d, "train/tokens_per_sec"), _curve(d, "train/mfu")
+    fpt = flops_per_token(LlamaShape.from_config(load_config(d / "config.yaml").model), 64)
+    assert mfu[30] == pytest.approx(tokens_per_sec[30] * fpt / (float(said[1]) * 1e12), rel=1e-3)
     loss = _curve(d)
     assert set(loss) == set(range(1, 31))
     assert sum(loss[s] for s in range(26, 31)) / 5 < loss[1] - 1.0, "loss did not fall"

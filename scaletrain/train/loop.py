@@ -38,7 +38,16 @@ def _already_over(tr: Trainer) -> dict | None:
     return None
 
 
-def _announce(tr: Trainer, n_params: int) -> None:
+def _peak_flops(tr: Trainer) -> float:
+    """The FLOP/s of all ranks together that train/mfu divides by: train.peak_flops x ranks, or measured now."""
+    t, d = tr.cfg.train, tr.dist
+    if t.peak_flops:
+        return t.peak_flops * d.world
+    barrier()  # ranks sharing a CPU's cores measure together: one alone would find idle cores and a peak too high
+    return all_reduce_sum([measure_peak_flops(DTYPES[t.precision], d.device)])[0]
+
+
+def _announce(tr: Trainer, n_params: int, peak: float) -> None:
     """The start-up lines: what runs where, the precision chosen, TensorBoard, the CPU kernels."""
     cfg, t, d = tr.cfg, tr.cfg.train, tr.dist
     tr.log(f"scaletrain {__version__} | {d.world} rank(s) on {d.device.type} | {n_params / 1e6:.2f}M params | "
@@ -50,6 +59,9 @@ def _announce(tr: Trainer, n_params: int) -> None:
         tr.log(f"warning: train.warmup_steps {t.warmup_steps} >= train.max_steps - 1 ({t.max_steps - 1}): the lr rises "
                f"for the whole run and never decays to train.min_lr (lower train.warmup_steps)")
     tr.log(f"TensorBoard: tensorboard --logdir {tr.run.path.parent}")
+    # said so that a later run can pass the same figure (train.peak_flops) and keep its MFU comparable
+    source = "train.peak_flops" if t.peak_flops else f"measured now; train.peak_flops={peak / d.world:.4g} reuses it"
+    tr.log(f"MFU peak: {peak / 1e12:.4g} TFLOP/s over {d.world} rank(s) in {t.precision} ({source})")
     if d.device.type == "cpu":  # every rank loads them here (built once, under a lock), not mid-step
         tr.log(f"CPU kernels: {cpu_matmul.kernels_status()} | collectives: {collectives_status()}")
 
@@ -93,9 +105,8 @@ def fit(tr: Trainer) -> dict:
     t, d = tr.cfg.train, tr.dist
     n_params, fpt = tr.sizes()
     tokens_per_step = tr.global_batch * t.seq_len
-    barrier()  # ranks sharing a CPU's cores measure together: one alone would find idle cores and a peak too high
-    peak = all_reduce_sum([measure_peak_flops(DTYPES[t.precision], d.device)])[0]
-    _announce(tr, n_params)
+    peak = _peak_flops(tr)
+    _announce(tr, n_params, peak)
     metrics = Metrics(tr.run.tb if d.is_main else None, purge_step=tr.step + 1)  # +1 also on a fresh start: drops a crashed first attempt's events
     if d.is_main:
         # a resumed run's file held the last start's summary: its loss and seconds must not pass for this start's
