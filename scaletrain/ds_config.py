@@ -33,6 +33,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     }
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        if t.grad_accum > 1 and z.stage >= 2:
+            # DeepSpeed sums the micro-batches' bf16 gradients in bf16 unless told otherwise (8 bits of mantissa):
+            # over 64 micro-batches the sum was 1.3 % from the fp32 model's gradient, against 0.85 % for fp32 sums
+            # of the same bf16 gradients (tests/test_grad_accum_precision.py). ZeRO-1 would switch optimizer class
+            # (and checkpoint layout) for it, and ZeRO-0 cannot do it in DeepSpeed 0.19.
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
     elif t.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16}
     return deep_merge(ds, cfg.deepspeed)
