@@ -200,5 +200,6 @@ def test_training_reports_each_source_and_ranks_do_not_change_the_batches(corpor
     out = run_training(1, [*one_args, "train.max_steps=6", "data.mix_phases=[{at_step: 2, weights: {code: 0, prose: 1}}, "
                                                           "{at_step: 5, weights: {code: 1}}]"]).stdout
     assert "warning: data.mix_phases" not in out and "data.mix weights from step 6: prose 1, code 1, tiny 1" in out
+    assert out.count("data.mix weights from step 3: prose 1, code 0, tiny 1") == 1  # resumed at 4: said at the start
     out = run_training(1, [*one_args, "train.max_steps=8", "data.mix_phases=[{at_step: 3, weights: {code: 0, prose: 1}}]"]).stdout
     assert "warning: data.mix_phases was" in out, out[-2000:]  # steps 3-6 trained on other weights than it says

@@ -107,6 +107,9 @@ def fit(tr: Trainer) -> dict:
     tokens_per_step = tr.global_batch * t.seq_len
     peak = _peak_flops(tr)
     _announce(tr, n_params, peak)
+    passed = [at for at in tr.mix_phase_lines if at <= tr.step]
+    if passed:  # a resume inside a later data.mix phase: the weights it goes on with
+        tr.log(tr.mix_phase_lines[max(passed)])
     metrics = Metrics(tr.run.tb if d.is_main else None, purge_step=tr.step + 1)  # +1 also on a fresh start: drops a crashed first attempt's events
     if d.is_main:
         # a resumed run's file held the last start's summary: its loss and seconds must not pass for this start's
