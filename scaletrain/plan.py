@@ -199,7 +199,7 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
            peak_flops: Optional[float] = None, ranks: Optional[int] = None) -> str:
     """The text `scaletrain plan` prints. `gpus`: ranks per node (the most on one node where a hostfile's hosts
     differ); `ranks`: all of them (default gpus x nodes); `memory`: bytes per rank (default: this machine's,
-    see device_memory); `peak_flops`: per GPU or per CPU machine (default: measured here)."""
+    see device_memory); `peak_flops`: per GPU or per CPU machine (default: train.peak_flops, else measured here)."""
     import torch
 
     from scaletrain.dtypes import DTYPES
@@ -251,7 +251,10 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
     else:
         verdict = "fits" if need <= have else f"does NOT fit: {advice(plan, cfg, ranks, device, have)}"
         lines.append(f"available    {_fmt(have)} per rank ({what}) -> zero.stage {z.stage} {verdict}")
-    if peak_flops is None and device == here:
+    if peak_flops is None and t.peak_flops:  # the figure the run's train/mfu divides by (per rank)
+        peak_flops = t.peak_flops * (gpus if device == "cpu" else 1)
+        source = "train.peak_flops" + (f" x {gpus} rank(s) on the machine" if device == "cpu" else "")
+    elif peak_flops is None and device == here:
         dtype = DTYPES[t.precision]
         peak_flops = measure_peak_flops(dtype, torch.device(device))
         source = f"measured on this {device} in {t.precision}"

@@ -63,6 +63,18 @@ def test_plan_report_lines():
     assert " *2 " in text and "80.00 GB per rank" in text and "fits" in text and "step time" in text
 
 
+def test_plan_takes_the_runs_train_peak_flops_unless_given_one():
+    """The figure a run's train/mfu divides by (per rank) is the plan's peak too: per GPU, or x the ranks sharing
+    a CPU machine; --peak-tflops still wins. (Nothing is measured: the lines name their source.)"""
+    from scaletrain.plan import report
+
+    cfg = load_config(TINY_YAML, ["train.peak_flops=5e11"])
+    assert "of 0.50 TFLOP/s per GPU (train.peak_flops)" in report(cfg, gpus=2, device="cuda", memory=80e9)
+    text = report(cfg, gpus=2, device="cpu", memory=80e9)
+    assert "of 1.00 TFLOP/s per machine (train.peak_flops x 2 rank(s) on the machine)" in text, text
+    assert "(given with --peak-tflops)" in report(cfg, gpus=2, device="cuda", memory=80e9, peak_flops=100e12)
+
+
 def test_the_suggested_zero_setting_fits():
     """The advice said "raise zero.stage" whatever the ranks (on 1 rank ZeRO-3 needed more than ZeRO-0) and
     "offload to CPU" on CPU runs (where it saves nothing): now it names a setting that the same plan says fits."""

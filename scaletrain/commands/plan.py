@@ -79,5 +79,5 @@ def add_parser(sub) -> None:
                        help="with --hostfile: leave these hosts/slots out, e.g. 'worker-1:0'")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="plan for this device kind (default: what this machine has)")
     p.add_argument("--memory-gb", type=_positive_float, default=None, help="memory per rank in GB (default: this machine's GPU memory, or RAM / ranks)")
-    p.add_argument("--peak-tflops", type=_positive_float, default=None, help="peak TFLOP/s per GPU (or per CPU machine) (default: measured here)")
+    p.add_argument("--peak-tflops", type=_positive_float, default=None, help="peak TFLOP/s per GPU (or per CPU machine) (default: from train.peak_flops, else measured here)")
     p.set_defaults(func=run)
