@@ -149,7 +149,7 @@ class TrainConfig(_Section):
     max_skipped: int = Field(10, ge=1)  # abort after this many consecutive steps with a non-finite loss/grad-norm
     memory_check: bool = True  # refuse at start a config whose estimated memory per rank cannot fit (scaletrain plan)
     threads: int = Field(0, ge=0)
-    # FLOP/s of one rank that train/mfu divides by; 0 = measured at each start (a dense matmul, ~1 s on CPU)
+    # FLOP/s of one GPU, or one CPU machine, that train/mfu divides by; 0 = measured at each start (~1 s on CPU)
     peak_flops: float = Field(0.0, ge=0, allow_inf_nan=False)
     compile: bool = False  # torch.compile (inductor) the model: fuses norms, RoPE, SwiGLU, residual adds
     loss_chunk: int = Field(0, ge=0)  # tokens per chunk of the fused head + cross-entropy (0 = full logits)

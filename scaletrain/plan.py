@@ -7,7 +7,8 @@ element (2 in bf16/fp16, 4 in fp32):
     params      P*e            (ZeRO-3: P*e/D + one gathered layer; zero.offload_param=cpu: the shards in CPU
                                memory, the gathered layer still on the device)
     grads       P*e            (ZeRO-1/2/3: + their flat fp32 copy 4P/D for the step + the reduce bucket,
-                               allocated whole: zero.reduce_bucket_size*e; ZeRO-2/3: P*e/D instead of P*e);
+                               allocated whole: zero.reduce_bucket_size*e; ZeRO-2/3: P*e/D instead of P*e;
+                               bf16 with grad_accum > 1 sums in fp32: ZeRO-2 4P/D, ZeRO-3 8P/D, + the bucket);
                                on CPU + 4P: the model is built in fp32 before DeepSpeed converts it, and
                                glibc keeps that memory (perf.tune_cpu_allocator)
     optimizer   12P            fp32 master copy (4P; none for ZeRO-0 fp32, whose weights are the masters)
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from scaletrain.config import Config
+from scaletrain.ds_config import sums_gradients_in_fp32
 from scaletrain.errors import UserError
 
 GB = 1e9
@@ -98,6 +100,8 @@ def memory_per_rank(cfg: Config, ranks: int, device: str = "cpu") -> MemoryPlan:
         params = P * e
     if z.stage == 0:
         grads = P * e + (4 * P if e != 4 else 0)  # bf16: DeepSpeed accumulates an fp32 copy
+    elif sums_gradients_in_fp32(cfg):  # ZeRO-2's partition is fp32 (no copy at the step); ZeRO-3's buffer is too
+        grads = (4 * P / D if z.stage == 2 else 8 * P / D) + bucket
     else:  # the reduced gradients (full under ZeRO-1) + their flat fp32 copy for the step + the bucket
         grads = (P * e if z.stage == 1 else P * e / D) + 4 * P / D + bucket
     master = 0 if (z.stage == 0 and t.precision == "fp32") else 4 * P
@@ -251,9 +255,8 @@ def report(cfg: Config, gpus: int, nodes: int = 1, device: Optional[str] = None,
     else:
         verdict = "fits" if need <= have else f"does NOT fit: {advice(plan, cfg, ranks, device, have)}"
         lines.append(f"available    {_fmt(have)} per rank ({what}) -> zero.stage {z.stage} {verdict}")
-    if peak_flops is None and t.peak_flops:  # the figure the run's train/mfu divides by (per rank)
-        peak_flops = t.peak_flops * (gpus if device == "cpu" else 1)
-        source = "train.peak_flops" + (f" x {gpus} rank(s) on the machine" if device == "cpu" else "")
+    if peak_flops is None and t.peak_flops:  # the figure the run's train/mfu divides by (per GPU or CPU machine)
+        peak_flops, source = t.peak_flops, "train.peak_flops"
     elif peak_flops is None and device == here:
         dtype = DTYPES[t.precision]
         peak_flops = measure_peak_flops(dtype, torch.device(device))

@@ -64,14 +64,14 @@ def test_plan_report_lines():
 
 
 def test_plan_takes_the_runs_train_peak_flops_unless_given_one():
-    """The figure a run's train/mfu divides by (per rank) is the plan's peak too: per GPU, or x the ranks sharing
-    a CPU machine; --peak-tflops still wins. (Nothing is measured: the lines name their source.)"""
+    """The figure a run's train/mfu divides by (per GPU or CPU machine) is the plan's peak too; --peak-tflops still
+    wins. (Nothing is measured: the lines name their source.)"""
     from scaletrain.plan import report
 
     cfg = load_config(TINY_YAML, ["train.peak_flops=5e11"])
     assert "of 0.50 TFLOP/s per GPU (train.peak_flops)" in report(cfg, gpus=2, device="cuda", memory=80e9)
     text = report(cfg, gpus=2, device="cpu", memory=80e9)
-    assert "of 1.00 TFLOP/s per machine (train.peak_flops x 2 rank(s) on the machine)" in text, text
+    assert "of 0.50 TFLOP/s per machine (train.peak_flops)" in text, text
     assert "(given with --peak-tflops)" in report(cfg, gpus=2, device="cuda", memory=80e9, peak_flops=100e12)
 
 

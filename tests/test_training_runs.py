@@ -47,7 +47,8 @@ def test_data_parallel_parity_zero_0_and_2(base, tmp_path):
         d = tmp_path / f"z{stage}"
         run_training(2, [*base, *steps, f"run.dir={d}", f"zero.stage={stage}", "train.grad_accum=1"])
         loss, grad = _curve(d), _curve(d, "train/grad_norm")
-        assert _curve(d, "train/mfu")[5] == pytest.approx(_curve(d, "train/tokens_per_sec")[5] * fpt / 2e11, rel=1e-6)
+        # one CPU machine, whatever its rank count: the same figure, the same denominator
+        assert _curve(d, "train/mfu")[5] == pytest.approx(_curve(d, "train/tokens_per_sec")[5] * fpt / 1e11, rel=1e-6)
         for s in ref_loss:
             assert loss[s] == pytest.approx(ref_loss[s], rel=2e-5), f"ZeRO-{stage} loss differs at step {s}"
             assert grad[s] == pytest.approx(ref_grad[s], rel=1e-4), f"ZeRO-{stage} grad-norm differs at step {s}"
@@ -58,9 +59,9 @@ def test_zero2_bf16_two_ranks_learns_and_logs(base, tmp_path):
     proc = run_training(2, [*base, "train.max_steps=30", "train.precision=bf16", "zero.stage=2", "train.peak_flops=0",
                             "train.eval_every=15", "train.save_every=15", f"run.dir={d}"], launcher="deepspeed")
     assert "TensorBoard: tensorboard --logdir" in proc.stdout
-    said = re.search(r"MFU peak: ([\d.e+]+) TFLOP/s over 2 rank\(s\) in bf16 \(measured now; train.peak_flops=([\d.e+]+) reuses it\)",
-                     proc.stdout)
-    assert said and float(said[1]) * 1e12 == pytest.approx(2 * float(said[2]), rel=1e-3), proc.stdout[:3000]
+    said = re.search(r"MFU peak: ([\d.e+]+) TFLOP/s over 1 CPU machine\(s\) in bf16 \(measured now; train.peak_flops=([\d.e+]+) "
+                     r"reuses it\)", proc.stdout)  # (both ranks measured at once: the machine's peak)
+    assert said and float(said[1]) * 1e12 == pytest.approx(float(said[2]), rel=1e-3), proc.stdout[:3000]
     tokens_per_sec, mfu = _curve(d, "train/tokens_per_sec"), _curve(d, "train/mfu")
     fpt = flops_per_token(LlamaShape.from_config(load_config(d / "config.yaml").model), 64)
     assert mfu[30] == pytest.approx(tokens_per_sec[30] * fpt / (float(said[1]) * 1e12), rel=1e-3)

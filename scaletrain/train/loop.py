@@ -38,11 +38,21 @@ def _already_over(tr: Trainer) -> dict | None:
     return None
 
 
+def _peak_units(tr: Trainer) -> tuple[int, str]:
+    """What one train.peak_flops figure describes: a GPU, or a CPU machine (its ranks split its cores, so a
+    figure per CPU rank would change with the rank count)."""
+    d = tr.dist
+    if d.device.type == "cpu":
+        return max(1, d.world // max(1, d.local_world)), "CPU machine(s)"
+    return d.world, "GPU(s)"
+
+
 def _peak_flops(tr: Trainer) -> float:
-    """The FLOP/s of all ranks together that train/mfu divides by: train.peak_flops x ranks, or measured now."""
+    """The FLOP/s of all ranks together that train/mfu divides by: train.peak_flops x GPUs (or CPU machines), or
+    measured now."""
     t, d = tr.cfg.train, tr.dist
     if t.peak_flops:
-        return t.peak_flops * d.world
+        return t.peak_flops * _peak_units(tr)[0]
     barrier()  # ranks sharing a CPU's cores measure together: one alone would find idle cores and a peak too high
     return all_reduce_sum([measure_peak_flops(DTYPES[t.precision], d.device)])[0]
 
@@ -60,8 +70,9 @@ def _announce(tr: Trainer, n_params: int, peak: float) -> None:
                f"for the whole run and never decays to train.min_lr (lower train.warmup_steps)")
     tr.log(f"TensorBoard: tensorboard --logdir {tr.run.path.parent}")
     # said so that a later run can pass the same figure (train.peak_flops) and keep its MFU comparable
-    source = "train.peak_flops" if t.peak_flops else f"measured now; train.peak_flops={peak / d.world:.4g} reuses it"
-    tr.log(f"MFU peak: {peak / 1e12:.4g} TFLOP/s over {d.world} rank(s) in {t.precision} ({source})")
+    units, what = _peak_units(tr)
+    source = "train.peak_flops" if t.peak_flops else f"measured now; train.peak_flops={peak / units:.4g} reuses it"
+    tr.log(f"MFU peak: {peak / 1e12:.4g} TFLOP/s over {units} {what} in {t.precision} ({source})")
     if d.device.type == "cpu":  # every rank loads them here (built once, under a lock), not mid-step
         tr.log(f"CPU kernels: {cpu_matmul.kernels_status()} | collectives: {collectives_status()}")
 
