@@ -25,14 +25,18 @@ from typing import Optional
 import numpy as np
 import torch
 
-from scaletrain.data.prepare import DataCache
+from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
 from scaletrain.data.mix_rules import BLOCK, block_counts, part_names
+from scaletrain.data.prepare import (CACHE_FORMAT, TOKENIZER_SAMPLE_SEED, DataCache, open_cache, open_or_build,
+                                     prepare_data, sweep_abandoned, tokenizer_digest, tokenizer_key)
+from scaletrain.data.sources import iter_documents, resolve_source
+from scaletrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from scaletrain.durable import publish_dir, temp_dir_beside
 from scaletrain.errors import UserError
+
 
 def find_mixture(cfg) -> Path:
     """The mixture's cache dir: named after every part's files, weights and names, and the tokenizer settings."""
-    from scaletrain.data.prepare import CACHE_FORMAT, tokenizer_key
-
     d = cfg.data
     key = {"format": CACHE_FORMAT, "vocab_size": cfg.model.vocab_size, "tokenizer": tokenizer_key(d.tokenizer),
            "val_fraction": d.val_fraction, "sample_lines": d.tokenizer_sample_lines,
@@ -51,8 +55,6 @@ def _part_config(cfg, source: str, tokenizer: Path):
 
 def resolve_part(part, text_field: str):
     """The part's Source; its errors name the data.mix entry (they say data.source for a single source)."""
-    from scaletrain.data.sources import resolve_source
-
     try:
         return resolve_source(part.source, text_field)
     except UserError as e:
@@ -64,11 +66,6 @@ def _trained_tokenizer(cfg, progress: bool) -> Path:
     `<data.cache_dir>/mixtok-<key>/tokenizer.model`. The order of the list, the weights and the names do not
     change it (a reordered list would otherwise sample other lines, train another tokenizer and re-tokenise
     every source; new weights would read every source again)."""
-    from scaletrain.data.prepare import CACHE_FORMAT, TOKENIZER_SAMPLE_SEED, sweep_abandoned
-    from scaletrain.data.sources import iter_documents
-    from scaletrain.data.tokenizer import train_tokenizer
-    from scaletrain.durable import publish_dir, temp_dir_beside
-
     d = cfg.data
     sources = {}
     for p in d.mix:  # (a source named twice is sampled once)
@@ -98,8 +95,6 @@ def _trained_tokenizer(cfg, progress: bool) -> Path:
 
 def _shared_tokenizer(cfg, progress: bool) -> Path:
     """data.tokenizer (checked), else the mixture's trained one."""
-    from scaletrain.data.tokenizer import Tokenizer, load_tokenizer
-
     if not cfg.data.tokenizer:
         return _trained_tokenizer(cfg, progress)
     given = Path(os.path.expanduser(cfg.data.tokenizer))
@@ -108,8 +103,6 @@ def _shared_tokenizer(cfg, progress: bool) -> Path:
 
 
 def _copy_tokenizer(tokenizer: Path, out: Path) -> Path:
-    from scaletrain.data.hf_tokenizer import copy_tokenizer_dir
-
     if tokenizer.is_dir():
         copy_tokenizer_dir(tokenizer, out / "tokenizer")
         return out / "tokenizer"
@@ -119,8 +112,6 @@ def _copy_tokenizer(tokenizer: Path, out: Path) -> Path:
 
 def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
     """Build (or reuse) every part's cache and the mixture's own dir; the dir appears only once all parts exist."""
-    from scaletrain.data.prepare import CACHE_FORMAT, open_or_build, prepare_data, tokenizer_digest
-
     def build(tmp: Path) -> dict:  # the parts' caches (each published on its own), then the mixture's meta
         tokenizer = _copy_tokenizer(_shared_tokenizer(cfg, progress), tmp)
         parts, infos = [], []
@@ -142,8 +133,6 @@ def prepare_mixture(cfg, progress: bool = True) -> "MixtureCache":
 
 def open_mixture(path: Path, meta: dict) -> "MixtureCache":
     """The mixture whose meta.json `open_cache` has read; its parts must all be there."""
-    from scaletrain.data.prepare import open_cache
-
     parts = []
     for info in meta["mixture"]:
         part = open_cache(path.parent / info["cache"])
