@@ -23,7 +23,10 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, fused: bool = True) -> 
         # built once per machine into scaletrain's extensions dir) is the optimizer DeepSpeed accepts there.
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, adamw_mode=True)
+        from scaletrain.train.op_reuse import reuse_cpu_adam_build
+
+        with reuse_cpu_adam_build():  # a reinstall of the same deepspeed and torch need not recompile it
+            return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, fused=fused or None)
 
 

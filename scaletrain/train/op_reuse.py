@@ -1,0 +1,96 @@
+"""Reuse DeepSpeed's built CPU Adam op when the install it was built from is only reinstalled, not changed.
+
+DeepSpeed JIT-builds CPU Adam (the optimizer ZeRO-Offload steps with) through torch's extension builder,
+and ninja rebuilds whatever has a source newer than its output. A reinstall of the same deepspeed and torch
+(a fresh venv at the same path, which CI makes for every run) gives every source and header a new time, so
+each such run compiled the same two files again: ~45 s on 2 cores, measured. Touching the outputs does not
+help: ninja's log keeps the times it built them at.
+
+So after a build we write a stamp beside it: what the op was built from (the contents of DeepSpeed's C++
+sources and op builders, the torch, deepspeed and Python versions, the compiler) and the built library's
+size and time. A later start that finds the same stamp loads that library itself, the way torch's builder
+does, and DeepSpeed's loader returns it. Anything else (no stamp, a changed install, a library rebuilt
+since) goes to DeepSpeed's own build, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+STAMP = "scaletrain-build.json"
+
+
+@contextlib.contextmanager
+def reuse_cpu_adam_build():
+    """Around building DeepSpeedCPUAdam: load the op from an unchanged earlier build, or stamp a new one."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    builder = CPUAdamBuilder()
+    build_dir = _build_dir(builder.name)
+    reused = build_dir is not None and _load_if_unchanged(builder, build_dir)
+    yield
+    if build_dir is not None and not reused and builder.name in _loaded_ops():
+        _write_stamp(builder, build_dir)
+
+
+def _build_dir(name: str) -> Path | None:
+    """Where torch builds the op: `use_private_extensions_dir` sets the variable for every training start."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(root) / name if root else None
+
+
+def _loaded_ops() -> dict:
+    """DeepSpeed's table of loaded ops (`OpBuilder.load` returns an entry without building); {} if absent."""
+    from deepspeed.ops.op_builder.builder import OpBuilder
+
+    return getattr(OpBuilder, "_loaded_ops", {})
+
+
+def _load_if_unchanged(builder, build_dir: Path) -> bool:
+    library = build_dir / f"{builder.name}.so"
+    loaded = _loaded_ops()
+    if builder.name in loaded or not isinstance(loaded, dict):
+        return builder.name in loaded
+    try:
+        stamp = json.loads((build_dir / STAMP).read_text())
+        if stamp != _describe(builder, library):
+            return False
+        spec = importlib.util.spec_from_file_location(builder.name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except (OSError, ValueError, ImportError):  # no stamp or library, or one that will not load: build as before
+        return False
+    loaded[builder.name] = module
+    return True
+
+
+def _write_stamp(builder, build_dir: Path) -> None:
+    """Atomically, so ranks that built (or waited for) the op together each leave a whole stamp."""
+    try:
+        tmp = build_dir / f"{STAMP}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(_describe(builder, build_dir / f"{builder.name}.so")))
+        os.replace(tmp, build_dir / STAMP)
+    except OSError:
+        pass  # a read-only cache: the next start builds, as it always did
+
+
+def _describe(builder, library: Path) -> dict:
+    """What decides the built library: the op's inputs, and which build of it is on disk."""
+    import deepspeed
+    import torch
+
+    digest = hashlib.sha256()
+    ops = Path(builder.deepspeed_src_path("csrc")).parent  # deepspeed/ops: csrc/ (C++) and op_builder/ (flags)
+    for part in ("csrc", "op_builder"):
+        for path in sorted((ops / part).rglob("*")):
+            if path.is_file() and path.suffix != ".pyc":
+                digest.update(f"{path.relative_to(ops)}\0".encode() + path.read_bytes() + b"\0")
+    st = library.stat()
+    return dict(sources=digest.hexdigest(), torch=torch.__version__, deepspeed=deepspeed.__version__,
+                python=sys.version, cxx=os.environ.get("CXX", "c++"), library=[st.st_size, st.st_mtime_ns])
