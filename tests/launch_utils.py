@@ -52,12 +52,18 @@ def train_cmd(ranks: int, overrides: list[str], config: str = "configs/tiny.yaml
 
 def run_training(ranks: int, overrides: list[str], timeout: int = 300, check: bool = True,
                  launcher: str = "local") -> subprocess.CompletedProcess:
-    """Run to completion. On timeout the whole process group is killed: killing only the launcher
-    would leave its ranks holding the output pipes, and the test would wait for them forever."""
+    """Run to completion (stdout and stderr as one stream). On timeout the whole process group is killed:
+    killing only the launcher would leave its ranks holding the output pipes, and the test would wait for them
+    forever. One rank runs as a fork of the preloaded process (see run_cli); N ranks, and every process a test
+    signals or reads while it runs (start_training), are fresh interpreters."""
     cmd = train_cmd(ranks, overrides, launcher=launcher)
-    proc = start_training(ranks, overrides, launcher=launcher)
-    out, _ = communicate_or_kill(proc, timeout, f"training did not finish in {timeout} s: {' '.join(cmd)}")
-    done = subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+    if ranks == 1 and os.environ.get("SCALETRAIN_TEST_NO_FORK") != "1":  # a fork, as run_cli's commands
+        returncode, out, _ = preloaded_cli.run(tuple(cmd[2:]), REPO, env(), timeout, main=cmd[1], merged=True)
+    else:
+        proc = start_training(ranks, overrides, launcher=launcher)
+        out, _ = communicate_or_kill(proc, timeout, f"training did not finish in {timeout} s: {' '.join(cmd)}")
+        returncode = proc.returncode
+    done = subprocess.CompletedProcess(cmd, returncode, out, "")
     if check and done.returncode != 0:
         raise AssertionError(f"training failed rc={done.returncode}\n{out[-6000:]}")
     return done
@@ -137,9 +143,9 @@ def tb_steps(run_dir: Path, tag: str) -> list[int]:
 def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = 120) -> tuple[int, str, str]:
     """`python -m scaletrain.cli ARGS` with the repo on PYTHONPATH -> (returncode, stdout, stderr).
     A fork of a process that has imported torch, deepspeed and the CLI already (tests/preloaded_cli.py: ~2 s
-    less per command); SCALETRAIN_TEST_FRESH_CLI=1 starts a fresh interpreter instead. Either way in a process
+    less per command); SCALETRAIN_TEST_NO_FORK=1 starts a fresh interpreter instead. Either way in a process
     group of its own: on timeout every process it started is killed too (see run_training)."""
-    if os.environ.get("SCALETRAIN_TEST_FRESH_CLI") != "1":
+    if os.environ.get("SCALETRAIN_TEST_NO_FORK") != "1":
         return preloaded_cli.run(args, cwd, env(), timeout)
     proc = subprocess.Popen([sys.executable, "-m", "scaletrain.cli", *args], cwd=cwd, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

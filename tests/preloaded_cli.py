@@ -27,8 +27,9 @@ from scaletrain.commands import MODULES
 
 # What the commands import at their start (each imports lazily, so a fresh process paid for it every time).
 # Not scaletrain.cli itself: it runs as __main__, and `python -m` finds it not yet imported.
-PRELOAD = ["torch", "deepspeed", "transformers", "safetensors.torch", "tensorboard.backend.event_processing",
-           *(f"scaletrain.commands.{name}" for name in MODULES), "scaletrain.config", "scaletrain.model.llama"]
+PRELOAD = ["torch", "torch._dynamo", "deepspeed", "transformers", "safetensors.torch",
+           "tensorboard.backend.event_processing", *(f"scaletrain.commands.{name}" for name in MODULES),
+           "scaletrain.config", "scaletrain.train.loop"]
 
 _start_lock = threading.Lock()
 # Reading a child's exit code consumes it from a pipe, and Process.start() reads every earlier child's that has
@@ -59,13 +60,15 @@ def forkserver(environ: dict) -> multiprocessing.context.BaseContext:
     return _context
 
 
-def run(args: tuple[str, ...], cwd: Path | str, environ: dict, timeout: float, module: str = "scaletrain.cli"
-        ) -> tuple[int, str, str]:
-    """`python -m MODULE ARGS` in cwd with environ -> (returncode, stdout, stderr); past `timeout` its
+def run(args: tuple[str, ...], cwd: Path | str, environ: dict, timeout: float, main: str = "scaletrain.cli",
+        merged: bool = False) -> tuple[int, str, str]:
+    """`python -m MAIN ARGS`, or `python MAIN ARGS` for a MAIN ending in .py, in cwd with environ ->
+    (returncode, stdout, stderr), or stdout and stderr as one stream in stdout if `merged`. Past `timeout` its
     process group is killed and AssertionError says so."""
     with tempfile.TemporaryDirectory(prefix="cli-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = forkserver(environ).Process(target=_command, args=(module, args, str(cwd), environ, str(out), str(err)))
+        proc = forkserver(environ).Process(target=_command,
+                                           args=(main, args, str(cwd), environ, str(out), None if merged else str(err)))
         with _status_lock:
             proc.start()
         finished = wait([proc.sentinel], timeout)
@@ -76,7 +79,7 @@ def run(args: tuple[str, ...], cwd: Path | str, environ: dict, timeout: float, m
             code = proc.exitcode
             proc.close()  # its pipes, now rather than at garbage collection
         if not finished:
-            raise AssertionError(f"{module} {' '.join(args)} did not finish in {timeout} s\n"
+            raise AssertionError(f"{main} {' '.join(args)} did not finish in {timeout} s\n"
                                  f"{_read(out)[-3000:]}\n{_read(err)[-3000:]}")
         return code, _read(out), _read(err)
 
@@ -92,13 +95,16 @@ def _kill_group(pid: int) -> None:
         pass
 
 
-def _command(module: str, args, cwd: str, environ: dict, out: str, err: str) -> None:
-    """In the fork: become the process `python -m MODULE ARGS` would be, run it, exit as it would."""
+def _command(main: str, args, cwd: str, environ: dict, out: str, err: str | None) -> None:
+    """In the fork: become the process `python [-m] MAIN ARGS` would be, run it, exit as it would."""
     os.setsid()  # a process group of its own, as run_training's processes (a timeout kills all it started)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environ)
     for fd, path in ((1, out), (2, err)):
+        if path is None:  # one stream, as stderr=subprocess.STDOUT gives
+            os.dup2(1, 2)
+            continue
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(target, fd)
         os.close(target)
@@ -106,23 +112,27 @@ def _command(module: str, args, cwd: str, environ: dict, out: str, err: str) -> 
     sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
     sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
                                                    errors="backslashreplace")
-    sys.path.insert(0, os.getcwd())  # `python -m` puts the working dir first
-    sys.argv = [importlib.util.find_spec(module).origin, *args]
-    code = _exit_code_of_main(module)
+    script = main.endswith(".py")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(main)) if script else os.getcwd())  # as python does
+    sys.argv = [main if script else importlib.util.find_spec(main).origin, *args]
+    code = _exit_code_of_main(main, script)
     if code < 0:  # an uncaught Ctrl-C: the interpreter ends itself with SIGINT, so the parent sees -SIGINT
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code)
 
 
-def _exit_code_of_main(module: str) -> int:
-    """Run the module as __main__; the exit code the interpreter would give (-signal for an uncaught
+def _exit_code_of_main(main: str, script: bool) -> int:
+    """Run the module or script as __main__; the exit code the interpreter would give (-signal for an uncaught
     KeyboardInterrupt), after what it does at exit."""
     import atexit
     import runpy
 
     try:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if script:
+            runpy.run_path(main, run_name="__main__")
+        else:
+            runpy.run_module(main, run_name="__main__", alter_sys=True)
         code = 0
     except SystemExit as e:
         code = _system_exit_code(e.code)

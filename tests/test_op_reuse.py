@@ -45,7 +45,7 @@ def _step_both(work: Path, extensions_dir: Path | None = None) -> dict:
     if extensions_dir is not None:
         e["TORCH_EXTENSIONS_DIR"] = str(extensions_dir)
     (work / "step_both.py").write_text(STEP_BOTH)
-    rc, out, err = preloaded_cli.run((), work, e, timeout=900, module="step_both")  # (a first build: ~1 min)
+    rc, out, err = preloaded_cli.run((), work, e, timeout=900, main="step_both")  # (a first build: ~1 min)
     assert rc == 0, out[-3000:] + err[-3000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["moved"] > 1e-3 and result["diff"] < 1e-6, result  # DeepSpeed's CPU Adam is AdamW

@@ -41,7 +41,7 @@ def test_a_fork_ends_like_a_fresh_interpreter(tmp_path, how):
     environ = {**env(), "PROBE_VALUE": "seen"}
     fresh = subprocess.run([sys.executable, "-m", "probe", how], cwd=tmp_path, env=environ, capture_output=True,
                            text=True, errors="backslashreplace", timeout=60)
-    rc, out, err = preloaded_cli.run((how,), tmp_path, environ, timeout=60, module="probe")
+    rc, out, err = preloaded_cli.run((how,), tmp_path, environ, timeout=60, main="probe")
     assert (rc, out) == (fresh.returncode, fresh.stdout), (rc, out, err, fresh)
     assert out.startswith("out True seen True"), out
     assert err.splitlines()[-1] == fresh.stderr.splitlines()[-1], (err, fresh.stderr)
@@ -51,7 +51,7 @@ def test_a_fork_ends_like_a_fresh_interpreter(tmp_path, how):
 def test_the_cli_through_the_fork_and_a_fresh_interpreter(tmp_path, monkeypatch):
     for args in (["--help"], ["plan", "--config", "nowhere.yaml"], ["lineage", str(tmp_path / "none")]):
         forked = run_cli(*args, cwd=tmp_path)
-        monkeypatch.setenv("SCALETRAIN_TEST_FRESH_CLI", "1")
+        monkeypatch.setenv("SCALETRAIN_TEST_NO_FORK", "1")
         fresh = run_cli(*args, cwd=tmp_path)
-        monkeypatch.delenv("SCALETRAIN_TEST_FRESH_CLI")
+        monkeypatch.delenv("SCALETRAIN_TEST_NO_FORK")
         assert forked == fresh, args
