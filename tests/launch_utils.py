@@ -57,7 +57,7 @@ def run_training(ranks: int, overrides: list[str], timeout: int = 300, check: bo
     forever. One rank runs as a fork of the preloaded process (see run_cli); N ranks, and every process a test
     signals or reads while it runs (start_training), are fresh interpreters."""
     cmd = train_cmd(ranks, overrides, launcher=launcher)
-    if ranks == 1 and os.environ.get("SCALETRAIN_TEST_NO_FORK") != "1":  # a fork, as run_cli's commands
+    if ranks == 1 and not no_fork():  # a fork, as run_cli's commands
         returncode, out, _ = preloaded_cli.run(tuple(cmd[2:]), REPO, env(), timeout, main=cmd[1], merged=True)
     else:
         proc = start_training(ranks, overrides, launcher=launcher)
@@ -145,9 +145,8 @@ def run_cli(*args: str, cwd: Path | str = REPO, timeout: float = 120) -> tuple[i
     A fork of a process that has imported torch, deepspeed and the CLI already (tests/preloaded_cli.py: ~2 s
     less per command); SCALETRAIN_TEST_NO_FORK=1 starts a fresh interpreter instead. Either way in a process
     group of its own: on timeout every process it started is killed too (see run_training)."""
-    if os.environ.get("SCALETRAIN_TEST_NO_FORK") != "1":
-        return preloaded_cli.run(args, cwd, env(), timeout)
-    proc = subprocess.Popen([sys.executable, "-m", "scaletrain.cli", *args], cwd=cwd, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    out, err = communicate_or_kill(proc, timeout, f"scaletrain {' '.join(args)} did not finish in {timeout} s")
-    return proc.returncode, out, err
+    return preloaded_cli.run(args, cwd, env(), timeout, fresh=no_fork())
+
+
+def no_fork() -> bool:
+    return os.environ.get("SCALETRAIN_TEST_NO_FORK") == "1"

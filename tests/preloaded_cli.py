@@ -1,25 +1,35 @@
-"""`run_cli`'s processes, forked from one that has already imported torch, deepspeed, transformers and the CLI.
+"""The suite's `scaletrain` commands and 1-rank training runs, forked from a process that has imported torch,
+deepspeed, transformers and the commands already.
 
-A fresh interpreter for each `scaletrain` command cost 2-3.5 s of imports, about 190 times in the suite (bad
-input cases, grow/export/import round trips). A forkserver (multiprocessing's) imports them once; each command
-is a fork of it: a process of its own (pid, session, working dir, environment, stdout and stderr files, exit
-code) that runs `scaletrain.cli` as `__main__`, as `python -m scaletrain.cli` does, and exits the way the
-interpreter would (traceback on stderr and 1 for an exception, SystemExit's code, atexit handlers, flushes).
+A fresh interpreter for each cost 2-3.5 s of imports, about 220 times in the suite (bad-input cases,
+grow/export/import round trips, short training runs). A forkserver (multiprocessing's) imports them once; each
+run is a fork of it: a process of its own (pid, session, working dir, environment, stdout and stderr files,
+exit code) that runs its module or script as `__main__`, as `python -m MODULE` / `python SCRIPT` do, and ends
+the way the interpreter would (traceback on stderr and 1 for an exception, SystemExit's code, -SIGINT for
+Ctrl-C, non-daemon threads joined, atexit handlers, flushes); `run` returns when every process in its group
+has ended, as `communicate()` waits for whatever holds the pipes. tests/test_preloaded_cli.py checks this
+against fresh interpreters.
 
-What a fork cannot show, the imports working in a fresh interpreter, every training run and the README
-quick-start still show: they start real processes (launch_utils.run_training).
+What a fork cannot show: the imports working in a fresh interpreter, a module used without being imported
+(the fork has the preloaded ones), string hashes and set orders that differ from run to run (every fork has
+the server's hash seed). Multi-rank runs, every process a test signals or reads while it runs, and the README
+quick-start start fresh interpreters; SCALETRAIN_TEST_NO_FORK=1 makes every run one. A run whose environment
+differs from the server's in a variable read at import (READ_AT_IMPORT) gets a fresh interpreter too.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
+import time
 from multiprocessing.connection import wait
 from pathlib import Path
 
@@ -31,17 +41,24 @@ PRELOAD = ["torch", "torch._dynamo", "deepspeed", "transformers", "safetensors.t
            "tensorboard.backend.event_processing", *(f"scaletrain.commands.{name}" for name in MODULES),
            "scaletrain.config", "scaletrain.train.loop"]
 
+# Prefixes of variables that the interpreter or a preloaded module reads once, at start-up or import.
+READ_AT_IMPORT = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "TMPDIR", "OMP_", "MKL_", "KMP_",
+                  "LANG", "LC_", "DS_", "DEEPSPEED", "CUDA", "NCCL", "TORCH", "PYTORCH", "TRITON")
+READ_LATER = {"TORCH_EXTENSIONS_DIR"}  # (read when an op is built)
+
 _start_lock = threading.Lock()
 # Reading a child's exit code consumes it from a pipe, and Process.start() reads every earlier child's that has
 # ended: two threads reading one child's then race, and the loser records 255. So both happen under this lock.
 _status_lock = threading.Lock()
 _context = None
+_server_environs: tuple[dict, dict] = ({}, {})  # what the server started with, and had after its imports
 
 
 def forkserver(environ: dict) -> multiprocessing.context.BaseContext:
-    """The forkserver context, its server started once with `environ` (what env() gives every command), so
-    what the preloaded modules read from the environment at import is what a fresh process would read."""
-    global _context
+    """The forkserver context, its server started once with `environ` (what env() gives every run), so that
+    what the preloaded modules read from the environment at import is what a fresh process would read.
+    Start it before threads that read os.environ (bad_input_harness does): this swaps os.environ meanwhile."""
+    global _context, _server_environs
     with _start_lock:
         if _context is None:
             from multiprocessing import forkserver as server
@@ -56,22 +73,40 @@ def forkserver(environ: dict) -> multiprocessing.context.BaseContext:
             finally:
                 os.environ.clear()
                 os.environ.update(saved)
-            _context = ctx
+            _context, _server_environs = ctx, (dict(environ), _environ_after_imports(ctx))
     return _context
 
 
+def _environ_after_imports(ctx) -> dict:
+    """The server's environment once its imports ran (deepspeed's sets PYTORCH_NVML_BASED_CUDA_CHECK): an
+    os.environ holding those too, as this process's does once a test imported the same, is no different."""
+    with tempfile.TemporaryDirectory(prefix="cli-") as tmp, _status_lock:
+        proc = ctx.Process(target=_write_environ, args=(f"{tmp}/environ.json",))
+        proc.start()
+        proc.join()
+        proc.close()
+        return json.loads(Path(f"{tmp}/environ.json").read_text())
+
+
+def _write_environ(path: str) -> None:
+    Path(path).write_text(json.dumps(dict(os.environ)))
+
+
 def run(args: tuple[str, ...], cwd: Path | str, environ: dict, timeout: float, main: str = "scaletrain.cli",
-        merged: bool = False) -> tuple[int, str, str]:
+        merged: bool = False, fresh: bool = False) -> tuple[int, str, str]:
     """`python -m MAIN ARGS`, or `python MAIN ARGS` for a MAIN ending in .py, in cwd with environ ->
-    (returncode, stdout, stderr), or stdout and stderr as one stream in stdout if `merged`. Past `timeout` its
-    process group is killed and AssertionError says so."""
+    (returncode, stdout, stderr), or stdout and stderr as one stream in stdout if `merged`. A fork of the
+    preloaded process unless `fresh`. Past `timeout` its process group is killed and AssertionError says so."""
+    ctx = None if fresh else forkserver(environ)
+    if ctx is None or _differs_at_import(environ):
+        return _fresh(args, cwd, environ, timeout, main, merged)
+    deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="cli-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = forkserver(environ).Process(target=_command,
-                                           args=(main, args, str(cwd), environ, str(out), None if merged else str(err)))
+        proc = ctx.Process(target=_command, args=(main, args, str(cwd), environ, str(out), None if merged else str(err)))
         with _status_lock:
             proc.start()
-        finished = wait([proc.sentinel], timeout)
+        finished = wait([proc.sentinel], timeout) and _group_ends(proc.pid, deadline)
         if not finished:
             _kill_group(proc.pid)
             wait([proc.sentinel])
@@ -79,9 +114,51 @@ def run(args: tuple[str, ...], cwd: Path | str, environ: dict, timeout: float, m
             code = proc.exitcode
             proc.close()  # its pipes, now rather than at garbage collection
         if not finished:
-            raise AssertionError(f"{main} {' '.join(args)} did not finish in {timeout} s\n"
+            raise AssertionError(f"{main} {' '.join(args)} did not finish (its processes included) in {timeout} s\n"
                                  f"{_read(out)[-3000:]}\n{_read(err)[-3000:]}")
         return code, _read(out), _read(err)
+
+
+def _differs_at_import(environ: dict) -> bool:
+    started, imported = _server_environs
+    keys = {k for env in (environ, started, imported) for k in env if k.startswith(READ_AT_IMPORT)} - READ_LATER
+    return any(environ.get(k) not in (started.get(k), imported.get(k)) for k in keys)
+
+
+def _fresh(args, cwd, environ: dict, timeout: float, main: str, merged: bool) -> tuple[int, str, str]:
+    cmd = [sys.executable, main, *args] if main.endswith(".py") else [sys.executable, "-m", main, *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, text=True, start_new_session=True,
+                            stderr=subprocess.STDOUT if merged else subprocess.PIPE)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s\n{out[-3000:]}\n{(err or '')[-3000:]}")
+    return proc.returncode, out, err or ""
+
+
+def _group_ends(pgid: int, deadline: float) -> bool:
+    """Whether every process left in the group (what the command started) ends before the deadline."""
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Any process of the group that is not a zombie (an orphan's zombie waits on whoever reaps orphans)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    state, _, group = f.read().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue  # gone meanwhile
+            if int(group) == pgid and state != "Z":
+                return True
+    return False
 
 
 def _read(path: Path) -> str:
@@ -98,6 +175,9 @@ def _kill_group(pid: int) -> None:
 def _command(main: str, args, cwd: str, environ: dict, out: str, err: str | None) -> None:
     """In the fork: become the process `python [-m] MAIN ARGS` would be, run it, exit as it would."""
     os.setsid()  # a process group of its own, as run_training's processes (a timeout kills all it started)
+    _forget_the_servers_helpers()
+    if "numpy" in sys.modules:  # (Python's own `random` reseeds itself in a fork)
+        sys.modules["numpy"].random.seed()
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(environ)
@@ -120,6 +200,22 @@ def _command(main: str, args, cwd: str, environ: dict, out: str, err: str | None
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     os._exit(code)
+
+
+def _forget_the_servers_helpers() -> None:
+    """A fresh process has no multiprocessing resource tracker until it needs one, and then starts its own, which
+    reports leaked semaphores and shared memory on this process's stderr when it ends; the fork holds the suite's
+    tracker (its reports went to pytest's stderr) and the forkserver's liveness pipe. Let both go."""
+    from multiprocessing import forkserver, resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    for owner, fd_name, other in ((tracker, "_fd", "_pid"), (forkserver._forkserver, "_forkserver_alive_fd", None)):
+        fd = getattr(owner, fd_name, None)
+        if fd is not None:
+            os.close(fd)
+            setattr(owner, fd_name, None)
+            if other:
+                setattr(owner, other, None)
 
 
 def _exit_code_of_main(main: str, script: bool) -> int:

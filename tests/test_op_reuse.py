@@ -52,7 +52,7 @@ def _step_both(work: Path, extensions_dir: Path | None = None) -> dict:
     return result
 
 
-def test_an_unchanged_install_loads_the_built_op_and_a_changed_one_does_not(tmp_path):
+def test_an_unchanged_install_loads_the_built_op_and_a_changed_one_does_not(tmp_path, monkeypatch):
     built = _step_both(tmp_path)  # builds into the venv's own extensions dir, or finds it built (and stamps it)
     built_dir = Path(built["library"]).parent
     stamp = json.loads((built_dir / op_reuse.STAMP).read_text())
@@ -66,20 +66,28 @@ def test_an_unchanged_install_loads_the_built_op_and_a_changed_one_does_not(tmp_
     assert reused["library"] == str(copy / "cpu_adam.so")
     assert sorted(p.name for p in copy.iterdir()) == sorted(["cpu_adam.so", op_reuse.STAMP]), "it compiled"
 
-    # Anything the build came from, or the library itself, changed: not reused (DeepSpeed builds instead).
+    # Anything the build came from, or the library itself, changed: not reused (DeepSpeed builds instead);
+    # nor when DeepSpeed has the op prebuilt (its loader takes that one).
+    from deepspeed import git_version_info
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
     builder = CPUAdamBuilder()
     loaded = op_reuse._loaded_ops()
     had = loaded.pop("cpu_adam", None)  # (this process may have loaded it through another test)
     try:
-        for key, other in [("sources", "0" * 64), ("torch", "0.0"), ("deepspeed", "0.0")]:
+        for key, other in [("sources", "0" * 64), ("torch", "0.0"), ("deepspeed", "0.0"), ("cpu", "0" * 64)]:
             (copy / op_reuse.STAMP).write_text(json.dumps({**stamp, key: other}))
             assert not op_reuse._load_if_unchanged(builder, copy), key
         (copy / op_reuse.STAMP).write_text(json.dumps(stamp))
+        monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+        monkeypatch.setitem(git_version_info.installed_ops, "cpu_adam", True)
+        with op_reuse.reuse_cpu_adam_build():
+            assert "cpu_adam" not in loaded
+        monkeypatch.setitem(git_version_info.installed_ops, "cpu_adam", False)
         os.utime(copy / "cpu_adam.so")  # rebuilt since the stamp
         assert not op_reuse._load_if_unchanged(builder, copy)
         assert "cpu_adam" not in loaded
     finally:
+        loaded.pop("cpu_adam", None)
         if had is not None:
             loaded["cpu_adam"] = had

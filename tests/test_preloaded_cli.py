@@ -4,8 +4,10 @@ line, for each way a program can end. The bad-input tests rely on it to see trac
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -30,22 +32,43 @@ if how == "thread":  # the interpreter waits for it before exiting
     threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
 if how == "atexit":
     atexit.register(print, "at exit", file=sys.stderr)
+if how == "leak":  # its resource tracker reports it when the process ends
+    from multiprocessing import shared_memory
+    shared_memory.SharedMemory(create=True, size=4096)
+if how == "background":  # the command has ended, a process it started has not
+    import subprocess
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5); print('late')"])
 if how == "unicode":
     print("\\u00e9\\u4e2d", "\\udcff", file=sys.stderr)  # (a lone surrogate: stderr escapes it)
 '''
 
 
-@pytest.mark.parametrize("how", ["ok", "raise", "exit-text", "exit-3", "ctrl-c", "thread", "atexit", "unicode"])
+@pytest.mark.parametrize("how", ["ok", "raise", "exit-text", "exit-3", "ctrl-c", "thread", "atexit", "unicode",
+                                 "leak", "background"])
 def test_a_fork_ends_like_a_fresh_interpreter(tmp_path, how):
     (tmp_path / "probe.py").write_text(PROBE)
     environ = {**env(), "PROBE_VALUE": "seen"}
     fresh = subprocess.run([sys.executable, "-m", "probe", how], cwd=tmp_path, env=environ, capture_output=True,
                            text=True, errors="backslashreplace", timeout=60)
+    started = time.monotonic()
     rc, out, err = preloaded_cli.run((how,), tmp_path, environ, timeout=60, main="probe")
     assert (rc, out) == (fresh.returncode, fresh.stdout), (rc, out, err, fresh)
     assert out.startswith("out True seen True"), out
     assert err.splitlines()[-1] == fresh.stderr.splitlines()[-1], (err, fresh.stderr)
     assert ("Traceback" in err) == ("Traceback" in fresh.stderr), (err, fresh.stderr)
+    if how == "leak":
+        assert "leaked shared_memory" in err, err
+    if how == "background":  # waited for, as communicate() waits for what holds the pipes
+        assert out.endswith("late\n") and time.monotonic() - started > 1.4, out
+
+
+def test_an_environment_the_server_did_not_import_with_gets_a_fresh_interpreter(tmp_path):
+    (tmp_path / "parent.py").write_text("import os\nprint(os.getppid())\n")
+    preloaded_cli.forkserver(env())
+    for extra, fresh in (({}, False), ({"PROBE_VALUE": "x"}, False), ({"HF_SCALETRAIN_PROBE": "1"}, True),
+                         ({"PYTHONSCALETRAINPROBE": "0"}, True), ({"TORCH_EXTENSIONS_DIR": str(tmp_path)}, False)):
+        rc, out, _ = preloaded_cli.run((), tmp_path, {**env(), **extra}, timeout=60, main="parent")
+        assert rc == 0 and (int(out) == os.getpid()) == fresh, extra  # a fresh one is this process's child
 
 
 def test_the_cli_through_the_fork_and_a_fresh_interpreter(tmp_path, monkeypatch):

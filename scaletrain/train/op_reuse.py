@@ -7,10 +7,11 @@ each such run compiled the same two files again: ~45 s on 2 cores, measured. Tou
 help: ninja's log keeps the times it built them at.
 
 So after a build we write a stamp beside it: what the op was built from (the contents of DeepSpeed's C++
-sources and op builders, the torch, deepspeed and Python versions, the compiler) and the built library's
-size and time. A later start that finds the same stamp loads that library itself, the way torch's builder
-does, and DeepSpeed's loader returns it. Anything else (no stamp, a changed install, a library rebuilt
-since) goes to DeepSpeed's own build, as before.
+sources and op builders, the torch, deepspeed and Python versions, the compiler, the CPU: DeepSpeed builds
+with -march=native) and the built library's size and time. A later start that finds the same stamp loads
+that library itself, the way torch's builder does, and DeepSpeed's loader returns it. Anything else (no
+stamp, a changed install or CPU, a library rebuilt since, a DeepSpeed installed with the op prebuilt) goes
+to DeepSpeed's own loader, as before.
 """
 
 from __future__ import annotations
@@ -32,11 +33,22 @@ def reuse_cpu_adam_build():
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
     builder = CPUAdamBuilder()
-    build_dir = _build_dir(builder.name)
+    build_dir = None if _prebuilt(builder.name) else _build_dir(builder.name)
     reused = build_dir is not None and _load_if_unchanged(builder, build_dir)
     yield
-    if build_dir is not None and not reused and builder.name in _loaded_ops():
+    library = build_dir / f"{builder.name}.so" if build_dir is not None else None
+    loaded = getattr(_loaded_ops().get(builder.name), "__file__", None)
+    if library is not None and not reused and loaded and Path(loaded) == library:  # (built here, not elsewhere)
         _write_stamp(builder, build_dir)
+
+
+def _prebuilt(name: str) -> bool:
+    """DeepSpeed was installed with the op compiled in (DS_BUILD_CPU_ADAM=1): its loader uses that."""
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except ImportError:
+        return False
+    return bool(installed_ops.get(name, False))
 
 
 def _build_dir(name: str) -> Path | None:
@@ -82,8 +94,12 @@ def _write_stamp(builder, build_dir: Path) -> None:
 
 def _describe(builder, library: Path) -> dict:
     """What decides the built library: the op's inputs, and which build of it is on disk."""
+    import platform
+
     import deepspeed
     import torch
+
+    from scaletrain.cpuinfo import cpuinfo_field
 
     digest = hashlib.sha256()
     ops = Path(builder.deepspeed_src_path("csrc")).parent  # deepspeed/ops: csrc/ (C++) and op_builder/ (flags)
@@ -92,5 +108,6 @@ def _describe(builder, library: Path) -> dict:
             if path.is_file() and path.suffix != ".pyc":
                 digest.update(f"{path.relative_to(ops)}\0".encode() + path.read_bytes() + b"\0")
     st = library.stat()
+    cpu = hashlib.sha256(f"{platform.machine()} {cpuinfo_field('flags')}".encode()).hexdigest()
     return dict(sources=digest.hexdigest(), torch=torch.__version__, deepspeed=deepspeed.__version__,
-                python=sys.version, cxx=os.environ.get("CXX", "c++"), library=[st.st_size, st.st_mtime_ns])
+                python=sys.version, cxx=os.environ.get("CXX", "c++"), cpu=cpu, library=[st.st_size, st.st_mtime_ns])
