@@ -33,3 +33,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Runs that could not be forks of the preloaded process cost a fresh interpreter each: say so, and why."""
+    import preloaded_cli
+
+    if preloaded_cli.fallbacks:
+        why = ", ".join(f"{key} ({n} runs)" for key, n in sorted(preloaded_cli.fallbacks.items()))
+        terminalreporter.write_line(f"preloaded_cli: fresh interpreters for runs whose environment differed from the "
+                                    f"forkserver's in: {why}")

@@ -44,7 +44,10 @@ PRELOAD = ["torch", "torch._dynamo", "deepspeed", "transformers", "safetensors.t
 # Prefixes of variables that the interpreter or a preloaded module reads once, at start-up or import.
 READ_AT_IMPORT = ("PYTHON", "HF_", "HUGGINGFACE", "TRANSFORMERS", "TOKENIZERS", "TMPDIR", "OMP_", "MKL_", "KMP_",
                   "LANG", "LC_", "DS_", "DEEPSPEED", "CUDA", "NCCL", "TORCH", "PYTORCH", "TRITON")
-READ_LATER = {"TORCH_EXTENSIONS_DIR"}  # (read when an op is built)
+# Read later, or set by scaletrain itself before they are read (a fresh process sets them at the same point; a
+# test that ran that code in pytest's own process leaves them in os.environ, and so in env()).
+READ_LATER = {"TORCH_EXTENSIONS_DIR", "TOKENIZERS_PARALLELISM"}
+fallbacks: dict[str, int] = {}  # variable -> runs given a fresh interpreter because of it (conftest reports them)
 
 _start_lock = threading.Lock()
 # Reading a child's exit code consumes it from a pipe, and Process.start() reads every earlier child's that has
@@ -98,7 +101,10 @@ def run(args: tuple[str, ...], cwd: Path | str, environ: dict, timeout: float, m
     (returncode, stdout, stderr), or stdout and stderr as one stream in stdout if `merged`. A fork of the
     preloaded process unless `fresh`. Past `timeout` its process group is killed and AssertionError says so."""
     ctx = None if fresh else forkserver(environ)
-    if ctx is None or _differs_at_import(environ):
+    differing = [] if ctx is None else differing_at_import(environ)
+    for key in differing:
+        fallbacks[key] = fallbacks.get(key, 0) + 1
+    if ctx is None or differing:
         return _fresh(args, cwd, environ, timeout, main, merged)
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="cli-") as tmp:
@@ -119,10 +125,11 @@ def run(args: tuple[str, ...], cwd: Path | str, environ: dict, timeout: float, m
         return code, _read(out), _read(err)
 
 
-def _differs_at_import(environ: dict) -> bool:
+def differing_at_import(environ: dict) -> list[str]:
+    """The variables read at import whose value in `environ` is not the server's (before or after its imports)."""
     started, imported = _server_environs
     keys = {k for env in (environ, started, imported) for k in env if k.startswith(READ_AT_IMPORT)} - READ_LATER
-    return any(environ.get(k) not in (started.get(k), imported.get(k)) for k in keys)
+    return sorted(k for k in keys if environ.get(k) not in (started.get(k), imported.get(k)))
 
 
 def _fresh(args, cwd, environ: dict, timeout: float, main: str, merged: bool) -> tuple[int, str, str]:

@@ -65,10 +65,16 @@ def test_a_fork_ends_like_a_fresh_interpreter(tmp_path, how):
 def test_an_environment_the_server_did_not_import_with_gets_a_fresh_interpreter(tmp_path):
     (tmp_path / "parent.py").write_text("import os\nprint(os.getppid())\n")
     preloaded_cli.forkserver(env())
+    # what the suite's runs get: were it not the server's, every run would quietly be a fresh interpreter (a
+    # test that ran scaletrain code in this process and left a variable in os.environ did that once)
+    assert preloaded_cli.differing_at_import(env()) == []
     for extra, fresh in (({}, False), ({"PROBE_VALUE": "x"}, False), ({"HF_SCALETRAIN_PROBE": "1"}, True),
                          ({"PYTHONSCALETRAINPROBE": "0"}, True), ({"TORCH_EXTENSIONS_DIR": str(tmp_path)}, False)):
         rc, out, _ = preloaded_cli.run((), tmp_path, {**env(), **extra}, timeout=60, main="parent")
         assert rc == 0 and (int(out) == os.getpid()) == fresh, extra  # a fresh one is this process's child
+        if fresh:
+            (key,) = extra
+            assert preloaded_cli.fallbacks.pop(key) == 1  # (counted; the suite's summary lists the others)
 
 
 def test_the_cli_through_the_fork_and_a_fresh_interpreter(tmp_path, monkeypatch):
