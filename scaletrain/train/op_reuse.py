@@ -84,12 +84,13 @@ def _load_if_unchanged(builder, build_dir: Path) -> bool:
 
 def _write_stamp(builder, build_dir: Path) -> None:
     """Atomically, so ranks that built (or waited for) the op together each leave a whole stamp."""
+    tmp = build_dir / f"{STAMP}.{os.getpid()}.tmp"
     try:
-        tmp = build_dir / f"{STAMP}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(_describe(builder, build_dir / f"{builder.name}.so")))
         os.replace(tmp, build_dir / STAMP)
-    except OSError:
-        pass  # a read-only cache: the next start builds, as it always did
+    except OSError:  # a read-only or full cache: the next start builds, as it always did
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _describe(builder, library: Path) -> dict:
