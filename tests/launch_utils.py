@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import preloaded_cli
+from preloaded_cli import communicate_or_kill, kill_group  # (tests import them from here)
 from scaletrain.data.sources import write_stdlib_sample
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,23 +74,6 @@ def start_training(ranks: int, overrides: list[str], launcher: str = "local") ->
     """Start in a process group of its own (stdout and stderr merged), so `kill_group` reaches every rank."""
     return subprocess.Popen(train_cmd(ranks, overrides, launcher=launcher), cwd=REPO, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def communicate_or_kill(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str | None]:
-    """proc's (stdout, stderr); past `timeout` its whole process group is killed and the test fails with `what`."""
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        out, err = proc.communicate()
-        raise AssertionError(f"{what}\n{out[-3000:]}\n{(err or '')[-3000:]}") from None
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def live_rank_pids(run_dir: Path) -> list[int]:

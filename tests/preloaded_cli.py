@@ -100,11 +100,13 @@ def run(args: tuple[str, ...], cwd: Path | str, environ: dict, timeout: float, m
     """`python -m MAIN ARGS`, or `python MAIN ARGS` for a MAIN ending in .py, in cwd with environ ->
     (returncode, stdout, stderr), or stdout and stderr as one stream in stdout if `merged`. A fork of the
     preloaded process unless `fresh`. Past `timeout` its process group is killed and AssertionError says so."""
-    ctx = None if fresh else forkserver(environ)
-    differing = [] if ctx is None else differing_at_import(environ)
+    if fresh:
+        return _fresh(args, cwd, environ, timeout, main, merged)
+    ctx = forkserver(environ)
+    differing = differing_at_import(environ)
     for key in differing:
         fallbacks[key] = fallbacks.get(key, 0) + 1
-    if ctx is None or differing:
+    if differing:
         return _fresh(args, cwd, environ, timeout, main, merged)
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryDirectory(prefix="cli-") as tmp:
@@ -114,7 +116,7 @@ def run(args: tuple[str, ...], cwd: Path | str, environ: dict, timeout: float, m
             proc.start()
         finished = wait([proc.sentinel], timeout) and _group_ends(proc.pid, deadline)
         if not finished:
-            _kill_group(proc.pid)
+            kill_group(proc)
             wait([proc.sentinel])
         with _status_lock:
             code = proc.exitcode
@@ -136,13 +138,26 @@ def _fresh(args, cwd, environ: dict, timeout: float, main: str, merged: bool) ->
     cmd = [sys.executable, main, *args] if main.endswith(".py") else [sys.executable, "-m", main, *args]
     proc = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, text=True, start_new_session=True,
                             stderr=subprocess.STDOUT if merged else subprocess.PIPE)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
-        out, err = proc.communicate()
-        raise AssertionError(f"{' '.join(cmd)} did not finish in {timeout} s\n{out[-3000:]}\n{(err or '')[-3000:]}")
+    out, err = communicate_or_kill(proc, timeout, f"{' '.join(cmd)} did not finish in {timeout} s")
     return proc.returncode, out, err or ""
+
+
+def communicate_or_kill(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str | None]:
+    """proc's (stdout, stderr); past `timeout` its whole process group is killed and the test fails with `what`."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(f"{what}\n{out[-3000:]}\n{(err or '')[-3000:]}") from None
+
+
+def kill_group(proc) -> None:
+    """SIGKILL to proc's process group (a Popen or a multiprocessing Process that leads its own group)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _group_ends(pgid: int, deadline: float) -> bool:
@@ -170,13 +185,6 @@ def _group_alive(pgid: int) -> bool:
 
 def _read(path: Path) -> str:
     return path.read_text(errors="backslashreplace") if path.exists() else ""
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _command(main: str, args, cwd: str, environ: dict, out: str, err: str | None) -> None:
